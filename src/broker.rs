@@ -1,0 +1,268 @@
+//! The loaded broker: everything the server needs, validated, built once per (re)load.
+//!
+//! `serve`, `check-config`, `verify-cert` and `jwks` all go through [`Broker::build`] and
+//! [`Broker::authenticate`], so the CLI can never disagree with the server.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rustls_pki_types::{CertificateDer, UnixTime};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+use crate::claims::{self, Subject};
+use crate::clients::{ClientRule, ClientRules};
+use crate::config::{Config, SignerConfig, MAX_TOKEN_TTL};
+use crate::flows::{FlowDeps, Registry};
+use crate::identity::Identity;
+use crate::metrics::Metrics;
+use crate::signer::{LocalSigner, Signer, SignerError};
+use crate::tls;
+use crate::trust::{Refusal, TrustStore};
+
+/// Every problem found while loading, so an operator fixes them all in one go.
+#[derive(Debug)]
+pub struct Problems(pub Vec<String>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join("\n"))
+    }
+}
+
+impl std::error::Error for Problems {}
+
+pub struct Broker {
+    pub config: Config,
+    pub trust: TrustStore,
+    pub rules: ClientRules,
+    pub signer: Arc<dyn Signer>,
+    pub flows: Registry,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub metrics: Arc<Metrics>,
+    /// Pre-rendered public documents: served on every request, never change until reload.
+    pub discovery: Bytes,
+    pub jwks: Bytes,
+}
+
+/// A certificate that passed validation and matched a client rule.
+pub struct Authenticated<'a> {
+    pub identity: Identity,
+    pub rule: &'a ClientRule,
+    pub subject: String,
+}
+
+impl Broker {
+    /// Loads every file the config names and checks every setting.
+    pub fn build(config: Config, metrics: Arc<Metrics>) -> Result<Broker, Problems> {
+        let mut problems = Vec::new();
+        check_issuer(&config, &mut problems);
+        if config.server.max_body_bytes == 0 {
+            problems.push("server.max_body_bytes must be greater than 0".into());
+        }
+        if config.server.max_connections == 0 {
+            problems.push("server.max_connections must be greater than 0".into());
+        }
+        if !config.admin.listen.is_empty()
+            && config.admin.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            problems.push(format!(
+                "admin.listen: {:?} is not an address:port (use \"\" to disable)",
+                config.admin.listen
+            ));
+        }
+
+        let server = &config.server;
+        let crls: Vec<_> = server.crls.iter().map(|p| config.path(p)).collect();
+        let trust = TrustStore::load(&config.path(&server.client_ca), &crls)
+            .map_err(|e| problems.push(format!("server.client_ca/crls: {e}")))
+            .ok();
+        let tls = tls::server_config(
+            &config.path(&server.cert),
+            &config.path(&server.key),
+            &server.tls_versions,
+            trust
+                .as_ref()
+                .map(|t| t.root_subjects.clone())
+                .unwrap_or_default(),
+        )
+        .map_err(|e| problems.push(format!("server: {e}")))
+        .ok();
+        let signer = load_signer(&config)
+            .map_err(|e| problems.push(format!("signer: {e}")))
+            .ok();
+        let flow_names: Vec<&str> = match &signer {
+            Some(signer) => Registry::build(&FlowDeps {
+                issuer: config.issuer.url.clone(),
+                signer: signer.clone(),
+            })
+            .names(),
+            None => Vec::new(),
+        };
+        let rules = ClientRules::build(
+            &config.clients,
+            config.issuer.default_audience(),
+            config.issuer.token_ttl,
+            &flow_names,
+        )
+        .map_err(|errs| problems.extend(errs))
+        .ok();
+        if rules.as_ref().is_some_and(ClientRules::is_empty) {
+            problems.push("no [[clients]] rule: every certificate would be refused".into());
+        }
+
+        match (trust, tls, signer, rules) {
+            (Some(trust), Some(tls), Some(signer), Some(rules)) if problems.is_empty() => {
+                let flows = Registry::build(&FlowDeps {
+                    issuer: config.issuer.url.clone(),
+                    signer: signer.clone(),
+                });
+                if let Some(earliest) = trust.cas.iter().map(|c| c.not_after).min() {
+                    metrics.ca_cert_expiry.set(earliest as f64);
+                }
+                let discovery = discovery_document(&config, signer.as_ref(), &flows);
+                let jwks = Bytes::from(signer.jwks().to_string());
+                Ok(Broker {
+                    config,
+                    trust,
+                    rules,
+                    signer,
+                    flows,
+                    tls: Arc::new(tls),
+                    metrics,
+                    discovery,
+                    jwks,
+                })
+            }
+            _ => Err(Problems(problems)),
+        }
+    }
+
+    /// Validates a presented chain at `now` and finds its client rule: the whole decision
+    /// about *who* is asking, shared by `/token` and `verify-cert`.
+    pub fn authenticate(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<Authenticated<'_>, Refusal> {
+        let leaf = chain.first().ok_or(Refusal::NoCertificate)?;
+        let identity = Identity::from_der(leaf).map_err(|e| Refusal::Malformed(e.to_string()))?;
+        self.trust.verify(chain, &identity, now)?;
+        let rule = self.rules.find(&identity).ok_or(Refusal::NoMatchingRule)?;
+        let subject = rule.subject_for(&identity)?;
+        Ok(Authenticated {
+            identity,
+            rule,
+            subject,
+        })
+    }
+
+    /// `verify-cert`'s report: the server's decision plus what a token would carry.
+    pub fn explain(&self, chain: &[CertificateDer<'_>], at: UnixTime) -> Decision {
+        match self.authenticate(chain, at) {
+            Ok(auth) => {
+                let audience = auth.rule.audiences[0].as_str();
+                let who = Subject {
+                    identity: &auth.identity,
+                    rule: auth.rule,
+                    subject: &auth.subject,
+                    audience,
+                };
+                let claims = claims::id_token_claims(
+                    &self.config.issuer.url,
+                    &who,
+                    "mtls-client-credentials",
+                    at.as_secs() as i64,
+                    "(unique per token)",
+                );
+                Decision {
+                    accepted: true,
+                    reason: None,
+                    description: None,
+                    identity: Some(auth.identity.clone()),
+                    rule: Some(auth.rule.name.clone()),
+                    claims: Some(claims),
+                }
+            }
+            Err(refusal) => Decision {
+                accepted: false,
+                reason: Some(refusal.reason()),
+                description: Some(refusal.to_string()),
+                identity: chain.first().and_then(|c| Identity::from_der(c).ok()),
+                rule: None,
+                claims: None,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Decision {
+    pub accepted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub identity: Option<Identity>,
+    pub rule: Option<String>,
+    pub claims: Option<Map<String, Value>>,
+}
+
+/// The configured token signer.
+pub fn load_signer(config: &Config) -> Result<Arc<dyn Signer>, SignerError> {
+    match &config.signer {
+        SignerConfig::Local { key_dir } => Ok(Arc::new(LocalSigner::load(&config.path(key_dir))?)),
+    }
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn check_issuer(config: &Config, problems: &mut Vec<String>) {
+    let issuer = &config.issuer;
+    match url::Url::parse(&issuer.url) {
+        Ok(u) if u.scheme() != "https" => problems.push(format!(
+            "issuer.url {:?} must be https (Google requires it)",
+            issuer.url
+        )),
+        Ok(u) if u.query().is_some() || u.fragment().is_some() => problems.push(format!(
+            "issuer.url {:?} must not have a query or fragment",
+            issuer.url
+        )),
+        Ok(_) => {}
+        Err(e) => problems.push(format!("issuer.url {:?}: {e}", issuer.url)),
+    }
+    if issuer.token_ttl.is_zero() || issuer.token_ttl > MAX_TOKEN_TTL {
+        problems.push(format!(
+            "issuer.token_ttl must be between 1s and 1h, got {}s",
+            issuer.token_ttl.as_secs()
+        ));
+    }
+}
+
+/// Joins the issuer URL and a path without doubling the slash.
+pub fn issuer_url(config: &Config, path: &str) -> String {
+    format!("{}{path}", config.issuer.url.trim_end_matches('/'))
+}
+
+fn discovery_document(config: &Config, signer: &dyn Signer, flows: &Registry) -> Bytes {
+    let doc = json!({
+        "issuer": config.issuer.url,
+        "token_endpoint": issuer_url(config, "/token"),
+        "jwks_uri": issuer_url(config, "/jwks"),
+        "grant_types_supported": flows.grant_types(),
+        "token_endpoint_auth_methods_supported": ["tls_client_auth"],
+        "id_token_signing_alg_values_supported": signer.algorithms(),
+        "subject_types_supported": ["public"],
+        "response_types_supported": ["id_token"],
+        "claims_supported": ["iss", "sub", "aud", "iat", "nbf", "exp", "jti", "client_id", "amr", "cnf", "client"],
+        "tls_client_certificate_bound_access_tokens": true,
+    });
+    Bytes::from(doc.to_string())
+}

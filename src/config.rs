@@ -1,0 +1,296 @@
+//! The configuration contract (`config.toml`).
+//!
+//! Parsing is strict (`deny_unknown_fields`) so that a typo is an error rather than a
+//! silently ignored setting. Relative paths are resolved against the config file's folder,
+//! so the server behaves the same whatever directory it is started from.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Longest token lifetime the broker will issue: Google STS accepts up to 48h, but a
+/// stolen token should be useless soon.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub dev: DevConfig,
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    pub issuer: IssuerConfig,
+    pub signer: SignerConfig,
+    #[serde(default)]
+    pub clients: Vec<ClientRuleConfig>,
+    /// Folder of the config file; relative paths are resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// Development conveniences; none of these belong in a production config.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevConfig {
+    /// When set and the folder does not exist, `serve` creates a development PKI there.
+    pub pki_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Server certificate chain (leaf first), PEM.
+    pub cert: PathBuf,
+    /// Server private key, PEM (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// Trusted client CA bundle: a PEM file or a folder of PEM files.
+    pub client_ca: PathBuf,
+    /// CRLs (PEM or DER) for the client CAs.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    #[serde(default = "default_tls_versions")]
+    pub tls_versions: Vec<String>,
+    #[serde(default = "default_handshake_timeout", with = "duration_text")]
+    pub handshake_timeout: Duration,
+    #[serde(default = "default_header_timeout", with = "duration_text")]
+    pub request_header_timeout: Duration,
+    #[serde(default = "default_idle_timeout", with = "duration_text")]
+    pub idle_timeout: Duration,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Plain-HTTP listener for `/metrics`, `/healthz`, `/readyz`; empty string disables it.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The `iss` claim; published byte-identical in discovery.
+    pub url: String,
+    #[serde(default = "default_token_ttl", with = "duration_text")]
+    pub token_ttl: Duration,
+    /// Audience used when a request names none; defaults to the issuer URL.
+    pub default_audience: Option<String>,
+}
+
+impl IssuerConfig {
+    pub fn default_audience(&self) -> &str {
+        self.default_audience.as_deref().unwrap_or(&self.url)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SignerConfig {
+    /// PEM private keys in `key_dir`; the last file in name order signs.
+    Local { key_dir: PathBuf },
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRuleConfig {
+    pub name: String,
+    /// The OAuth client id of matching devices (RFC 8705); defaults to `name`.
+    pub client_id: Option<String>,
+    #[serde(rename = "match", default)]
+    pub matcher: MatchConfig,
+    /// Template for `sub`, e.g. `"device:{cn}"`; default: SPIFFE ID, URI SAN, DNS SAN, subject DN.
+    pub subject: Option<String>,
+    /// Audiences this client may request; empty means only the issuer's default audience.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Flow names this client may use.
+    #[serde(default = "default_flows")]
+    pub flows: Vec<String>,
+    /// Google service accounts this client may impersonate (Google flows).
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+    /// Google OAuth scopes this client may request (Google flows).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Extra static claims added to the broker's ID token.
+    #[serde(default)]
+    pub claims: BTreeMap<String, toml::Value>,
+    /// Token lifetime for this client, at most the 1h maximum.
+    #[serde(default, with = "optional_duration_text")]
+    pub ttl: Option<Duration>,
+}
+
+/// Conditions a certificate must meet; every field given must match (AND), and within a
+/// field any one pattern suffices (OR). An empty match accepts any trusted certificate.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchConfig {
+    #[serde(default)]
+    pub spiffe: Vec<String>,
+    #[serde(default)]
+    pub uri: Vec<String>,
+    #[serde(default)]
+    pub dns: Vec<String>,
+    #[serde(default)]
+    pub email: Vec<String>,
+    #[serde(default)]
+    pub subject: Vec<String>,
+    #[serde(default)]
+    pub issuer: Vec<String>,
+    /// Exact SHA-256 certificate fingerprints (hex, colons optional).
+    #[serde(default)]
+    pub sha256: Vec<String>,
+}
+
+impl Config {
+    /// Reads and parses the file; semantic checks happen when the broker is built.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
+        config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(config)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// Resolves a configured path against the config file's folder.
+    pub fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() || self.base_dir.as_os_str().is_empty() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+}
+
+fn default_tls_versions() -> Vec<String> {
+    vec!["1.2".into(), "1.3".into()]
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_max_body_bytes() -> usize {
+    8 * 1024
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".into()
+}
+fn default_token_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_flows() -> Vec<String> {
+    vec!["mtls-client-credentials".into()]
+}
+
+/// Parses human durations such as `"5m"`, `"90s"` or `"1h 30m"` (jiff's friendly format).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let signed: jiff::SignedDuration = text.parse().map_err(|e| {
+        format!("invalid duration {text:?} (use e.g. \"30s\", \"5m\", \"1h\"): {e}")
+    })?;
+    Duration::try_from(signed).map_err(|_| format!("duration {text:?} must not be negative"))
+}
+
+fn format_duration(d: &Duration) -> String {
+    let signed = jiff::SignedDuration::try_from(*d).unwrap_or(jiff::SignedDuration::MAX);
+    format!("{signed:#}")
+}
+
+mod duration_text {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+mod optional_duration_text {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&format_duration(d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_duration(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_friendly_and_iso_forms() {
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("PT10S").unwrap(), Duration::from_secs(10));
+        assert!(parse_duration("-5m").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = Config::parse(
+            "[server]\nlisten='127.0.0.1:1'\ncert='a'\nkey='b'\nclient_ca='c'\nlisten_port=3\n\
+             [issuer]\nurl='https://x'\n[signer]\nkind='local'\nkey_dir='k'\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("listen_port"), "{err}");
+    }
+}

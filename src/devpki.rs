@@ -1,0 +1,167 @@
+//! The development PKI: a root CA, a localhost server certificate, one device certificate,
+//! an empty CRL and an ES256 signing key, all made with rcgen. For trying the broker out
+//! only: the CA key sits next to the certificates it signs.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, SanType,
+    SerialNumber, PKCS_ECDSA_P256_SHA256,
+};
+use time::{Duration, OffsetDateTime};
+
+pub const DEV_TRUST_DOMAIN: &str = "dev.token-broker.local";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevPkiError {
+    #[error("{0} already exists; use --force to overwrite")]
+    Exists(PathBuf),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// Where `init` put things (names are fixed so `config.toml` can point at them).
+pub struct DevPki {
+    pub dir: PathBuf,
+}
+
+impl DevPki {
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    pub fn device_cert(&self) -> PathBuf {
+        self.dir.join("device.pem")
+    }
+    pub fn device_key(&self) -> PathBuf {
+        self.dir.join("device-key.pem")
+    }
+
+    /// A ready-to-paste command that fetches a token with the device certificate.
+    pub fn curl_command(&self, token_url: &str) -> String {
+        format!(
+            "curl --cacert {} --cert {} --key {} -d grant_type=client_credentials {token_url}",
+            self.ca().display(),
+            self.device_cert().display(),
+            self.device_key().display()
+        )
+    }
+}
+
+const FILES: &[&str] = &[
+    "ca.pem",
+    "ca-key.pem",
+    "ca.crl.pem",
+    "server.pem",
+    "server-key.pem",
+    "device.pem",
+    "device-key.pem",
+    "keys/signing-0001.pem",
+];
+
+pub fn init(dir: &Path, force: bool) -> Result<DevPki, DevPkiError> {
+    if !force {
+        if let Some(existing) = FILES.iter().map(|f| dir.join(f)).find(|p| p.exists()) {
+            return Err(DevPkiError::Exists(existing));
+        }
+    }
+    let now = OffsetDateTime::now_utc();
+
+    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name
+        .push(DnType::CommonName, "token-broker development root CA");
+    ca.distinguished_name
+        .push(DnType::OrganizationName, "token-broker (development only)");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.not_before = now - Duration::hours(1);
+    ca.not_after = now + Duration::days(3650);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+
+    let server_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut server = CertificateParams::new(vec!["localhost".to_owned()])?;
+    server.subject_alt_names.extend([
+        SanType::IpAddress([127, 0, 0, 1].into()),
+        SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()),
+    ]);
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    server.not_before = now - Duration::hours(1);
+    server.not_after = now + Duration::days(365);
+    let server_cert = server.signed_by(&server_key, &issuer)?;
+
+    let device_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut device =
+        CertificateParams::new(vec![format!("dev-device-1.devices.{DEV_TRUST_DOMAIN}")])?;
+    device.subject_alt_names.push(SanType::URI(
+        format!("spiffe://{DEV_TRUST_DOMAIN}/device/dev-device-1").try_into()?,
+    ));
+    device
+        .distinguished_name
+        .push(DnType::CommonName, "dev-device-1");
+    device.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    device.not_before = now - Duration::hours(1);
+    device.not_after = now + Duration::days(365);
+    let device_cert = device.signed_by(&device_key, &issuer)?;
+
+    let crl = CertificateRevocationListParams {
+        this_update: now - Duration::hours(1),
+        next_update: now + Duration::days(365),
+        crl_number: SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: Vec::new(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)?;
+
+    let signing_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+
+    const SECRET: bool = true;
+    const PUBLIC: bool = false;
+    let files: [(&str, String, bool); 8] = [
+        ("ca.pem", ca_cert.pem(), PUBLIC),
+        ("ca-key.pem", issuer.key().serialize_pem(), SECRET),
+        ("ca.crl.pem", crl.pem()?, PUBLIC),
+        ("server.pem", server_cert.pem(), PUBLIC),
+        ("server-key.pem", server_key.serialize_pem(), SECRET),
+        ("device.pem", device_cert.pem(), PUBLIC),
+        ("device-key.pem", device_key.serialize_pem(), SECRET),
+        ("keys/signing-0001.pem", signing_key.serialize_pem(), SECRET),
+    ];
+    for (name, contents, is_secret) in files {
+        write(&dir.join(name), contents.as_bytes(), is_secret)?;
+    }
+    Ok(DevPki {
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// Writes a file, private keys readable by the owner only.
+fn write(path: &Path, contents: &[u8], secret: bool) -> Result<(), DevPkiError> {
+    let error = |source| DevPkiError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(error)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(if secret { 0o600 } else { 0o644 });
+    }
+    let mut file = options.open(path).map_err(error)?;
+    file.write_all(contents).map_err(error)
+}

@@ -1,0 +1,129 @@
+//! HTTP on the TLS listener: routing, public documents, and the token endpoint.
+
+mod error;
+mod token;
+
+pub use error::TokenError;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use rustls_pki_types::CertificateDer;
+
+use crate::broker::Broker;
+
+/// What the connection knows about its peer; shared by all requests on it.
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The client's certificate chain as sent (leaf first); *not* validated yet.
+    pub client_chain: Vec<CertificateDer<'static>>,
+}
+
+/// Discovery and JWKS may be cached briefly; a new key is published long before it signs.
+const PUBLIC_CACHE: &str = "public, max-age=300";
+
+pub async fn handle(
+    broker: Arc<Broker>,
+    conn: Arc<ConnInfo>,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let (route, response) = match request.uri().path() {
+        "/" => (
+            "/",
+            get_only(&method, || redirect("/.well-known/openid-configuration")),
+        ),
+        "/.well-known/openid-configuration" | "/.well-known/oauth-authorization-server" => (
+            "discovery",
+            get_only(&method, || public_json(broker.discovery.clone())),
+        ),
+        "/jwks" => (
+            "jwks",
+            get_only(&method, || public_json(broker.jwks.clone())),
+        ),
+        "/token" => {
+            let response = if method == Method::POST {
+                token::handle(&broker, &conn, request).await
+            } else {
+                error::method_not_allowed("POST")
+            };
+            ("token", response)
+        }
+        path => {
+            let description =
+                format!("no such endpoint {path:?}; see /.well-known/openid-configuration");
+            (
+                "other",
+                error::json_error(StatusCode::NOT_FOUND, "not_found", &description, false),
+            )
+        }
+    };
+    broker
+        .metrics
+        .request_duration
+        .with_label_values(&[route])
+        .observe(started.elapsed().as_secs_f64());
+    Ok(head_without_body(&method, response))
+}
+
+fn get_only(
+    method: &Method,
+    answer: impl FnOnce() -> Response<Full<Bytes>>,
+) -> Response<Full<Bytes>> {
+    if method == Method::GET || method == Method::HEAD {
+        answer()
+    } else {
+        error::method_not_allowed("GET, HEAD")
+    }
+}
+
+/// HEAD gets GET's headers without the body.
+fn head_without_body(method: &Method, response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    if method != Method::HEAD {
+        return response;
+    }
+    let (parts, _) = response.into_parts();
+    Response::from_parts(parts, Full::new(Bytes::new()))
+}
+
+fn redirect(location: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+    response
+        .headers_mut()
+        .insert(header::LOCATION, HeaderValue::from_static(location));
+    response
+}
+
+fn public_json(body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = json(StatusCode::OK, body);
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(PUBLIC_CACHE),
+    );
+    response
+}
+
+pub(crate) fn json(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// RFC 6749 5.1: token answers, success or error, must not be cached.
+pub(crate) fn no_store(response: &mut Response<Full<Bytes>>) {
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+}

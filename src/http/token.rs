@@ -1,0 +1,296 @@
+//! `POST /token`: form in, token or RFC 6749 error out, one audit line per decision.
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::error::TokenError;
+use super::ConnInfo;
+use crate::broker::{unix_now, Broker};
+use crate::claims::Subject;
+use crate::flows::{MintContext, Minted, TokenRequest};
+
+/// What the audit line says about a decision; filled in as the request progresses.
+#[derive(Default)]
+struct Audit {
+    rule: Option<String>,
+    subject: Option<String>,
+    sha256: Option<String>,
+    serial: Option<String>,
+    flow: Option<&'static str>,
+    audience: Option<String>,
+    jti: Option<String>,
+}
+
+pub async fn handle(
+    broker: &Broker,
+    conn: &ConnInfo,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let mut audit = Audit::default();
+    let result = issue(broker, conn, request, &mut audit).await;
+    let metrics = &broker.metrics;
+    let response = match result {
+        Ok(minted) => {
+            let flow = audit.flow.unwrap_or_default();
+            let rule = audit.rule.as_deref().unwrap_or_default();
+            metrics.tokens_issued.with_label_values(&[flow, rule]).inc();
+            metrics.token_requests.with_label_values(&["200", ""]).inc();
+            log_decision(conn, &audit, "issued", None);
+            success(&minted)
+        }
+        Err(error) => {
+            if let TokenError::Refused(refusal) = &error {
+                metrics
+                    .cert_rejections
+                    .with_label_values(&[refusal.reason()])
+                    .inc();
+            }
+            let status = error.status();
+            metrics
+                .token_requests
+                .with_label_values(&[status.as_str(), error.code()])
+                .inc();
+            if status.is_server_error() {
+                tracing::error!(peer = %conn.peer, error = %error, "token request failed");
+            }
+            let reason = match &error {
+                TokenError::Refused(refusal) => refusal.reason().to_owned(),
+                other => other.to_string(),
+            };
+            log_decision(conn, &audit, "refused", Some(&reason));
+            error.into_response()
+        }
+    };
+    response
+}
+
+fn log_decision(conn: &ConnInfo, audit: &Audit, result: &str, reason: Option<&str>) {
+    tracing::info!(
+        target: "audit",
+        peer = %conn.peer,
+        rule = audit.rule.as_deref(),
+        subject = audit.subject.as_deref(),
+        cert_sha256 = audit.sha256.as_deref(),
+        cert_serial = audit.serial.as_deref(),
+        flow = audit.flow,
+        audience = audit.audience.as_deref(),
+        result,
+        reason,
+        jti = audit.jti.as_deref(),
+        "token decision"
+    );
+}
+
+async fn issue(
+    broker: &Broker,
+    conn: &ConnInfo,
+    request: Request<Incoming>,
+    audit: &mut Audit,
+) -> Result<Minted, TokenError> {
+    let body = read_form_body(request, broker.config.server.max_body_bytes).await?;
+    let params = parse_form(&body)?;
+
+    let now = unix_now();
+    let auth = broker
+        .authenticate(&conn.client_chain, crate::trust::at_unix(now))
+        .inspect_err(|_| {
+            if let Some(leaf) = conn.client_chain.first() {
+                if let Ok(id) = crate::identity::Identity::from_der(leaf) {
+                    audit.sha256 = Some(id.sha256_hex);
+                    audit.serial = Some(id.serial);
+                }
+            }
+        })?;
+    audit.rule = Some(auth.rule.name.clone());
+    audit.subject = Some(auth.subject.clone());
+    audit.sha256 = Some(auth.identity.sha256_hex.clone());
+    audit.serial = Some(auth.identity.serial.clone());
+
+    if let Some(client_id) = &params.client_id {
+        if *client_id != auth.rule.client_id {
+            return Err(TokenError::InvalidClient(format!(
+                "client_id {client_id:?} does not match this certificate's client {:?}",
+                auth.rule.client_id
+            )));
+        }
+    }
+
+    let audience = params
+        .audience
+        .clone()
+        .unwrap_or_else(|| broker.config.issuer.default_audience().to_owned());
+    audit.audience = Some(audience.clone());
+    if !auth.rule.audiences.contains(&audience) {
+        return Err(TokenError::InvalidTarget(format!(
+            "audience {audience:?} is not allowed for client {:?} (allowed: {})",
+            auth.rule.client_id,
+            auth.rule.audiences.join(", ")
+        )));
+    }
+
+    let flow = broker.flows.select(&params).ok_or_else(|| {
+        TokenError::InvalidRequest(
+            "no enabled flow accepts this combination of parameters (scope, service_account, target_audience)".into(),
+        )
+    })?;
+    audit.flow = Some(flow.name());
+    if !auth.rule.allows_flow(flow.name()) {
+        return Err(TokenError::UnauthorizedClient(format!(
+            "flow {:?} is not allowed for client {:?}",
+            flow.name(),
+            auth.rule.client_id
+        )));
+    }
+
+    let ctx = MintContext {
+        who: Subject {
+            identity: &auth.identity,
+            rule: auth.rule,
+            subject: &auth.subject,
+            audience: &audience,
+        },
+        request: &params,
+        now,
+        metrics: &broker.metrics,
+    };
+    let minted = flow.mint(&ctx).await?;
+    audit.jti = Some(minted.jti.clone());
+    Ok(minted)
+}
+
+async fn read_form_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, TokenError> {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let media_type = content_type.split(';').next().unwrap_or("").trim();
+    if !media_type.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        return Err(TokenError::UnsupportedMediaType(format!(
+            "Content-Type must be application/x-www-form-urlencoded, got {:?}",
+            truncate(content_type, 100)
+        )));
+    }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(TokenError::PayloadTooLarge(limit));
+    }
+    Limited::new(request.into_body(), limit)
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                TokenError::PayloadTooLarge(limit)
+            } else {
+                TokenError::InvalidRequest("request body could not be read".into())
+            }
+        })
+}
+
+/// Parses the form strictly: UTF-8, each parameter at most once (RFC 6749 3.2), empty
+/// values treated as absent, unknown parameters ignored.
+pub(crate) fn parse_form(body: &[u8]) -> Result<TokenRequest, TokenError> {
+    if std::str::from_utf8(body).is_err() {
+        return Err(TokenError::InvalidRequest(
+            "request body is not UTF-8".into(),
+        ));
+    }
+    let mut request = TokenRequest::default();
+    let mut grant_type = None;
+    for (name, value) in form_urlencoded::parse(body) {
+        let slot = match name.as_ref() {
+            "grant_type" => &mut grant_type,
+            "client_id" => &mut request.client_id,
+            "audience" => &mut request.audience,
+            "scope" => &mut request.scope,
+            "service_account" => &mut request.service_account,
+            "target_audience" => &mut request.target_audience,
+            _ => continue,
+        };
+        if slot.is_some() {
+            return Err(TokenError::InvalidRequest(format!(
+                "parameter {:?} is repeated; send it once",
+                name
+            )));
+        }
+        if !value.is_empty() {
+            *slot = Some(value.into_owned());
+        }
+    }
+    match grant_type.as_deref() {
+        Some("client_credentials") => {}
+        None => {
+            return Err(TokenError::InvalidRequest(
+                "missing grant_type; use grant_type=client_credentials".into(),
+            ))
+        }
+        Some(other) => {
+            return Err(TokenError::UnsupportedGrantType(format!(
+                "grant_type {:?} is not supported; use client_credentials",
+                truncate(other, 100)
+            )))
+        }
+    }
+    request.grant_type = "client_credentials".into();
+    Ok(request)
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => &text[..i],
+        None => text,
+    }
+}
+
+fn success(minted: &Minted) -> Response<Full<Bytes>> {
+    let mut body = json!({
+        "access_token": minted.access_token,
+        "token_type": "Bearer",
+        "expires_in": (minted.expires_at - unix_now()).max(0),
+        "issued_token_type": minted.issued_token_type,
+    });
+    if let Some(map) = body.as_object_mut() {
+        if let Some(id_token) = &minted.id_token {
+            map.insert("id_token".into(), id_token.clone().into());
+        }
+        if let Some(scope) = &minted.scope {
+            map.insert("scope".into(), scope.clone().into());
+        }
+    }
+    let mut response = super::json(StatusCode::OK, Bytes::from(body.to_string()));
+    super::no_store(&mut response);
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_rules() {
+        let ok = parse_form(b"grant_type=client_credentials&audience=a%20b&scope=&x=1").unwrap();
+        assert_eq!(ok.audience.as_deref(), Some("a b"));
+        assert_eq!(ok.scope, None);
+        let err = |body: &[u8]| parse_form(body).unwrap_err().code();
+        assert_eq!(err(b""), "invalid_request");
+        assert_eq!(err(b"grant_type=password"), "unsupported_grant_type");
+        assert_eq!(
+            err(b"grant_type=client_credentials&grant_type=client_credentials"),
+            "invalid_request"
+        );
+        assert_eq!(
+            err(b"grant_type=client_credentials&audience=a&audience=b"),
+            "invalid_request"
+        );
+        assert_eq!(err(b"\xff\xfe"), "invalid_request");
+        assert_eq!(err(b"%%%&&&==="), "invalid_request");
+    }
+}

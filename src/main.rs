@@ -1,0 +1,220 @@
+//! The `token-broker` command line. Thin: every command is a call into the library.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use token_broker::broker::{issuer_url, Broker};
+use token_broker::config::Config;
+use token_broker::metrics::Metrics;
+use token_broker::server::Server;
+use token_broker::{devpki, pem, trust};
+
+#[derive(Parser)]
+#[command(
+    name = "token-broker",
+    version,
+    about = "mTLS token server: device certificates in, signed tokens out"
+)]
+struct Cli {
+    /// Configuration file.
+    #[arg(
+        short,
+        long,
+        global = true,
+        default_value = "config.toml",
+        env = "TOKEN_BROKER_CONFIG"
+    )]
+    config: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Create a development PKI and signing key.
+    Init {
+        #[arg(long, default_value = "certs/dev")]
+        dir: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Load and check everything the server would; print the effective config.
+    CheckConfig,
+    /// Run the server's certificate validation and rule matching on a PEM chain.
+    VerifyCert {
+        /// PEM file: the client certificate first, then any intermediates.
+        chain: PathBuf,
+        /// Validate at this time (RFC 3339) instead of now.
+        #[arg(long)]
+        at: Option<String>,
+    },
+    /// Print the public JWKS.
+    Jwks,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(&cli.config),
+        Command::Init { dir, force } => {
+            let pki = devpki::init(&dir, force)?;
+            println!("development PKI written to {}", pki.dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig => {
+            let config = Config::load(&cli.config)?;
+            let broker = match Broker::build(config, Arc::new(Metrics::new())) {
+                Ok(broker) => broker,
+                Err(problems) => return Ok(report_problems(&cli.config, &problems.0)),
+            };
+            println!("{}", toml::to_string(&broker.config)?);
+            let roots = broker.trust.cas.iter().filter(|c| c.is_root).count();
+            println!(
+                "# ok: {roots} root CA(s), {} intermediate(s), {} CRL(s), {} client rule(s), flows: {}",
+                broker.trust.cas.len() - roots,
+                broker.trust.crl_count(),
+                broker.rules.len(),
+                broker.flows.names().join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::VerifyCert { chain, at } => {
+            let config = Config::load(&cli.config)?;
+            let broker = Broker::build(config, Arc::new(Metrics::new())).map_err(|p| {
+                anyhow::anyhow!(
+                    "{}: configuration has problems (run check-config):\n{p}",
+                    cli.config.display()
+                )
+            })?;
+            let certs = pem::certificates(&chain)?;
+            let at = match at {
+                Some(text) => text
+                    .parse::<jiff::Timestamp>()
+                    .with_context(|| format!("--at {text:?} is not an RFC 3339 time"))?
+                    .as_second(),
+                None => token_broker::broker::unix_now(),
+            };
+            let decision = broker.explain(&certs, trust::at_unix(at));
+            println!("{}", serde_json::to_string_pretty(&decision)?);
+            // Exit 2 for a refusal so scripts can tell it from an error (1).
+            Ok(if decision.accepted {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+        Command::Jwks => {
+            let config = Config::load(&cli.config)?;
+            let signer = token_broker::broker::load_signer(&config)?;
+            println!("{}", serde_json::to_string_pretty(signer.jwks())?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn report_problems(config: &Path, problems: &[String]) -> ExitCode {
+    for problem in problems {
+        eprintln!("error: {}: {problem}", config.display());
+    }
+    eprintln!("{} problem(s) found", problems.len());
+    ExitCode::FAILURE
+}
+
+fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    if let Some(dir) = &config.dev.pki_dir {
+        let dir = config.path(dir);
+        if !dir.exists() {
+            let pki = devpki::init(&dir, false)?;
+            eprintln!(
+                "\n*** DEVELOPMENT ONLY: created a development PKI and signing key in {} ***\n\
+                 *** Its CA key sits next to its certificates. Never use it in production. ***\n\
+                 \nTry it:\n  {}\n",
+                dir.display(),
+                pki.curl_command(&issuer_url(&config, "/token"))
+            );
+        }
+        tracing::warn!(dir = %dir.display(), "development PKI in use ([dev] pki_dir is set): not for production");
+    }
+    let broker = match Broker::build(config, Arc::new(Metrics::new())) {
+        Ok(broker) => Arc::new(broker),
+        Err(problems) => return Ok(report_problems(config_path, &problems.0)),
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let server = Server::bind(broker.clone())
+            .await
+            .with_context(|| format!("cannot listen on {}", broker.config.server.listen))?;
+        tracing::info!(
+            listen = %server.local_addr()?,
+            admin = ?server.admin_addr(),
+            issuer = %broker.config.issuer.url,
+            "token-broker serving"
+        );
+        server.run(shutdown_signal()).await;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOKEN_BROKER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
