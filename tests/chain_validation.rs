@@ -1,0 +1,288 @@
+//! The certificate matrix: every case over real mTLS to a running broker, its reason
+//! checked in the answer and in the metrics, and `verify-cert` agreeing with the server.
+
+mod support;
+
+use support::{Ca, Eku, KeyKind, Leaf, LeafSpec, Setup, TestBroker};
+use time::{Duration, OffsetDateTime};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    Accept,
+    /// 401 `invalid_client` with this reason.
+    Refuse(&'static str),
+    /// Refused during the TLS handshake (proof of possession impossible), counted with this reason.
+    RefuseHandshake(&'static str),
+}
+
+struct Case {
+    name: &'static str,
+    leaf: Option<Leaf>,
+    expect: Expect,
+    /// A phrase the 401 description must contain, so a device owner can act on it.
+    says: &'static str,
+}
+
+fn spec(name: &str, change: impl FnOnce(&mut LeafSpec)) -> LeafSpec {
+    let mut s = LeafSpec::device(name);
+    change(&mut s);
+    s
+}
+
+fn matrix(setup: &mut Setup) -> Vec<Case> {
+    let root = &setup.root;
+    let int = &setup.intermediate;
+    let now = OffsetDateTime::now_utc();
+    let stranger = Ca::root("Stranger Root");
+    let revoked = int.leaf(&LeafSpec::device("revoked"));
+    setup.revoked.push(revoked.serial);
+    let mut without_intermediate = int.leaf(&LeafSpec::device("lonely"));
+    without_intermediate.chain_pem = without_intermediate.cert_pem.clone();
+
+    use Expect::*;
+    let case = |name, leaf, expect, says| Case {
+        name,
+        leaf: Some(leaf),
+        expect,
+        says,
+    };
+    vec![
+        case(
+            "direct leaf (P-256)",
+            root.leaf(&LeafSpec::device("direct")),
+            Accept,
+            "",
+        ),
+        case(
+            "leaf via intermediate sent by client",
+            int.leaf(&LeafSpec::device("via-int")),
+            Accept,
+            "",
+        ),
+        case(
+            "ECDSA P-384 leaf",
+            int.leaf(&spec("p384", |s| s.key = KeyKind::P384)),
+            Accept,
+            "",
+        ),
+        case(
+            "RSA-2048 leaf",
+            int.leaf(&spec("rsa2048", |s| s.key = KeyKind::Rsa2048)),
+            Accept,
+            "",
+        ),
+        case(
+            "Ed25519 leaf",
+            int.leaf(&spec("ed25519", |s| s.key = KeyKind::Ed25519)),
+            Accept,
+            "",
+        ),
+        Case {
+            name: "no certificate",
+            leaf: None,
+            expect: Refuse("no_certificate"),
+            says: "no client certificate",
+        },
+        case(
+            "unknown CA",
+            stranger.leaf(&LeafSpec::device("stranger")),
+            Refuse("unknown_issuer"),
+            "issuer not trusted",
+        ),
+        case(
+            "intermediate not sent",
+            without_intermediate,
+            Refuse("unknown_issuer"),
+            "send intermediate",
+        ),
+        case(
+            "self-signed",
+            support::self_signed(&LeafSpec::device("selfie")),
+            Refuse("self_signed"),
+            "self-signed",
+        ),
+        case(
+            "expired",
+            int.leaf(&spec("expired", |s| {
+                s.not_before = now - Duration::days(10);
+                s.not_after = now - Duration::days(1);
+            })),
+            Refuse("expired"),
+            "certificate expired at 20",
+        ),
+        case(
+            "not yet valid",
+            int.leaf(&spec("future", |s| s.not_before = now + Duration::days(1))),
+            Refuse("not_yet_valid"),
+            "not valid before 20",
+        ),
+        case("revoked by CRL", revoked, Refuse("revoked"), "revoked"),
+        case(
+            "no EKU",
+            int.leaf(&spec("no-eku", |s| s.eku = Eku::Absent)),
+            Refuse("missing_eku"),
+            "missing clientAuth EKU",
+        ),
+        case(
+            "serverAuth-only EKU",
+            int.leaf(&spec("server-eku", |s| s.eku = Eku::ServerAuthOnly)),
+            Refuse("bad_eku"),
+            "missing clientAuth EKU",
+        ),
+        case(
+            "CA certificate as leaf",
+            int.leaf(&spec("ca-leaf", |s| s.is_ca = true)),
+            Refuse("ca_as_leaf"),
+            "CA certificate",
+        ),
+        case(
+            "RSA-1024 leaf",
+            int.leaf(&spec("rsa1024", |s| s.key = KeyKind::Rsa1024)),
+            RefuseHandshake("weak_key"),
+            "",
+        ),
+        case(
+            "no matching client rule",
+            int.leaf(&spec("outsider", |s| {
+                s.spiffe = Some("spiffe://elsewhere.example/device/x".into())
+            })),
+            Refuse("no_matching_rule"),
+            "no matching client rule",
+        ),
+    ]
+}
+
+/// Presents the leaf and returns the server's verdict as (status, reason description).
+async fn server_verdict(
+    broker: &TestBroker,
+    case: &Case,
+) -> Result<(u16, serde_json::Value), String> {
+    if let Some(leaf) = case.leaf.as_ref().filter(|l| l.legacy_key) {
+        return broker
+            .curl_token(leaf, "grant_type=client_credentials")
+            .await;
+    }
+    let client = broker.client(case.leaf.as_ref());
+    let response = client
+        .post(broker.url("/token"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("grant_type=client_credentials")
+        .send()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await.map_err(|e| e.to_string())?))
+}
+
+#[tokio::test]
+async fn certificate_matrix_server_and_verify_cert_agree() {
+    let mut setup = Setup::new();
+    let cases = matrix(&mut setup);
+    let broker = setup.start().await;
+    let mut failures = Vec::new();
+
+    for case in &cases {
+        let reason_metric = |reason: &str| {
+            format!("token_broker_client_cert_rejections_total{{reason=\"{reason}\"}}")
+        };
+        let before = match case.expect {
+            Expect::Refuse(r) | Expect::RefuseHandshake(r) => {
+                broker.metric(&reason_metric(r)).await
+            }
+            Expect::Accept => 0.0,
+        };
+        let verdict = server_verdict(&broker, case).await;
+        let report = case.leaf.as_ref().map(|leaf| {
+            support::verify_cert(
+                &broker.config_path,
+                &leaf.chain_pem,
+                broker.setup.dir.path(),
+            )
+        });
+
+        let mut check = |ok: bool, what: String| {
+            if !ok {
+                failures.push(format!("{}: {what}", case.name));
+            }
+        };
+        match (case.expect, &verdict) {
+            (Expect::Accept, Ok((status, body))) => {
+                check(*status == 200, format!("expected 200, got {status} {body}"));
+                if let Some(report) = &report {
+                    check(
+                        report["accepted"] == true,
+                        format!("verify-cert refused: {report}"),
+                    );
+                }
+            }
+            (Expect::Refuse(reason), Ok((status, body))) => {
+                check(*status == 401, format!("expected 401, got {status} {body}"));
+                check(
+                    body["error"] == "invalid_client",
+                    format!("error code {body}"),
+                );
+                let description = body["error_description"].as_str().unwrap_or_default();
+                check(
+                    description.contains(case.says),
+                    format!("description {description:?} lacks {:?}", case.says),
+                );
+                if let Some(report) = &report {
+                    check(
+                        report["reason"] == reason,
+                        format!("verify-cert reason {} != {reason}", report["reason"]),
+                    );
+                    check(
+                        report["description"] == description,
+                        format!(
+                            "verify-cert says {} but server says {description:?}",
+                            report["description"]
+                        ),
+                    );
+                }
+            }
+            (Expect::RefuseHandshake(reason), Err(_)) => {
+                if let Some(report) = &report {
+                    check(
+                        report["reason"] == reason,
+                        format!("verify-cert reason {} != {reason}", report["reason"]),
+                    );
+                }
+            }
+            (expect, verdict) => check(false, format!("expected {expect:?}, got {verdict:?}")),
+        }
+        if let Expect::Refuse(r) | Expect::RefuseHandshake(r) = case.expect {
+            let after = broker.metric(&reason_metric(r)).await;
+            if after != before + 1.0 {
+                failures.push(format!(
+                    "{}: metric for {r} went {before} -> {after}",
+                    case.name
+                ));
+            }
+        }
+    }
+    broker.stop().await;
+    assert!(
+        failures.is_empty(),
+        "matrix failures:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn revoking_an_intermediate_refuses_its_leaves() {
+    // A leaf issued by a revoked intermediate is refused even though the leaf itself is not listed.
+    let mut setup = Setup::new();
+    let bad_int = setup.root.intermediate("Revoked Issuing CA");
+    let leaf = bad_int.leaf(&LeafSpec::device("child-of-revoked"));
+    setup.revoked.push(bad_int.serial);
+    let broker = setup.start().await;
+    let (status, body) = broker
+        .token(Some(&leaf), "grant_type=client_credentials")
+        .await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(
+        body["error_description"],
+        "certificate revoked (listed in its issuer's CRL)"
+    );
+    broker.stop().await;
+}

@@ -1,0 +1,594 @@
+//! Test harness: a real PKI made with rcgen, a real broker on loopback, real TLS clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SanType, SerialNumber, SubjectPublicKeyInfo,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::Value;
+use time::{Duration, OffsetDateTime};
+use token_broker::broker::Broker;
+use token_broker::config::Config;
+use token_broker::metrics::Metrics;
+use token_broker::server::Server;
+
+pub const TRUST_DOMAIN: &str = "test.example";
+
+/// A certificate authority that can issue leaves, intermediates and CRLs.
+pub struct Ca {
+    pub pem: String,
+    pub der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+    /// PEM of the CAs between this one and its root (this one first), for chains.
+    pub chain_pem: String,
+    pub serial: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    P256,
+    P384,
+    Rsa2048,
+    Rsa1024,
+    Ed25519,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Eku {
+    ClientAuth,
+    ServerAuthOnly,
+    Absent,
+}
+
+/// What a test leaf looks like; `Default` is a valid device certificate.
+#[derive(Clone, Debug)]
+pub struct LeafSpec {
+    pub name: String,
+    pub key: KeyKind,
+    pub eku: Eku,
+    pub is_ca: bool,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+    pub spiffe: Option<String>,
+    pub dns: Vec<String>,
+    pub serial: u64,
+}
+
+impl LeafSpec {
+    pub fn device(name: &str) -> LeafSpec {
+        let now = OffsetDateTime::now_utc();
+        LeafSpec {
+            name: name.to_owned(),
+            key: KeyKind::P256,
+            eku: Eku::ClientAuth,
+            is_ca: false,
+            not_before: now - Duration::hours(1),
+            not_after: now + Duration::days(30),
+            spiffe: Some(format!("spiffe://{TRUST_DOMAIN}/device/{name}")),
+            dns: Vec::new(),
+            serial: rand_serial(),
+        }
+    }
+}
+
+fn rand_serial() -> u64 {
+    let bytes = uuid::Uuid::new_v4().into_bytes();
+    u64::from_be_bytes(bytes[..8].try_into().unwrap()) >> 1
+}
+
+/// A client certificate with its key; `chain_pem` is what a client sends (leaf first).
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: CertificateDer<'static>,
+    pub chain_pem: String,
+    pub serial: u64,
+    /// A key rustls refuses to sign with (RSA-1024): only OpenSSL clients can present it.
+    pub legacy_key: bool,
+}
+
+impl Leaf {
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_slice_iter(self.chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap()
+    }
+}
+
+fn ca_params(name: &str) -> CertificateParams {
+    let now = OffsetDateTime::now_utc();
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = now - Duration::days(1);
+    params.not_after = now + Duration::days(365);
+    params.serial_number = Some(SerialNumber::from(rand_serial()));
+    params
+}
+
+fn serial_of(params: &CertificateParams) -> u64 {
+    let bytes = params
+        .serial_number
+        .as_ref()
+        .map(|s| s.to_bytes())
+        .unwrap_or_default();
+    bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+}
+
+impl Ca {
+    pub fn root(name: &str) -> Ca {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let params = ca_params(name);
+        let cert = params.self_signed(&key).unwrap();
+        Ca {
+            pem: cert.pem(),
+            der: cert.der().clone(),
+            chain_pem: String::new(),
+            serial: serial_of(&params),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    pub fn intermediate(&self, name: &str) -> Ca {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let params = ca_params(name);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Ca {
+            chain_pem: format!("{}{}", cert.pem(), self.chain_pem),
+            pem: cert.pem(),
+            der: cert.der().clone(),
+            serial: serial_of(&params),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    pub fn leaf(&self, spec: &LeafSpec) -> Leaf {
+        let params = leaf_params(spec);
+        let (key_pem, cert) = match spec.key {
+            KeyKind::Rsa1024 => {
+                // Neither rcgen nor aws-lc-rs makes keys this weak; OpenSSL still does.
+                let (key_pem, public_pem) = openssl_rsa1024();
+                let public = SubjectPublicKeyInfo::from_pem(&public_pem).unwrap();
+                (key_pem, params.signed_by(&public, &self.issuer).unwrap())
+            }
+            kind => {
+                let key = generate(kind);
+                (
+                    key.serialize_pem(),
+                    params.signed_by(&key, &self.issuer).unwrap(),
+                )
+            }
+        };
+        Leaf {
+            chain_pem: format!("{}{}", cert.pem(), self.chain_pem),
+            cert_pem: cert.pem(),
+            der: cert.der().clone(),
+            key_pem,
+            serial: spec.serial,
+            legacy_key: spec.key == KeyKind::Rsa1024,
+        }
+    }
+
+    /// A CRL from this CA listing `revoked` serials.
+    pub fn crl(&self, revoked: &[u64]) -> String {
+        let now = OffsetDateTime::now_utc();
+        CertificateRevocationListParams {
+            this_update: now - Duration::hours(1),
+            next_update: now + Duration::days(7),
+            crl_number: SerialNumber::from(now.unix_timestamp() as u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| RevokedCertParams {
+                    serial_number: SerialNumber::from(*serial),
+                    revocation_time: now - Duration::minutes(5),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.issuer)
+        .unwrap()
+        .pem()
+        .unwrap()
+    }
+}
+
+/// A self-signed leaf (no CA involved).
+pub fn self_signed(spec: &LeafSpec) -> Leaf {
+    let key = generate(spec.key);
+    let cert = leaf_params(spec).self_signed(&key).unwrap();
+    Leaf {
+        chain_pem: cert.pem(),
+        cert_pem: cert.pem(),
+        der: cert.der().clone(),
+        key_pem: key.serialize_pem(),
+        serial: spec.serial,
+        legacy_key: false,
+    }
+}
+
+fn generate(kind: KeyKind) -> KeyPair {
+    match kind {
+        KeyKind::P256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
+        KeyKind::P384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384),
+        KeyKind::Ed25519 => KeyPair::generate_for(&rcgen::PKCS_ED25519),
+        KeyKind::Rsa2048 => {
+            KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
+        }
+        KeyKind::Rsa1024 => unreachable!("made by openssl"),
+    }
+    .unwrap()
+}
+
+fn openssl_rsa1024() -> (String, String) {
+    let run = |args: &[&str], stdin: Option<&str>| -> String {
+        use std::io::Write;
+        let mut child = Command::new("openssl")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("openssl is needed for the RSA-1024 case");
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        } else {
+            drop(child.stdin.take());
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "openssl {args:?} failed");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let key = run(
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:1024",
+        ],
+        None,
+    );
+    let public = run(&["pkey", "-pubout"], Some(&key));
+    (key, public)
+}
+
+fn leaf_params(spec: &LeafSpec) -> CertificateParams {
+    let mut params = CertificateParams::new(spec.dns.clone()).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, spec.name.clone());
+    if let Some(spiffe) = &spec.spiffe {
+        params
+            .subject_alt_names
+            .push(SanType::URI(spiffe.clone().try_into().unwrap()));
+    }
+    params.extended_key_usages = match spec.eku {
+        Eku::ClientAuth => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        Eku::ServerAuthOnly => vec![ExtendedKeyUsagePurpose::ServerAuth],
+        Eku::Absent => vec![],
+    };
+    if spec.is_ca {
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+    } else {
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    }
+    params.not_before = spec.not_before;
+    params.not_after = spec.not_after;
+    params.serial_number = Some(SerialNumber::from(spec.serial));
+    params
+}
+
+/// The default client rules of test brokers.
+pub const RULES: &str = r#"
+[[clients]]
+name = "devices"
+match = { spiffe = ["spiffe://test.example/device/*"] }
+audiences = ["aud-a", "aud-b"]
+claims = { fleet = "test" }
+ttl = "10m"
+
+[[clients]]
+name = "gateways"
+client_id = "gateway-client"
+match = { dns = ["*.gateways.test.example"] }
+"#;
+
+pub const ISSUER: &str = "https://broker.test/tenant";
+
+/// A PKI, its files, and a config pointing at them.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub root: Ca,
+    pub intermediate: Ca,
+    pub server_ca: Ca,
+    /// Serials listed in the CRL of `root` and `intermediate`.
+    pub revoked: Vec<u64>,
+    pub rules: String,
+    pub extra_server: String,
+}
+
+impl Setup {
+    pub fn new() -> Setup {
+        // reqwest's plain-HTTP client (for /metrics) still wants a process-wide provider.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let root = Ca::root("Test Device Root");
+        let intermediate = root.intermediate("Test Device Issuing CA");
+        Setup {
+            dir: tempfile::tempdir().unwrap(),
+            root,
+            intermediate,
+            server_ca: Ca::root("Test Server Root"),
+            revoked: Vec::new(),
+            rules: RULES.to_owned(),
+            extra_server: String::new(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    /// Writes every file and the config; returns the config path.
+    pub fn write_config(&self) -> PathBuf {
+        let now = OffsetDateTime::now_utc();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(1);
+        let server = params.signed_by(&key, &self.server_ca.issuer).unwrap();
+        self.write("server.pem", &server.pem());
+        self.write("server-key.pem", &key.serialize_pem());
+        self.write("server-ca.pem", &self.server_ca.pem);
+        // The bundle holds the root only: clients send their intermediates.
+        self.write("client-ca.pem", &self.root.pem);
+        self.write("root.crl.pem", &self.root.crl(&self.revoked));
+        self.write(
+            "intermediate.crl.pem",
+            &self.intermediate.crl(&self.revoked),
+        );
+        if !self.path("keys").exists() {
+            let signing = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            self.write("keys/signing-0001.pem", &signing.serialize_pem());
+        }
+        let config = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+cert = "server.pem"
+key = "server-key.pem"
+client_ca = "client-ca.pem"
+crls = ["root.crl.pem", "intermediate.crl.pem"]
+max_body_bytes = 1024
+{extra_server}
+
+[admin]
+listen = "127.0.0.1:0"
+
+[issuer]
+url = "{ISSUER}"
+token_ttl = "5m"
+default_audience = "aud-a"
+
+[signer]
+kind = "local"
+key_dir = "keys"
+{rules}
+"#,
+            extra_server = self.extra_server,
+            rules = self.rules,
+        );
+        self.write("config.toml", &config)
+    }
+
+    pub async fn start(self) -> TestBroker {
+        let config_path = self.write_config();
+        let config = Config::load(&config_path).unwrap();
+        let broker = Arc::new(Broker::build(config, Arc::new(Metrics::new())).unwrap());
+        let server = Server::bind(broker).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let admin = server.admin_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        TestBroker {
+            addr,
+            admin,
+            config_path,
+            setup: self,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+}
+
+pub struct TestBroker {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    pub setup: Setup,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestBroker {
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.addr.port())
+    }
+
+    /// A TLS client trusting the test server CA, presenting `leaf` if given.
+    pub fn client(&self, leaf: Option<&Leaf>) -> reqwest::Client {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.setup.server_ca.der.clone()).unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+        let tls = match leaf {
+            Some(leaf) => builder
+                .with_client_auth_cert(leaf.chain(), leaf.key())
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+    }
+
+    /// POSTs a form to /token; returns the status and JSON body.
+    pub async fn token(&self, leaf: Option<&Leaf>, form: &str) -> (u16, Value) {
+        let response = self
+            .client(leaf)
+            .post(self.url("/token"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form.to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["cache-control"], "no-store");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    /// POSTs a form to /token with curl (OpenSSL), which can present keys rustls refuses. Err on a TLS failure.
+    pub async fn curl_token(&self, leaf: &Leaf, form: &str) -> Result<(u16, Value), String> {
+        let dir = self.setup.dir.path();
+        let id = uuid::Uuid::new_v4();
+        let (cert, key) = (
+            dir.join(format!("{id}.pem")),
+            dir.join(format!("{id}-key.pem")),
+        );
+        std::fs::write(&cert, &leaf.chain_pem).unwrap();
+        std::fs::write(&key, &leaf.key_pem).unwrap();
+        // Security level 0 lets OpenSSL load and use the weak key at all.
+        let openssl_conf = dir.join("openssl-seclevel0.cnf");
+        std::fs::write(
+            &openssl_conf,
+            "openssl_conf = c\n[c]\nssl_conf = s\n[s]\nsystem_default = d\n[d]\nCipherString = DEFAULT@SECLEVEL=0\n",
+        )
+        .unwrap();
+        let mut curl = Command::new("curl");
+        curl.env("OPENSSL_CONF", &openssl_conf)
+            .args(["-sS", "-w", "\n%{http_code}", "--cacert"])
+            .arg(self.setup.path("server-ca.pem"))
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .args(["-d", form, &self.url("/token")]);
+        // curl blocks; keep it off the runtime threads the broker under test runs on.
+        let out = tokio::task::spawn_blocking(move || curl.output())
+            .await
+            .unwrap()
+            .expect("curl is needed");
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        Ok((code.parse().unwrap(), serde_json::from_str(body).unwrap()))
+    }
+
+    /// The Prometheus text of the admin listener.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Value of one sample (`name{labels}`), 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.metrics().await, sample)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == sample).then(|| value.parse().unwrap())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Path of the built binary.
+pub fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_token-broker"))
+}
+
+/// Runs `token-broker verify-cert` on a chain; returns the parsed JSON report.
+pub fn verify_cert(config: &Path, chain_pem: &str, dir: &Path) -> Value {
+    let chain = dir.join(format!("chain-{}.pem", uuid::Uuid::new_v4()));
+    std::fs::write(&chain, chain_pem).unwrap();
+    let out = Command::new(binary())
+        .args(["--log-format", "text", "-c"])
+        .arg(config)
+        .arg("verify-cert")
+        .arg(&chain)
+        .output()
+        .unwrap();
+    let code = out.status.code();
+    assert!(
+        matches!(code, Some(0 | 2)),
+        "verify-cert failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["accepted"].as_bool(), Some(code == Some(0)));
+    report
+}
