@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 use crate::claims::{self, Subject};
 use crate::clients::{ClientRule, ClientRules};
 use crate::config::{Config, SignerConfig, MAX_TOKEN_TTL};
-use crate::flows::{FlowDeps, Registry};
+use crate::flows::{self, FlowDeps, Registry};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::signer::{LocalSigner, Signer, SignerError};
@@ -79,10 +79,14 @@ impl Broker {
         let trust = TrustStore::load(&config.path(&server.client_ca), &crls)
             .map_err(|e| problems.push(format!("server.client_ca/crls: {e}")))
             .ok();
+        let versions = tls::protocol_versions(&server.tls_versions)
+            .map_err(|e| problems.push(format!("server.{e}")))
+            .ok();
         let tls = tls::server_config(
             &config.path(&server.cert),
             &config.path(&server.key),
-            &server.tls_versions,
+            // With bad versions the files are still checked, to report everything at once.
+            versions.as_deref().unwrap_or(rustls::DEFAULT_VERSIONS),
             trust
                 .as_ref()
                 .map(|t| t.root_subjects.clone())
@@ -93,19 +97,11 @@ impl Broker {
         let signer = load_signer(&config)
             .map_err(|e| problems.push(format!("signer: {e}")))
             .ok();
-        let flow_names: Vec<&str> = match &signer {
-            Some(signer) => Registry::build(&FlowDeps {
-                issuer: config.issuer.url.clone(),
-                signer: signer.clone(),
-            })
-            .names(),
-            None => Vec::new(),
-        };
         let rules = ClientRules::build(
             &config.clients,
             config.issuer.default_audience(),
             config.issuer.token_ttl,
-            &flow_names,
+            &flows::names(),
         )
         .map_err(|errs| problems.extend(errs))
         .ok();

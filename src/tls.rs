@@ -63,7 +63,7 @@ pub fn protocol_versions(
 pub fn server_config(
     cert: &Path,
     key: &Path,
-    versions: &[String],
+    versions: &[&'static rustls::SupportedProtocolVersion],
     root_subjects: Vec<DistinguishedName>,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let chain = pem::certificates(cert)?;
@@ -74,7 +74,7 @@ pub fn server_config(
         algorithms: provider.signature_verification_algorithms,
     });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&protocol_versions(versions)?)
+        .with_protocol_versions(versions)
         .map_err(TlsError::Certificate)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)

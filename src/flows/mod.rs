@@ -1,7 +1,7 @@
 //! The flow registry: how a validated client gets a token.
 //!
 //! A flow is one file in this folder implementing [`Flow`]; adding one means adding that
-//! file and one line to [`Registry::build`]. The token endpoint picks the first flow that
+//! file and one line to [`FLOWS`]. The token endpoint picks the first flow that
 //! [`Flow::handles`] the request, then checks the client rule allows it by name.
 
 mod mtls_client_credentials;
@@ -72,17 +72,30 @@ pub struct FlowDeps {
     pub signer: Arc<dyn Signer>,
 }
 
+/// Every flow the broker knows, most specific first (the first that handles a request wins).
+const FLOWS: &[FlowEntry] = &[FlowEntry {
+    name: mtls_client_credentials::NAME,
+    build: mtls_client_credentials::build,
+}];
+
+struct FlowEntry {
+    name: &'static str,
+    build: fn(&FlowDeps) -> Arc<dyn Flow>,
+}
+
+/// Names of all flows, known without building them (config checks need them first).
+pub fn names() -> Vec<&'static str> {
+    FLOWS.iter().map(|f| f.name).collect()
+}
+
 pub struct Registry {
     flows: Vec<Arc<dyn Flow>>,
 }
 
 impl Registry {
-    /// Every flow the broker knows, most specific first.
     pub fn build(deps: &FlowDeps) -> Registry {
         Registry {
-            flows: vec![Arc::new(
-                mtls_client_credentials::MtlsClientCredentials::new(deps),
-            )],
+            flows: FLOWS.iter().map(|f| (f.build)(deps)).collect(),
         }
     }
 

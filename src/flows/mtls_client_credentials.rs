@@ -9,24 +9,24 @@ use super::{Flow, FlowDeps, FlowError, MintContext, Minted, TokenRequest, ID_TOK
 use crate::claims;
 use crate::signer::Signer;
 
-pub struct MtlsClientCredentials {
-    issuer: String,
-    signer: Arc<dyn Signer>,
+pub const NAME: &str = "mtls-client-credentials";
+
+pub fn build(deps: &FlowDeps) -> Arc<dyn Flow> {
+    Arc::new(MtlsClientCredentials {
+        issuer: deps.issuer.clone(),
+        signer: deps.signer.clone(),
+    })
 }
 
-impl MtlsClientCredentials {
-    pub fn new(deps: &FlowDeps) -> Self {
-        Self {
-            issuer: deps.issuer.clone(),
-            signer: deps.signer.clone(),
-        }
-    }
+struct MtlsClientCredentials {
+    issuer: String,
+    signer: Arc<dyn Signer>,
 }
 
 #[async_trait]
 impl Flow for MtlsClientCredentials {
     fn name(&self) -> &'static str {
-        "mtls-client-credentials"
+        NAME
     }
 
     /// Only plain requests: Google parameters belong to the Google flows.

@@ -1,0 +1,321 @@
+//! The command line as a user meets it: first run on the shipped config, `init`,
+//! `check-config` on a broken config, `jwks`.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::binary;
+
+fn run(args: &[&str], dir: &Path) -> Output {
+    Command::new(binary())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The shipped config.toml, moved to a free port, in a fresh folder.
+fn shipped_config(dir: &Path) -> (std::path::PathBuf, u16) {
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml")).unwrap();
+    let port = free_port();
+    let text = shipped
+        .replace("127.0.0.1:8443", &format!("127.0.0.1:{port}"))
+        .replace(
+            "https://localhost:8443",
+            &format!("https://localhost:{port}"),
+        )
+        .replace("127.0.0.1:9090", "127.0.0.1:0");
+    assert_ne!(
+        text, shipped,
+        "the shipped config's addresses changed; update this test"
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    (path, port)
+}
+
+#[test]
+fn first_serve_creates_dev_pki_and_its_curl_line_fetches_a_verifiable_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, port) = shipped_config(dir.path());
+    let mut child = Command::new(binary())
+        .args(["--log-format", "text", "-c"])
+        .arg(&config)
+        .arg("serve")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Keep draining stderr in the background: the server must never write to a closed pipe.
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let (mut curl_line, mut warned) = (None, false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        warned |= line.contains("DEVELOPMENT ONLY");
+        if line.trim_start().starts_with("curl ") {
+            curl_line = Some(line.trim().to_owned());
+        }
+        if line.contains("token-broker serving") {
+            break;
+        }
+    }
+    assert!(warned, "no development-only warning");
+    let curl_line = curl_line.expect("a curl line is printed");
+    assert!(
+        curl_line.contains("--cert")
+            && curl_line.contains("--key")
+            && curl_line.contains("--cacert")
+    );
+    assert!(dir.path().join("certs/dev/keys/signing-0001.pem").exists());
+
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{curl_line} -sS"))
+        .output()
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        let server: Vec<String> = lines.try_iter().collect();
+        panic!(
+            "curl said: {} {}\nserver said:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            server.join("\n")
+        )
+    });
+    let jwt = body["access_token"].as_str().expect("a token");
+
+    // Verify with the JWKS the server publishes, fetched the same way.
+    let ca = dir.path().join("certs/dev/ca.pem");
+    let jwks = Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(&ca)
+        .arg(format!("https://localhost:{port}/jwks"))
+        .output()
+        .unwrap();
+    let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(&jwks.stdout).unwrap();
+    let header = jsonwebtoken::decode_header(jwt).unwrap();
+    let key =
+        jsonwebtoken::DecodingKey::from_jwk(jwks.find(&header.kid.unwrap()).unwrap()).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(header.alg);
+    validation.set_audience(&["token-broker-dev"]);
+    validation.set_issuer(&[format!("https://localhost:{port}")]);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(jwt, &key, &validation)
+        .unwrap()
+        .claims;
+    assert_eq!(
+        claims["sub"],
+        "spiffe://dev.token-broker.local/device/dev-device-1"
+    );
+
+    // SIGTERM: a clean exit.
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[test]
+fn init_never_overwrites_without_force_and_keeps_keys_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&["init", "--dir", "pki"], dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = dir.path().join("pki/device-key.pem");
+    let before = std::fs::read(&key).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    let out = run(&["init", "--dir", "pki"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&key).unwrap(), before, "nothing overwritten");
+
+    let out = run(&["init", "--dir", "pki", "--force"], dir.path());
+    assert!(out.status.success());
+    assert_ne!(std::fs::read(&key).unwrap(), before);
+}
+
+#[test]
+fn check_config_lists_every_problem_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("garbage-ca.pem"), "not a certificate").unwrap();
+    std::fs::create_dir(dir.path().join("empty-keys")).unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        r#"
+[server]
+listen = "127.0.0.1:0"
+cert = "missing-server.pem"
+key = "missing-server-key.pem"
+client_ca = "garbage-ca.pem"
+tls_versions = ["1.0"]
+max_body_bytes = 0
+
+[admin]
+listen = "everywhere"
+
+[issuer]
+url = "http://insecure.example"
+token_ttl = "2h"
+
+[signer]
+kind = "local"
+key_dir = "empty-keys"
+
+[[clients]]
+name = "bad"
+match = { dns = ["[oops"] }
+flows = ["teleportation"]
+"#,
+    )
+    .unwrap();
+    let out = run(&["check-config"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "missing-server.pem",
+        "garbage-ca.pem",
+        "1.0",
+        "max_body_bytes",
+        "admin.listen",
+        "must be https",
+        "token_ttl",
+        "no signing key",
+        "[oops",
+        "teleportation",
+    ] {
+        assert!(
+            stderr.contains(needle),
+            "{needle:?} not reported in:\n{stderr}"
+        );
+    }
+    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"));
+    for line in stderr.lines().filter(|l| !l.contains("problem(s) found")) {
+        assert!(line.starts_with("error: "), "unexpected line {line:?}");
+    }
+}
+
+#[test]
+fn check_config_reports_toml_errors_with_location_and_accepts_a_good_config() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.toml"), "[server]\nlisten = \n").unwrap();
+    let out = run(&["check-config"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error: config.toml") && stderr.contains("line 2"),
+        "{stderr}"
+    );
+
+    let (config, _) = shipped_config(dir.path());
+    assert!(run(&["init", "--dir", "certs/dev"], dir.path())
+        .status
+        .success());
+    let out = run(
+        &["-c", config.to_str().unwrap(), "check-config"],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("token_ttl = \"5m\"") && stdout.contains("# ok: 1 root CA"),
+        "{stdout}"
+    );
+
+    let out = run(&["-c", config.to_str().unwrap(), "jwks"], dir.path());
+    assert!(out.status.success());
+    let jwks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(jwks["keys"][0]["alg"], "ES256");
+}
+
+#[test]
+fn verify_cert_explains_the_dev_device_and_refuses_at_a_later_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = shipped_config(dir.path());
+    assert!(run(&["init", "--dir", "certs/dev"], dir.path())
+        .status
+        .success());
+    let config = config.to_str().unwrap();
+    let out = run(
+        &["-c", config, "verify-cert", "certs/dev/device.pem"],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["accepted"], true);
+    assert_eq!(report["rule"], "dev-devices");
+    assert_eq!(
+        report["claims"]["sub"],
+        "spiffe://dev.token-broker.local/device/dev-device-1"
+    );
+
+    let out = run(
+        &[
+            "-c",
+            config,
+            "verify-cert",
+            "certs/dev/device.pem",
+            "--at",
+            "2099-01-01T00:00:00Z",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["reason"], "expired");
+
+    let out = run(
+        &[
+            "-c",
+            config,
+            "verify-cert",
+            "certs/dev/device.pem",
+            "--at",
+            "yesterday",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: --at"));
+}
