@@ -18,6 +18,8 @@ use crate::metrics::Metrics;
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Typically out of file descriptors: back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
         let metrics = metrics.clone();

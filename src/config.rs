@@ -68,10 +68,10 @@ pub struct ServerConfig {
     pub tls_versions: Vec<String>,
     #[serde(default = "default_handshake_timeout", with = "duration_text")]
     pub handshake_timeout: Duration,
+    /// Time a client has to send a request's headers; on a keep-alive connection it runs
+    /// from the end of the previous response, so it is also the idle timeout.
     #[serde(default = "default_header_timeout", with = "duration_text")]
     pub request_header_timeout: Duration,
-    #[serde(default = "default_idle_timeout", with = "duration_text")]
-    pub idle_timeout: Duration,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     #[serde(default = "default_max_body_bytes")]
@@ -208,9 +208,6 @@ fn default_handshake_timeout() -> Duration {
 fn default_header_timeout() -> Duration {
     Duration::from_secs(10)
 }
-fn default_idle_timeout() -> Duration {
-    Duration::from_secs(60)
-}
 fn default_max_connections() -> usize {
     10_000
 }
@@ -282,6 +279,16 @@ mod tests {
         assert_eq!(parse_duration("PT10S").unwrap(), Duration::from_secs(10));
         assert!(parse_duration("-5m").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    /// The shipped configs stay parseable as the contract evolves.
+    #[test]
+    fn shipped_configs_parse() {
+        for file in ["config.toml", "examples/production.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let config = Config::load(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert!(!config.clients.is_empty(), "{file}");
+        }
     }
 
     #[test]

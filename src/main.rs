@@ -221,3 +221,21 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_is_the_default_command() {
+        use clap::Parser;
+        let cli = super::Cli::try_parse_from(["token-broker", "-c", "x.toml"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.config, std::path::PathBuf::from("x.toml"));
+    }
+}

@@ -174,7 +174,7 @@ async fn server_verdict(
     Ok((status, response.json().await.map_err(|e| e.to_string())?))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn certificate_matrix_server_and_verify_cert_agree() {
     let mut setup = Setup::new();
     let cases = matrix(&mut setup);
@@ -268,7 +268,7 @@ async fn certificate_matrix_server_and_verify_cert_agree() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn revoking_an_intermediate_refuses_its_leaves() {
     // A leaf issued by a revoked intermediate is refused even though the leaf itself is not listed.
     let mut setup = Setup::new();
@@ -284,5 +284,82 @@ async fn revoking_an_intermediate_refuses_its_leaves() {
         body["error_description"],
         "certificate revoked (listed in its issuer's CRL)"
     );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bundle_folder_with_intermediate_accepts_a_leaf_sent_alone() {
+    let mut setup = Setup::new();
+    setup.bundle_folder = true;
+    let mut leaf = setup.intermediate.leaf(&LeafSpec::device("alone"));
+    leaf.chain_pem = leaf.cert_pem.clone();
+    let stranger = Ca::root("Other Root").intermediate("Other Issuing");
+    let foreign = stranger.leaf(&LeafSpec::device("foreign"));
+    let broker = setup.start().await;
+    let (status, body) = broker
+        .token(Some(&leaf), "grant_type=client_credentials")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // A bundle intermediate helps build paths but is no trust anchor of its own.
+    let (status, body) = broker
+        .token(Some(&foreign), "grant_type=client_credentials")
+        .await;
+    assert_eq!(
+        (
+            status,
+            body["error_description"]
+                .as_str()
+                .map(|d| d.starts_with("issuer not trusted"))
+        ),
+        (401, Some(true)),
+        "{body}"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_12_and_13_only() {
+    let setup = Setup::new();
+    let leaf = setup.intermediate.leaf(&LeafSpec::device("versions"));
+    let broker = setup.start().await;
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let response = broker
+            .client_with_versions(Some(&leaf), &[version])
+            .post(broker.url("/token"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("grant_type=client_credentials")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{version:?}");
+    }
+    // An OpenSSL client limited to TLS 1.1 finds no common version.
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--tlsv1.0",
+            "--tls-max",
+            "1.1",
+            "--ciphers",
+            "DEFAULT@SECLEVEL=0",
+            "-k",
+        ])
+        .arg(broker.url("/jwks"))
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "TLS 1.1 handshake succeeded");
+    broker.stop().await;
+
+    let mut setup = Setup::new();
+    setup.extra_server = r#"tls_versions = ["1.3"]"#.into();
+    let leaf = setup.intermediate.leaf(&LeafSpec::device("v13"));
+    let broker = setup.start().await;
+    let refused = broker
+        .client_with_versions(Some(&leaf), &[&rustls::version::TLS12])
+        .get(broker.url("/jwks"))
+        .send()
+        .await;
+    assert!(refused.is_err(), "TLS 1.2 accepted by a 1.3-only server");
     broker.stop().await;
 }

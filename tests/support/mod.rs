@@ -246,6 +246,7 @@ fn openssl_rsa1024() -> (String, String) {
             .args(args)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .expect("openssl is needed for the RSA-1024 case");
         if let Some(input) = stdin {
@@ -334,6 +335,8 @@ pub struct Setup {
     pub revoked: Vec<u64>,
     pub rules: String,
     pub extra_server: String,
+    /// Trust a folder holding the root and the intermediate instead of a root-only file.
+    pub bundle_folder: bool,
 }
 
 impl Setup {
@@ -350,6 +353,7 @@ impl Setup {
             revoked: Vec::new(),
             rules: RULES.to_owned(),
             extra_server: String::new(),
+            bundle_folder: false,
         }
     }
 
@@ -378,8 +382,16 @@ impl Setup {
         self.write("server.pem", &server.pem());
         self.write("server-key.pem", &key.serialize_pem());
         self.write("server-ca.pem", &self.server_ca.pem);
-        // The bundle holds the root only: clients send their intermediates.
-        self.write("client-ca.pem", &self.root.pem);
+        let client_ca = if self.bundle_folder {
+            self.write("client-ca/root.pem", &self.root.pem);
+            self.write("client-ca/issuing.crt", &self.intermediate.pem);
+            self.write("client-ca/README.txt", "not a certificate: ignored");
+            "client-ca"
+        } else {
+            // The bundle holds the root only: clients send their intermediates.
+            self.write("client-ca.pem", &self.root.pem);
+            "client-ca.pem"
+        };
         self.write("root.crl.pem", &self.root.crl(&self.revoked));
         self.write(
             "intermediate.crl.pem",
@@ -395,7 +407,7 @@ impl Setup {
 listen = "127.0.0.1:0"
 cert = "server.pem"
 key = "server-key.pem"
-client_ca = "client-ca.pem"
+client_ca = "{client_ca}"
 crls = ["root.crl.pem", "intermediate.crl.pem"]
 max_body_bytes = 1024
 {extra_server}
@@ -414,6 +426,7 @@ key_dir = "keys"
 {rules}
 "#,
             extra_server = self.extra_server,
+            client_ca = client_ca,
             rules = self.rules,
         );
         self.write("config.toml", &config)
@@ -457,12 +470,20 @@ impl TestBroker {
 
     /// A TLS client trusting the test server CA, presenting `leaf` if given.
     pub fn client(&self, leaf: Option<&Leaf>) -> reqwest::Client {
+        self.client_with_versions(leaf, rustls::DEFAULT_VERSIONS)
+    }
+
+    pub fn client_with_versions(
+        &self,
+        leaf: Option<&Leaf>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> reqwest::Client {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.setup.server_ca.der.clone()).unwrap();
         let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),
         ))
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots);
         let tls = match leaf {
