@@ -59,12 +59,7 @@ impl Broker {
     pub fn build(config: Config, metrics: Arc<Metrics>) -> Result<Broker, Problems> {
         let mut problems = Vec::new();
         check_issuer(&config, &mut problems);
-        if config.server.max_body_bytes == 0 {
-            problems.push("server.max_body_bytes must be greater than 0".into());
-        }
-        if config.server.max_connections == 0 {
-            problems.push("server.max_connections must be greater than 0".into());
-        }
+        check_limits(&config.server, &mut problems);
         if !config.admin.listen.is_empty()
             && config.admin.listen.parse::<std::net::SocketAddr>().is_err()
         {
@@ -146,8 +141,8 @@ impl Broker {
         let leaf = chain.first().ok_or(Refusal::NoCertificate)?;
         let identity = Identity::from_der(leaf).map_err(|e| Refusal::Malformed(e.to_string()))?;
         self.trust.verify(chain, &identity, now)?;
-        let rule = self.rules.find(&identity).ok_or(Refusal::NoMatchingRule)?;
-        let subject = rule.subject_for(&identity)?;
+        let (rule, matched) = self.rules.find(&identity).ok_or(Refusal::NoMatchingRule)?;
+        let subject = rule.subject_for(&identity, &matched)?;
         Ok(Authenticated {
             identity,
             rule,
@@ -155,11 +150,16 @@ impl Broker {
         })
     }
 
-    /// `verify-cert`'s report: the server's decision plus what a token would carry.
+    /// `verify-cert`'s report: the server's decision plus what a token would carry (for the
+    /// default audience if the rule allows it, else for the rule's first audience).
     pub fn explain(&self, chain: &[CertificateDer<'_>], at: UnixTime) -> Decision {
         match self.authenticate(chain, at) {
             Ok(auth) => {
-                let audience = auth.rule.audiences[0].as_str();
+                let default = self.config.issuer.default_audience();
+                let audience = match auth.rule.audiences.iter().find(|a| *a == default) {
+                    Some(a) => a.as_str(),
+                    None => auth.rule.audiences[0].as_str(),
+                };
                 let who = Subject {
                     identity: &auth.identity,
                     rule: auth.rule,
@@ -169,7 +169,7 @@ impl Broker {
                 let claims = claims::id_token_claims(
                     &self.config.issuer.url,
                     &who,
-                    "mtls-client-credentials",
+                    flows::mtls_client_credentials::NAME,
                     at.as_secs() as i64,
                     "(unique per token)",
                 );
@@ -210,6 +210,7 @@ pub struct Decision {
 pub fn load_signer(config: &Config) -> Result<Arc<dyn Signer>, SignerError> {
     match &config.signer {
         SignerConfig::Local { key_dir } => Ok(Arc::new(LocalSigner::load(&config.path(key_dir))?)),
+        SignerConfig::Iam { .. } => Err(SignerError::Key("the IAM signer is not wired yet".into())),
     }
 }
 
@@ -218,6 +219,26 @@ pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Limits outside these bounds break the server (zero timeouts) or overflow (huge ones).
+fn check_limits(server: &crate::config::ServerConfig, problems: &mut Vec<String>) {
+    use std::time::Duration;
+    let (second, hour) = (Duration::from_secs(1), Duration::from_secs(3600));
+    for (name, value) in [
+        ("handshake_timeout", server.handshake_timeout),
+        ("request_header_timeout", server.request_header_timeout),
+    ] {
+        if value < second || value > hour {
+            problems.push(format!("server.{name} must be between 1s and 1h"));
+        }
+    }
+    if !(1..=1_000_000).contains(&server.max_connections) {
+        problems.push("server.max_connections must be between 1 and 1000000".into());
+    }
+    if !(1..=1024 * 1024).contains(&server.max_body_bytes) {
+        problems.push("server.max_body_bytes must be between 1 and 1048576".into());
+    }
 }
 
 fn check_issuer(config: &Config, problems: &mut Vec<String>) {

@@ -58,23 +58,60 @@ struct Matcher {
     sha256: Vec<String>,
 }
 
+/// The SANs that satisfied a rule's patterns: `sub` is built from these, never from an
+/// unrelated SAN the rule did not check.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Matched {
+    uri: Option<String>,
+    dns: Option<String>,
+    email: Option<String>,
+}
+
+/// The form glob patterns see: DNS labels (and an email's domain labels) become `/`
+/// segments, so `*` matches exactly one label.
+fn dns_key(name: &str) -> String {
+    name.replace('.', "/")
+}
+
+fn email_key(address: &str) -> String {
+    match address.rsplit_once('@') {
+        Some((local, domain)) => format!("{local}@{}", dns_key(domain)),
+        None => address.to_owned(),
+    }
+}
+
 impl Matcher {
-    fn matches(&self, id: &Identity) -> bool {
+    fn matches(&self, id: &Identity) -> Option<Matched> {
         fn one(set: &Option<GlobSet>, value: Option<&str>) -> bool {
             set.as_ref()
                 .is_none_or(|s| value.is_some_and(|v| s.is_match(v)))
         }
-        fn any(set: &Option<GlobSet>, values: &[String]) -> bool {
-            set.as_ref()
-                .is_none_or(|s| values.iter().any(|v| s.is_match(v)))
+        /// `Some(first matching value)`, `Some(None)` if unconstrained, `None` if no match.
+        fn any(
+            set: &Option<GlobSet>,
+            values: &[String],
+            key: fn(&str) -> String,
+        ) -> Option<Option<String>> {
+            match set {
+                None => Some(None),
+                Some(s) => values
+                    .iter()
+                    .find(|v| s.is_match(key(v)))
+                    .map(|v| Some(v.clone())),
+            }
         }
-        one(&self.spiffe, id.spiffe_id.as_deref())
-            && any(&self.uri, &id.uri_sans)
-            && any(&self.dns, &id.dns_sans)
-            && any(&self.email, &id.email_sans)
+        if !(one(&self.spiffe, id.spiffe_id.as_deref())
             && one(&self.subject, Some(&id.subject))
             && one(&self.issuer, Some(&id.issuer))
-            && (self.sha256.is_empty() || self.sha256.contains(&id.sha256_hex))
+            && (self.sha256.is_empty() || self.sha256.contains(&id.sha256_hex)))
+        {
+            return None;
+        }
+        Some(Matched {
+            uri: any(&self.uri, &id.uri_sans, str::to_owned)?,
+            dns: any(&self.dns, &id.dns_sans, dns_key)?,
+            email: any(&self.email, &id.email_sans, email_key)?,
+        })
     }
 }
 
@@ -119,12 +156,16 @@ impl Field {
             .map_or("?", |(n, _)| n)
     }
 
-    fn value(self, id: &Identity) -> Option<&str> {
+    /// The field's value: for SANs, the one the rule matched, else the first.
+    fn value<'a>(self, id: &'a Identity, matched: &'a Matched) -> Option<&'a str> {
+        let san = |matched: &'a Option<String>, all: &'a [String]| {
+            matched.as_deref().or(all.first().map(String::as_str))
+        };
         match self {
             Field::Spiffe => id.spiffe_id.as_deref(),
-            Field::Uri => id.uri_sans.first().map(String::as_str),
-            Field::Dns => id.dns_sans.first().map(String::as_str),
-            Field::Email => id.email_sans.first().map(String::as_str),
+            Field::Uri => san(&matched.uri, &id.uri_sans),
+            Field::Dns => san(&matched.dns, &id.dns_sans),
+            Field::Email => san(&matched.email, &id.email_sans),
             Field::Cn => id.common_name.as_deref(),
             Field::Subject => Some(&id.subject),
             Field::Serial => Some(&id.serial),
@@ -165,14 +206,15 @@ impl Template {
         Ok(Template(parts))
     }
 
-    fn render(&self, id: &Identity) -> Result<String, Refusal> {
+    fn render(&self, id: &Identity, matched: &Matched) -> Result<String, Refusal> {
         let mut out = String::new();
         for part in &self.0 {
             match part {
                 Part::Text(t) => out.push_str(t),
-                Part::Field(f) => {
-                    out.push_str(f.value(id).ok_or(Refusal::SubjectUnavailable(f.name()))?)
-                }
+                Part::Field(f) => out.push_str(
+                    f.value(id, matched)
+                        .ok_or(Refusal::SubjectUnavailable(f.name()))?,
+                ),
             }
         }
         Ok(out)
@@ -180,11 +222,16 @@ impl Template {
 }
 
 impl ClientRule {
-    /// The token `sub` for this certificate under this rule.
-    pub fn subject_for(&self, id: &Identity) -> Result<String, Refusal> {
+    /// The token `sub` for this certificate under this rule: the template, or the SPIFFE
+    /// ID, else the (matched) URI SAN, else the (matched) DNS SAN, else the subject DN.
+    pub fn subject_for(&self, id: &Identity, matched: &Matched) -> Result<String, Refusal> {
         let subject = match &self.subject {
-            Some(template) => template.render(id)?,
-            None => id.default_subject().to_owned(),
+            Some(template) => template.render(id, matched)?,
+            None => [Field::Spiffe, Field::Uri, Field::Dns, Field::Subject]
+                .iter()
+                .find_map(|f| f.value(id, matched))
+                .unwrap_or_default()
+                .to_owned(),
         };
         if subject.len() > MAX_SUBJECT_BYTES {
             return Err(Refusal::SubjectTooLong(subject.len()));
@@ -228,9 +275,11 @@ impl ClientRules {
         }
     }
 
-    /// The first rule matching this certificate.
-    pub fn find(&self, id: &Identity) -> Option<&ClientRule> {
-        self.0.iter().find(|rule| rule.matcher.matches(id))
+    /// The first rule matching this certificate, and what in it matched.
+    pub fn find(&self, id: &Identity) -> Option<(&ClientRule, Matched)> {
+        self.0
+            .iter()
+            .find_map(|rule| rule.matcher.matches(id).map(|m| (rule, m)))
     }
 
     pub fn len(&self) -> usize {
@@ -312,13 +361,22 @@ impl ClientRule {
 }
 
 fn build_matcher(m: &MatchConfig, problems: &mut Vec<String>) -> Matcher {
-    let mut set = |field: &str, patterns: &[String], ignore_case: bool| -> Option<GlobSet> {
+    let mut set = |field: &str,
+                   patterns: &Option<Vec<String>>,
+                   ignore_case: bool,
+                   key: fn(&str) -> String|
+     -> Option<GlobSet> {
+        let patterns = patterns.as_ref()?;
         if patterns.is_empty() {
+            // An empty list would silently turn the rule into a catch-all.
+            problems.push(format!(
+                "match.{field} is empty; list patterns or remove it"
+            ));
             return None;
         }
         let mut builder = GlobSetBuilder::new();
         for pattern in patterns {
-            match GlobBuilder::new(pattern)
+            match GlobBuilder::new(&key(pattern))
                 .literal_separator(true)
                 .case_insensitive(ignore_case)
                 .build()
@@ -329,25 +387,23 @@ fn build_matcher(m: &MatchConfig, problems: &mut Vec<String>) -> Matcher {
                 Err(e) => problems.push(format!("match.{field}: bad pattern {pattern:?}: {e}")),
             }
         }
-        match builder.build() {
-            Ok(s) => Some(s),
-            Err(e) => {
-                problems.push(format!("match.{field}: {e}"));
-                None
-            }
-        }
+        builder
+            .build()
+            .map_err(|e| problems.push(format!("match.{field}: {e}")))
+            .ok()
     };
-    let matcher = Matcher {
-        spiffe: set("spiffe", &m.spiffe, false),
-        uri: set("uri", &m.uri, false),
-        dns: set("dns", &m.dns, true),
-        email: set("email", &m.email, true),
-        subject: set("subject", &m.subject, false),
-        issuer: set("issuer", &m.issuer, false),
-        sha256: Vec::new(),
-    };
+    let same = str::to_owned;
+    let spiffe = set("spiffe", &m.spiffe, false, same);
+    let uri = set("uri", &m.uri, false, same);
+    let dns = set("dns", &m.dns, true, dns_key);
+    let email = set("email", &m.email, true, email_key);
+    let subject = set("subject", &m.subject, false, same);
+    let issuer = set("issuer", &m.issuer, false, same);
     let mut sha256 = Vec::new();
-    for fingerprint in &m.sha256 {
+    if m.sha256.as_ref().is_some_and(Vec::is_empty) {
+        problems.push("match.sha256 is empty; list fingerprints or remove it".into());
+    }
+    for fingerprint in m.sha256.iter().flatten() {
         let hex: String = fingerprint
             .chars()
             .filter(|c| *c != ':')
@@ -361,19 +417,54 @@ fn build_matcher(m: &MatchConfig, problems: &mut Vec<String>) -> Matcher {
             ));
         }
     }
-    Matcher { sha256, ..matcher }
+    Matcher {
+        spiffe,
+        uri,
+        dns,
+        email,
+        subject,
+        issuer,
+        sha256,
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
+mod tests_support {
+    pub use super::*;
 
-    fn identity() -> Identity {
+    pub fn parse(toml_text: &str) -> Vec<ClientRuleConfig> {
+        #[derive(serde::Deserialize)]
+        struct W {
+            clients: Vec<ClientRuleConfig>,
+        }
+        toml::from_str::<W>(toml_text).unwrap().clients
+    }
+
+    pub fn rules(toml_text: &str) -> ClientRules {
+        ClientRules::build(
+            &parse(toml_text),
+            "aud",
+            Duration::from_secs(300),
+            &["mtls-client-credentials"],
+        )
+        .unwrap()
+    }
+
+    pub fn matches(rules: &ClientRules, change: impl FnOnce(&mut Identity)) -> bool {
+        let mut id = identity();
+        change(&mut id);
+        rules.find(&id).is_some()
+    }
+
+    pub fn identity() -> Identity {
         Identity {
             subject: "CN=dev-1, O=Example".into(),
             common_name: Some("dev-1".into()),
             issuer: "CN=Example Root".into(),
-            dns_sans: vec!["Dev-1.Devices.Example.com".into()],
+            dns_sans: vec![
+                "other.example.net".into(),
+                "dev-1.devices.example.com".into(),
+            ],
             uri_sans: vec!["spiffe://example.org/device/dev-1".into()],
             email_sans: vec![],
             ip_sans: vec![],
@@ -387,15 +478,15 @@ mod tests {
             has_eku: true,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::*;
 
     fn rule(toml_text: &str) -> Result<ClientRules, Vec<String>> {
-        #[derive(serde::Deserialize)]
-        struct W {
-            clients: Vec<ClientRuleConfig>,
-        }
-        let w: W = toml::from_str(toml_text).unwrap();
         ClientRules::build(
-            &w.clients,
+            &parse(toml_text),
             "aud",
             Duration::from_secs(300),
             &["mtls-client-credentials"],
@@ -411,13 +502,15 @@ mod tests {
             match = { spiffe = ["spiffe://example.org/device/*"], issuer = ["CN=Other*"] }
             [[clients]]
             name = "devices"
-            match = { spiffe = ["spiffe://example.org/device/*"], dns = ["*.devices.example.com"] }
+            match = { spiffe = ["spiffe://example.org/device/*"], dns = ["*.Devices.example.com"] }
             [[clients]]
             name = "catch-all"
             "#,
         )
         .unwrap();
-        assert_eq!(rules.find(&identity()).unwrap().name, "devices");
+        let (rule, matched) = rules.find(&identity()).unwrap();
+        assert_eq!(rule.name, "devices");
+        assert_eq!(matched.dns.as_deref(), Some("dev-1.devices.example.com"));
     }
 
     #[test]
@@ -433,12 +526,12 @@ mod tests {
     #[test]
     fn subject_templates_render_and_refuse_missing_fields() {
         let rules = rule("[[clients]]\nname='x'\nsubject='device:{cn}'").unwrap();
-        let r = rules.find(&identity()).unwrap();
-        assert_eq!(r.subject_for(&identity()).unwrap(), "device:dev-1");
+        let (r, m) = rules.find(&identity()).unwrap();
+        assert_eq!(r.subject_for(&identity(), &m).unwrap(), "device:dev-1");
         let rules = rule("[[clients]]\nname='x'\nsubject='{email}'").unwrap();
-        let r = rules.find(&identity()).unwrap();
+        let (r, m) = rules.find(&identity()).unwrap();
         assert_eq!(
-            r.subject_for(&identity()),
+            r.subject_for(&identity(), &m),
             Err(Refusal::SubjectUnavailable("email"))
         );
         let rules = rule(&format!(
@@ -446,9 +539,9 @@ mod tests {
             "a".repeat(125)
         ))
         .unwrap();
-        let r = rules.find(&identity()).unwrap();
+        let (r, m) = rules.find(&identity()).unwrap();
         assert_eq!(
-            r.subject_for(&identity()),
+            r.subject_for(&identity(), &m),
             Err(Refusal::SubjectTooLong(130))
         );
     }
@@ -481,5 +574,52 @@ mod tests {
         ] {
             assert!(all.contains(needle), "missing {needle} in:\n{all}");
         }
+    }
+}
+
+#[cfg(test)]
+mod matching {
+    use super::tests_support::*;
+
+    #[test]
+    fn dns_star_is_exactly_one_label_and_email_domains_are_exact() {
+        let by_dns = rules("[[clients]]\nname='x'\nmatch={dns=['*.devices.example.com']}");
+        assert!(matches(&by_dns, |id| id.dns_sans =
+            vec!["a.devices.example.com".into()]));
+        assert!(!matches(&by_dns, |id| id.dns_sans =
+            vec!["a.b.devices.example.com".into()]));
+        assert!(!matches(&by_dns, |id| id.dns_sans =
+            vec!["devices.example.com".into()]));
+        let by_email = rules("[[clients]]\nname='x'\nmatch={email=['*@example.com']}");
+        assert!(matches(&by_email, |id| id.email_sans =
+            vec!["ops@example.com".into()]));
+        assert!(!matches(&by_email, |id| id.email_sans =
+            vec!["ops@mail.example.com".into()]));
+    }
+
+    #[test]
+    fn empty_pattern_lists_are_errors_not_catch_alls() {
+        let problems = super::ClientRules::build(
+            &parse("[[clients]]\nname='x'\nmatch={dns=[]}"),
+            "aud",
+            std::time::Duration::from_secs(60),
+            &["mtls-client-credentials"],
+        )
+        .unwrap_err();
+        assert!(problems[0].contains("match.dns is empty"), "{problems:?}");
+    }
+
+    #[test]
+    fn subject_comes_from_the_matched_san() {
+        let gateways = rules("[[clients]]\nname='x'\nmatch={dns=['*.gw.example.com']}");
+        let mut id = identity();
+        id.spiffe_id = None;
+        id.uri_sans.clear();
+        id.dns_sans = vec!["unrelated.example.net".into(), "g1.gw.example.com".into()];
+        let (rule, matched) = gateways.find(&id).unwrap();
+        assert_eq!(
+            rule.subject_for(&id, &matched).unwrap(),
+            "g1.gw.example.com"
+        );
     }
 }

@@ -36,6 +36,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub issuer: IssuerConfig,
     pub signer: SignerConfig,
+    /// Google Cloud: Workload Identity Federation and IAM Credentials (Google flows, IAM signer).
+    pub google: Option<GoogleConfig>,
     #[serde(default)]
     pub clients: Vec<ClientRuleConfig>,
     /// Folder of the config file; relative paths are resolved against it.
@@ -116,6 +118,63 @@ impl IssuerConfig {
 pub enum SignerConfig {
     /// PEM private keys in `key_dir`; the last file in name order signs.
     Local { key_dir: PathBuf },
+    /// Google IAM Credentials `signJwt` as `service_account` (needs `[google]`).
+    Iam {
+        service_account: String,
+        /// Public keys of that service account; default Google's JWKS URL for it.
+        jwks_url: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GoogleConfig {
+    pub project_number: String,
+    pub pool_id: String,
+    pub provider_id: String,
+    /// The broker's own Google credentials: "metadata" or a service-account key file.
+    #[serde(default = "default_credentials")]
+    pub credentials: String,
+    /// `aud` of the broker token exchanged at STS; default: the provider's URL.
+    pub subject_token_audience: Option<String>,
+    #[serde(default = "default_sts_url")]
+    pub sts_url: String,
+    #[serde(default = "default_iam_credentials_url")]
+    pub iam_credentials_url: String,
+    #[serde(default = "default_metadata_url")]
+    pub metadata_url: String,
+    /// Timeout of one upstream HTTP request.
+    #[serde(default = "default_request_timeout", with = "duration_text")]
+    pub request_timeout: Duration,
+    /// Total time for one upstream call including retries; a device never waits longer.
+    #[serde(default = "default_upstream_deadline", with = "duration_text")]
+    pub deadline: Duration,
+    /// Cached tokens are replaced this long before they expire.
+    #[serde(default = "default_refresh_margin", with = "duration_text")]
+    pub refresh_margin: Duration,
+    /// Most tokens kept in the cache.
+    #[serde(default = "default_cache_capacity")]
+    pub cache_capacity: u64,
+    /// Lifetime asked of `generateAccessToken` (at most 1h).
+    #[serde(default = "default_access_token_lifetime", with = "duration_text")]
+    pub access_token_lifetime: Duration,
+}
+
+impl GoogleConfig {
+    /// `//iam.googleapis.com/projects/N/locations/global/workloadIdentityPools/P/providers/R`
+    pub fn provider_resource(&self) -> String {
+        format!(
+            "//iam.googleapis.com/projects/{}/locations/global/workloadIdentityPools/{}/providers/{}",
+            self.project_number, self.pool_id, self.provider_id
+        )
+    }
+
+    /// The provider's default allowed audience, which the broker token carries for STS.
+    pub fn subject_token_audience(&self) -> String {
+        self.subject_token_audience
+            .clone()
+            .unwrap_or_else(|| format!("https:{}", self.provider_resource()))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -140,6 +199,9 @@ pub struct ClientRuleConfig {
     /// Google OAuth scopes this client may request (Google flows).
     #[serde(default)]
     pub scopes: Vec<String>,
+    /// Audiences of Google-signed ID tokens this client may request (`google-id-token`).
+    #[serde(default)]
+    pub target_audiences: Vec<String>,
     /// Extra static claims added to the broker's ID token.
     #[serde(default)]
     pub claims: BTreeMap<String, toml::Value>,
@@ -153,21 +215,14 @@ pub struct ClientRuleConfig {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MatchConfig {
-    #[serde(default)]
-    pub spiffe: Vec<String>,
-    #[serde(default)]
-    pub uri: Vec<String>,
-    #[serde(default)]
-    pub dns: Vec<String>,
-    #[serde(default)]
-    pub email: Vec<String>,
-    #[serde(default)]
-    pub subject: Vec<String>,
-    #[serde(default)]
-    pub issuer: Vec<String>,
+    pub spiffe: Option<Vec<String>>,
+    pub uri: Option<Vec<String>>,
+    pub dns: Option<Vec<String>>,
+    pub email: Option<Vec<String>>,
+    pub subject: Option<Vec<String>>,
+    pub issuer: Option<Vec<String>>,
     /// Exact SHA-256 certificate fingerprints (hex, colons optional).
-    #[serde(default)]
-    pub sha256: Vec<String>,
+    pub sha256: Option<Vec<String>>,
 }
 
 impl Config {
@@ -219,6 +274,33 @@ fn default_admin_listen() -> String {
 }
 fn default_token_ttl() -> Duration {
     Duration::from_secs(300)
+}
+fn default_credentials() -> String {
+    "metadata".into()
+}
+fn default_sts_url() -> String {
+    "https://sts.googleapis.com".into()
+}
+fn default_iam_credentials_url() -> String {
+    "https://iamcredentials.googleapis.com".into()
+}
+fn default_metadata_url() -> String {
+    "http://metadata.google.internal".into()
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_upstream_deadline() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_refresh_margin() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_cache_capacity() -> u64 {
+    10_000
+}
+fn default_access_token_lifetime() -> Duration {
+    Duration::from_secs(3600)
 }
 fn default_flows() -> Vec<String> {
     vec!["mtls-client-credentials".into()]

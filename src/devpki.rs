@@ -86,33 +86,25 @@ pub fn init(dir: &Path, force: bool) -> Result<DevPki, DevPkiError> {
     let ca_cert = ca.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca, ca_key);
 
-    let server_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let mut server = CertificateParams::new(vec!["localhost".to_owned()])?;
-    server.subject_alt_names.extend([
-        SanType::IpAddress([127, 0, 0, 1].into()),
-        SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()),
-    ]);
-    server
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    server.not_before = now - Duration::hours(1);
-    server.not_after = now + Duration::days(365);
-    let server_cert = server.signed_by(&server_key, &issuer)?;
-
-    let device_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let mut device =
-        CertificateParams::new(vec![format!("dev-device-1.devices.{DEV_TRUST_DOMAIN}")])?;
-    device.subject_alt_names.push(SanType::URI(
-        format!("spiffe://{DEV_TRUST_DOMAIN}/device/dev-device-1").try_into()?,
-    ));
-    device
-        .distinguished_name
-        .push(DnType::CommonName, "dev-device-1");
-    device.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    device.not_before = now - Duration::hours(1);
-    device.not_after = now + Duration::days(365);
-    let device_cert = device.signed_by(&device_key, &issuer)?;
+    let (server_cert, server_key) = issue_leaf(
+        &issuer,
+        "localhost",
+        vec![
+            SanType::DnsName("localhost".try_into()?),
+            SanType::IpAddress([127, 0, 0, 1].into()),
+            SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()),
+        ],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
+    let (device_cert, device_key) = issue_leaf(
+        &issuer,
+        "dev-device-1",
+        vec![
+            SanType::DnsName(format!("dev-device-1.devices.{DEV_TRUST_DOMAIN}").try_into()?),
+            SanType::URI(format!("spiffe://{DEV_TRUST_DOMAIN}/device/dev-device-1").try_into()?),
+        ],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )?;
 
     let crl = CertificateRevocationListParams {
         this_update: now - Duration::hours(1),
@@ -146,6 +138,26 @@ pub fn init(dir: &Path, force: bool) -> Result<DevPki, DevPkiError> {
     })
 }
 
+/// A P-256 leaf valid for a year, signed by the development CA.
+fn issue_leaf(
+    issuer: &Issuer<'_, KeyPair>,
+    common_name: &str,
+    sans: Vec<SanType>,
+    usage: ExtendedKeyUsagePurpose,
+) -> Result<(rcgen::Certificate, KeyPair), DevPkiError> {
+    let now = OffsetDateTime::now_utc();
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.subject_alt_names = sans;
+    params.extended_key_usages = vec![usage];
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(365);
+    Ok((params.signed_by(&key, issuer)?, key))
+}
+
 /// Writes a file, private keys readable by the owner only.
 fn write(path: &Path, contents: &[u8], secret: bool) -> Result<(), DevPkiError> {
     let error = |source| DevPkiError::Write {
@@ -163,5 +175,13 @@ fn write(path: &Path, contents: &[u8], secret: bool) -> Result<(), DevPkiError> 
         options.mode(if secret { 0o600 } else { 0o644 });
     }
     let mut file = options.open(path).map_err(error)?;
+    #[cfg(unix)]
+    {
+        // `mode` only applies to new files; `--force` may be rewriting a looser one.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = if secret { 0o600 } else { 0o644 };
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(error)?;
+    }
     file.write_all(contents).map_err(error)
 }

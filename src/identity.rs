@@ -11,15 +11,18 @@ use base64::Engine;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use x509_parser::extensions::GeneralName;
+use x509_parser::objects::{oid2abbrev, oid_registry};
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
     OID_SIG_ED25519,
 };
 use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::x509::X509Name;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Identity {
-    /// Subject distinguished name (RFC 4514 style).
+    /// Subject distinguished name as RFC 4514 text (most specific first, special
+    /// characters escaped), as `openssl x509 -noout -subject -nameopt RFC2253` prints it.
     pub subject: String,
     pub common_name: Option<String>,
     pub issuer: String,
@@ -29,7 +32,7 @@ pub struct Identity {
     pub ip_sans: Vec<IpAddr>,
     /// The certificate's one `spiffe://` URI SAN, if it has exactly one.
     pub spiffe_id: Option<String>,
-    /// Serial number, lowercase hex without separators.
+    /// Serial number, lowercase hex without separators or leading zeros.
     pub serial: String,
     /// SHA-256 of the DER certificate, lowercase hex (rules match on this).
     pub sha256_hex: String,
@@ -59,6 +62,10 @@ pub enum IdentityError {
     Malformed(String),
     #[error("certificate has {0} spiffe:// URI SANs; an X.509-SVID has exactly one")]
     AmbiguousSpiffeId(usize),
+    #[error("invalid SPIFFE ID {0:?}: {1}")]
+    BadSpiffeId(String, &'static str),
+    #[error("invalid {0} SAN {1:?}")]
+    BadSan(&'static str, String),
 }
 
 impl Identity {
@@ -72,20 +79,20 @@ impl Identity {
         }
 
         let mut identity = Identity {
-            subject: cert.subject().to_string(),
+            subject: rfc4514(cert.subject())?,
             common_name: cert
                 .subject()
                 .iter_common_name()
                 .next()
                 .and_then(|cn| cn.as_str().ok())
                 .map(str::to_owned),
-            issuer: cert.issuer().to_string(),
+            issuer: rfc4514(cert.issuer())?,
             dns_sans: Vec::new(),
             uri_sans: Vec::new(),
             email_sans: Vec::new(),
             ip_sans: Vec::new(),
             spiffe_id: None,
-            serial: hex(cert.raw_serial()),
+            serial: serial_hex(cert.raw_serial()),
             sha256_hex: String::new(),
             x5t_s256: String::new(),
             not_before: cert.validity().not_before.timestamp(),
@@ -100,9 +107,9 @@ impl Identity {
         if let Some(san) = cert.subject_alternative_name().map_err(|e| malformed(&e))? {
             for name in &san.value.general_names {
                 match name {
-                    GeneralName::DNSName(n) => identity.dns_sans.push((*n).to_owned()),
+                    GeneralName::DNSName(n) => identity.dns_sans.push(checked_dns(n)?),
                     GeneralName::URI(u) => identity.uri_sans.push((*u).to_owned()),
-                    GeneralName::RFC822Name(e) => identity.email_sans.push((*e).to_owned()),
+                    GeneralName::RFC822Name(e) => identity.email_sans.push(checked_email(e)?),
                     GeneralName::IPAddress(bytes) => {
                         if let Some(ip) = ip_from_bytes(bytes) {
                             identity.ip_sans.push(ip);
@@ -118,10 +125,10 @@ impl Identity {
             .iter()
             .filter(|u| u.to_ascii_lowercase().starts_with("spiffe://"))
             .collect();
-        match spiffe.len() {
-            0 => {}
-            1 => identity.spiffe_id = Some(spiffe[0].clone()),
-            n => return Err(IdentityError::AmbiguousSpiffeId(n)),
+        match spiffe.as_slice() {
+            [] => {}
+            [one] => identity.spiffe_id = Some(checked_spiffe_id(one)?),
+            many => return Err(IdentityError::AmbiguousSpiffeId(many.len())),
         }
 
         let digest = Sha256::digest(der);
@@ -130,19 +137,123 @@ impl Identity {
         Ok(identity)
     }
 
-    /// The default token subject: SPIFFE ID, else first URI SAN, else first DNS SAN,
-    /// else the subject DN.
-    pub fn default_subject(&self) -> &str {
-        self.spiffe_id
-            .as_deref()
-            .or(self.uri_sans.first().map(String::as_str))
-            .or(self.dns_sans.first().map(String::as_str))
-            .unwrap_or(&self.subject)
-    }
-
     pub fn is_self_issued(&self) -> bool {
         self.subject == self.issuer
     }
+}
+
+/// RFC 4514 text of a name: RDNs most specific first, `+` within an RDN, values escaped
+/// so that no value can impersonate a separator (rules match on this text).
+fn rfc4514(name: &X509Name<'_>) -> Result<String, IdentityError> {
+    let mut rdns = Vec::new();
+    for rdn in name.iter() {
+        let mut parts = Vec::new();
+        for atv in rdn.iter() {
+            let oid = atv.attr_type();
+            let key = oid2abbrev(oid, oid_registry())
+                .map(str::to_owned)
+                .unwrap_or_else(|_| oid.to_id_string());
+            let value = match atv.as_str() {
+                Ok(text) => escape_dn_value(text),
+                Err(_) => format!("#{}", hex(atv.as_slice())),
+            };
+            parts.push(format!("{key}={value}"));
+        }
+        rdns.push(parts.join("+"));
+    }
+    rdns.reverse();
+    Ok(rdns.join(","))
+}
+
+fn escape_dn_value(value: &str) -> String {
+    let last = value.chars().count().saturating_sub(1);
+    let mut out = String::with_capacity(value.len());
+    for (i, c) in value.chars().enumerate() {
+        let special = matches!(c, '"' | '+' | ',' | ';' | '<' | '>' | '\\')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i == last && c == ' ');
+        match c {
+            '\0' => out.push_str("\\00"),
+            c if special => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A DNS SAN: non-empty labels of letters, digits, `-`, `_`, an optional leading `*` label.
+fn checked_dns(name: &str) -> Result<String, IdentityError> {
+    let labels: Vec<&str> = name.split('.').collect();
+    let ok = name.len() <= 253
+        && labels.iter().enumerate().all(|(i, label)| {
+            (i == 0 && *label == "*")
+                || (!label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        });
+    if ok {
+        Ok(name.to_ascii_lowercase())
+    } else {
+        Err(IdentityError::BadSan(
+            "DNS",
+            name.chars().take(100).collect(),
+        ))
+    }
+}
+
+/// An email SAN: exactly one `@`, a non-empty local part and a valid domain.
+fn checked_email(address: &str) -> Result<String, IdentityError> {
+    let bad = || IdentityError::BadSan("email", address.chars().take(100).collect());
+    let (local, domain) = address.split_once('@').ok_or_else(bad)?;
+    if local.is_empty()
+        || domain.contains('@')
+        || local.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(bad());
+    }
+    let domain = checked_dns(domain).map_err(|_| bad())?;
+    Ok(format!("{local}@{domain}"))
+}
+
+/// A SPIFFE ID as the SPIFFE-ID spec defines it: lowercase `spiffe://` scheme and trust
+/// domain, no port, user info, query or fragment, path segments neither empty nor dots.
+fn checked_spiffe_id(id: &str) -> Result<String, IdentityError> {
+    let bad = |why| IdentityError::BadSpiffeId(id.chars().take(100).collect(), why);
+    let rest = id
+        .strip_prefix("spiffe://")
+        .ok_or_else(|| bad("scheme must be lowercase spiffe://"))?;
+    if id.len() > 2048 {
+        return Err(bad("longer than 2048 bytes"));
+    }
+    let (trust_domain, path) = rest.split_once('/').map_or((rest, ""), |(t, p)| (t, p));
+    if trust_domain.is_empty()
+        || !trust_domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+    {
+        return Err(bad(
+            "trust domain must be lowercase letters, digits, '-', '.', '_'",
+        ));
+    }
+    if !path.is_empty() {
+        for segment in path.split('/') {
+            if segment.is_empty() || segment == "." || segment == ".." {
+                return Err(bad("path segments must not be empty, '.' or '..'"));
+            }
+            if !segment
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            {
+                return Err(bad("path segments must be letters, digits, '-', '.', '_'"));
+            }
+        }
+    }
+    Ok(id.to_owned())
 }
 
 fn key_info(cert: &X509Certificate<'_>) -> KeyInfo {
@@ -188,6 +299,15 @@ fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
     }
 }
 
+/// A serial number as CAs print it: hex without the DER sign byte's leading zeros.
+fn serial_hex(raw: &[u8]) -> String {
+    let digits = hex(raw);
+    match digits.trim_start_matches('0') {
+        "" => "0".to_owned(),
+        trimmed => trimmed.to_owned(),
+    }
+}
+
 pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     bytes
@@ -208,6 +328,51 @@ mod tests {
         assert_eq!(bit_length(&[0x80, 0x00]), 16);
         assert_eq!(bit_length(&[0x01, 0x00]), 9);
         assert_eq!(bit_length(&[0, 0]), 0);
+    }
+
+    #[test]
+    fn dn_values_cannot_fake_separators() {
+        assert_eq!(escape_dn_value("x, O=Example Corp"), "x\\, O=Example Corp");
+        assert_eq!(escape_dn_value(" #a+b "), "\\ #a\\+b\\ ");
+        assert_eq!(escape_dn_value("plain"), "plain");
+    }
+
+    #[test]
+    fn san_and_spiffe_syntax() {
+        assert_eq!(
+            checked_dns("Dev-1.Example.com").unwrap(),
+            "dev-1.example.com"
+        );
+        assert!(checked_dns("*.example.com").is_ok());
+        for bad in ["", ".example.com", "a..b", "a.*.b", "a b.com", "a/b.com"] {
+            assert!(checked_dns(bad).is_err(), "{bad}");
+        }
+        assert!(checked_email("a.b@Example.com").is_ok());
+        for bad in ["a@evil.com@example.com", "@example.com", "a@", "nope"] {
+            assert!(checked_email(bad).is_err(), "{bad}");
+        }
+        assert!(checked_spiffe_id("spiffe://example.org/device/d-1").is_ok());
+        assert!(checked_spiffe_id("spiffe://example.org").is_ok());
+        for bad in [
+            "SPIFFE://example.org/a",
+            "spiffe://Example.org/a",
+            "spiffe://example.org:8443/a",
+            "spiffe://user@example.org/a",
+            "spiffe://example.org/a/../b",
+            "spiffe://example.org/a//b",
+            "spiffe://example.org/a/",
+            "spiffe://example.org/a?x",
+            "spiffe://evil.com#.example.org/a",
+            "spiffe:///a",
+        ] {
+            assert!(checked_spiffe_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn serials_print_like_cas_print_them() {
+        assert_eq!(serial_hex(&[0x00, 0x8f, 0x01]), "8f01");
+        assert_eq!(serial_hex(&[0x00]), "0");
     }
 
     #[test]

@@ -155,6 +155,12 @@ impl TrustStore {
                 message: format!("certificate #{}: {message}", index + 1),
             };
             let (_, cert) = X509Certificate::from_der(&der).map_err(|e| invalid(e.to_string()))?;
+            if !cert.is_ca() {
+                return Err(invalid(format!(
+                    "{} is not a CA certificate (basicConstraints CA:TRUE required)",
+                    cert.subject()
+                )));
+            }
             let is_root = cert.subject().as_raw() == cert.issuer().as_raw();
             store.cas.push(CaInfo {
                 subject: cert.subject().to_string(),

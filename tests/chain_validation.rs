@@ -363,3 +363,87 @@ async fn tls_12_and_13_only() {
     assert!(refused.is_err(), "TLS 1.2 accepted by a 1.3-only server");
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_crl_refuses_what_it_covers() {
+    let mut setup = Setup::new();
+    setup.stale_crl = true;
+    let covered = setup.intermediate.leaf(&LeafSpec::device("covered"));
+    let direct = setup.root.leaf(&LeafSpec::device("direct"));
+    let broker = setup.start().await;
+    let (status, body) = broker
+        .token(Some(&covered), "grant_type=client_credentials")
+        .await;
+    assert_eq!(status, 401, "{body}");
+    let description = body["error_description"].as_str().unwrap();
+    assert!(
+        description.starts_with("revocation status unknown: the CRL"),
+        "{description}"
+    );
+    let report = support::verify_cert(
+        &broker.config_path,
+        &covered.chain_pem,
+        broker.setup.dir.path(),
+    );
+    assert_eq!(report["reason"], "crl_expired");
+    // The root's CRL is current: certificates it covers alone are fine.
+    let (status, body) = broker
+        .token(Some(&direct), "grant_type=client_credentials")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    broker.stop().await;
+}
+
+/// Presents a trusted certificate but signs the handshake with another key.
+#[derive(Debug)]
+struct WrongKey(std::sync::Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for WrongKey {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_without_its_private_key_gets_nothing() {
+    let setup = Setup::new();
+    let victim = setup.intermediate.leaf(&LeafSpec::device("victim"));
+    let thief = setup.intermediate.leaf(&LeafSpec::device("thief"));
+    let broker = setup.start().await;
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let wrong_key = provider.key_provider.load_private_key(thief.key()).unwrap();
+    let stolen = rustls::sign::CertifiedKey::new(victim.chain(), wrong_key);
+    let mut config = broker.tls_config(None, rustls::DEFAULT_VERSIONS);
+    config.client_auth_cert_resolver = std::sync::Arc::new(WrongKey(std::sync::Arc::new(stolen)));
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls(config)
+        .build()
+        .unwrap();
+    let result = client
+        .post(broker.url("/token"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("grant_type=client_credentials")
+        .send()
+        .await;
+    assert!(result.is_err(), "handshake must fail: {result:?}");
+    assert_eq!(
+        broker
+            .metric(r#"token_broker_tls_handshakes_total{result="error"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        broker
+            .metric(r#"token_broker_tls_handshakes_total{result="ok"}"#)
+            .await,
+        0.0
+    );
+    broker.stop().await;
+}

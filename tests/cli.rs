@@ -172,6 +172,7 @@ fn init_never_overwrites_without_force_and_keeps_keys_private() {
 fn check_config_lists_every_problem_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("garbage-ca.pem"), "not a certificate").unwrap();
+    assert!(run(&["init", "--dir", "pki"], dir.path()).status.success());
     std::fs::create_dir(dir.path().join("empty-keys")).unwrap();
     std::fs::write(
         dir.path().join("config.toml"),
@@ -182,6 +183,7 @@ cert = "missing-server.pem"
 key = "missing-server-key.pem"
 client_ca = "garbage-ca.pem"
 tls_versions = ["1.0"]
+handshake_timeout = "0s"
 max_body_bytes = 0
 
 [admin]
@@ -209,6 +211,7 @@ flows = ["teleportation"]
         "missing-server.pem",
         "garbage-ca.pem",
         "1.0",
+        "handshake_timeout",
         "max_body_bytes",
         "admin.listen",
         "must be https",
@@ -290,32 +293,41 @@ fn verify_cert_explains_the_dev_device_and_refuses_at_a_later_time() {
         "spiffe://dev.token-broker.local/device/dev-device-1"
     );
 
-    let out = run(
-        &[
+    let at = |time: &str| {
+        let args = [
             "-c",
             config,
             "verify-cert",
             "certs/dev/device.pem",
             "--at",
-            "2099-01-01T00:00:00Z",
-        ],
-        dir.path(),
-    );
+            time,
+        ];
+        run(&args, dir.path())
+    };
+    let out = at("2099-01-01T00:00:00Z");
     assert_eq!(out.status.code(), Some(2));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["reason"], "expired");
 
-    let out = run(
-        &[
-            "-c",
-            config,
-            "verify-cert",
-            "certs/dev/device.pem",
-            "--at",
-            "yesterday",
-        ],
-        dir.path(),
-    );
+    let out = at("yesterday");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: --at"));
+}
+
+#[test]
+fn check_config_refuses_a_leaf_in_the_ca_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = shipped_config(dir.path());
+    assert!(run(&["init", "--dir", "certs/dev"], dir.path())
+        .status
+        .success());
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        r#"client_ca = "certs/dev/ca.pem""#,
+        r#"client_ca = "certs/dev/device.pem""#,
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = run(&["check-config"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not a CA certificate"), "{stderr}");
 }

@@ -128,16 +128,7 @@ async fn chunked_oversized_body_and_broken_http_do_not_hurt_the_server() {
     let leaf = setup.intermediate.leaf(&LeafSpec::device("chunky"));
     let broker = setup.start().await;
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(broker.setup.server_ca.der.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(leaf.chain(), leaf.key())
-    .unwrap();
+    let config = broker.tls_config(Some(&leaf), rustls::DEFAULT_VERSIONS);
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let exchange = |bytes: Vec<u8>| {
         let connector = connector.clone();
@@ -186,5 +177,63 @@ async fn chunked_oversized_body_and_broken_http_do_not_hurt_the_server() {
         .token(Some(&leaf), "grant_type=client_credentials")
         .await;
     assert_eq!(status, 200, "still serving: {body}");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stalled_bodies_time_out_and_certless_requests_are_refused_before_the_body() {
+    let mut setup = Setup::new();
+    setup.extra_server = r#"request_header_timeout = "1s""#.into();
+    let leaf = setup.intermediate.leaf(&LeafSpec::device("staller"));
+    let broker = setup.start().await;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        broker.tls_config(Some(&leaf), rustls::DEFAULT_VERSIONS),
+    ));
+    let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    let mut tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let head = "POST /token HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ngrant_type=";
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tls.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(read.is_ok(), "the server kept waiting for the body");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+
+    // No certificate: 401 at once, without waiting for a body that never comes.
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        broker.tls_config(None, rustls::DEFAULT_VERSIONS),
+    ));
+    let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
+    let mut tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0; 12];
+    tokio::time::timeout(
+        std::time::Duration::from_millis(900),
+        tls.read_exact(&mut answer),
+    )
+    .await
+    .expect("answered before the body timeout")
+    .unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 401");
+
+    // 405 on the token endpoint carries its cache headers too.
+    let response = broker
+        .client(None)
+        .get(broker.url("/token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["cache-control"], "no-store");
     broker.stop().await;
 }

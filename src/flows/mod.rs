@@ -4,7 +4,7 @@
 //! file and one line to [`FLOWS`]. The token endpoint picks the first flow that
 //! [`Flow::handles`] the request, then checks the client rule allows it by name.
 
-mod mtls_client_credentials;
+pub mod mtls_client_credentials;
 
 use std::sync::Arc;
 

@@ -17,6 +17,8 @@ pub enum TokenError {
     UnsupportedMediaType(String),
     #[error("request body larger than {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("request body not received within {0}s")]
+    BodyTimeout(u64),
     #[error("{0}")]
     UnsupportedGrantType(String),
     #[error("{0}")]
@@ -39,6 +41,7 @@ impl TokenError {
             | TokenError::InvalidTarget(_) => StatusCode::BAD_REQUEST,
             TokenError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             TokenError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            TokenError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             TokenError::InvalidClient(_) | TokenError::Refused(_) => StatusCode::UNAUTHORIZED,
             TokenError::UnauthorizedClient(_) => StatusCode::FORBIDDEN,
             TokenError::Flow(FlowError::Signer(_)) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -50,7 +53,8 @@ impl TokenError {
         match self {
             TokenError::InvalidRequest(_)
             | TokenError::UnsupportedMediaType(_)
-            | TokenError::PayloadTooLarge(_) => "invalid_request",
+            | TokenError::PayloadTooLarge(_)
+            | TokenError::BodyTimeout(_) => "invalid_request",
             TokenError::UnsupportedGrantType(_) => "unsupported_grant_type",
             TokenError::InvalidTarget(_) => "invalid_target",
             TokenError::InvalidClient(_) | TokenError::Refused(_) => "invalid_client",
@@ -89,12 +93,12 @@ pub fn json_error(
 }
 
 /// 405 with the `Allow` header listing what the route accepts.
-pub fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+pub fn method_not_allowed(allow: &'static str, no_store: bool) -> Response<Full<Bytes>> {
     let mut response = json_error(
         StatusCode::METHOD_NOT_ALLOWED,
         "invalid_request",
         &format!("method not allowed; use {allow}"),
-        false,
+        no_store,
     );
     response
         .headers_mut()

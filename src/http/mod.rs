@@ -52,7 +52,7 @@ pub async fn handle(
             let response = if method == Method::POST {
                 token::handle(&broker, &conn, request).await
             } else {
-                error::method_not_allowed("POST")
+                error::method_not_allowed("POST", true)
             };
             ("token", response)
         }
@@ -80,7 +80,7 @@ fn get_only(
     if method == Method::GET || method == Method::HEAD {
         answer()
     } else {
-        error::method_not_allowed("GET, HEAD")
+        error::method_not_allowed("GET, HEAD", false)
     }
 }
 

@@ -11,6 +11,8 @@ use super::ConnInfo;
 use crate::broker::{unix_now, Broker};
 use crate::claims::Subject;
 use crate::flows::{MintContext, Minted, TokenRequest};
+use crate::trust::Refusal;
+use sha2::{Digest, Sha256};
 
 /// What the audit line says about a decision; filled in as the request progresses.
 #[derive(Default)]
@@ -32,7 +34,7 @@ pub async fn handle(
     let mut audit = Audit::default();
     let result = issue(broker, conn, request, &mut audit).await;
     let metrics = &broker.metrics;
-    let response = match result {
+    match result {
         Ok(minted) => {
             let flow = audit.flow.unwrap_or_default();
             let rule = audit.rule.as_deref().unwrap_or_default();
@@ -57,14 +59,21 @@ pub async fn handle(
                 tracing::error!(peer = %conn.peer, error = %error, "token request failed");
             }
             let reason = match &error {
-                TokenError::Refused(refusal) => refusal.reason().to_owned(),
-                other => other.to_string(),
+                TokenError::Refused(refusal) => refusal.reason(),
+                other => other.code(),
             };
-            log_decision(conn, &audit, "refused", Some(&reason));
-            error.into_response()
+            log_decision(conn, &audit, "refused", Some(reason));
+            let mut response = error.into_response();
+            if status == StatusCode::UNAUTHORIZED {
+                // A refused client gains nothing from keeping the connection; closing it
+                // makes every retry pay for a new handshake.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            response
         }
-    };
-    response
+    }
 }
 
 fn log_decision(conn: &ConnInfo, audit: &Audit, result: &str, reason: Option<&str>) {
@@ -90,20 +99,22 @@ async fn issue(
     request: Request<Incoming>,
     audit: &mut Audit,
 ) -> Result<Minted, TokenError> {
-    let body = read_form_body(request, broker.config.server.max_body_bytes).await?;
+    let Some(leaf) = conn.client_chain.first() else {
+        // Refuse before reading a body nobody will use.
+        return Err(Refusal::NoCertificate.into());
+    };
+    audit.sha256 = Some(crate::identity::hex(&Sha256::digest(leaf)));
+    let server = &broker.config.server;
+    let body = tokio::time::timeout(
+        server.request_header_timeout,
+        read_form_body(request, server.max_body_bytes),
+    )
+    .await
+    .map_err(|_| TokenError::BodyTimeout(server.request_header_timeout.as_secs()))??;
     let params = parse_form(&body)?;
 
     let now = unix_now();
-    let auth = broker
-        .authenticate(&conn.client_chain, crate::trust::at_unix(now))
-        .inspect_err(|_| {
-            if let Some(leaf) = conn.client_chain.first() {
-                if let Ok(id) = crate::identity::Identity::from_der(leaf) {
-                    audit.sha256 = Some(id.sha256_hex);
-                    audit.serial = Some(id.serial);
-                }
-            }
-        })?;
+    let auth = broker.authenticate(&conn.client_chain, crate::trust::at_unix(now))?;
     audit.rule = Some(auth.rule.name.clone());
     audit.subject = Some(auth.subject.clone());
     audit.sha256 = Some(auth.identity.sha256_hex.clone());
@@ -112,7 +123,8 @@ async fn issue(
     if let Some(client_id) = &params.client_id {
         if *client_id != auth.rule.client_id {
             return Err(TokenError::InvalidClient(format!(
-                "client_id {client_id:?} does not match this certificate's client {:?}",
+                "client_id {:?} does not match this certificate's client {:?}",
+                truncate(client_id, 100),
                 auth.rule.client_id
             )));
         }
@@ -125,7 +137,8 @@ async fn issue(
     audit.audience = Some(audience.clone());
     if !auth.rule.audiences.contains(&audience) {
         return Err(TokenError::InvalidTarget(format!(
-            "audience {audience:?} is not allowed for client {:?} (allowed: {})",
+            "audience {:?} is not allowed for client {:?} (allowed: {})",
+            truncate(&audience, 100),
             auth.rule.client_id,
             auth.rule.audiences.join(", ")
         )));
@@ -205,7 +218,14 @@ pub(crate) fn parse_form(body: &[u8]) -> Result<TokenRequest, TokenError> {
     }
     let mut request = TokenRequest::default();
     let mut grant_type = None;
+    let mut seen = Vec::new();
     for (name, value) in form_urlencoded::parse(body) {
+        if value.contains(char::REPLACEMENT_CHARACTER) || name.contains(char::REPLACEMENT_CHARACTER)
+        {
+            return Err(TokenError::InvalidRequest(
+                "a parameter is not valid percent-encoded UTF-8".into(),
+            ));
+        }
         let slot = match name.as_ref() {
             "grant_type" => &mut grant_type,
             "client_id" => &mut request.client_id,
@@ -215,12 +235,12 @@ pub(crate) fn parse_form(body: &[u8]) -> Result<TokenRequest, TokenError> {
             "target_audience" => &mut request.target_audience,
             _ => continue,
         };
-        if slot.is_some() {
+        if seen.contains(&name) {
             return Err(TokenError::InvalidRequest(format!(
-                "parameter {:?} is repeated; send it once",
-                name
+                "parameter {name:?} is repeated; send it once"
             )));
         }
+        seen.push(name.clone());
         if !value.is_empty() {
             *slot = Some(value.into_owned());
         }
@@ -292,5 +312,13 @@ mod tests {
         );
         assert_eq!(err(b"\xff\xfe"), "invalid_request");
         assert_eq!(err(b"%%%&&&==="), "invalid_request");
+        assert_eq!(
+            err(b"grant_type=&grant_type=client_credentials"),
+            "invalid_request"
+        );
+        assert_eq!(
+            err(b"grant_type=client_credentials&audience=%FF"),
+            "invalid_request"
+        );
     }
 }

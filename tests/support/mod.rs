@@ -1,6 +1,8 @@
 //! Test harness: a real PKI made with rcgen, a real broker on loopback, real TLS clients.
 #![allow(dead_code)]
 
+pub mod fake_google;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -186,12 +188,16 @@ impl Ca {
         }
     }
 
-    /// A CRL from this CA listing `revoked` serials.
+    /// A CRL from this CA listing `revoked` serials, valid from `this_update` for a week.
     pub fn crl(&self, revoked: &[u64]) -> String {
+        self.crl_from(revoked, OffsetDateTime::now_utc() - Duration::hours(1))
+    }
+
+    pub fn crl_from(&self, revoked: &[u64], this_update: OffsetDateTime) -> String {
         let now = OffsetDateTime::now_utc();
         CertificateRevocationListParams {
-            this_update: now - Duration::hours(1),
-            next_update: now + Duration::days(7),
+            this_update,
+            next_update: this_update + Duration::days(7),
             crl_number: SerialNumber::from(now.unix_timestamp() as u64),
             issuing_distribution_point: None,
             revoked_certs: revoked
@@ -337,6 +343,8 @@ pub struct Setup {
     pub extra_server: String,
     /// Trust a folder holding the root and the intermediate instead of a root-only file.
     pub bundle_folder: bool,
+    /// Write the intermediate's CRL with a nextUpdate in the past.
+    pub stale_crl: bool,
 }
 
 impl Setup {
@@ -354,6 +362,7 @@ impl Setup {
             rules: RULES.to_owned(),
             extra_server: String::new(),
             bundle_folder: false,
+            stale_crl: false,
         }
     }
 
@@ -393,10 +402,13 @@ impl Setup {
             "client-ca.pem"
         };
         self.write("root.crl.pem", &self.root.crl(&self.revoked));
-        self.write(
-            "intermediate.crl.pem",
-            &self.intermediate.crl(&self.revoked),
-        );
+        let intermediate_crl = if self.stale_crl {
+            self.intermediate
+                .crl_from(&self.revoked, now - Duration::days(8))
+        } else {
+            self.intermediate.crl(&self.revoked)
+        };
+        self.write("intermediate.crl.pem", &intermediate_crl);
         if !self.path("keys").exists() {
             let signing = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
             self.write("keys/signing-0001.pem", &signing.serialize_pem());
@@ -478,6 +490,20 @@ impl TestBroker {
         leaf: Option<&Leaf>,
         versions: &[&'static rustls::SupportedProtocolVersion],
     ) -> reqwest::Client {
+        let tls = self.tls_config(leaf, versions);
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+    }
+
+    /// A rustls client config trusting the test server CA, presenting `leaf` if given.
+    pub fn tls_config(
+        &self,
+        leaf: Option<&Leaf>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> rustls::ClientConfig {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.setup.server_ca.der.clone()).unwrap();
         let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -486,17 +512,12 @@ impl TestBroker {
         .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots);
-        let tls = match leaf {
+        match leaf {
             Some(leaf) => builder
                 .with_client_auth_cert(leaf.chain(), leaf.key())
                 .unwrap(),
             None => builder.with_no_client_auth(),
-        };
-        reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap()
+        }
     }
 
     /// POSTs a form to /token; returns the status and JSON body.
