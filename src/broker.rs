@@ -12,13 +12,15 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use crate::cache::TokenCache;
 use crate::claims::{self, Subject};
 use crate::clients::{ClientRule, ClientRules};
 use crate::config::{Config, SignerConfig, MAX_TOKEN_TTL};
 use crate::flows::{self, FlowDeps, Registry};
+use crate::google::Google;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
-use crate::signer::{LocalSigner, Signer, SignerError};
+use crate::signer::{IamSigner, LocalSigner, Signer, SignerError};
 use crate::tls;
 use crate::trust::{Refusal, TrustStore};
 
@@ -36,6 +38,8 @@ impl std::error::Error for Problems {}
 
 pub struct Broker {
     pub config: Config,
+    pub google: Option<Arc<Google>>,
+    pub cache: TokenCache,
     pub trust: TrustStore,
     pub rules: ClientRules,
     pub signer: Arc<dyn Signer>,
@@ -89,9 +93,30 @@ impl Broker {
         )
         .map_err(|e| problems.push(format!("server: {e}")))
         .ok();
-        let signer = load_signer(&config)
+        let google = config.google.as_ref().and_then(|g| {
+            Google::new(g, metrics.clone())
+                .map(Arc::new)
+                .map_err(|e| problems.push(e))
+                .ok()
+        });
+        let signer = load_signer(&config, google.as_ref())
             .map_err(|e| problems.push(format!("signer: {e}")))
             .ok();
+        if config.google.is_none() {
+            let google_flows = flows::google_flow_names();
+            for rule in &config.clients {
+                for flow in rule
+                    .flows
+                    .iter()
+                    .filter(|f| google_flows.contains(&f.as_str()))
+                {
+                    problems.push(format!(
+                        "clients {:?}: flow {flow:?} needs a [google] section",
+                        rule.name
+                    ));
+                }
+            }
+        }
         let rules = ClientRules::build(
             &config.clients,
             config.issuer.default_audience(),
@@ -109,14 +134,23 @@ impl Broker {
                 let flows = Registry::build(&FlowDeps {
                     issuer: config.issuer.url.clone(),
                     signer: signer.clone(),
+                    google: google.clone(),
                 });
+                let cache = match &config.google {
+                    Some(g) => TokenCache::new(g.cache_capacity, g.refresh_margin, metrics.clone()),
+                    None => {
+                        TokenCache::new(10_000, std::time::Duration::from_secs(60), metrics.clone())
+                    }
+                };
                 if let Some(earliest) = trust.cas.iter().map(|c| c.not_after).min() {
                     metrics.ca_cert_expiry.set(earliest as f64);
                 }
                 let discovery = discovery_document(&config, signer.as_ref(), &flows);
-                let jwks = Bytes::from(signer.jwks().to_string());
+                let jwks = Bytes::from(signer.jwks().map(Value::to_string).unwrap_or_default());
                 Ok(Broker {
                     config,
+                    google,
+                    cache,
                     trust,
                     rules,
                     signer,
@@ -207,10 +241,25 @@ pub struct Decision {
 }
 
 /// The configured token signer.
-pub fn load_signer(config: &Config) -> Result<Arc<dyn Signer>, SignerError> {
+pub fn load_signer(
+    config: &Config,
+    google: Option<&Arc<Google>>,
+) -> Result<Arc<dyn Signer>, SignerError> {
     match &config.signer {
         SignerConfig::Local { key_dir } => Ok(Arc::new(LocalSigner::load(&config.path(key_dir))?)),
-        SignerConfig::Iam { .. } => Err(SignerError::Key("the IAM signer is not wired yet".into())),
+        SignerConfig::Iam {
+            service_account,
+            jwks_url,
+        } => {
+            let google = google.ok_or_else(|| {
+                SignerError::Key("kind = \"iam\" needs a [google] section".into())
+            })?;
+            Ok(Arc::new(IamSigner::new(
+                google.clone(),
+                service_account,
+                jwks_url.as_deref(),
+            )))
+        }
     }
 }
 
@@ -272,7 +321,7 @@ fn discovery_document(config: &Config, signer: &dyn Signer, flows: &Registry) ->
     let doc = json!({
         "issuer": config.issuer.url,
         "token_endpoint": issuer_url(config, "/token"),
-        "jwks_uri": issuer_url(config, "/jwks"),
+        "jwks_uri": signer.jwks_uri().map_or_else(|| issuer_url(config, "/jwks"), str::to_owned),
         "grant_types_supported": flows.grant_types(),
         "token_endpoint_auth_methods_supported": ["tls_client_auth"],
         "id_token_signing_alg_values_supported": signer.algorithms(),

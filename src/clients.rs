@@ -43,6 +43,7 @@ pub struct ClientRule {
     pub flows: Vec<String>,
     pub service_accounts: Vec<String>,
     pub scopes: Vec<String>,
+    pub target_audiences: Vec<String>,
     pub claims: Map<String, Value>,
     pub ttl: Duration,
 }
@@ -354,6 +355,7 @@ impl ClientRule {
             flows: c.flows.clone(),
             service_accounts: c.service_accounts.clone(),
             scopes: c.scopes.clone(),
+            target_audiences: c.target_audiences.clone(),
             claims,
             ttl,
         })

@@ -13,7 +13,9 @@
 //! - [`clients`]: `[[clients]]` rules: who may get what.
 //! - [`claims`]: the broker's own ID token claims.
 //! - [`flows`]: the pluggable token flows and their registry.
-//! - [`signer`]: JWT signing keys and the JWKS.
+//! - [`signer`]: JWT signing keys and the JWKS (local keys or Google IAM `signJwt`).
+//! - [`google`]: STS, IAM Credentials and the broker's own Google credentials, with retries.
+//! - [`cache`]: minted tokens, shared by identical requests (single-flight).
 //! - [`http`]: routing, the token endpoint and the one mapping from errors to RFC 6749 answers.
 //! - [`server`]: listeners, connection handling and shutdown.
 //! - [`metrics`] / [`admin`]: Prometheus metrics and the plain-HTTP admin listener.
@@ -22,11 +24,13 @@
 
 pub mod admin;
 pub mod broker;
+pub mod cache;
 pub mod claims;
 pub mod clients;
 pub mod config;
 pub mod devpki;
 pub mod flows;
+pub mod google;
 pub mod http;
 pub mod identity;
 pub mod metrics;

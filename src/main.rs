@@ -66,6 +66,12 @@ enum Command {
     },
     /// Print the public JWKS.
     Jwks,
+    /// Print the gcloud commands that connect this issuer to Google Workload Identity Federation.
+    WifSetup {
+        /// Project ID for gcloud's --project (the config holds the project number).
+        #[arg(long, default_value = "PROJECT_ID")]
+        project_id: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -130,13 +136,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(2)
             })
         }
+        Command::WifSetup { project_id } => wif_setup(&cli.config, &project_id),
         Command::Jwks => {
             let config = Config::load(&cli.config)?;
-            let signer = token_broker::broker::load_signer(&config)?;
-            println!("{}", serde_json::to_string_pretty(signer.jwks())?);
+            let broker = Broker::build(config, Arc::new(Metrics::new())).map_err(|p| {
+                anyhow::anyhow!(
+                    "{}: configuration has problems (run check-config):\n{p}",
+                    cli.config.display()
+                )
+            })?;
+            match (broker.signer.jwks(), broker.signer.jwks_uri()) {
+                (Some(jwks), _) => println!("{}", serde_json::to_string_pretty(jwks)?),
+                (None, Some(uri)) => anyhow::bail!(
+                    "the {} signer's keys are published by Google at {uri}",
+                    broker.signer.kind()
+                ),
+                (None, None) => anyhow::bail!("the signer publishes no keys"),
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn wif_setup(config_path: &Path, project_id: &str) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config_path)?;
+    let script = token_broker::google::setup::script(&config, project_id)
+        .with_context(|| format!("{}: no [google] section", config_path.display()))?;
+    println!("{script}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn report_problems(config: &Path, problems: &[String]) -> ExitCode {

@@ -5,8 +5,8 @@
 //! brokers in one process.
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -17,6 +17,10 @@ pub struct Metrics {
     pub tls_handshakes: IntCounterVec,
     pub request_duration: HistogramVec,
     pub signer_duration: HistogramVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    pub cache_hits: IntCounter,
+    pub cache_misses: IntCounter,
     pub open_connections: IntGauge,
     pub refused_connections: IntCounterVec,
     pub ca_cert_expiry: Gauge,
@@ -81,8 +85,26 @@ impl Metrics {
                 "signer_duration_seconds",
                 "Time to sign one token, by signer kind.",
                 "kind",
+                fast.clone(),
+            ),
+            upstream_requests: counter(
+                "upstream_requests_total",
+                "Calls to Google APIs, by API and HTTP status (or timeout/error).",
+                &["api", "code"],
+            ),
+            upstream_duration: histogram(
+                "upstream_duration_seconds",
+                "Duration of one call to a Google API, by API.",
+                "api",
                 fast,
             ),
+            cache_hits: IntCounter::new("token_cache_hits_total", "Tokens served from the cache.")
+                .expect("static metric"),
+            cache_misses: IntCounter::new(
+                "token_cache_misses_total",
+                "Tokens minted because the cache had none fresh.",
+            )
+            .expect("static metric"),
             open_connections: IntGauge::new("open_connections", "Open client connections.")
                 .expect("static metric"),
             ca_cert_expiry: Gauge::new(
@@ -95,6 +117,8 @@ impl Metrics {
         for g in [
             Box::new(metrics.open_connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(metrics.ca_cert_expiry.clone()),
+            Box::new(metrics.cache_hits.clone()),
+            Box::new(metrics.cache_misses.clone()),
         ] {
             metrics.registry.register(g).expect("unique metric");
         }

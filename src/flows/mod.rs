@@ -4,13 +4,18 @@
 //! file and one line to [`FLOWS`]. The token endpoint picks the first flow that
 //! [`Flow::handles`] the request, then checks the client rule allows it by name.
 
+pub mod google_id_token;
+pub mod impersonate;
 pub mod mtls_client_credentials;
+pub mod sts_exchange;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::claims::Subject;
+use crate::claims::{self, Subject};
+use crate::clients::ClientRule;
+use crate::google::{AccessToken, Google, UpstreamError};
 use crate::metrics::Metrics;
 use crate::signer::{Signer, SignerError};
 
@@ -23,6 +28,24 @@ pub struct TokenRequest {
     pub scope: Option<String>,
     pub service_account: Option<String>,
     pub target_audience: Option<String>,
+    /// `external_credential`: answer in the AIP-4117 executable-response shape.
+    pub format: Option<String>,
+}
+
+impl TokenRequest {
+    /// Requested scopes, deduplicated and sorted (order carries no meaning).
+    pub fn scopes(&self) -> Vec<String> {
+        let mut scopes: Vec<String> = self
+            .scope
+            .as_deref()
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        scopes.sort();
+        scopes.dedup();
+        scopes
+    }
 }
 
 /// What a flow minted, in the shape of the token endpoint's answer.
@@ -38,11 +61,20 @@ pub struct Minted {
 }
 
 pub const ID_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:id_token";
+pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum FlowError {
     #[error(transparent)]
     Signer(#[from] SignerError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("{0}")]
+    InvalidScope(String),
+    #[error("{0}")]
+    InvalidTarget(String),
+    #[error("{0}")]
+    NotAllowed(String),
 }
 
 /// Everything a flow may use to mint: the validated client, the clock, shared services.
@@ -63,6 +95,13 @@ pub trait Flow: Send + Sync {
     }
     /// Whether this flow is the one for these parameters.
     fn handles(&self, request: &TokenRequest) -> bool;
+    /// The `aud` the broker token must carry for this flow, if the flow fixes it (Google
+    /// flows: the workload identity provider's audience).
+    fn subject_audience(&self) -> Option<&str> {
+        None
+    }
+    /// Whether minting calls an upstream API, so results are worth caching.
+    fn calls_upstream(&self) -> bool;
     async fn mint(&self, ctx: &MintContext<'_>) -> Result<Minted, FlowError>;
 }
 
@@ -70,17 +109,47 @@ pub trait Flow: Send + Sync {
 pub struct FlowDeps {
     pub issuer: String,
     pub signer: Arc<dyn Signer>,
+    pub google: Option<Arc<Google>>,
 }
 
 /// Every flow the broker knows, most specific first (the first that handles a request wins).
-const FLOWS: &[FlowEntry] = &[FlowEntry {
-    name: mtls_client_credentials::NAME,
-    build: mtls_client_credentials::build,
-}];
+const FLOWS: &[FlowEntry] = &[
+    FlowEntry {
+        name: google_id_token::NAME,
+        needs_google: true,
+        build: google_id_token::build,
+    },
+    FlowEntry {
+        name: impersonate::NAME,
+        needs_google: true,
+        build: impersonate::build,
+    },
+    FlowEntry {
+        name: sts_exchange::NAME,
+        needs_google: true,
+        build: sts_exchange::build,
+    },
+    FlowEntry {
+        name: mtls_client_credentials::NAME,
+        needs_google: false,
+        build: mtls_client_credentials::build,
+    },
+];
 
 struct FlowEntry {
     name: &'static str,
-    build: fn(&FlowDeps) -> Arc<dyn Flow>,
+    needs_google: bool,
+    /// `None` when a dependency (such as `[google]`) is not configured.
+    build: fn(&FlowDeps) -> Option<Arc<dyn Flow>>,
+}
+
+/// Names of the flows that need `[google]`.
+pub fn google_flow_names() -> Vec<&'static str> {
+    FLOWS
+        .iter()
+        .filter(|f| f.needs_google)
+        .map(|f| f.name)
+        .collect()
 }
 
 /// Names of all flows, known without building them (config checks need them first).
@@ -95,7 +164,7 @@ pub struct Registry {
 impl Registry {
     pub fn build(deps: &FlowDeps) -> Registry {
         Registry {
-            flows: FLOWS.iter().map(|f| (f.build)(deps)).collect(),
+            flows: FLOWS.iter().filter_map(|f| (f.build)(deps)).collect(),
         }
     }
 
@@ -116,4 +185,55 @@ impl Registry {
             .find(|f| f.grant_type() == request.grant_type && f.handles(request))
             .map(|f| f.as_ref())
     }
+}
+
+/// Each requested scope must be allowed by the rule; returns them sorted.
+pub(crate) fn allowed_scopes(
+    rule: &ClientRule,
+    request: &TokenRequest,
+) -> Result<Vec<String>, FlowError> {
+    let scopes = request.scopes();
+    if scopes.is_empty() {
+        return Err(FlowError::InvalidScope("scope is empty".into()));
+    }
+    match scopes.iter().find(|s| !rule.scopes.contains(s)) {
+        Some(denied) => Err(FlowError::InvalidScope(format!(
+            "scope {:?} is not allowed for client {:?}",
+            denied.chars().take(200).collect::<String>(),
+            rule.client_id
+        ))),
+        None => Ok(scopes),
+    }
+}
+
+/// The requested service account, which the rule must allow.
+pub(crate) fn allowed_service_account<'a>(
+    rule: &ClientRule,
+    request: &'a TokenRequest,
+) -> Result<&'a str, FlowError> {
+    let account = request.service_account.as_deref().unwrap_or_default();
+    if rule.service_accounts.iter().any(|a| a == account) {
+        Ok(account)
+    } else {
+        Err(FlowError::NotAllowed(format!(
+            "service account {:?} is not allowed for client {:?}",
+            account.chars().take(200).collect::<String>(),
+            rule.client_id
+        )))
+    }
+}
+
+/// A federated access token for the client: the broker's ID token for the provider's
+/// audience, exchanged at STS.
+pub(crate) async fn federate(
+    google: &Google,
+    signer: &dyn Signer,
+    issuer: &str,
+    ctx: &MintContext<'_>,
+    flow: &str,
+    scope: &str,
+) -> Result<(AccessToken, String), FlowError> {
+    let id_token = claims::issue(signer, ctx.metrics, issuer, &ctx.who, flow, ctx.now).await?;
+    let federated = google.exchange(&id_token.jwt, scope).await?;
+    Ok((federated, id_token.jti))
 }

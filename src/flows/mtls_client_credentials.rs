@@ -11,11 +11,11 @@ use crate::signer::Signer;
 
 pub const NAME: &str = "mtls-client-credentials";
 
-pub fn build(deps: &FlowDeps) -> Arc<dyn Flow> {
-    Arc::new(MtlsClientCredentials {
+pub fn build(deps: &FlowDeps) -> Option<Arc<dyn Flow>> {
+    Some(Arc::new(MtlsClientCredentials {
         issuer: deps.issuer.clone(),
         signer: deps.signer.clone(),
-    })
+    }))
 }
 
 struct MtlsClientCredentials {
@@ -34,6 +34,11 @@ impl Flow for MtlsClientCredentials {
         request.scope.is_none()
             && request.service_account.is_none()
             && request.target_audience.is_none()
+    }
+
+    /// Local keys sign in microseconds; `signJwt` is a quota-limited upstream call.
+    fn calls_upstream(&self) -> bool {
+        self.signer.kind() != "local"
     }
 
     async fn mint(&self, ctx: &MintContext<'_>) -> Result<Minted, FlowError> {

@@ -6,6 +6,7 @@
 //! tests point the broker at a fake that speaks Google's wire protocol.
 
 mod credentials;
+pub mod setup;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

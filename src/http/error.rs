@@ -6,6 +6,8 @@ use http_body_util::Full;
 use serde_json::json;
 
 use crate::flows::FlowError;
+use crate::google::UpstreamError;
+use crate::signer::SignerError;
 use crate::trust::Refusal;
 
 /// Everything the token endpoint can refuse with.
@@ -34,46 +36,93 @@ pub enum TokenError {
 }
 
 impl TokenError {
-    pub fn status(&self) -> StatusCode {
+    /// HTTP status and RFC 6749 `error` code: the one mapping from errors to answers.
+    fn classify(&self) -> (StatusCode, &'static str) {
+        use StatusCode as S;
         match self {
-            TokenError::InvalidRequest(_)
-            | TokenError::UnsupportedGrantType(_)
-            | TokenError::InvalidTarget(_) => StatusCode::BAD_REQUEST,
-            TokenError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            TokenError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            TokenError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            TokenError::InvalidClient(_) | TokenError::Refused(_) => StatusCode::UNAUTHORIZED,
-            TokenError::UnauthorizedClient(_) => StatusCode::FORBIDDEN,
-            TokenError::Flow(FlowError::Signer(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            TokenError::InvalidRequest(_) => (S::BAD_REQUEST, "invalid_request"),
+            TokenError::UnsupportedMediaType(_) => (S::UNSUPPORTED_MEDIA_TYPE, "invalid_request"),
+            TokenError::PayloadTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "invalid_request"),
+            TokenError::BodyTimeout(_) => (S::REQUEST_TIMEOUT, "invalid_request"),
+            TokenError::UnsupportedGrantType(_) => (S::BAD_REQUEST, "unsupported_grant_type"),
+            TokenError::InvalidTarget(_) | TokenError::Flow(FlowError::InvalidTarget(_)) => {
+                (S::BAD_REQUEST, "invalid_target")
+            }
+            TokenError::Flow(FlowError::InvalidScope(_)) => (S::BAD_REQUEST, "invalid_scope"),
+            TokenError::InvalidClient(_) | TokenError::Refused(_) => {
+                (S::UNAUTHORIZED, "invalid_client")
+            }
+            TokenError::UnauthorizedClient(_) | TokenError::Flow(FlowError::NotAllowed(_)) => {
+                (S::FORBIDDEN, "unauthorized_client")
+            }
+            TokenError::Flow(FlowError::Upstream(e))
+            | TokenError::Flow(FlowError::Signer(SignerError::Upstream(e))) => match e {
+                UpstreamError::Denied { .. } => (S::FORBIDDEN, "unauthorized_client"),
+                UpstreamError::Unavailable { .. } => {
+                    (S::SERVICE_UNAVAILABLE, "temporarily_unavailable")
+                }
+                UpstreamError::Rejected { .. } | UpstreamError::Malformed { .. } => {
+                    (S::BAD_GATEWAY, "temporarily_unavailable")
+                }
+                UpstreamError::Credentials(_) => (S::INTERNAL_SERVER_ERROR, "server_error"),
+            },
+            TokenError::Flow(FlowError::Signer(_)) => (S::INTERNAL_SERVER_ERROR, "server_error"),
         }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.classify().0
     }
 
     /// The RFC 6749 `error` code (also the metric label).
     pub fn code(&self) -> &'static str {
+        self.classify().1
+    }
+
+    /// Seconds a client should wait before retrying, when Google said or we know.
+    pub fn retry_after(&self) -> Option<u64> {
         match self {
-            TokenError::InvalidRequest(_)
-            | TokenError::UnsupportedMediaType(_)
-            | TokenError::PayloadTooLarge(_)
-            | TokenError::BodyTimeout(_) => "invalid_request",
-            TokenError::UnsupportedGrantType(_) => "unsupported_grant_type",
-            TokenError::InvalidTarget(_) => "invalid_target",
-            TokenError::InvalidClient(_) | TokenError::Refused(_) => "invalid_client",
-            TokenError::UnauthorizedClient(_) => "unauthorized_client",
-            TokenError::Flow(FlowError::Signer(_)) => "server_error",
+            TokenError::Flow(FlowError::Upstream(UpstreamError::Unavailable {
+                retry_after,
+                ..
+            }))
+            | TokenError::Flow(FlowError::Signer(SignerError::Upstream(
+                UpstreamError::Unavailable { retry_after, .. },
+            ))) => *retry_after,
+            _ => None,
         }
     }
 
-    /// The `error_description`: actionable, and never internal details for 5xx.
+    /// The `error_description`: actionable, and never internal details for 500s.
     pub fn description(&self) -> String {
-        if self.status().is_server_error() {
+        if self.status() == StatusCode::INTERNAL_SERVER_ERROR {
             return "the token could not be issued because of a server problem; it has been logged"
                 .into();
         }
         self.to_string()
     }
 
-    pub fn into_response(self) -> Response<Full<Bytes>> {
-        json_error(self.status(), self.code(), &self.description(), true)
+    /// The answer: RFC 6749 JSON, or AIP-4117's `{version, success:false, code, message}`.
+    pub fn into_response(self, external_credential: bool) -> Response<Full<Bytes>> {
+        let mut response = if external_credential {
+            let body = json!({
+                "version": 1,
+                "success": false,
+                "code": self.code(),
+                "message": self.description(),
+            });
+            let mut response = super::json(self.status(), Bytes::from(body.to_string()));
+            super::no_store(&mut response);
+            response
+        } else {
+            json_error(self.status(), self.code(), &self.description(), true)
+        };
+        if let Some(seconds) = self.retry_after() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 

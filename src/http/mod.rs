@@ -46,7 +46,11 @@ pub async fn handle(
         ),
         "/jwks" => (
             "jwks",
-            get_only(&method, || public_json(broker.jwks.clone())),
+            get_only(&method, || match broker.signer.jwks_uri() {
+                // The keys are Google's (IAM signer): send verifiers there.
+                Some(uri) => redirect(uri),
+                None => public_json(broker.jwks.clone()),
+            }),
         ),
         "/token" => {
             let response = if method == Method::POST {
@@ -93,12 +97,12 @@ fn head_without_body(method: &Method, response: Response<Full<Bytes>>) -> Respon
     Response::from_parts(parts, Full::new(Bytes::new()))
 }
 
-fn redirect(location: &'static str) -> Response<Full<Bytes>> {
+fn redirect(location: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::TEMPORARY_REDIRECT;
-    response
-        .headers_mut()
-        .insert(header::LOCATION, HeaderValue::from_static(location));
+    if let Ok(value) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
     response
 }
 

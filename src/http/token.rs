@@ -8,9 +8,10 @@ use serde_json::json;
 
 use super::error::TokenError;
 use super::ConnInfo;
-use crate::broker::{unix_now, Broker};
+use crate::broker::{unix_now, Authenticated, Broker};
+use crate::cache::CacheKey;
 use crate::claims::Subject;
-use crate::flows::{MintContext, Minted, TokenRequest};
+use crate::flows::{Flow, MintContext, Minted, TokenRequest};
 use crate::trust::Refusal;
 use sha2::{Digest, Sha256};
 
@@ -24,6 +25,8 @@ struct Audit {
     flow: Option<&'static str>,
     audience: Option<String>,
     jti: Option<String>,
+    /// The client asked for the AIP-4117 answer shape.
+    external_credential: bool,
 }
 
 pub async fn handle(
@@ -41,7 +44,7 @@ pub async fn handle(
             metrics.tokens_issued.with_label_values(&[flow, rule]).inc();
             metrics.token_requests.with_label_values(&["200", ""]).inc();
             log_decision(conn, &audit, "issued", None);
-            success(&minted)
+            success(&minted, audit.external_credential)
         }
         Err(error) => {
             if let TokenError::Refused(refusal) = &error {
@@ -63,7 +66,7 @@ pub async fn handle(
                 other => other.code(),
             };
             log_decision(conn, &audit, "refused", Some(reason));
-            let mut response = error.into_response();
+            let mut response = error.into_response(audit.external_credential);
             if status == StatusCode::UNAUTHORIZED {
                 // A refused client gains nothing from keeping the connection; closing it
                 // makes every retry pay for a new handshake.
@@ -99,11 +102,6 @@ async fn issue(
     request: Request<Incoming>,
     audit: &mut Audit,
 ) -> Result<Minted, TokenError> {
-    let Some(leaf) = conn.client_chain.first() else {
-        // Refuse before reading a body nobody will use.
-        return Err(Refusal::NoCertificate.into());
-    };
-    audit.sha256 = Some(crate::identity::hex(&Sha256::digest(leaf)));
     let server = &broker.config.server;
     let body = tokio::time::timeout(
         server.request_header_timeout,
@@ -112,6 +110,27 @@ async fn issue(
     .await
     .map_err(|_| TokenError::BodyTimeout(server.request_header_timeout.as_secs()))??;
     let params = parse_form(&body)?;
+    audit.external_credential = params.format.as_deref() == Some(EXTERNAL_CREDENTIAL);
+    match params.format.as_deref() {
+        None => {}
+        Some(EXTERNAL_CREDENTIAL) if params.scope.is_some() => {
+            return Err(TokenError::InvalidRequest(
+                "format=external_credential carries an ID token; it cannot be combined with scope"
+                    .into(),
+            ))
+        }
+        Some(EXTERNAL_CREDENTIAL) => {}
+        Some(other) => {
+            return Err(TokenError::InvalidRequest(format!(
+                "format {:?} is not supported; use external_credential or leave it out",
+                truncate(other, 100)
+            )))
+        }
+    }
+    let Some(leaf) = conn.client_chain.first() else {
+        return Err(Refusal::NoCertificate.into());
+    };
+    audit.sha256 = Some(crate::identity::hex(&Sha256::digest(leaf)));
 
     let now = unix_now();
     let auth = broker.authenticate(&conn.client_chain, crate::trust::at_unix(now))?;
@@ -130,20 +149,6 @@ async fn issue(
         }
     }
 
-    let audience = params
-        .audience
-        .clone()
-        .unwrap_or_else(|| broker.config.issuer.default_audience().to_owned());
-    audit.audience = Some(audience.clone());
-    if !auth.rule.audiences.contains(&audience) {
-        return Err(TokenError::InvalidTarget(format!(
-            "audience {:?} is not allowed for client {:?} (allowed: {})",
-            truncate(&audience, 100),
-            auth.rule.client_id,
-            auth.rule.audiences.join(", ")
-        )));
-    }
-
     let flow = broker.flows.select(&params).ok_or_else(|| {
         TokenError::InvalidRequest(
             "no enabled flow accepts this combination of parameters (scope, service_account, target_audience)".into(),
@@ -158,6 +163,8 @@ async fn issue(
         )));
     }
 
+    let audience = audience_for(broker, flow, &auth, &params)?;
+    audit.audience = Some(audience.clone());
     let ctx = MintContext {
         who: Subject {
             identity: &auth.identity,
@@ -169,9 +176,54 @@ async fn issue(
         now,
         metrics: &broker.metrics,
     };
-    let minted = flow.mint(&ctx).await?;
+    let minted = if flow.calls_upstream() {
+        let key = CacheKey {
+            cert_sha256: auth.identity.sha256_hex.clone(),
+            rule: auth.rule.name.clone(),
+            flow: flow.name(),
+            audience: audience.clone(),
+            scopes: params.scopes(),
+            service_account: params.service_account.clone(),
+            target_audience: params.target_audience.clone(),
+        };
+        broker.cache.get_or_mint(key, flow.mint(&ctx)).await?
+    } else {
+        flow.mint(&ctx).await?
+    };
     audit.jti = Some(minted.jti.clone());
     Ok(minted)
+}
+
+/// The broker token's `aud`: fixed by Google flows (the provider's audience), else the
+/// requested or default audience, which the client rule must allow.
+fn audience_for(
+    broker: &Broker,
+    flow: &dyn Flow,
+    auth: &Authenticated<'_>,
+    params: &TokenRequest,
+) -> Result<String, TokenError> {
+    let refuse = |audience: &str, allowed: &str| {
+        TokenError::InvalidTarget(format!(
+            "audience {:?} is not allowed for client {:?} (allowed: {allowed})",
+            truncate(audience, 100),
+            auth.rule.client_id,
+        ))
+    };
+    if let Some(fixed) = flow.subject_audience() {
+        return match params.audience.as_deref() {
+            Some(asked) if asked != fixed => Err(refuse(asked, fixed)),
+            _ => Ok(fixed.to_owned()),
+        };
+    }
+    let audience = params
+        .audience
+        .clone()
+        .unwrap_or_else(|| broker.config.issuer.default_audience().to_owned());
+    if auth.rule.audiences.contains(&audience) {
+        Ok(audience)
+    } else {
+        Err(refuse(&audience, &auth.rule.audiences.join(", ")))
+    }
 }
 
 async fn read_form_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, TokenError> {
@@ -233,6 +285,7 @@ pub(crate) fn parse_form(body: &[u8]) -> Result<TokenRequest, TokenError> {
             "scope" => &mut request.scope,
             "service_account" => &mut request.service_account,
             "target_audience" => &mut request.target_audience,
+            "format" => &mut request.format,
             _ => continue,
         };
         if seen.contains(&name) {
@@ -263,6 +316,9 @@ pub(crate) fn parse_form(body: &[u8]) -> Result<TokenRequest, TokenError> {
     Ok(request)
 }
 
+/// `format=external_credential`: Google's executable-sourced credential response (AIP-4117).
+const EXTERNAL_CREDENTIAL: &str = "external_credential";
+
 fn truncate(text: &str, max: usize) -> &str {
     match text.char_indices().nth(max) {
         Some((i, _)) => &text[..i],
@@ -270,7 +326,25 @@ fn truncate(text: &str, max: usize) -> &str {
     }
 }
 
-fn success(minted: &Minted) -> Response<Full<Bytes>> {
+fn success(minted: &Minted, external_credential: bool) -> Response<Full<Bytes>> {
+    let body = if external_credential {
+        // AIP-4117 executable response, as Google's Token Service answers it.
+        json!({
+            "version": 1,
+            "success": true,
+            "token_type": crate::flows::ID_TOKEN_TYPE,
+            "id_token": minted.id_token.as_deref().unwrap_or(&minted.access_token),
+            "expiration_time": minted.expires_at,
+        })
+    } else {
+        oauth_success(minted)
+    };
+    let mut response = super::json(StatusCode::OK, Bytes::from(body.to_string()));
+    super::no_store(&mut response);
+    response
+}
+
+fn oauth_success(minted: &Minted) -> serde_json::Value {
     let mut body = json!({
         "access_token": minted.access_token,
         "token_type": "Bearer",
@@ -285,9 +359,7 @@ fn success(minted: &Minted) -> Response<Full<Bytes>> {
             map.insert("scope".into(), scope.clone().into());
         }
     }
-    let mut response = super::json(StatusCode::OK, Bytes::from(body.to_string()));
-    super::no_store(&mut response);
-    response
+    body
 }
 
 #[cfg(test)]

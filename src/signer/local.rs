@@ -109,8 +109,8 @@ impl Signer for LocalSigner {
         self.algorithms.clone()
     }
 
-    fn jwks(&self) -> &Value {
-        &self.jwks
+    fn jwks(&self) -> Option<&Value> {
+        Some(&self.jwks)
     }
 
     async fn sign(&self, claims: &Map<String, Value>) -> Result<String, SignerError> {

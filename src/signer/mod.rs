@@ -3,8 +3,10 @@
 //! A [`Signer`] owns both sides so that the JWKS can never disagree with what was signed.
 //! `local` holds PEM keys from `key_dir`; a Google IAM `signJwt` signer plugs in the same way.
 
+mod iam;
 mod local;
 
+pub use iam::IamSigner;
 pub use local::LocalSigner;
 
 use async_trait::async_trait;
@@ -13,12 +15,14 @@ use base64::Engine;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SignerError {
     #[error("{0}")]
     Key(String),
     #[error("signing failed: {0}")]
     Sign(String),
+    #[error(transparent)]
+    Upstream(#[from] crate::google::UpstreamError),
 }
 
 #[async_trait]
@@ -27,8 +31,12 @@ pub trait Signer: Send + Sync {
     fn kind(&self) -> &'static str;
     /// JWS algorithms tokens may be signed with, for discovery.
     fn algorithms(&self) -> Vec<&'static str>;
-    /// The public JWKS document (`{"keys": [...]}`).
-    fn jwks(&self) -> &Value;
+    /// The public JWKS document (`{"keys": [...]}`) when the broker holds the keys.
+    fn jwks(&self) -> Option<&Value>;
+    /// Where verifiers find the keys when they are not the broker's (IAM signer).
+    fn jwks_uri(&self) -> Option<&str> {
+        None
+    }
     /// Signs `claims` as a compact JWS with `typ: JWT` and the signing key's `kid`.
     async fn sign(&self, claims: &Map<String, Value>) -> Result<String, SignerError>;
 }

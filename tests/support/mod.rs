@@ -345,6 +345,10 @@ pub struct Setup {
     pub bundle_folder: bool,
     /// Write the intermediate's CRL with a nextUpdate in the past.
     pub stale_crl: bool,
+    /// Replaces the local `[signer]` section.
+    pub signer: Option<String>,
+    /// A `[google]` section.
+    pub google: Option<String>,
 }
 
 impl Setup {
@@ -363,6 +367,8 @@ impl Setup {
             extra_server: String::new(),
             bundle_folder: false,
             stale_crl: false,
+            signer: None,
+            google: None,
         }
     }
 
@@ -432,11 +438,15 @@ url = "{ISSUER}"
 token_ttl = "5m"
 default_audience = "aud-a"
 
-[signer]
-kind = "local"
-key_dir = "keys"
+{signer}
+{google}
 {rules}
 "#,
+            signer = self
+                .signer
+                .as_deref()
+                .unwrap_or("[signer]\nkind = \"local\"\nkey_dir = \"keys\""),
+            google = self.google.as_deref().unwrap_or_default(),
             extra_server = self.extra_server,
             client_ca = client_ca,
             rules = self.rules,

@@ -1,0 +1,86 @@
+//! `google-id-token` (`target_audience` + `service_account`): a federated token from STS,
+//! then IAM Credentials `generateIdToken`: a Google-signed ID token for Cloud Run or IAP.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::{
+    allowed_service_account, federate, Flow, FlowDeps, FlowError, MintContext, Minted,
+    TokenRequest, ID_TOKEN_TYPE,
+};
+use crate::google::Google;
+use crate::signer::Signer;
+
+pub const NAME: &str = "google-id-token";
+
+const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
+
+pub fn build(deps: &FlowDeps) -> Option<Arc<dyn Flow>> {
+    let google = deps.google.clone()?;
+    Some(Arc::new(GoogleIdToken {
+        audience: google.config().subject_token_audience(),
+        google,
+        issuer: deps.issuer.clone(),
+        signer: deps.signer.clone(),
+    }))
+}
+
+struct GoogleIdToken {
+    google: Arc<Google>,
+    issuer: String,
+    signer: Arc<dyn Signer>,
+    audience: String,
+}
+
+#[async_trait]
+impl Flow for GoogleIdToken {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn handles(&self, request: &TokenRequest) -> bool {
+        request.target_audience.is_some() && request.service_account.is_some()
+    }
+
+    fn subject_audience(&self) -> Option<&str> {
+        Some(&self.audience)
+    }
+
+    fn calls_upstream(&self) -> bool {
+        true
+    }
+
+    async fn mint(&self, ctx: &MintContext<'_>) -> Result<Minted, FlowError> {
+        let account = allowed_service_account(ctx.who.rule, ctx.request)?;
+        let target = ctx.request.target_audience.as_deref().unwrap_or_default();
+        if !ctx.who.rule.target_audiences.iter().any(|t| t == target) {
+            return Err(FlowError::InvalidTarget(format!(
+                "target_audience {:?} is not allowed for client {:?}",
+                target.chars().take(200).collect::<String>(),
+                ctx.who.rule.client_id
+            )));
+        }
+        let (federated, jti) = federate(
+            &self.google,
+            self.signer.as_ref(),
+            &self.issuer,
+            ctx,
+            NAME,
+            CLOUD_PLATFORM,
+        )
+        .await?;
+        let token = self
+            .google
+            .generate_id_token(&federated.token, account, target)
+            .await?;
+        Ok(Minted {
+            access_token: token.token.clone(),
+            expires_at: token.expires_at,
+            issued_token_type: ID_TOKEN_TYPE,
+            id_token: Some(token.token),
+            scope: None,
+            jti,
+        })
+    }
+}

@@ -1,0 +1,74 @@
+//! `sts-exchange` (`scope` given): the broker's ID token exchanged at Google STS for a
+//! federated access token of the device's workload identity principal.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::{
+    allowed_scopes, federate, Flow, FlowDeps, FlowError, MintContext, Minted, TokenRequest,
+    ACCESS_TOKEN_TYPE,
+};
+use crate::google::Google;
+use crate::signer::Signer;
+
+pub const NAME: &str = "sts-exchange";
+
+pub fn build(deps: &FlowDeps) -> Option<Arc<dyn Flow>> {
+    let google = deps.google.clone()?;
+    Some(Arc::new(StsExchange {
+        audience: google.config().subject_token_audience(),
+        google,
+        issuer: deps.issuer.clone(),
+        signer: deps.signer.clone(),
+    }))
+}
+
+struct StsExchange {
+    google: Arc<Google>,
+    issuer: String,
+    signer: Arc<dyn Signer>,
+    audience: String,
+}
+
+#[async_trait]
+impl Flow for StsExchange {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn handles(&self, request: &TokenRequest) -> bool {
+        request.scope.is_some()
+            && request.service_account.is_none()
+            && request.target_audience.is_none()
+    }
+
+    fn subject_audience(&self) -> Option<&str> {
+        Some(&self.audience)
+    }
+
+    fn calls_upstream(&self) -> bool {
+        true
+    }
+
+    async fn mint(&self, ctx: &MintContext<'_>) -> Result<Minted, FlowError> {
+        let scope = allowed_scopes(ctx.who.rule, ctx.request)?.join(" ");
+        let (federated, jti) = federate(
+            &self.google,
+            self.signer.as_ref(),
+            &self.issuer,
+            ctx,
+            NAME,
+            &scope,
+        )
+        .await?;
+        Ok(Minted {
+            access_token: federated.token,
+            expires_at: federated.expires_at,
+            issued_token_type: ACCESS_TOKEN_TYPE,
+            id_token: None,
+            scope: Some(scope),
+            jti,
+        })
+    }
+}
