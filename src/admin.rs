@@ -13,20 +13,20 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::metrics::Metrics;
+use crate::server::Live;
 
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+pub async fn serve(listener: TcpListener, live: Arc<Live>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             // Typically out of file descriptors: back off instead of spinning.
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let metrics = metrics.clone();
+        let live = live.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(route(&metrics, &request)) }
+                let live = live.clone();
+                async move { Ok::<_, Infallible>(route(&live, &request)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -37,14 +37,23 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     }
 }
 
-fn route(metrics: &Metrics, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(live: &Live, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match request.uri().path() {
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            Bytes::from(metrics.render()),
+            Bytes::from(live.metrics().render()),
         ),
-        "/healthz" | "/readyz" => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
+        "/healthz" => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
+        // Loaded (a Live only exists with a built broker) and not draining.
+        "/readyz" if live.is_ready() => {
+            (StatusCode::OK, "text/plain", Bytes::from_static(b"ready\n"))
+        }
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            Bytes::from_static(b"draining\n"),
+        ),
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",

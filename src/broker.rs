@@ -20,6 +20,7 @@ use crate::flows::{self, FlowDeps, Registry};
 use crate::google::Google;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
+use crate::proxy::ProxyPolicy;
 use crate::signer::{IamSigner, LocalSigner, Signer, SignerError};
 use crate::tls;
 use crate::trust::{Refusal, TrustStore};
@@ -39,7 +40,9 @@ impl std::error::Error for Problems {}
 pub struct Broker {
     pub config: Config,
     pub google: Option<Arc<Google>>,
-    pub cache: TokenCache,
+    /// Survives reloads: replacing it would cost every device an upstream call.
+    pub cache: Arc<TokenCache>,
+    pub proxy: ProxyPolicy,
     pub trust: TrustStore,
     pub rules: ClientRules,
     pub signer: Arc<dyn Signer>,
@@ -61,7 +64,23 @@ pub struct Authenticated<'a> {
 impl Broker {
     /// Loads every file the config names and checks every setting.
     pub fn build(config: Config, metrics: Arc<Metrics>) -> Result<Broker, Problems> {
+        Self::build_with(config, metrics, None)
+    }
+
+    /// A reload: the new config, the running broker's metrics and token cache.
+    pub fn rebuild(config: Config, running: &Broker) -> Result<Broker, Problems> {
+        Self::build_with(config, running.metrics.clone(), Some(running.cache.clone()))
+    }
+
+    fn build_with(
+        config: Config,
+        metrics: Arc<Metrics>,
+        cache: Option<Arc<TokenCache>>,
+    ) -> Result<Broker, Problems> {
         let mut problems = Vec::new();
+        let proxy = ProxyPolicy::new(&config.server.proxy_protocol)
+            .map_err(|e| problems.push(e))
+            .ok();
         check_issuer(&config, &mut problems);
         check_limits(&config.server, &mut problems);
         if !config.admin.listen.is_empty()
@@ -129,28 +148,31 @@ impl Broker {
             problems.push("no [[clients]] rule: every certificate would be refused".into());
         }
 
-        match (trust, tls, signer, rules) {
-            (Some(trust), Some(tls), Some(signer), Some(rules)) if problems.is_empty() => {
+        match (trust, tls, signer, rules, proxy) {
+            (Some(trust), Some(tls), Some(signer), Some(rules), Some(proxy))
+                if problems.is_empty() =>
+            {
                 let flows = Registry::build(&FlowDeps {
                     issuer: config.issuer.url.clone(),
                     signer: signer.clone(),
                     google: google.clone(),
                 });
-                let cache = match &config.google {
-                    Some(g) => TokenCache::new(g.cache_capacity, g.refresh_margin, metrics.clone()),
-                    None => {
-                        TokenCache::new(10_000, std::time::Duration::from_secs(60), metrics.clone())
-                    }
-                };
-                if let Some(earliest) = trust.cas.iter().map(|c| c.not_after).min() {
-                    metrics.ca_cert_expiry.set(earliest as f64);
-                }
+                let cache = cache.unwrap_or_else(|| {
+                    let (capacity, margin) = config
+                        .google
+                        .as_ref()
+                        .map_or((10_000, std::time::Duration::from_secs(300)), |g| {
+                            (g.cache_capacity, g.refresh_margin)
+                        });
+                    Arc::new(TokenCache::new(capacity, margin, metrics.clone()))
+                });
                 let discovery = discovery_document(&config, signer.as_ref(), &flows);
                 let jwks = Bytes::from(signer.jwks().map(Value::to_string).unwrap_or_default());
-                Ok(Broker {
+                let broker = Broker {
                     config,
                     google,
                     cache,
+                    proxy,
                     trust,
                     rules,
                     signer,
@@ -159,9 +181,54 @@ impl Broker {
                     metrics,
                     discovery,
                     jwks,
-                })
+                };
+                broker.update_gauges();
+                Ok(broker)
             }
             _ => Err(Problems(problems)),
+        }
+    }
+
+    /// Every file whose change should trigger a reload (folders expanded now).
+    pub fn watched_files(&self) -> Vec<std::path::PathBuf> {
+        let config = &self.config;
+        let server = &config.server;
+        let mut files = vec![
+            config.source.clone(),
+            config.path(&server.cert),
+            config.path(&server.key),
+        ];
+        files.extend(server.crls.iter().map(|p| config.path(p)));
+        let mut folders = vec![config.path(&server.client_ca)];
+        if let SignerConfig::Local { key_dir, .. } = &config.signer {
+            folders.push(config.path(key_dir));
+        }
+        for folder in folders {
+            match std::fs::read_dir(&folder) {
+                Ok(entries) => {
+                    let mut inside: Vec<_> =
+                        entries.filter_map(Result::ok).map(|e| e.path()).collect();
+                    inside.sort();
+                    files.extend(inside);
+                }
+                Err(_) => files.push(folder),
+            }
+        }
+        if let Some(google) = &config.google {
+            if google.credentials != "metadata" {
+                files.push(std::path::PathBuf::from(&google.credentials));
+            }
+        }
+        files
+    }
+
+    /// Gauges that move with time rather than with requests.
+    pub fn update_gauges(&self) {
+        if let Some(earliest) = self.trust.cas.iter().map(|c| c.not_after).min() {
+            self.metrics.ca_cert_expiry.set(earliest as f64);
+        }
+        if let Some(expiry) = self.signer.key_expiry() {
+            self.metrics.signing_key_expiry.set(expiry as f64);
         }
     }
 
@@ -246,7 +313,13 @@ pub fn load_signer(
     google: Option<&Arc<Google>>,
 ) -> Result<Arc<dyn Signer>, SignerError> {
     match &config.signer {
-        SignerConfig::Local { key_dir } => Ok(Arc::new(LocalSigner::load(&config.path(key_dir))?)),
+        SignerConfig::Local {
+            key_dir,
+            rotate_after,
+        } => Ok(Arc::new(LocalSigner::load(
+            &config.path(key_dir),
+            *rotate_after,
+        )?)),
         SignerConfig::Iam {
             service_account,
             jwks_url,

@@ -46,6 +46,8 @@ pub struct ClientRule {
     pub target_audiences: Vec<String>,
     pub claims: Map<String, Value>,
     pub ttl: Duration,
+    /// Requests per certificate under this rule (governor's GCRA, keyed by fingerprint).
+    rate_limit: Option<governor::DefaultKeyedRateLimiter<String>>,
 }
 
 #[derive(Debug, Default)]
@@ -243,6 +245,20 @@ impl ClientRule {
     pub fn allows_flow(&self, flow: &str) -> bool {
         self.flows.iter().any(|f| f == flow)
     }
+
+    /// `Err(seconds to wait)` when this certificate is over the rule's rate.
+    pub fn check_rate(&self, cert_sha256: &str) -> Result<(), u64> {
+        use governor::clock::{Clock, DefaultClock};
+        let Some(limiter) = &self.rate_limit else {
+            return Ok(());
+        };
+        limiter
+            .check_key(&cert_sha256.to_owned())
+            .map_err(|not_until| {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+            })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -273,6 +289,16 @@ impl ClientRules {
             Ok(ClientRules(rules))
         } else {
             Err(problems)
+        }
+    }
+
+    /// Forgets rate-limit state of certificates not seen lately (bounds memory).
+    pub fn retain_recent(&self) {
+        for rule in &self.0 {
+            if let Some(limiter) = &rule.rate_limit {
+                limiter.retain_recent();
+                limiter.shrink_to_fit();
+            }
         }
     }
 
@@ -331,6 +357,21 @@ impl ClientRule {
                 Err(e) => problems.push(format!("static claim {key:?}: {e}")),
             }
         }
+        let rate_limit = c.rate_limit.and_then(|limit| {
+            let per_minute = std::num::NonZeroU32::new(limit.requests_per_minute);
+            let burst = std::num::NonZeroU32::new(limit.burst.unwrap_or(limit.requests_per_minute));
+            match (per_minute, burst) {
+                (Some(rate), Some(burst)) => Some(governor::RateLimiter::keyed(
+                    governor::Quota::per_minute(rate).allow_burst(burst),
+                )),
+                _ => {
+                    problems.push(
+                        "rate_limit: requests_per_minute and burst must be at least 1".into(),
+                    );
+                    None
+                }
+            }
+        });
         let ttl = c.ttl.unwrap_or(default_ttl);
         if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
             problems.push(format!(
@@ -358,6 +399,7 @@ impl ClientRule {
             target_audiences: c.target_audiences.clone(),
             claims,
             ttl,
+            rate_limit,
         })
     }
 }

@@ -43,6 +43,9 @@ pub struct Config {
     /// Folder of the config file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The config file itself (watched for changes).
+    #[serde(skip)]
+    pub source: PathBuf,
 }
 
 /// Development conveniences; none of these belong in a production config.
@@ -78,6 +81,48 @@ pub struct ServerConfig {
     pub max_connections: usize,
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Largest request head (request line and headers).
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// After SIGTERM/SIGINT: in-flight requests get this long before the process exits.
+    #[serde(default = "default_shutdown_grace", with = "duration_text")]
+    pub shutdown_grace: Duration,
+    /// How often watched files are checked for changes; "0s" reloads on SIGHUP only.
+    #[serde(default = "default_reload_interval", with = "duration_text")]
+    pub reload_interval: Duration,
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocolConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocolConfig {
+    #[serde(default)]
+    pub mode: ProxyMode,
+    /// Peers that may (and, with v2, must) send a PROXY header; no one else may.
+    #[serde(default)]
+    pub trusted_cidrs: Vec<String>,
+    /// Time a trusted peer has to send the PROXY header.
+    #[serde(default = "default_proxy_header_timeout", with = "duration_text")]
+    pub header_timeout: Duration,
+}
+
+impl Default for ProxyProtocolConfig {
+    fn default() -> Self {
+        Self {
+            mode: ProxyMode::Off,
+            trusted_cidrs: Vec::new(),
+            header_timeout: default_proxy_header_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyMode {
+    #[default]
+    Off,
+    V2,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -116,8 +161,13 @@ impl IssuerConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum SignerConfig {
-    /// PEM private keys in `key_dir`; the last file in name order signs.
-    Local { key_dir: PathBuf },
+    /// PEM private keys in `key_dir` (see `signer::LocalSigner` for which one signs).
+    Local {
+        key_dir: PathBuf,
+        /// Age after which the active key should be rotated (drives an alerting metric).
+        #[serde(default = "default_rotate_after", with = "duration_text")]
+        rotate_after: Duration,
+    },
     /// Google IAM Credentials `signJwt` as `service_account` (needs `[google]`).
     Iam {
         service_account: String,
@@ -208,6 +258,16 @@ pub struct ClientRuleConfig {
     /// Token lifetime for this client, at most the 1h maximum.
     #[serde(default, with = "optional_duration_text")]
     pub ttl: Option<Duration>,
+    /// Token requests allowed per certificate under this rule.
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub requests_per_minute: u32,
+    /// Requests allowed at once before the rate applies (default: requests_per_minute).
+    pub burst: Option<u32>,
 }
 
 /// Conditions a certificate must meet; every field given must match (AND), and within a
@@ -237,6 +297,7 @@ impl Config {
             message,
         })?;
         config.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        config.source = path.to_path_buf();
         Ok(config)
     }
 
@@ -268,6 +329,21 @@ fn default_max_connections() -> usize {
 }
 fn default_max_body_bytes() -> usize {
     8 * 1024
+}
+fn default_rotate_after() -> Duration {
+    Duration::from_secs(90 * 24 * 3600)
+}
+fn default_max_header_bytes() -> usize {
+    16 * 1024
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_proxy_header_timeout() -> Duration {
+    Duration::from_secs(3)
 }
 fn default_admin_listen() -> String {
     "127.0.0.1:9090".into()

@@ -35,6 +35,7 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 pub mod pem;
+pub mod proxy;
 pub mod server;
 pub mod signer;
 pub mod tls;

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use token_broker::broker::{issuer_url, Broker};
 use token_broker::config::Config;
 use token_broker::metrics::Metrics;
-use token_broker::server::Server;
+use token_broker::server::{Live, Server};
 use token_broker::{devpki, pem, trust};
 
 #[derive(Parser)]
@@ -196,7 +196,8 @@ fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let server = Server::bind(broker.clone())
+        let live = Arc::new(Live::new(broker.clone(), Some(config_path.to_path_buf())));
+        let server = Server::bind(live)
             .await
             .with_context(|| format!("cannot listen on {}", broker.config.server.listen))?;
         tracing::info!(

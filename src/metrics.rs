@@ -21,6 +21,8 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
+    pub config_reloads: IntCounterVec,
+    pub signing_key_expiry: Gauge,
     pub open_connections: IntGauge,
     pub refused_connections: IntCounterVec,
     pub ca_cert_expiry: Gauge,
@@ -105,6 +107,16 @@ impl Metrics {
                 "Tokens minted because the cache had none fresh.",
             )
             .expect("static metric"),
+            config_reloads: counter(
+                "config_reloads_total",
+                "Configuration reloads, by result.",
+                &["result"],
+            ),
+            signing_key_expiry: Gauge::new(
+                "signing_key_expiry_timestamp_seconds",
+                "When the active signing key reaches its rotate_after age (Unix time).",
+            )
+            .expect("static metric"),
             open_connections: IntGauge::new("open_connections", "Open client connections.")
                 .expect("static metric"),
             ca_cert_expiry: Gauge::new(
@@ -117,6 +129,7 @@ impl Metrics {
         for g in [
             Box::new(metrics.open_connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(metrics.ca_cert_expiry.clone()),
+            Box::new(metrics.signing_key_expiry.clone()),
             Box::new(metrics.cache_hits.clone()),
             Box::new(metrics.cache_misses.clone()),
         ] {

@@ -1,14 +1,20 @@
-//! Listeners and connections: TCP accept, TLS handshake, HTTP/1.1, graceful shutdown.
+//! Listeners and connections: TCP accept, PROXY v2, TLS handshake, HTTP/1.1, reload and
+//! graceful shutdown.
 //!
-//! Each connection is one task. Limits that protect the process (connection count,
-//! handshake and header timeouts, body size) are enforced here or in hyper, before any
+//! The serving state is a [`Live`] broker that a reload replaces whole: every request reads
+//! the current one, so a new CRL or rule applies to open connections too, and a broken new
+//! config never replaces a working one. Each connection is one task. Limits that protect the
+//! process (connection count, PROXY/handshake/header/body timeouts, sizes) apply before any
 //! request reaches the broker's logic.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -17,29 +23,93 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin;
-use crate::broker::Broker;
+use crate::broker::{Broker, Problems};
+use crate::config::Config;
 use crate::http::{self, ConnInfo};
+use crate::metrics::Metrics;
 use crate::tls;
 
-/// How long in-flight requests get to finish after shutdown starts.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// The broker currently serving, and whether the process is draining.
+pub struct Live {
+    broker: ArcSwap<Broker>,
+    /// Where the config came from; reloads re-read it. `None`: no reloads.
+    config_path: Option<PathBuf>,
+    draining: AtomicBool,
+}
+
+impl Live {
+    pub fn new(broker: Arc<Broker>, config_path: Option<PathBuf>) -> Live {
+        Live {
+            broker: ArcSwap::from(broker),
+            config_path,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub fn current(&self) -> Arc<Broker> {
+        self.broker.load_full()
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.broker.load().metrics.clone()
+    }
+
+    /// Ready: loaded and not draining.
+    pub fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Re-reads the config and every file it names; keeps the old state on any problem.
+    pub fn reload(&self) -> Result<(), Problems> {
+        let Some(path) = &self.config_path else {
+            return Ok(());
+        };
+        let old = self.current();
+        let result = Config::load(path)
+            .map_err(|e| Problems(vec![e.to_string()]))
+            .and_then(|config| {
+                if config.server.listen != old.config.server.listen
+                    || config.admin.listen != old.config.admin.listen
+                {
+                    tracing::warn!("listen addresses change only on restart");
+                }
+                Broker::rebuild(config, &old)
+            });
+        let label = if result.is_ok() { "ok" } else { "error" };
+        old.metrics.config_reloads.with_label_values(&[label]).inc();
+        match result {
+            Ok(broker) => {
+                self.broker.store(Arc::new(broker));
+                tracing::info!("configuration reloaded");
+                Ok(())
+            }
+            Err(problems) => {
+                for problem in &problems.0 {
+                    tracing::error!(%problem, "reload failed; still serving the previous configuration");
+                }
+                Err(problems)
+            }
+        }
+    }
+}
 
 pub struct Server {
-    broker: Arc<Broker>,
+    live: Arc<Live>,
     listener: TcpListener,
     admin: Option<TcpListener>,
 }
 
 impl Server {
     /// Binds the TLS and admin listeners (port 0 picks a free port, as tests do).
-    pub async fn bind(broker: Arc<Broker>) -> std::io::Result<Server> {
+    pub async fn bind(live: Arc<Live>) -> std::io::Result<Server> {
+        let broker = live.current();
         let listener = TcpListener::bind(broker.config.server.listen).await?;
         let admin = match broker.config.admin.listen.as_str() {
             "" => None,
             addr => Some(TcpListener::bind(addr).await?),
         };
         Ok(Server {
-            broker,
+            live,
             listener,
             admin,
         })
@@ -53,17 +123,19 @@ impl Server {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// Serves until `shutdown` completes, then lets in-flight requests finish.
+    /// Serves until `shutdown` completes, then drains: `/readyz` fails, no new connections,
+    /// in-flight requests get `shutdown_grace`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Server {
-            broker,
+            live,
             listener,
             admin,
         } = self;
-        let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, broker.metrics.clone())));
+        let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, live.clone())));
+        let reload_task = tokio::spawn(watch_for_changes(live.clone()));
         let graceful = GracefulShutdown::new();
-        let slots = Arc::new(Semaphore::new(broker.config.server.max_connections));
-        let acceptor = TlsAcceptor::from(broker.tls.clone());
+        let max_connections = live.current().config.server.max_connections;
+        let slots = Arc::new(Semaphore::new(max_connections));
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -71,7 +143,7 @@ impl Server {
                 accepted = listener.accept() => match accepted {
                     Ok(pair) => pair,
                     Err(e) => {
-                        // Typically EMFILE: back off instead of spinning.
+                        // Typically out of file descriptors: back off instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -79,32 +151,37 @@ impl Server {
                 },
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
-                broker
-                    .metrics
+                live.metrics()
                     .refused_connections
                     .with_label_values(&["max_connections"])
                     .inc();
                 drop(stream);
                 continue;
             };
-            let broker = broker.clone();
-            let acceptor = acceptor.clone();
+            let live = live.clone();
             let watcher = graceful.watcher();
             tokio::spawn(async move {
-                broker.metrics.open_connections.inc();
-                serve_connection(&broker, acceptor, stream, peer, watcher).await;
-                broker.metrics.open_connections.dec();
+                let metrics = live.metrics();
+                metrics.open_connections.inc();
+                serve_connection(live, stream, peer, watcher).await;
+                metrics.open_connections.dec();
                 drop(permit);
             });
         }
+        live.draining.store(true, Ordering::Relaxed);
         drop(listener);
-        tracing::info!("shutting down: no new connections, finishing in-flight requests");
-        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        let grace = live.current().config.server.shutdown_grace;
+        tracing::info!(
+            grace_seconds = grace.as_secs(),
+            "draining: no new connections, finishing in-flight requests"
+        );
+        if tokio::time::timeout(grace, graceful.shutdown())
             .await
             .is_err()
         {
             tracing::warn!("grace period over; closing remaining connections");
         }
+        reload_task.abort();
         if let Some(task) = admin_task {
             task.abort();
         }
@@ -112,15 +189,27 @@ impl Server {
 }
 
 async fn serve_connection(
-    broker: &Arc<Broker>,
-    acceptor: TlsAcceptor,
-    stream: TcpStream,
-    peer: SocketAddr,
+    live: Arc<Live>,
+    mut stream: TcpStream,
+    socket_peer: SocketAddr,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     let _ = stream.set_nodelay(true);
+    let broker = live.current();
+    let metrics = broker.metrics.clone();
+    let peer = match broker.proxy.accept(&mut stream, socket_peer).await {
+        Ok(client) => client,
+        Err(error) => {
+            metrics
+                .refused_connections
+                .with_label_values(&[error.cause()])
+                .inc();
+            tracing::info!(peer = %socket_peer, %error, "connection dropped");
+            return;
+        }
+    };
     let config = &broker.config.server;
-    let metrics = &broker.metrics;
+    let acceptor = TlsAcceptor::from(broker.tls.clone());
     let tls = match tokio::time::timeout(config.handshake_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
@@ -152,16 +241,74 @@ async fn serve_connection(
         .unwrap_or_default();
     let conn = Arc::new(ConnInfo { peer, client_chain });
 
-    let service_broker = broker.clone();
-    let service =
-        service_fn(move |request| http::handle(service_broker.clone(), conn.clone(), request));
+    let service_live = live.clone();
+    let service = service_fn(move |request| {
+        // The current broker, not the one the connection started with: reloads apply.
+        http::handle(service_live.current(), conn.clone(), request)
+    });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(config.request_header_timeout)
-        .max_buf_size(64 * 1024);
+        .max_buf_size(config.max_header_bytes.max(8192));
     let connection = builder.serve_connection(TokioIo::new(tls), service);
     if let Err(error) = watcher.watch(connection).await {
         tracing::debug!(%peer, %error, "connection ended with an error");
     }
+}
+
+/// Reloads on SIGHUP and when a watched file changes; tidies rate-limiter state.
+async fn watch_for_changes(live: Arc<Live>) {
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut seen = fingerprint(&live.current().watched_files());
+    loop {
+        let interval = live.current().config.server.reload_interval;
+        let tick = async {
+            if interval.is_zero() {
+                std::future::pending::<()>().await
+            } else {
+                tokio::time::sleep(interval).await
+            }
+        };
+        #[cfg(unix)]
+        let hup = async {
+            match hangup.as_mut() {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup = std::future::pending::<()>();
+        let forced = tokio::select! {
+            _ = tick => false,
+            _ = hup => true,
+        };
+        let broker = live.current();
+        broker.rules.retain_recent();
+        broker.update_gauges();
+        let now = fingerprint(&broker.watched_files());
+        if forced || now != seen {
+            tracing::info!(signal = forced, "reloading configuration");
+            let _ = live.reload();
+            // Remember what was tried, so a broken file is not retried every tick.
+            seen = now;
+        }
+    }
+}
+
+/// Modification time and size of every watched file: cheap to compare, and changes when
+/// a Kubernetes Secret or ConfigMap swaps its symlinks.
+fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Option<(SystemTime, u64)>)> {
+    paths
+        .iter()
+        .map(|p: &PathBuf| (p.clone(), metadata(p)))
+        .collect()
+}
+
+fn metadata(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
 }

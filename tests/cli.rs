@@ -349,8 +349,21 @@ service_accounts = ["uploader@p.iam.gserviceaccount.com"]
 scopes = ["https://www.googleapis.com/auth/cloud-platform"]"#,
     );
     std::fs::write(&config, text).unwrap();
-    let out = run(&["-c", config.to_str().unwrap(), "wif-setup", "--project-id", "my-proj"], dir.path());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(
+        &[
+            "-c",
+            config.to_str().unwrap(),
+            "wif-setup",
+            "--project-id",
+            "my-proj",
+        ],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let script = String::from_utf8_lossy(&out.stdout);
     for needle in [
         "gcloud iam workload-identity-pools create fleet",
@@ -366,21 +379,43 @@ scopes = ["https://www.googleapis.com/auth/cloud-platform"]"#,
     ] {
         assert!(script.contains(needle), "{needle:?} missing from:\n{script}");
     }
-    let json = script.split("<<'JSON'\n").nth(1).unwrap().split("\nJSON").next().unwrap();
+    let json = script
+        .split("<<'JSON'\n")
+        .nth(1)
+        .unwrap()
+        .split("\nJSON")
+        .next()
+        .unwrap();
     let device: serde_json::Value = serde_json::from_str(json).unwrap();
     assert_eq!(device["type"], "external_account");
     assert_eq!(device["audience"], "//iam.googleapis.com/projects/42/locations/global/workloadIdentityPools/fleet/providers/broker");
-    assert!(device["credential_source"]["executable"]["command"].as_str().unwrap().contains("format=external_credential"));
+    assert!(device["credential_source"]["executable"]["command"]
+        .as_str()
+        .unwrap()
+        .contains("format=external_credential"));
 
     // The dev config enables a Google flow now; check-config is satisfied with [google].
-    assert!(run(&["init", "--dir", "certs/dev"], dir.path()).status.success());
-    let out = run(&["-c", config.to_str().unwrap(), "check-config"], dir.path());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(run(&["init", "--dir", "certs/dev"], dir.path())
+        .status
+        .success());
+    let out = run(
+        &["-c", config.to_str().unwrap(), "check-config"],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Without [google], the same rule is a configuration error.
     let text = std::fs::read_to_string(&config).unwrap();
     let without = text.split("\n[google]").next().unwrap().to_owned();
     std::fs::write(&config, without).unwrap();
-    let out = run(&["-c", config.to_str().unwrap(), "check-config"], dir.path());
+    let out = run(
+        &["-c", config.to_str().unwrap(), "check-config"],
+        dir.path(),
+    );
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("flow \"impersonate\" needs a [google] section"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("flow \"impersonate\" needs a [google] section"));
 }

@@ -596,42 +596,45 @@ async fn sts_checks_the_request_parameters() {
     let token = provider.sign(&provider.claims(ISSUER));
     let default_audience = FakeGoogleConfig::new(ISSUER).default_audience();
     let other_provider = provider_resource().replace("token-broker", "other");
-    let jwt_type = (
-        "subject_token_type",
-        "urn:ietf:params:oauth:token-type:access_token",
-    );
-    let cases: Vec<(Vec<(&str, &str)>, &str, &str)> = vec![
+    let access_token_type = "urn:ietf:params:oauth:token-type:access_token";
+    // (parameter, value or "" to leave it out, error, fragment of the description)
+    let cases = [
         (
-            vec![("grant_type", "client_credentials")],
+            "grant_type",
+            "client_credentials",
             "unsupported_grant_type",
             "grant_type",
         ),
         (
-            vec![("audience", default_audience.as_str())],
+            "audience",
+            default_audience.as_str(),
             "invalid_request",
             "audience",
         ),
-        (vec![("audience", "")], "invalid_request", "audience"),
+        ("audience", "", "invalid_request", "audience"),
         (
-            vec![("audience", other_provider.as_str())],
+            "audience",
+            other_provider.as_str(),
             "invalid_target",
             "audience",
         ),
         (
-            vec![("requested_token_type", "")],
+            "requested_token_type",
+            "",
             "invalid_request",
             "requested_token_type",
         ),
-        (vec![jwt_type], "invalid_request", "subject_token_type"),
-        (vec![("scope", "")], "invalid_request", "Scope"),
         (
-            vec![("subject_token", "")],
+            "subject_token_type",
+            access_token_type,
             "invalid_request",
-            "subject_token",
+            "subject_token_type",
         ),
+        ("scope", "", "invalid_request", "Scope"),
+        ("subject_token", "", "invalid_request", "subject_token"),
     ];
-    for (overrides, error, fragment) in &cases {
-        let (status, body) = sts(&fake, &token, overrides).await;
+    for (name, value, error, fragment) in cases {
+        let (status, body) = sts(&fake, &token, &[(name, value)]).await;
         assert_oauth_error(status, &body, error, fragment);
     }
 

@@ -31,6 +31,8 @@ pub enum TokenError {
     Refused(#[from] Refusal),
     #[error("{0}")]
     UnauthorizedClient(String),
+    #[error("too many token requests from this certificate; retry in {0}s")]
+    RateLimited(u64),
     #[error(transparent)]
     Flow(#[from] FlowError),
 }
@@ -67,6 +69,7 @@ impl TokenError {
                 UpstreamError::Credentials(_) => (S::INTERNAL_SERVER_ERROR, "server_error"),
             },
             TokenError::Flow(FlowError::Signer(_)) => (S::INTERNAL_SERVER_ERROR, "server_error"),
+            TokenError::RateLimited(_) => (S::TOO_MANY_REQUESTS, "temporarily_unavailable"),
         }
     }
 
@@ -82,6 +85,7 @@ impl TokenError {
     /// Seconds a client should wait before retrying, when Google said or we know.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
+            TokenError::RateLimited(seconds) => Some(*seconds),
             TokenError::Flow(FlowError::Upstream(UpstreamError::Unavailable {
                 retry_after,
                 ..

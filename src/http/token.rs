@@ -149,6 +149,10 @@ async fn issue(
         }
     }
 
+    auth.rule
+        .check_rate(&auth.identity.sha256_hex)
+        .map_err(TokenError::RateLimited)?;
+
     let flow = broker.flows.select(&params).ok_or_else(|| {
         TokenError::InvalidRequest(
             "no enabled flow accepts this combination of parameters (scope, service_account, target_audience)".into(),

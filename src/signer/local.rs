@@ -1,7 +1,10 @@
 //! Signing with PEM keys from `key_dir` (josekit).
 //!
-//! Every key in the folder is published in the JWKS; the last one in file-name order signs.
-//! Name order (not mtime) decides so that every replica reading the same folder agrees.
+//! Every key in the folder is published in the JWKS. A key whose file name ends in a UTC
+//! time (`signing-20261201T000000Z.pem`) signs only from that time on, so a new key can be
+//! published everywhere before any replica signs with it; undated keys sign at once. Of
+//! the keys allowed to sign, the newest (by that time, then by name) does. Names, not
+//! mtimes, decide, so every replica reading the same folder agrees.
 
 use std::path::{Path, PathBuf};
 
@@ -12,22 +15,32 @@ use josekit::jwt::{self, JwtPayload};
 use serde_json::{json, Map, Value};
 
 use super::{public_jwk, Signer, SignerError};
+use crate::broker::unix_now;
 
 struct SigningKey {
     alg: &'static str,
     kid: String,
     signer: Box<dyn JwsSigner>,
+    /// Unix time from which this key signs (0: undated).
+    not_before: i64,
+    /// When the key was made or its time came (file mtime for undated keys), for rotation alerts.
+    since: i64,
 }
 
 pub struct LocalSigner {
-    active: SigningKey,
+    /// Sorted by (not_before, file name): the last one allowed now signs.
+    keys: Vec<SigningKey>,
     jwks: Value,
     algorithms: Vec<&'static str>,
+    rotate_after: i64,
 }
 
 impl LocalSigner {
     /// Loads every `*.pem` of `key_dir`; fails if there is none or any is unusable.
-    pub fn load(key_dir: &Path) -> Result<LocalSigner, SignerError> {
+    pub fn load(
+        key_dir: &Path,
+        rotate_after: std::time::Duration,
+    ) -> Result<LocalSigner, SignerError> {
         let entries = std::fs::read_dir(key_dir).map_err(|e| {
             SignerError::Key(format!("cannot read key_dir {}: {e}", key_dir.display()))
         })?;
@@ -38,36 +51,67 @@ impl LocalSigner {
             .collect();
         files.sort();
 
-        let (mut published, mut algorithms, mut active) = (Vec::new(), Vec::new(), None);
+        let (mut published, mut algorithms, mut keys) = (Vec::new(), Vec::new(), Vec::new());
         for file in &files {
             let pem = std::fs::read(file)
                 .map_err(|e| SignerError::Key(format!("cannot read {}: {e}", file.display())))?;
-            let (key, jwk) =
+            let (mut key, jwk) =
                 load_key(&pem).map_err(|e| SignerError::Key(format!("{}: {e}", file.display())))?;
+            key.not_before = not_before(file);
+            key.since = match key.not_before {
+                0 => modified(file),
+                dated => dated,
+            };
             published.push(jwk);
             algorithms.push(key.alg);
-            active = Some(key);
+            keys.push(key);
         }
-        let active = active.ok_or_else(|| {
-            SignerError::Key(format!(
-                "no signing key (*.pem) in key_dir {}; `token-broker init` creates one",
+        // Stable sort: equal times keep file-name order.
+        keys.sort_by_key(|k| k.not_before);
+        if !keys.iter().any(|k| k.not_before <= unix_now()) {
+            return Err(SignerError::Key(format!(
+                "no signing key usable now in key_dir {} (*.pem, undated or dated in the past); `token-broker init` creates one",
                 key_dir.display()
-            ))
-        })?;
+            )));
+        }
         algorithms.sort_unstable();
         algorithms.dedup();
         let jwks = json!({ "keys": published });
         Ok(LocalSigner {
-            active,
+            keys,
             jwks,
             algorithms,
+            rotate_after: rotate_after.as_secs() as i64,
         })
     }
 
-    /// The `kid` new tokens are signed with.
-    pub fn active_kid(&self) -> &str {
-        &self.active.kid
+    /// The key that signs at `now`: the newest whose time has come.
+    fn active(&self, now: i64) -> Option<&SigningKey> {
+        self.keys.iter().rev().find(|k| k.not_before <= now)
     }
+}
+
+/// The UTC time at the end of a key file's name (`...YYYYMMDDTHHMMSSZ.pem`), else 0.
+fn not_before(file: &Path) -> i64 {
+    let stem = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
+    let Some(stamp) = stem.len().checked_sub(16).and_then(|i| stem.get(i..)) else {
+        return 0;
+    };
+    jiff::civil::DateTime::strptime("%Y%m%dT%H%M%SZ", stamp)
+        .ok()
+        .and_then(|t| t.to_zoned(jiff::tz::TimeZone::UTC).ok())
+        .map_or(0, |t| t.timestamp().as_second())
+}
+
+fn modified(file: &Path) -> i64 {
+    std::fs::metadata(file)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Reads one PEM private key as ES256 (P-256) or RS256 (RSA, 2048 bits or more).
@@ -96,7 +140,16 @@ fn finish(
 ) -> Result<(SigningKey, Value), String> {
     let jwk = public_jwk(alg, public.as_ref()).map_err(|e| e.to_string())?;
     let kid = jwk["kid"].as_str().unwrap_or_default().to_owned();
-    Ok((SigningKey { alg, kid, signer }, jwk))
+    Ok((
+        SigningKey {
+            alg,
+            kid,
+            signer,
+            not_before: 0,
+            since: 0,
+        },
+        jwk,
+    ))
 }
 
 #[async_trait]
@@ -113,13 +166,36 @@ impl Signer for LocalSigner {
         Some(&self.jwks)
     }
 
+    fn key_expiry(&self) -> Option<i64> {
+        self.active(unix_now()).map(|k| k.since + self.rotate_after)
+    }
+
     async fn sign(&self, claims: &Map<String, Value>) -> Result<String, SignerError> {
+        let active = self
+            .active(unix_now())
+            .ok_or_else(|| SignerError::Key("no signing key is usable now".into()))?;
         let mut header = JwsHeader::new();
         header.set_token_type("JWT");
-        header.set_key_id(&self.active.kid);
+        header.set_key_id(&active.kid);
         let payload =
             JwtPayload::from_map(claims.clone()).map_err(|e| SignerError::Sign(e.to_string()))?;
-        jwt::encode_with_signer(&payload, &header, self.active.signer.as_ref())
+        jwt::encode_with_signer(&payload, &header, active.signer.as_ref())
             .map_err(|e| SignerError::Sign(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dated_key_names() {
+        assert_eq!(
+            not_before(Path::new("k/signing-20261201T000000Z.pem")),
+            1_796_083_200
+        );
+        assert_eq!(not_before(Path::new("k/signing-0001.pem")), 0);
+        assert_eq!(not_before(Path::new("k/x.pem")), 0);
+        assert_eq!(not_before(Path::new("k/signing-20261301T000000Z.pem")), 0);
     }
 }

@@ -37,6 +37,10 @@ pub trait Signer: Send + Sync {
     fn jwks_uri(&self) -> Option<&str> {
         None
     }
+    /// When the key signing now is due for rotation (Unix time), if the signer knows.
+    fn key_expiry(&self) -> Option<i64> {
+        None
+    }
     /// Signs `claims` as a compact JWS with `typ: JWT` and the signing key's `kid`.
     async fn sign(&self, claims: &Map<String, Value>) -> Result<String, SignerError>;
 }

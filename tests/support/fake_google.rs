@@ -6,6 +6,9 @@
 //!
 //! Its crypto uses `jsonwebtoken`, a library the production code does not use.
 
+// Handlers return `Result<Response, Response>` so refusals can use `?`; size is irrelevant here.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -624,6 +627,19 @@ fn oauth_error(code: u16, error: &str, description: &str) -> Resp {
     )
 }
 
+fn invalid_request(description: &str) -> Resp {
+    oauth_error(400, "invalid_request", description)
+}
+
+fn invalid_grant(description: &str) -> Resp {
+    oauth_error(400, "invalid_grant", description)
+}
+
+fn split_scopes(list: &str, separator: char) -> Vec<String> {
+    let scopes = list.split(separator).filter(|s| !s.is_empty());
+    scopes.map(str::to_owned).collect()
+}
+
 fn invalid_argument(message: &str) -> Resp {
     google_error(400, message)
 }
@@ -750,12 +766,8 @@ fn metadata(state: &State, api: Api, parts: &Parts) -> Result<Resp, Resp> {
         _ => {
             let query = parts.uri.query().unwrap_or("").as_bytes();
             let scopes = form_urlencoded::parse(query).find(|(name, _)| name == "scopes");
-            let scopes: Vec<String> = match scopes {
-                Some((_, list)) => list
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-                    .collect(),
+            let scopes = match scopes {
+                Some((_, list)) => split_scopes(&list, ','),
                 None => vec![CLOUD_PLATFORM.to_owned()],
             };
             let token = state.issue(sa, false, scopes, 3599);
@@ -771,15 +783,12 @@ fn metadata(state: &State, api: Api, parts: &Parts) -> Result<Resp, Resp> {
 
 /// `POST /token`: the OAuth2 JWT-bearer grant (RFC 7523) with a key-file assertion.
 fn oauth_token(state: &State, parts: &Parts, body: &[u8]) -> Result<Resp, Resp> {
-    let grant = |message: &str| oauth_error(400, "invalid_grant", message);
     if media_type(parts) != "application/x-www-form-urlencoded" {
-        return Err(oauth_error(
-            400,
-            "invalid_request",
+        return Err(invalid_request(
             "Content type must be application/x-www-form-urlencoded.",
         ));
     }
-    let form = parse_form(body).map_err(|e| oauth_error(400, "invalid_request", &e))?;
+    let form = parse_form(body).map_err(|e| invalid_request(&e))?;
     let grant_type = form.get("grant_type").map(String::as_str).unwrap_or("");
     if grant_type != JWT_BEARER {
         return Err(oauth_error(
@@ -789,31 +798,27 @@ fn oauth_token(state: &State, parts: &Parts, body: &[u8]) -> Result<Resp, Resp> 
         ));
     }
     let Some(assertion) = form.get("assertion") else {
-        return Err(oauth_error(
-            400,
-            "invalid_request",
-            "Missing required parameter: assertion",
-        ));
+        return Err(invalid_request("Missing required parameter: assertion"));
     };
     let Some((header, claims)) = jwt_parts(assertion) else {
-        return Err(grant(
+        return Err(invalid_grant(
             "Invalid JWT: the assertion is not a well-formed JWS.",
         ));
     };
     let key = &state.sa_user_key;
     if display(claims.get("iss")) != state.config.broker_service_account {
-        return Err(grant("Invalid grant: account not found"));
+        return Err(invalid_grant("Invalid grant: account not found"));
     }
     let (alg, kid) = (display(header.get("alg")), display(header.get("kid")));
     if alg != "RS256"
         || kid != key.kid
         || !signature_valid(assertion, &key.decoding, Algorithm::RS256)
     {
-        return Err(grant("Invalid JWT Signature."));
+        return Err(invalid_grant("Invalid JWT Signature."));
     }
     let token_uri = format!("{}/token", state.url);
     if display(claims.get("aud")) != token_uri {
-        return Err(grant(&format!(
+        return Err(invalid_grant(&format!(
             "Invalid JWT: Failed audience check. The right audience is {token_uri}"
         )));
     }
@@ -825,14 +830,12 @@ fn oauth_token(state: &State, parts: &Parts, body: &[u8]) -> Result<Resp, Resp> 
     let reasonable = matches!((iat, exp), (Some(iat), Some(exp))
         if iat <= now + SKEW_SECS && exp > now && exp - iat <= 3600 && exp > iat);
     if !reasonable {
-        return Err(grant("Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe. Check your iat and exp values in the JWT claim."));
+        return Err(invalid_grant("Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe. Check your iat and exp values in the JWT claim."));
     }
-    let scope = claims.get("scope").and_then(Value::as_str).unwrap_or("");
-    let scopes: Vec<String> = scope
-        .split(' ')
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect();
+    let scopes = split_scopes(
+        claims.get("scope").and_then(Value::as_str).unwrap_or(""),
+        ' ',
+    );
     if scopes.is_empty() {
         return Err(oauth_error(
             400,
@@ -1061,9 +1064,8 @@ fn service_account_jwks(state: &State, parts: &Parts) -> Result<Resp, Resp> {
 
 /// `POST /v1/token`: STS token exchange of an OIDC subject token for a federated access token.
 async fn sts(state: &State, parts: &Parts, body: &[u8]) -> Result<Resp, Resp> {
-    let bad = |message: &str| oauth_error(400, "invalid_request", message);
     let fields = match media_type(parts).as_str() {
-        "application/x-www-form-urlencoded" => parse_form(body).map_err(|e| bad(&e))?,
+        "application/x-www-form-urlencoded" => parse_form(body).map_err(|e| invalid_request(&e))?,
         "application/json" => {
             let names = [
                 "grantType",
@@ -1074,13 +1076,17 @@ async fn sts(state: &State, parts: &Parts, body: &[u8]) -> Result<Resp, Resp> {
                 "subjectTokenType",
                 "options",
             ];
-            let object = parse_proto_json(body, &names).map_err(|e| bad(&e))?;
+            let object = parse_proto_json(body, &names).map_err(|e| invalid_request(&e))?;
             object
                 .into_iter()
                 .map(|(name, value)| (snake_case(&name), display(Some(&value))))
                 .collect()
         }
-        other => return Err(bad(&format!("Unsupported content type \"{other}\"."))),
+        other => {
+            return Err(invalid_request(&format!(
+                "Unsupported content type \"{other}\"."
+            )))
+        }
     };
     state.lock().last_sts_request = Some(fields.clone());
     let field = |name: &str| fields.get(name).map(String::as_str).unwrap_or("");
@@ -1092,13 +1098,17 @@ async fn sts(state: &State, parts: &Parts, body: &[u8]) -> Result<Resp, Resp> {
         ));
     }
     if field("requested_token_type") != ACCESS_TOKEN_TYPE {
-        return Err(bad("Invalid value of requested_token_type in request."));
+        return Err(invalid_request(
+            "Invalid value of requested_token_type in request.",
+        ));
     }
     if !SUBJECT_TOKEN_TYPES.contains(&field("subject_token_type")) {
-        return Err(bad("Invalid value for \"subject_token_type\": an OIDC provider accepts urn:ietf:params:oauth:token-type:jwt or urn:ietf:params:oauth:token-type:id_token."));
+        return Err(invalid_request("Invalid value for \"subject_token_type\": an OIDC provider accepts urn:ietf:params:oauth:token-type:jwt or urn:ietf:params:oauth:token-type:id_token."));
     }
     if field("subject_token").is_empty() {
-        return Err(bad("Missing required parameter: \"subject_token\"."));
+        return Err(invalid_request(
+            "Missing required parameter: \"subject_token\".",
+        ));
     }
     let audience = field("audience");
     let shape = audience
@@ -1116,18 +1126,14 @@ async fn sts(state: &State, parts: &Parts, body: &[u8]) -> Result<Resp, Resp> {
             _
         ])
     ) {
-        return Err(bad("Invalid value for \"audience\"."));
+        return Err(invalid_request("Invalid value for \"audience\"."));
     }
     if audience != state.config.provider_resource() {
         return Err(oauth_error(400, "invalid_target", "The target service indicated by the \"audience\" parameters is invalid. This might either be because the pool or provider is disabled or deleted or because it doesn't exist."));
     }
-    let scopes: Vec<String> = field("scope")
-        .split(' ')
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect();
+    let scopes = split_scopes(field("scope"), ' ');
     if scopes.is_empty() {
-        return Err(bad("Scope(s) must be provided."));
+        return Err(invalid_request("Scope(s) must be provided."));
     }
     let claims = verify_subject_token(state, field("subject_token")).await?;
     let exp = seconds(claims.get("exp")).unwrap_or(0);
@@ -1148,16 +1154,15 @@ async fn sts(state: &State, parts: &Parts, body: &[u8]) -> Result<Resp, Resp> {
 
 /// Google's checks on an OIDC subject token; the claims when it passes.
 async fn verify_subject_token(state: &State, token: &str) -> Result<Map<String, Value>, Resp> {
-    let grant = |message: String| oauth_error(400, "invalid_grant", &message);
     let config = &state.config;
     let Some((header, claims)) = jwt_parts(token) else {
-        return Err(grant("Unable to parse the ID Token: it is not a JWS in compact serialization with JSON header and claims.".into()));
+        return Err(invalid_grant("Unable to parse the ID Token: it is not a JWS in compact serialization with JSON header and claims."));
     };
     let alg = match header.get("alg").and_then(Value::as_str) {
         Some("RS256") => Algorithm::RS256,
         Some("ES256") => Algorithm::ES256,
         _ => {
-            return Err(grant(format!(
+            return Err(invalid_grant(&format!(
                 "The ID Token's signing algorithm {} is not supported; use RS256 or ES256.",
                 display(header.get("alg"))
             )))
@@ -1168,13 +1173,12 @@ async fn verify_subject_token(state: &State, token: &str) -> Result<Map<String, 
         .and_then(Value::as_str)
         .filter(|k| !k.is_empty())
     else {
-        return Err(grant(
-            "The ID Token header has no \"kid\": it is required to select the verification key."
-                .into(),
+        return Err(invalid_grant(
+            "The ID Token header has no \"kid\": it is required to select the verification key.",
         ));
     };
     if claims.get("iss").and_then(Value::as_str) != Some(config.issuer.as_str()) {
-        return Err(grant(format!(
+        return Err(invalid_grant(&format!(
             "The issuer in ID Token {} does not match the expected one in config: {}",
             display(claims.get("iss")),
             config.issuer
@@ -1184,7 +1188,7 @@ async fn verify_subject_token(state: &State, token: &str) -> Result<Map<String, 
     let jwks = match uploaded {
         Some(jwks) => jwks,
         None => fetch_jwks(state).await.map_err(|e| {
-            grant(format!(
+            invalid_grant(&format!(
                 "Error connecting to the given credential's issuer. ({e})"
             ))
         })?,
@@ -1195,7 +1199,7 @@ async fn verify_subject_token(state: &State, token: &str) -> Result<Map<String, 
         .flatten()
         .find(|key| key["kid"].as_str() == Some(kid));
     let Some(jwk) = jwk.and_then(|key| serde_json::from_value::<Jwk>(key.clone()).ok()) else {
-        return Err(grant(format!("Error connecting to the given credential's issuer. (No usable key with kid \"{kid}\" in the provider's JWKS.)")));
+        return Err(invalid_grant(&format!("Error connecting to the given credential's issuer. (No usable key with kid \"{kid}\" in the provider's JWKS.)")));
     };
     let key_fits = match (&jwk.algorithm, alg) {
         (AlgorithmParameters::RSA(_), Algorithm::RS256) => true,
@@ -1206,7 +1210,7 @@ async fn verify_subject_token(state: &State, token: &str) -> Result<Map<String, 
     };
     let key = DecodingKey::from_jwk(&jwk).ok().filter(|_| key_fits);
     if !key.is_some_and(|key| signature_valid(token, &key, alg)) {
-        return Err(grant("Unable to verify the ID Token signature.".into()));
+        return Err(invalid_grant("Unable to verify the ID Token signature."));
     }
     let audiences: Vec<&str> = match claims.get("aud") {
         Some(Value::String(aud)) => vec![aud.as_str()],
@@ -1215,7 +1219,7 @@ async fn verify_subject_token(state: &State, token: &str) -> Result<Map<String, 
     };
     let allowed = config.allowed_audiences();
     if !audiences.iter().any(|aud| allowed.iter().any(|a| a == aud)) {
-        return Err(grant(format!(
+        return Err(invalid_grant(&format!(
             "The audience in ID Token [{}] does not match the expected audience {}.",
             audiences.join(", "),
             allowed.join(", ")
@@ -1223,31 +1227,33 @@ async fn verify_subject_token(state: &State, token: &str) -> Result<Map<String, 
     }
     let now = now();
     let Some(iat) = seconds(claims.get("iat")) else {
-        return Err(grant("ID Token issued at null is stale to sign-in.".into()));
+        return Err(invalid_grant(
+            "ID Token issued at null is stale to sign-in.",
+        ));
     };
     if iat > now + SKEW_SECS {
-        return Err(grant(format!(
+        return Err(invalid_grant(&format!(
             "ID Token issued at {iat} is in the future (now is {now})."
         )));
     }
     match seconds(claims.get("exp")) {
         Some(exp) if exp > now && exp - iat < 48 * 3600 => {}
         Some(exp) if exp > now => {
-            return Err(grant(format!(
+            return Err(invalid_grant(&format!(
                 "The ID Token lifetime exp - iat = {}s must be less than 48 hours.",
                 exp - iat
             )));
         }
         _ => {
-            return Err(grant(format!(
+            return Err(invalid_grant(&format!(
                 "ID Token issued at {iat} is stale to sign-in."
             )))
         }
     }
     match claims.get("sub").and_then(Value::as_str) {
-        Some(sub) if sub.len() > 127 => Err(oauth_error(400, "invalid_request", "The size of mapped attribute google.subject exceeds the 127 bytes limit. Either modify your attribute mapping or the incoming assertion to produce a mapped attribute that is less than 127 bytes.")),
+        Some(sub) if sub.len() > 127 => Err(invalid_request("The size of mapped attribute google.subject exceeds the 127 bytes limit. Either modify your attribute mapping or the incoming assertion to produce a mapped attribute that is less than 127 bytes.")),
         Some(sub) if !sub.is_empty() => Ok(claims),
-        _ => Err(grant("The ID Token has no \"sub\" claim, which google.subject=assertion.sub maps.".into())),
+        _ => Err(invalid_grant("The ID Token has no \"sub\" claim, which google.subject=assertion.sub maps.")),
     }
 }
 

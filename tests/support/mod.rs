@@ -20,7 +20,7 @@ use time::{Duration, OffsetDateTime};
 use token_broker::broker::Broker;
 use token_broker::config::Config;
 use token_broker::metrics::Metrics;
-use token_broker::server::Server;
+use token_broker::server::{Live, Server};
 
 pub const TRUST_DOMAIN: &str = "test.example";
 
@@ -458,7 +458,8 @@ default_audience = "aud-a"
         let config_path = self.write_config();
         let config = Config::load(&config_path).unwrap();
         let broker = Arc::new(Broker::build(config, Arc::new(Metrics::new())).unwrap());
-        let server = Server::bind(broker).await.unwrap();
+        let live = Arc::new(Live::new(broker, Some(config_path.clone())));
+        let server = Server::bind(live.clone()).await.unwrap();
         let addr = server.local_addr().unwrap();
         let admin = server.admin_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -468,6 +469,7 @@ default_audience = "aud-a"
         TestBroker {
             addr,
             admin,
+            live,
             config_path,
             setup: self,
             stop: Some(stop),
@@ -479,6 +481,7 @@ default_audience = "aud-a"
 pub struct TestBroker {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    pub live: Arc<Live>,
     pub config_path: PathBuf,
     pub setup: Setup,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
