@@ -87,6 +87,7 @@ fn rand_serial() -> u64 {
 }
 
 /// A client certificate with its key; `chain_pem` is what a client sends (leaf first).
+#[derive(Clone)]
 pub struct Leaf {
     pub cert_pem: String,
     pub key_pem: String,
@@ -646,4 +647,41 @@ pub fn verify_cert(config: &Path, chain_pem: &str, dir: &Path) -> Value {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["accepted"].as_bool(), Some(code == Some(0)));
     report
+}
+
+/// The path of an external tool the tests drive; installs its Debian package when it is
+/// missing and we may (root with apt-get, as in CI), else fails saying what to install.
+pub fn require_tool(tool: &str, package: &str) -> PathBuf {
+    let find = || {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(tool))
+                .find(|candidate| candidate.is_file())
+        })
+    };
+    if let Some(path) = find() {
+        return path;
+    }
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _once = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = find() {
+        return path;
+    }
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !apt(&["install", "-y", "--no-install-recommends", package]) {
+        apt(&["update"]);
+        apt(&["install", "-y", "--no-install-recommends", package]);
+    }
+    find().unwrap_or_else(|| {
+        panic!(
+            "this test needs `{tool}`: install the Debian package `{package}` (bash .ci/run does)"
+        )
+    })
 }
