@@ -382,11 +382,19 @@ fn default_flows() -> Vec<String> {
     vec!["mtls-client-credentials".into()]
 }
 
-/// Parses human durations such as `"5m"`, `"90s"` or `"1h 30m"` (jiff's friendly format).
+/// Parses human durations such as `"5m"`, `"90s"`, `"1h 30m"` or `"90d"` (jiff's friendly
+/// format; a day is 24 hours here).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let signed: jiff::SignedDuration = text.parse().map_err(|e| {
-        format!("invalid duration {text:?} (use e.g. \"30s\", \"5m\", \"1h\"): {e}")
-    })?;
+    let invalid = |e: &dyn std::fmt::Display| {
+        format!("invalid duration {text:?} (use e.g. \"30s\", \"5m\", \"1h\", \"90d\"): {e}")
+    };
+    let signed = match text.parse::<jiff::SignedDuration>() {
+        Ok(d) => d,
+        Err(_) => text
+            .parse::<jiff::Span>()
+            .and_then(|span| span.to_duration(jiff::SpanRelativeTo::days_are_24_hours()))
+            .map_err(|e| invalid(&e))?,
+    };
     Duration::try_from(signed).map_err(|_| format!("duration {text:?} must not be negative"))
 }
 
@@ -435,6 +443,10 @@ mod tests {
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("PT10S").unwrap(), Duration::from_secs(10));
+        assert_eq!(
+            parse_duration("90d").unwrap(),
+            Duration::from_secs(90 * 86400)
+        );
         assert!(parse_duration("-5m").is_err());
         assert!(parse_duration("soon").is_err());
     }
