@@ -67,9 +67,18 @@ impl Broker {
         Self::build_with(config, metrics, None)
     }
 
-    /// A reload: the new config, the running broker's metrics and token cache.
+    /// A reload: the new config, the running broker's metrics and token cache. Cached
+    /// tokens are dropped when anything they were minted under changed.
     pub fn rebuild(config: Config, running: &Broker) -> Result<Broker, Problems> {
-        Self::build_with(config, running.metrics.clone(), Some(running.cache.clone()))
+        let minted_under = |c: &Config| {
+            toml::to_string(&(&c.issuer, &c.signer, &c.google, &c.clients)).unwrap_or_default()
+        };
+        let broker =
+            Self::build_with(config, running.metrics.clone(), Some(running.cache.clone()))?;
+        if minted_under(&broker.config) != minted_under(&running.config) {
+            broker.cache.clear();
+        }
+        Ok(broker)
     }
 
     fn build_with(
@@ -83,6 +92,9 @@ impl Broker {
             .ok();
         check_issuer(&config, &mut problems);
         check_limits(&config.server, &mut problems);
+        if let Some(google) = &config.google {
+            check_google(google, &mut problems);
+        }
         if !config.admin.listen.is_empty()
             && config.admin.listen.parse::<std::net::SocketAddr>().is_err()
         {
@@ -360,6 +372,43 @@ fn check_limits(server: &crate::config::ServerConfig, problems: &mut Vec<String>
     }
     if !(1..=1024 * 1024).contains(&server.max_body_bytes) {
         problems.push("server.max_body_bytes must be between 1 and 1048576".into());
+    }
+    let proxy_timeout = server.proxy_protocol.header_timeout;
+    if proxy_timeout < Duration::from_millis(100) || proxy_timeout > Duration::from_secs(60) {
+        problems.push("server.proxy_protocol.header_timeout must be between 100ms and 60s".into());
+    }
+    if server.shutdown_grace > hour {
+        problems.push("server.shutdown_grace must be at most 1h".into());
+    }
+    if !server.reload_interval.is_zero()
+        && (server.reload_interval < second || server.reload_interval > hour)
+    {
+        problems
+            .push("server.reload_interval must be 0s (SIGHUP only) or between 1s and 1h".into());
+    }
+}
+
+/// Google timings outside these bounds disable Google or overflow clocks.
+fn check_google(google: &crate::config::GoogleConfig, problems: &mut Vec<String>) {
+    use std::time::Duration;
+    if google.request_timeout < Duration::from_millis(100)
+        || google.request_timeout > Duration::from_secs(60)
+    {
+        problems.push("google.request_timeout must be between 100ms and 60s".into());
+    }
+    if google.deadline < google.request_timeout || google.deadline > Duration::from_secs(300) {
+        problems.push("google.deadline must be at least request_timeout and at most 5m".into());
+    }
+    if google.access_token_lifetime < Duration::from_secs(1)
+        || google.access_token_lifetime > MAX_TOKEN_TTL
+    {
+        problems.push("google.access_token_lifetime must be between 1s and 1h".into());
+    }
+    if google.refresh_margin >= google.access_token_lifetime {
+        problems.push("google.refresh_margin must be shorter than access_token_lifetime".into());
+    }
+    if google.cache_capacity == 0 {
+        problems.push("google.cache_capacity must be at least 1".into());
     }
 }
 

@@ -59,6 +59,11 @@ impl TokenCache {
         }
     }
 
+    /// Forgets every token (their rules or Google setup changed).
+    pub fn clear(&self) {
+        self.tokens.invalidate_all();
+    }
+
     /// The cached token for `key`, or the one `mint` makes (once, however many ask).
     pub async fn get_or_mint(
         &self,

@@ -342,6 +342,18 @@ impl ClientRule {
                 ));
             }
         }
+        for account in &c.service_accounts {
+            // They go into IAM Credentials URL paths.
+            let plausible = account.contains('@')
+                && account
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"@.-_".contains(&b));
+            if !plausible {
+                problems.push(format!(
+                    "service_accounts: {account:?} is not a service-account email"
+                ));
+            }
+        }
         let mut claims = Map::new();
         for (key, value) in &c.claims {
             if RESERVED_CLAIMS.contains(&key.as_str()) {

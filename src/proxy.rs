@@ -105,34 +105,33 @@ impl ProxyPolicy {
                 _ => Ok(peer),
             };
         }
-        let mut fixed = [0u8; MINIMUM_LENGTH];
-        within(self.header_timeout, async {
-            stream
-                .read_exact(&mut fixed)
-                .await
-                .map(|_| ())
-                .map_err(|_| ProxyError::Closed)
-        })
-        .await?;
-        if !fixed.starts_with(PROTOCOL_PREFIX) {
-            return Err(ProxyError::MissingHeader);
-        }
-        let length = usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
-        if length > MAX_HEADER_BYTES {
-            return Err(ProxyError::TooLarge(length));
-        }
-        let mut header = fixed.to_vec();
-        header.resize(MINIMUM_LENGTH + length, 0);
-        within(self.header_timeout, async {
-            stream
-                .read_exact(&mut header[MINIMUM_LENGTH..])
-                .await
-                .map(|_| ())
-                .map_err(|_| ProxyError::Closed)
-        })
-        .await?;
+        // One timeout for the whole header, however it is split into packets.
+        let header = within(self.header_timeout, read_header(stream)).await?;
         client_address(&header, peer)
     }
+}
+
+/// The complete v2 header: the fixed 16 bytes, then the length they declare (capped).
+async fn read_header(stream: &mut TcpStream) -> Result<Vec<u8>, ProxyError> {
+    let mut fixed = [0u8; MINIMUM_LENGTH];
+    stream
+        .read_exact(&mut fixed)
+        .await
+        .map_err(|_| ProxyError::Closed)?;
+    if !fixed.starts_with(PROTOCOL_PREFIX) {
+        return Err(ProxyError::MissingHeader);
+    }
+    let length = usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
+    if length > MAX_HEADER_BYTES {
+        return Err(ProxyError::TooLarge(length));
+    }
+    let mut header = fixed.to_vec();
+    header.resize(MINIMUM_LENGTH + length, 0);
+    stream
+        .read_exact(&mut header[MINIMUM_LENGTH..])
+        .await
+        .map_err(|_| ProxyError::Closed)?;
+    Ok(header)
 }
 
 async fn within<T>(

@@ -292,7 +292,9 @@ async fn watch_for_changes(live: Arc<Live>) {
         let now = fingerprint(&broker.watched_files());
         if forced || now != seen {
             tracing::info!(signal = forced, "reloading configuration");
-            let _ = live.reload();
+            // File reads and parsing stay off the runtime's worker threads.
+            let reloading = live.clone();
+            let _ = tokio::task::spawn_blocking(move || reloading.reload()).await;
             // Remember what was tried, so a broken file is not retried every tick.
             seen = now;
         }

@@ -375,6 +375,7 @@ scopes = ["https://www.googleapis.com/auth/cloud-platform"]"#,
         "attribute.spiffe=assertion.client.x5_spiffe",
         "--jwk-json-path",
         "add-iam-policy-binding uploader@p.iam.gserviceaccount.com",
+        "workloadIdentityPools/fleet/attribute.client_id/dev-devices",
         "roles/iam.workloadIdentityUser",
     ] {
         assert!(script.contains(needle), "{needle:?} missing from:\n{script}");

@@ -296,8 +296,14 @@ async fn cache_serves_repeats_and_separates_keys() {
 #[tokio::test(flavor = "multi_thread")]
 async fn fifty_concurrent_identical_requests_make_one_upstream_call() {
     let (fake, broker, leaf) = start().await;
-    // Slow STS so that every request arrives while the first is still in flight.
-    fake.inject(Api::Sts, Fault::Delay(Duration::from_millis(300)), 1);
+    // A slow mint (each call under the 1s request timeout, 1.8s in all), so that every
+    // request arrives while the first one is still minting.
+    fake.inject(Api::Sts, Fault::Delay(Duration::from_millis(900)), 1);
+    fake.inject(
+        Api::GenerateAccessToken,
+        Fault::Delay(Duration::from_millis(900)),
+        1,
+    );
     let broker = std::sync::Arc::new(broker);
     let leaf = std::sync::Arc::new(leaf);
     let request = form(&[("scope", STORAGE_READ), ("service_account", RUNNER)]);
@@ -305,16 +311,27 @@ async fn fifty_concurrent_identical_requests_make_one_upstream_call() {
     for _ in 0..50 {
         let (broker, leaf, request) = (broker.clone(), leaf.clone(), request.clone());
         tasks.push(tokio::spawn(async move {
-            broker.token(Some(&leaf), &request).await
+            let started = Instant::now();
+            let answer = broker.token(Some(&leaf), &request).await;
+            (answer, started.elapsed())
         }));
     }
     let mut tokens = std::collections::HashSet::new();
     for task in tasks {
-        let (status, body) = task.await.unwrap();
+        let ((status, body), took) = task.await.unwrap();
         assert_eq!(status, 200, "{body}");
         tokens.insert(body["access_token"].as_str().unwrap().to_owned());
+        // Each one waited for the shared slow mint; none came after it, from the cache.
+        assert!(
+            took >= Duration::from_millis(900),
+            "a request took only {took:?}: no overlap"
+        );
     }
     assert_eq!(tokens.len(), 1);
+    assert_eq!(
+        broker.metric("token_broker_token_cache_misses_total").await,
+        1.0
+    );
     assert_eq!(fake.calls(Api::Sts), 1, "single-flight");
     assert_eq!(fake.calls(Api::GenerateAccessToken), 1, "single-flight");
 }
@@ -592,5 +609,35 @@ async fn iam_signer_with_a_service_account_key_file() {
     assert_iam_signed(&fake, &broker, &leaf).await;
     assert_eq!(fake.calls(Api::OAuthToken), 1);
     assert_eq!(fake.calls(Api::MetadataToken), 0);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_token_is_no_permission_after_the_rule_changes() {
+    let (fake, broker, leaf) = start().await;
+    let request = form(&[("scope", STORAGE_READ), ("service_account", RUNNER)]);
+    assert_eq!(broker.token(Some(&leaf), &request).await.0, 200);
+    assert_eq!(broker.token(Some(&leaf), &request).await.0, 200);
+    assert_eq!(
+        fake.calls(Api::GenerateAccessToken),
+        1,
+        "the second answer came from the cache"
+    );
+
+    // The rule no longer lists the service account: refused, cache or not.
+    let config = std::fs::read_to_string(&broker.config_path).unwrap();
+    let narrowed = config.replace(
+        &format!("service_accounts = [\"{RUNNER}\", "),
+        "service_accounts = [",
+    );
+    assert_ne!(narrowed, config);
+    std::fs::write(&broker.config_path, narrowed).unwrap();
+    broker.live.reload().unwrap();
+    let (status, body) = broker.token(Some(&leaf), &request).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("unauthorized_client")),
+        "{body}"
+    );
     broker.stop().await;
 }

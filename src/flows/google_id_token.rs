@@ -6,9 +6,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{
-    allowed_service_account, federate, Flow, FlowDeps, FlowError, MintContext, Minted,
-    TokenRequest, ID_TOKEN_TYPE,
+    allowed_service_account, allowed_target_audience, federate, Flow, FlowDeps, FlowError,
+    MintContext, Minted, TokenRequest, ID_TOKEN_TYPE,
 };
+use crate::clients::ClientRule;
 use crate::google::Google;
 use crate::signer::Signer;
 
@@ -51,16 +52,14 @@ impl Flow for GoogleIdToken {
         true
     }
 
+    fn authorize(&self, rule: &ClientRule, request: &TokenRequest) -> Result<(), FlowError> {
+        allowed_service_account(rule, request)?;
+        allowed_target_audience(rule, request).map(drop)
+    }
+
     async fn mint(&self, ctx: &MintContext<'_>) -> Result<Minted, FlowError> {
         let account = allowed_service_account(ctx.who.rule, ctx.request)?;
-        let target = ctx.request.target_audience.as_deref().unwrap_or_default();
-        if !ctx.who.rule.target_audiences.iter().any(|t| t == target) {
-            return Err(FlowError::InvalidTarget(format!(
-                "target_audience {:?} is not allowed for client {:?}",
-                target.chars().take(200).collect::<String>(),
-                ctx.who.rule.client_id
-            )));
-        }
+        let target = allowed_target_audience(ctx.who.rule, ctx.request)?;
         let (federated, jti) = federate(
             &self.google,
             self.signer.as_ref(),

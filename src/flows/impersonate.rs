@@ -9,6 +9,7 @@ use super::{
     allowed_scopes, allowed_service_account, federate, Flow, FlowDeps, FlowError, MintContext,
     Minted, TokenRequest, ACCESS_TOKEN_TYPE,
 };
+use crate::clients::ClientRule;
 use crate::google::Google;
 use crate::signer::Signer;
 
@@ -52,6 +53,11 @@ impl Flow for Impersonate {
 
     fn calls_upstream(&self) -> bool {
         true
+    }
+
+    fn authorize(&self, rule: &ClientRule, request: &TokenRequest) -> Result<(), FlowError> {
+        allowed_service_account(rule, request)?;
+        allowed_scopes(rule, request).map(drop)
     }
 
     async fn mint(&self, ctx: &MintContext<'_>) -> Result<Minted, FlowError> {

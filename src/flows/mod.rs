@@ -102,6 +102,11 @@ pub trait Flow: Send + Sync {
     }
     /// Whether minting calls an upstream API, so results are worth caching.
     fn calls_upstream(&self) -> bool;
+    /// The rule's limits on this request (scopes, service accounts, target audiences).
+    /// Checked on every request, before the cache: a cached token is no permission.
+    fn authorize(&self, _rule: &ClientRule, _request: &TokenRequest) -> Result<(), FlowError> {
+        Ok(())
+    }
     async fn mint(&self, ctx: &MintContext<'_>) -> Result<Minted, FlowError>;
 }
 
@@ -218,6 +223,23 @@ pub(crate) fn allowed_service_account<'a>(
         Err(FlowError::NotAllowed(format!(
             "service account {:?} is not allowed for client {:?}",
             account.chars().take(200).collect::<String>(),
+            rule.client_id
+        )))
+    }
+}
+
+/// The requested target audience, which the rule must allow.
+pub(crate) fn allowed_target_audience<'a>(
+    rule: &ClientRule,
+    request: &'a TokenRequest,
+) -> Result<&'a str, FlowError> {
+    let target = request.target_audience.as_deref().unwrap_or_default();
+    if rule.target_audiences.iter().any(|t| t == target) {
+        Ok(target)
+    } else {
+        Err(FlowError::InvalidTarget(format!(
+            "target_audience {:?} is not allowed for client {:?}",
+            target.chars().take(200).collect::<String>(),
             rule.client_id
         )))
     }

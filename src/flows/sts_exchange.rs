@@ -9,6 +9,7 @@ use super::{
     allowed_scopes, federate, Flow, FlowDeps, FlowError, MintContext, Minted, TokenRequest,
     ACCESS_TOKEN_TYPE,
 };
+use crate::clients::ClientRule;
 use crate::google::Google;
 use crate::signer::Signer;
 
@@ -49,6 +50,10 @@ impl Flow for StsExchange {
 
     fn calls_upstream(&self) -> bool {
         true
+    }
+
+    fn authorize(&self, rule: &ClientRule, request: &TokenRequest) -> Result<(), FlowError> {
+        allowed_scopes(rule, request).map(drop)
     }
 
     async fn mint(&self, ctx: &MintContext<'_>) -> Result<Minted, FlowError> {

@@ -110,7 +110,7 @@ impl Credentials {
         };
         let token = AccessToken {
             token: answer.access_token,
-            expires_at: unix_now() + answer.expires_in,
+            expires_at: super::expiry(answer.expires_in),
         };
         *cached = Some(token.clone());
         Ok(token.token)

@@ -70,6 +70,9 @@ pub enum UpstreamError {
     /// The broker's own Google setup is wrong (e.g. unreadable key file).
     #[error("Google credentials: {0}")]
     Credentials(String),
+    /// The request's upstream calls together took longer than the deadline.
+    #[error("Google did not answer within {0}s")]
+    DeadlineExceeded(u64),
 }
 
 /// An OAuth access token and when it expires (Unix seconds).
@@ -84,6 +87,17 @@ pub struct Google {
     http: reqwest::Client,
     credentials: Credentials,
     metrics: Arc<Metrics>,
+}
+
+/// Largest upstream answer read; Google's are a few kilobytes.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// Longest lifetime believed from an upstream answer (12h, Google's maximum).
+const MAX_LIFETIME: i64 = 12 * 3600;
+
+/// `now + seconds`, with the lifetime clamped to what Google can issue.
+fn expiry(seconds: i64) -> i64 {
+    unix_now().saturating_add(seconds.clamp(0, MAX_LIFETIME))
 }
 
 /// Backoff between attempts: exponential from 100 ms, capped at 2 s, with full jitter.
@@ -155,8 +169,10 @@ impl Google {
                     retry_after,
                 } => (message, retry_after),
             };
-            let wait = retry_after.map_or_else(|| backoff(attempt), Duration::from_secs);
-            if Instant::now() + wait >= deadline {
+            // Google's Retry-After, but never sooner than our backoff nor absurdly late.
+            let asked = Duration::from_secs(retry_after.unwrap_or(0).min(300));
+            let wait = asked.max(backoff(attempt));
+            if wait >= deadline.saturating_duration_since(Instant::now()) {
                 return Err(UpstreamError::Unavailable {
                     api,
                     message,
@@ -178,14 +194,22 @@ impl Google {
         let timeout = self.config.request_timeout.min(remaining);
         let started = Instant::now();
         let exchange = async {
-            let response = build().send().await?;
+            let mut response = build().send().await?;
             let status = response.status().as_u16();
             let retry_after = response
                 .headers()
                 .get(http::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok());
-            let body = response.bytes().await?;
+            // Google's answers are small; a huge one is not worth our memory.
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await? {
+                if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                    body.truncate(0);
+                    break;
+                }
+                body.extend_from_slice(&chunk);
+            }
             Ok::<_, reqwest::Error>((status, retry_after, body))
         };
         let outcome = tokio::time::timeout(timeout, exchange).await;
@@ -204,7 +228,7 @@ impl Google {
             Ok(Err(error)) => {
                 self.count(api, "error");
                 return Attempt::Retry {
-                    message: format!("connection failed: {}", without_url(&error)),
+                    message: format!("connection failed: {}", root_cause(&error)),
                     retry_after: None,
                 };
             }
@@ -228,6 +252,13 @@ impl Google {
                 api,
                 message: error_message(&body),
             })),
+            // STS says "not this principal" with a 400 and an OAuth error code.
+            400 if api == Api::Sts && is_oauth_denial(&body) => {
+                Attempt::Done(Err(UpstreamError::Denied {
+                    api,
+                    message: error_message(&body),
+                }))
+            }
             _ => Attempt::Done(Err(UpstreamError::Rejected {
                 api,
                 status,
@@ -283,7 +314,7 @@ impl Google {
             .await?;
         Ok(AccessToken {
             token: answer.access_token,
-            expires_at: unix_now() + answer.expires_in.unwrap_or(3600),
+            expires_at: expiry(answer.expires_in.unwrap_or(3600)),
         })
     }
 
@@ -317,7 +348,8 @@ impl Google {
                 api: Api::GenerateAccessToken,
                 detail: format!("expireTime {:?}: {e}", answer.expire_time),
             })?
-            .as_second();
+            .as_second()
+            .min(unix_now().saturating_add(MAX_LIFETIME));
         Ok(AccessToken {
             token: answer.access_token,
             expires_at,
@@ -348,7 +380,7 @@ impl Google {
         })?;
         Ok(AccessToken {
             token: answer.token,
-            expires_at,
+            expires_at: expires_at.min(unix_now().saturating_add(MAX_LIFETIME)),
         })
     }
 
@@ -375,6 +407,16 @@ impl Google {
     }
 }
 
+/// An STS refusal that concerns the principal rather than the request's form.
+fn is_oauth_denial(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body).is_ok_and(|v| {
+        matches!(
+            v["error"].as_str(),
+            Some("unauthorized_client" | "access_denied")
+        )
+    })
+}
+
 /// The human part of a Google error body: `{"error":{"message"}}` (googleapis) or
 /// `{"error","error_description"}` (OAuth/STS), else the start of the text.
 fn error_message(body: &[u8]) -> String {
@@ -390,8 +432,8 @@ fn error_message(body: &[u8]) -> String {
     text.chars().take(300).collect()
 }
 
-/// reqwest errors print the URL; ours may carry nothing secret, but keep messages short.
-fn without_url(error: &reqwest::Error) -> String {
+/// The innermost cause of a reqwest error: the part that says what went wrong.
+fn root_cause(error: &reqwest::Error) -> String {
     let mut source: Option<&dyn std::error::Error> = Some(error);
     let mut last = error.to_string();
     while let Some(e) = source {

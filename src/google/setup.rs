@@ -15,19 +15,20 @@ pub fn script(config: &Config, project_id: &str) -> Option<String> {
     let provider = &google.provider_id;
     let number = &google.project_number;
     let audience = google.subject_token_audience();
-    let principals = format!(
-        "principalSet://iam.googleapis.com/projects/{number}/locations/global/workloadIdentityPools/{pool}/*"
-    );
-    let accounts: Vec<&str> = {
-        let mut all: Vec<&str> = config
-            .clients
-            .iter()
-            .flat_map(|c| c.service_accounts.iter().map(String::as_str))
-            .collect();
-        all.sort_unstable();
-        all.dedup();
-        all
-    };
+    let pool_principals =
+        format!("principalSet://iam.googleapis.com/projects/{number}/locations/global/workloadIdentityPools/{pool}");
+    // (service account, client id) for every rule that lists service accounts.
+    let grants: Vec<(&str, String)> = config
+        .clients
+        .iter()
+        .flat_map(|rule| {
+            let client_id = rule.client_id.clone().unwrap_or_else(|| rule.name.clone());
+            rule.service_accounts
+                .iter()
+                .map(move |account| (account.as_str(), client_id.clone()))
+        })
+        .collect();
+    let first_account = grants.first().map(|(a, _)| *a);
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -57,17 +58,19 @@ gcloud iam workload-identity-pools providers create-oidc {provider} \
     );
     let _ = writeln!(
         out,
-        "# 3. Let federated devices impersonate the service accounts the client rules allow\n\
-         #    (roles/iam.workloadIdentityUser covers generateAccessToken and generateIdToken).\n\
-         #    Narrow the member to principal://.../subject/SUB or attribute.* sets as needed."
+        "# 3. Let each client rule's devices impersonate its service accounts, and no others:\n\
+         #    Google IAM, not the broker, is what finally enforces this, because a device can\n\
+         #    take a federated token or its broker ID token to Google directly. The member is\n\
+         #    the rule's client_id (attribute.client_id, mapped in step 2).\n\
+         #    (roles/iam.workloadIdentityUser covers generateAccessToken and generateIdToken.)"
     );
-    if accounts.is_empty() {
+    if grants.is_empty() {
         let _ = writeln!(out, "#    (no client rule lists service_accounts yet)");
     }
-    for account in &accounts {
+    for (account, client_id) in &grants {
         let _ = writeln!(
             out,
-            "gcloud iam service-accounts add-iam-policy-binding {account} \\\n  --role=roles/iam.workloadIdentityUser \\\n  --member=\"{principals}\"\n"
+            "gcloud iam service-accounts add-iam-policy-binding {account} \\\n  --role=roles/iam.workloadIdentityUser \\\n  --member=\"{pool_principals}/attribute.client_id/{client_id}\"\n"
         );
     }
     if let crate::config::SignerConfig::Iam {
@@ -88,7 +91,7 @@ gcloud iam workload-identity-pools providers create-oidc {provider} \
         "service_account_impersonation_url": format!(
             "{}/v1/projects/-/serviceAccounts/{}:generateAccessToken",
             google.iam_credentials_url.trim_end_matches('/'),
-            accounts.first().copied().unwrap_or("SERVICE_ACCOUNT_EMAIL")
+            first_account.unwrap_or("SERVICE_ACCOUNT_EMAIL")
         ),
         "credential_source": {
             "executable": {

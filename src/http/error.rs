@@ -6,7 +6,7 @@ use http_body_util::Full;
 use serde_json::json;
 
 use crate::flows::FlowError;
-use crate::google::UpstreamError;
+use crate::google::{Api, UpstreamError};
 use crate::signer::SignerError;
 use crate::trust::Refusal;
 
@@ -59,8 +59,13 @@ impl TokenError {
             }
             TokenError::Flow(FlowError::Upstream(e))
             | TokenError::Flow(FlowError::Signer(SignerError::Upstream(e))) => match e {
+                // Denied for the broker's own identity: our setup, not the client's rights.
+                UpstreamError::Denied {
+                    api: Api::SignJwt | Api::Metadata | Api::OAuth,
+                    ..
+                } => (S::INTERNAL_SERVER_ERROR, "server_error"),
                 UpstreamError::Denied { .. } => (S::FORBIDDEN, "unauthorized_client"),
-                UpstreamError::Unavailable { .. } => {
+                UpstreamError::Unavailable { .. } | UpstreamError::DeadlineExceeded(_) => {
                     (S::SERVICE_UNAVAILABLE, "temporarily_unavailable")
                 }
                 UpstreamError::Rejected { .. } | UpstreamError::Malformed { .. } => {

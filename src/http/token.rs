@@ -11,7 +11,8 @@ use super::ConnInfo;
 use crate::broker::{unix_now, Authenticated, Broker};
 use crate::cache::CacheKey;
 use crate::claims::Subject;
-use crate::flows::{Flow, MintContext, Minted, TokenRequest};
+use crate::flows::{Flow, FlowError, MintContext, Minted, TokenRequest};
+use crate::google::UpstreamError;
 use crate::trust::Refusal;
 use sha2::{Digest, Sha256};
 
@@ -180,6 +181,7 @@ async fn issue(
         now,
         metrics: &broker.metrics,
     };
+    flow.authorize(auth.rule, &params)?;
     let minted = if flow.calls_upstream() {
         let key = CacheKey {
             cert_sha256: auth.identity.sha256_hex.clone(),
@@ -190,7 +192,17 @@ async fn issue(
             service_account: params.service_account.clone(),
             target_audience: params.target_audience.clone(),
         };
-        broker.cache.get_or_mint(key, flow.mint(&ctx)).await?
+        // One deadline for the whole request, however many upstream calls it takes.
+        let deadline = broker
+            .config
+            .google
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(10), |g| g.deadline);
+        tokio::time::timeout(deadline, broker.cache.get_or_mint(key, flow.mint(&ctx)))
+            .await
+            .map_err(|_| {
+                FlowError::Upstream(UpstreamError::DeadlineExceeded(deadline.as_secs()))
+            })??
     } else {
         flow.mint(&ctx).await?
     };

@@ -57,7 +57,8 @@ impl LocalSigner {
                 .map_err(|e| SignerError::Key(format!("cannot read {}: {e}", file.display())))?;
             let (mut key, jwk) =
                 load_key(&pem).map_err(|e| SignerError::Key(format!("{}: {e}", file.display())))?;
-            key.not_before = not_before(file);
+            key.not_before = not_before(file)
+                .map_err(|e| SignerError::Key(format!("{}: {e}", file.display())))?;
             key.since = match key.not_before {
                 0 => modified(file),
                 dated => dated,
@@ -91,19 +92,27 @@ impl LocalSigner {
     }
 }
 
-/// The UTC time at the end of a key file's name (`...YYYYMMDDTHHMMSSZ.pem`), else 0.
-fn not_before(file: &Path) -> i64 {
+/// The UTC time at the end of a key file's name (`...YYYYMMDDTHHMMSSZ.pem`), 0 if undated.
+/// A suffix shaped like a time that does not parse is an error, not an undated key: it
+/// would otherwise sign at once, before other replicas published it.
+fn not_before(file: &Path) -> Result<i64, String> {
     let stem = file
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or_default();
     let Some(stamp) = stem.len().checked_sub(16).and_then(|i| stem.get(i..)) else {
-        return 0;
+        return Ok(0);
     };
+    let bytes = stamp.as_bytes();
+    let looks_dated = bytes[8].eq_ignore_ascii_case(&b'T') && bytes[15].eq_ignore_ascii_case(&b'Z');
+    if !looks_dated {
+        return Ok(0);
+    }
     jiff::civil::DateTime::strptime("%Y%m%dT%H%M%SZ", stamp)
         .ok()
         .and_then(|t| t.to_zoned(jiff::tz::TimeZone::UTC).ok())
-        .map_or(0, |t| t.timestamp().as_second())
+        .map(|t| t.timestamp().as_second())
+        .ok_or_else(|| format!("{stamp:?} is not a UTC time like 20270101T000000Z"))
 }
 
 fn modified(file: &Path) -> i64 {
@@ -192,10 +201,11 @@ mod tests {
     fn dated_key_names() {
         assert_eq!(
             not_before(Path::new("k/signing-20261201T000000Z.pem")),
-            1_796_083_200
+            Ok(1_796_083_200)
         );
-        assert_eq!(not_before(Path::new("k/signing-0001.pem")), 0);
-        assert_eq!(not_before(Path::new("k/x.pem")), 0);
-        assert_eq!(not_before(Path::new("k/signing-20261301T000000Z.pem")), 0);
+        assert_eq!(not_before(Path::new("k/signing-0001.pem")), Ok(0));
+        assert_eq!(not_before(Path::new("k/x.pem")), Ok(0));
+        assert!(not_before(Path::new("k/signing-20261301T000000Z.pem")).is_err());
+        assert!(not_before(Path::new("k/signing-20261201t000000z.pem")).is_err());
     }
 }
