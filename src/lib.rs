@@ -20,12 +20,15 @@
 //! - [`server`]: listeners, connection handling and shutdown.
 //! - [`metrics`] / [`admin`]: Prometheus metrics and the plain-HTTP admin listener.
 //! - [`devpki`]: the development PKI made by `init` and the first `serve`.
+//! - [`client`] / [`agent`]: the device side: `token` and the GCE metadata-server emulator.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod agent;
 pub mod broker;
 pub mod cache;
 pub mod claims;
+pub mod client;
 pub mod clients;
 pub mod config;
 pub mod devpki;

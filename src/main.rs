@@ -7,7 +7,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use token_broker::agent::AgentConfig;
 use token_broker::broker::{issuer_url, Broker};
+use token_broker::client::{
+    self, BrokerClient, CachingClient, ClientError, TokenCacheFile, TokenParams,
+};
 use token_broker::config::Config;
 use token_broker::metrics::Metrics;
 use token_broker::server::{Live, Server};
@@ -66,12 +70,90 @@ enum Command {
     },
     /// Print the public JWKS.
     Jwks,
+    /// Device side: fetch a token from a broker with this device's certificate.
+    Token(TokenArgs),
+    /// Device side: serve the GCE metadata-server subset Google libraries use, from the broker.
+    Agent(AgentArgs),
     /// Print the gcloud commands that connect this issuer to Google Workload Identity Federation.
     WifSetup {
         /// Project ID for gcloud's --project (the config holds the project number).
         #[arg(long, default_value = "PROJECT_ID")]
         project_id: String,
     },
+}
+
+/// How to reach the broker as this device.
+#[derive(clap::Args)]
+struct DeviceArgs {
+    /// Broker URL (its /token endpoint is used).
+    #[arg(long, env = "TOKEN_BROKER_URL")]
+    url: String,
+    /// Device certificate (PEM, leaf first, then intermediates).
+    #[arg(long, env = "TOKEN_BROKER_CERT")]
+    cert: PathBuf,
+    /// Device private key (PEM; must not be readable by others).
+    #[arg(long, env = "TOKEN_BROKER_KEY")]
+    key: PathBuf,
+    /// CA certificate(s) to trust for the broker (default: public roots).
+    #[arg(long, env = "TOKEN_BROKER_CA")]
+    ca: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+    #[arg(long)]
+    audience: Option<String>,
+    /// Google OAuth scopes (space-separated).
+    #[arg(long)]
+    scope: Option<String>,
+    #[arg(long)]
+    service_account: Option<String>,
+    /// Audience of a Google-signed ID token (with --service-account).
+    #[arg(long)]
+    target_audience: Option<String>,
+    #[arg(long, value_enum, default_value_t = TokenFormat::Json)]
+    format: TokenFormat,
+    /// Keep the token in this file (mode 0600) and reuse it until shortly before it expires.
+    #[arg(long)]
+    cache: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TokenFormat {
+    /// The broker's JSON answer.
+    Json,
+    /// The access token alone.
+    Raw,
+    /// AIP-4117 executable-sourced credential response (for Google client libraries).
+    Executable,
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Address to serve on; point GCE_METADATA_HOST at it.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// Allow a non-loopback --listen address.
+    #[arg(long)]
+    allow_remote: bool,
+    /// The service account whose tokens the agent serves.
+    #[arg(long)]
+    service_account: String,
+    /// Default scopes (comma-separated).
+    #[arg(
+        long,
+        default_value = "https://www.googleapis.com/auth/cloud-platform",
+        value_delimiter = ','
+    )]
+    scopes: Vec<String>,
+    #[arg(long, default_value = "")]
+    project_id: String,
+    #[arg(long, default_value = "")]
+    numeric_project_id: String,
 }
 
 fn main() -> ExitCode {
@@ -137,6 +219,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::WifSetup { project_id } => wif_setup(&cli.config, &project_id),
+        Command::Token(args) => Ok(token(args)),
+        Command::Agent(args) => agent(args),
         Command::Jwks => {
             let config = Config::load(&cli.config)?;
             let broker = Broker::build(config, Arc::new(Metrics::new())).map_err(|p| {
@@ -156,6 +240,75 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn device_client(device: &DeviceArgs) -> Result<BrokerClient, ClientError> {
+    BrokerClient::new(&device.url, &device.cert, &device.key, device.ca.as_deref())
+}
+
+/// `token`: prints the token; errors go to stderr (or stdout as AIP-4117 for libraries).
+fn token(args: TokenArgs) -> ExitCode {
+    let params = TokenParams {
+        audience: args.audience,
+        scope: args.scope,
+        service_account: args.service_account,
+        target_audience: args.target_audience,
+    };
+    let cache = args.cache.as_deref().map(TokenCacheFile::new);
+    let result = match cache.as_ref().and_then(|c| c.load(&params)) {
+        Some(token) => Ok(token),
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ClientError::Local(e.to_string()))
+            .and_then(|runtime| {
+                runtime.block_on(async { device_client(&args.device)?.fetch(&params).await })
+            })
+            .and_then(|token| {
+                if let Some(cache) = &cache {
+                    cache.store(&params, &token)?;
+                }
+                Ok(token)
+            }),
+    };
+    match (result, args.format) {
+        (Ok(token), TokenFormat::Json) => println!("{}", token.to_json()),
+        (Ok(token), TokenFormat::Raw) => println!("{}", token.access_token),
+        (Ok(token), TokenFormat::Executable) => println!("{}", token.to_executable()),
+        (Err(error), format) => {
+            if format == TokenFormat::Executable {
+                println!("{}", client::executable_error(&error));
+            }
+            eprintln!("error: {error}");
+            return ExitCode::from(error.exit_code());
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    token_broker::agent::check_listen(args.listen, args.allow_remote)
+        .map_err(anyhow::Error::msg)?;
+    let client = device_client(&args.device)?;
+    let config = AgentConfig {
+        service_account: args.service_account,
+        scopes: args.scopes,
+        project_id: args.project_id,
+        numeric_project_id: args.numeric_project_id,
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        tracing::info!(listen = %listener.local_addr()?, "metadata agent serving; set GCE_METADATA_HOST to this address");
+        tokio::select! {
+            _ = token_broker::agent::serve(listener, config, CachingClient::new(client)) => {}
+            _ = shutdown_signal() => {}
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn wif_setup(config_path: &Path, project_id: &str) -> anyhow::Result<ExitCode> {
