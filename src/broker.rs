@@ -39,6 +39,8 @@ impl std::error::Error for Problems {}
 
 pub struct Broker {
     pub config: Config,
+    /// Unique per build; keys per-connection verdict caches.
+    generation: u64,
     pub google: Option<Arc<Google>>,
     /// Survives reloads: replacing it would cost every device an upstream call.
     pub cache: Arc<TokenCache>,
@@ -52,6 +54,31 @@ pub struct Broker {
     /// Pre-rendered public documents: served on every request, never change until reload.
     pub discovery: Bytes,
     pub jwks: Bytes,
+}
+
+/// Counts broker builds: a verdict from one build is never reused by another.
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// One connection's last successful chain verdict (the chain cannot change mid-connection).
+#[derive(Default)]
+pub struct VerdictCache(std::sync::Mutex<Option<(u64, i64, Identity)>>);
+
+impl VerdictCache {
+    fn get(&self, generation: u64, now: i64) -> Option<Identity> {
+        let slot = self.0.lock().ok()?;
+        match &*slot {
+            Some((g, valid_until, identity)) if *g == generation && now < *valid_until => {
+                Some(identity.clone())
+            }
+            _ => None,
+        }
+    }
+
+    fn put(&self, generation: u64, valid_until: i64, identity: &Identity) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some((generation, valid_until, identity.clone()));
+        }
+    }
 }
 
 /// A certificate that passed validation and matched a client rule.
@@ -181,6 +208,7 @@ impl Broker {
                 let discovery = discovery_document(&config, signer.as_ref(), &flows);
                 let jwks = Bytes::from(signer.jwks().map(Value::to_string).unwrap_or_default());
                 let broker = Broker {
+                    generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                     config,
                     google,
                     cache,
@@ -251,9 +279,33 @@ impl Broker {
         chain: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<Authenticated<'_>, Refusal> {
+        self.authenticate_with(chain, now, None)
+    }
+
+    /// [`Broker::authenticate`], reusing a connection's earlier verdict while it provably
+    /// still holds: same broker generation (same trust store) and before the earliest
+    /// notAfter/nextUpdate it depended on. Rule matching always runs again.
+    pub fn authenticate_with(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+        verdicts: Option<&VerdictCache>,
+    ) -> Result<Authenticated<'_>, Refusal> {
         let leaf = chain.first().ok_or(Refusal::NoCertificate)?;
-        let identity = Identity::from_der(leaf).map_err(|e| Refusal::Malformed(e.to_string()))?;
-        self.trust.verify(chain, &identity, now)?;
+        let seconds = now.as_secs() as i64;
+        let cached = verdicts.and_then(|v| v.get(self.generation, seconds));
+        let identity = match cached {
+            Some(identity) => identity,
+            None => {
+                let identity =
+                    Identity::from_der(leaf).map_err(|e| Refusal::Malformed(e.to_string()))?;
+                let valid_until = self.trust.verify(chain, &identity, now)?;
+                if let Some(verdicts) = verdicts {
+                    verdicts.put(self.generation, valid_until, &identity);
+                }
+                identity
+            }
+        };
         let (rule, matched) = self.rules.find(&identity).ok_or(Refusal::NoMatchingRule)?;
         let subject = rule.subject_for(&identity, &matched)?;
         Ok(Authenticated {

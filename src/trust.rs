@@ -133,6 +133,8 @@ pub struct TrustStore {
     anchors: Vec<TrustAnchor<'static>>,
     intermediates: Vec<CertificateDer<'static>>,
     crls: Vec<CertRevocationList<'static>>,
+    /// The earliest nextUpdate of the CRLs (`i64::MAX` without CRLs).
+    crls_valid_until: i64,
     /// Subjects of the roots, sent in the CertificateRequest so clients pick the right cert.
     pub root_subjects: Vec<rustls::DistinguishedName>,
     pub cas: Vec<CaInfo>,
@@ -146,6 +148,7 @@ impl TrustStore {
             anchors: Vec::new(),
             intermediates: Vec::new(),
             crls: Vec::new(),
+            crls_valid_until: i64::MAX,
             root_subjects: Vec::new(),
             cas: Vec::new(),
         };
@@ -194,18 +197,28 @@ impl TrustStore {
                 message: format!("not a valid CRL: {e}"),
             })?;
             store.crls.push(CertRevocationList::Owned(crl));
+            // A CRL without nextUpdate never expires for webpki either.
+            if let Ok((_, parsed)) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
+            {
+                if let Some(next) = parsed.next_update() {
+                    store.crls_valid_until = store.crls_valid_until.min(next.timestamp());
+                }
+            }
         }
         Ok(store)
     }
 
     /// Validates `chain` (leaf first, then any intermediates the client sent) at `now`.
-    /// `leaf` is the already parsed identity of `chain[0]`.
+    /// `leaf` is the already parsed identity of `chain[0]`. On success, returns until when
+    /// this verdict stays true for this store: the earliest notAfter on the verified path
+    /// and the earliest CRL nextUpdate (nothing else in it depends on the time).
     pub fn verify(
         &self,
         chain: &[CertificateDer<'_>],
         leaf: &Identity,
         now: UnixTime,
-    ) -> Result<(), Refusal> {
+    ) -> Result<i64, Refusal> {
         let (end_entity, sent_intermediates) = chain.split_first().ok_or(Refusal::NoCertificate)?;
         let cert =
             EndEntityCert::try_from(end_entity).map_err(|e| Refusal::Malformed(e.to_string()))?;
@@ -224,18 +237,28 @@ impl TrustStore {
                     .build()
             });
 
-        cert.verify_for_usage(
-            self.algorithms,
-            &self.anchors,
-            &intermediates,
-            now,
-            KeyUsage::client_auth(),
-            revocation,
-            None,
-        )
-        .map_err(|e| refusal_from_webpki(e, leaf, chain.len()))?;
+        let path = cert
+            .verify_for_usage(
+                self.algorithms,
+                &self.anchors,
+                &intermediates,
+                now,
+                KeyUsage::client_auth(),
+                revocation,
+                None,
+            )
+            .map_err(|e| refusal_from_webpki(e, leaf, chain.len()))?;
+        leaf_policy(leaf)?;
 
-        leaf_policy(leaf)
+        let path_expiry = path
+            .intermediate_certificates()
+            .filter_map(|c| {
+                X509Certificate::from_der(&c.der())
+                    .ok()
+                    .map(|(_, x)| x.validity().not_after.timestamp())
+            })
+            .fold(leaf.not_after, i64::min);
+        Ok(path_expiry.min(self.crls_valid_until))
     }
 
     pub fn crl_count(&self) -> usize {

@@ -614,3 +614,77 @@ async fn reloads_are_counted_and_readyz_reports_ready() {
     );
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connections_reused_verdict_ends_with_its_certificate_and_with_a_reload() {
+    let setup = Setup::new();
+    let now = time::OffsetDateTime::now_utc();
+    let short = setup.intermediate.leaf(&LeafSpec {
+        not_after: now + time::Duration::seconds(3),
+        ..LeafSpec::device("short-lived")
+    });
+    let doomed = setup
+        .intermediate
+        .leaf(&LeafSpec::device("doomed-keepalive"));
+    let broker = setup.start().await;
+    let post = |client: reqwest::Client| {
+        let url = broker.url("/token");
+        async move {
+            let response = client
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body("grant_type=client_credentials")
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    // One client = one kept-alive connection.
+    let short_client = broker.client(Some(&short));
+    let doomed_client = broker.client(Some(&doomed));
+    assert_eq!(post(short_client.clone()).await.0, 200);
+    assert_eq!(post(doomed_client.clone()).await.0, 200);
+    assert_eq!(
+        broker
+            .metric(r#"token_broker_tls_handshakes_total{result="ok"}"#)
+            .await,
+        2.0
+    );
+
+    // Revoked by a reload: the same connection is refused at once.
+    broker.setup.write(
+        "intermediate.crl.pem",
+        &broker.setup.intermediate.crl(&[doomed.serial]),
+    );
+    broker.live.reload().unwrap();
+    let (status, body) = post(doomed_client).await;
+    assert_eq!(
+        (status, body["error_description"].as_str()),
+        (
+            401,
+            Some("certificate revoked (listed in its issuer's CRL)")
+        )
+    );
+
+    // Expired while connected (notAfter is inclusive and has whole seconds): refused on the
+    // same connection.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let (status, body) = post(short_client).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body["error_description"]
+        .as_str()
+        .unwrap()
+        .starts_with("certificate expired at"));
+    assert_eq!(
+        broker
+            .metric(r#"token_broker_tls_handshakes_total{result="ok"}"#)
+            .await,
+        2.0,
+        "no new connections were made"
+    );
+    broker.stop().await;
+}

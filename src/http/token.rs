@@ -134,7 +134,11 @@ async fn issue(
     audit.sha256 = Some(crate::identity::hex(&Sha256::digest(leaf)));
 
     let now = unix_now();
-    let auth = broker.authenticate(&conn.client_chain, crate::trust::at_unix(now))?;
+    let auth = broker.authenticate_with(
+        &conn.client_chain,
+        crate::trust::at_unix(now),
+        Some(&conn.verdict),
+    )?;
     audit.rule = Some(auth.rule.name.clone());
     audit.subject = Some(auth.subject.clone());
     audit.sha256 = Some(auth.identity.sha256_hex.clone());
