@@ -19,6 +19,15 @@ const FORBIDDEN_SA: &str = "token-broker@fake-project.iam.gserviceaccount.com";
 const RUN_URL: &str = "https://my-service-abc.a.run.app";
 
 fn google_section(fake: &FakeGoogle, credentials: &str) -> String {
+    google_section_with(fake, credentials, "1s", "3s")
+}
+
+fn google_section_with(
+    fake: &FakeGoogle,
+    credentials: &str,
+    request_timeout: &str,
+    deadline: &str,
+) -> String {
     format!(
         r#"
 [google]
@@ -29,8 +38,8 @@ credentials = "{credentials}"
 sts_url = "{url}"
 iam_credentials_url = "{url}"
 metadata_url = "{url}"
-request_timeout = "1s"
-deadline = "3s"
+request_timeout = "{request_timeout}"
+deadline = "{deadline}"
 "#,
         url = fake.url
     )
@@ -57,9 +66,18 @@ match = {{ spiffe = ["spiffe://test.example/local/*"] }}
 
 /// A fake Google and a broker using it with local keys; Google trusts the broker's JWKS.
 async fn start() -> (FakeGoogle, TestBroker, Leaf) {
+    start_with("1s", "3s").await
+}
+
+async fn start_with(request_timeout: &str, deadline: &str) -> (FakeGoogle, TestBroker, Leaf) {
     let fake = FakeGoogle::start(FakeGoogleConfig::new(ISSUER)).await;
     let mut setup = Setup::new();
-    setup.google = Some(google_section(&fake, "metadata"));
+    setup.google = Some(google_section_with(
+        &fake,
+        "metadata",
+        request_timeout,
+        deadline,
+    ));
     setup.rules = rules(&FakeGoogleConfig::new(ISSUER).default_audience());
     let leaf = setup.intermediate.leaf(&LeafSpec::device("dev-g"));
     let broker = setup.start().await;
@@ -295,9 +313,10 @@ async fn cache_serves_repeats_and_separates_keys() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fifty_concurrent_identical_requests_make_one_upstream_call() {
-    let (fake, broker, leaf) = start().await;
-    // A slow mint (each call under the 1s request timeout, 1.8s in all), so that every
-    // request arrives while the first one is still minting.
+    // Generous timeouts: a loaded machine must not turn the slow calls into retries.
+    let (fake, broker, leaf) = start_with("10s", "30s").await;
+    // A slow mint (1.8s in all), so that every request arrives while the first one is
+    // still minting.
     fake.inject(Api::Sts, Fault::Delay(Duration::from_millis(900)), 1);
     fake.inject(
         Api::GenerateAccessToken,
