@@ -324,7 +324,7 @@ rate_limit = { requests_per_minute = 6, burst = 2 }
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_clients_do_not_block_real_ones_and_are_closed() {
     let mut setup = Setup::new();
-    setup.extra_server = "handshake_timeout = \"1s\"\nrequest_header_timeout = \"1s\"".into();
+    setup.extra_server = "handshake_timeout = \"3s\"\nrequest_header_timeout = \"3s\"".into();
     let leaf = setup.intermediate.leaf(&LeafSpec::device("patient"));
     let broker = setup.start().await;
 

@@ -201,7 +201,12 @@ async fn sighup_reloads_and_sigterm_drains_in_flight_requests() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    for _ in 0..100 {
+        if fake.calls(Api::Sts) == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(fake.calls(Api::Sts), 3, "the requests are in flight");
     replica.signal("TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
