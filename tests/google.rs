@@ -413,23 +413,31 @@ async fn hanging_malformed_and_denied_upstreams() {
     let (fake, broker, leaf) = start().await;
     let request = form(&[("scope", STORAGE_READ), ("service_account", RUNNER)]);
 
-    // Google hangs: the device gets a 503 once the deadline (3s) is spent, not a hang.
+    // Google hangs (STS slow, then IAM hanging): the device gets a 503 once the one request
+    // deadline (3s) is spent: not a hang, and not a deadline per upstream call (12s here).
+    fake.inject(Api::Sts, Fault::Delay(Duration::from_millis(900)), 100);
     fake.inject(
         Api::GenerateAccessToken,
         Fault::Delay(Duration::from_secs(30)),
         100,
     );
     let started = Instant::now();
-    let (status, body) = broker.token(Some(&leaf), &request).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (503, Some("temporarily_unavailable")),
-        "{body}"
-    );
+    let response = broker
+        .client(Some(&leaf))
+        .post(broker.url("/token"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(request.clone())
+        .send()
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "temporarily_unavailable", "{body}");
     assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "waited {:?}",
-        started.elapsed()
+        elapsed < Duration::from_secs(7),
+        "waited {elapsed:?} for a 3s deadline"
     );
     broker.stop().await;
 
