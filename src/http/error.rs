@@ -89,15 +89,17 @@ impl TokenError {
 
     /// Seconds a client should wait before retrying, when Google said or we know.
     pub fn retry_after(&self) -> Option<u64> {
-        match self {
-            TokenError::RateLimited(seconds) => Some(*seconds),
-            TokenError::Flow(FlowError::Upstream(UpstreamError::Unavailable {
-                retry_after,
-                ..
-            }))
-            | TokenError::Flow(FlowError::Signer(SignerError::Upstream(
-                UpstreamError::Unavailable { retry_after, .. },
-            ))) => *retry_after,
+        let upstream = match self {
+            TokenError::RateLimited(seconds) => return Some((*seconds).clamp(1, 300)),
+            TokenError::Flow(FlowError::Upstream(e))
+            | TokenError::Flow(FlowError::Signer(SignerError::Upstream(e))) => e,
+            _ => return None,
+        };
+        match upstream {
+            UpstreamError::Unavailable { retry_after, .. } => {
+                retry_after.map(|seconds| seconds.clamp(1, 300))
+            }
+            UpstreamError::DeadlineExceeded(_) => Some(1),
             _ => None,
         }
     }
