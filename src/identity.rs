@@ -32,7 +32,7 @@ pub struct Identity {
     pub ip_sans: Vec<IpAddr>,
     /// The certificate's one `spiffe://` URI SAN, if it has exactly one.
     pub spiffe_id: Option<String>,
-    /// Serial number, lowercase hex without separators or leading zeros.
+    /// Serial number, lowercase hex without separators or DER sign padding.
     pub serial: String,
     /// SHA-256 of the DER certificate, lowercase hex (rules match on this).
     pub sha256_hex: String,
@@ -299,13 +299,14 @@ fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {
     }
 }
 
-/// A serial number as CAs print it: hex without the DER sign byte's leading zeros.
+/// A serial number as CAs print it: hex of its bytes without DER's leading zero bytes
+/// (the sign padding), as `openssl x509 -serial` shows it.
 fn serial_hex(raw: &[u8]) -> String {
-    let digits = hex(raw);
-    match digits.trim_start_matches('0') {
-        "" => "0".to_owned(),
-        trimmed => trimmed.to_owned(),
-    }
+    let start = raw
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
+    hex(&raw[start..])
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
@@ -372,7 +373,8 @@ mod tests {
     #[test]
     fn serials_print_like_cas_print_them() {
         assert_eq!(serial_hex(&[0x00, 0x8f, 0x01]), "8f01");
-        assert_eq!(serial_hex(&[0x00]), "0");
+        assert_eq!(serial_hex(&[0x0a, 0x01]), "0a01");
+        assert_eq!(serial_hex(&[0x00]), "00");
     }
 
     #[test]

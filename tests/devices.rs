@@ -39,15 +39,7 @@ async fn start() -> (FakeGoogle, TestBroker, Device) {
     let leaf = setup.intermediate.leaf(&LeafSpec::device("python-1"));
     let device = write_device(&setup, &leaf);
     let broker = setup.start().await;
-    let jwks: Value = broker
-        .client(None)
-        .get(broker.url("/jwks"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks: Value = broker.get_json("/jwks").await;
     fake.set_provider_jwks(jwks);
     (fake, broker, device)
 }

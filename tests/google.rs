@@ -81,15 +81,7 @@ async fn start_with(request_timeout: &str, deadline: &str) -> (FakeGoogle, TestB
     setup.rules = rules(&FakeGoogleConfig::new(ISSUER).default_audience());
     let leaf = setup.intermediate.leaf(&LeafSpec::device("dev-g"));
     let broker = setup.start().await;
-    let jwks: Value = broker
-        .client(None)
-        .get(broker.url("/jwks"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks: Value = broker.get_json("/jwks").await;
     fake.set_provider_jwks(jwks);
     (fake, broker, leaf)
 }
@@ -393,14 +385,7 @@ async fn upstream_failures_are_retried_or_answered_clearly() {
     // Unavailable for longer than the deadline: 503 temporarily_unavailable + Retry-After.
     let third = broker.setup.intermediate.leaf(&LeafSpec::device("dev-503"));
     fake.inject(Api::Sts, Fault::Status(503), 1000);
-    let response = broker
-        .client(Some(&third))
-        .post(broker.url("/token"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(sts)
-        .send()
-        .await
-        .unwrap();
+    let response = broker.post_token(Some(&third), &sts).await;
     assert_eq!(response.status(), 503);
     assert!(response.headers().contains_key("retry-after"));
     let body: Value = response.json().await.unwrap();
@@ -422,14 +407,7 @@ async fn hanging_malformed_and_denied_upstreams() {
         100,
     );
     let started = Instant::now();
-    let response = broker
-        .client(Some(&leaf))
-        .post(broker.url("/token"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(request.clone())
-        .send()
-        .await
-        .unwrap();
+    let response = broker.post_token(Some(&leaf), &request).await;
     let elapsed = started.elapsed();
     assert_eq!(response.status(), 503);
     let headers = response.headers().clone();
@@ -565,15 +543,7 @@ async fn start_iam(
 }
 
 async fn assert_iam_signed(fake: &FakeGoogle, broker: &TestBroker, leaf: &Leaf) {
-    let discovery: Value = broker
-        .client(None)
-        .get(broker.url("/.well-known/openid-configuration"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let discovery: Value = broker.get_json("/.well-known/openid-configuration").await;
     assert_eq!(
         discovery["id_token_signing_alg_values_supported"],
         serde_json::json!(["RS256"])

@@ -294,13 +294,8 @@ rate_limit = { requests_per_minute = 6, burst = 2 }
         );
     }
     let response = broker
-        .client(Some(&one))
-        .post(broker.url("/token"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("grant_type=client_credentials")
-        .send()
-        .await
-        .unwrap();
+        .post_token(Some(&one), "grant_type=client_credentials")
+        .await;
     assert_eq!(response.status(), 429);
     let wait: u64 = response.headers()["retry-after"]
         .to_str()
@@ -538,15 +533,7 @@ async fn hot_reload_under_load_changes_trust_crl_and_keys_without_failures() {
         .token(Some(&steady), "grant_type=client_credentials")
         .await;
     assert_eq!(status, 200);
-    let jwks: Value = broker
-        .client(None)
-        .get(broker.url("/jwks"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks: Value = broker.get_json("/jwks").await;
     let kids: Vec<&str> = jwks["keys"]
         .as_array()
         .unwrap()

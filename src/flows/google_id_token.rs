@@ -6,33 +6,18 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{
-    allowed_service_account, allowed_target_audience, federate, Flow, FlowDeps, FlowError,
-    MintContext, Minted, TokenRequest, ID_TOKEN_TYPE,
+    allowed_service_account, allowed_target_audience, Flow, FlowDeps, FlowError, GoogleFlowBase,
+    MintContext, Minted, TokenRequest, CLOUD_PLATFORM, ID_TOKEN_TYPE,
 };
 use crate::clients::ClientRule;
-use crate::google::Google;
-use crate::signer::Signer;
 
 pub const NAME: &str = "google-id-token";
 
-const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
-
 pub fn build(deps: &FlowDeps) -> Option<Arc<dyn Flow>> {
-    let google = deps.google.clone()?;
-    Some(Arc::new(GoogleIdToken {
-        audience: google.config().subject_token_audience(),
-        google,
-        issuer: deps.issuer.clone(),
-        signer: deps.signer.clone(),
-    }))
+    Some(Arc::new(GoogleIdToken(GoogleFlowBase::new(deps)?)))
 }
 
-struct GoogleIdToken {
-    google: Arc<Google>,
-    issuer: String,
-    signer: Arc<dyn Signer>,
-    audience: String,
-}
+struct GoogleIdToken(GoogleFlowBase);
 
 #[async_trait]
 impl Flow for GoogleIdToken {
@@ -45,7 +30,7 @@ impl Flow for GoogleIdToken {
     }
 
     fn subject_audience(&self) -> Option<&str> {
-        Some(&self.audience)
+        Some(&self.0.audience)
     }
 
     fn calls_upstream(&self) -> bool {
@@ -60,16 +45,9 @@ impl Flow for GoogleIdToken {
     async fn mint(&self, ctx: &MintContext<'_>) -> Result<Minted, FlowError> {
         let account = allowed_service_account(ctx.who.rule, ctx.request)?;
         let target = allowed_target_audience(ctx.who.rule, ctx.request)?;
-        let (federated, jti) = federate(
-            &self.google,
-            self.signer.as_ref(),
-            &self.issuer,
-            ctx,
-            NAME,
-            CLOUD_PLATFORM,
-        )
-        .await?;
+        let (federated, jti) = self.0.federate(ctx, NAME, CLOUD_PLATFORM).await?;
         let token = self
+            .0
             .google
             .generate_id_token(&federated.token, account, target)
             .await?;

@@ -6,34 +6,18 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{
-    allowed_scopes, allowed_service_account, federate, Flow, FlowDeps, FlowError, MintContext,
-    Minted, TokenRequest, ACCESS_TOKEN_TYPE,
+    allowed_scopes, allowed_service_account, Flow, FlowDeps, FlowError, GoogleFlowBase,
+    MintContext, Minted, TokenRequest, ACCESS_TOKEN_TYPE, CLOUD_PLATFORM,
 };
 use crate::clients::ClientRule;
-use crate::google::Google;
-use crate::signer::Signer;
 
 pub const NAME: &str = "impersonate";
 
-/// The federated token only needs to call IAM Credentials.
-const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
-
 pub fn build(deps: &FlowDeps) -> Option<Arc<dyn Flow>> {
-    let google = deps.google.clone()?;
-    Some(Arc::new(Impersonate {
-        audience: google.config().subject_token_audience(),
-        google,
-        issuer: deps.issuer.clone(),
-        signer: deps.signer.clone(),
-    }))
+    Some(Arc::new(Impersonate(GoogleFlowBase::new(deps)?)))
 }
 
-struct Impersonate {
-    google: Arc<Google>,
-    issuer: String,
-    signer: Arc<dyn Signer>,
-    audience: String,
-}
+struct Impersonate(GoogleFlowBase);
 
 #[async_trait]
 impl Flow for Impersonate {
@@ -48,7 +32,7 @@ impl Flow for Impersonate {
     }
 
     fn subject_audience(&self) -> Option<&str> {
-        Some(&self.audience)
+        Some(&self.0.audience)
     }
 
     fn calls_upstream(&self) -> bool {
@@ -63,17 +47,10 @@ impl Flow for Impersonate {
     async fn mint(&self, ctx: &MintContext<'_>) -> Result<Minted, FlowError> {
         let account = allowed_service_account(ctx.who.rule, ctx.request)?;
         let scopes = allowed_scopes(ctx.who.rule, ctx.request)?;
-        let (federated, jti) = federate(
-            &self.google,
-            self.signer.as_ref(),
-            &self.issuer,
-            ctx,
-            NAME,
-            CLOUD_PLATFORM,
-        )
-        .await?;
+        let (federated, jti) = self.0.federate(ctx, NAME, CLOUD_PLATFORM).await?;
         let scope_refs: Vec<&str> = scopes.iter().map(String::as_str).collect();
         let token = self
+            .0
             .google
             .generate_access_token(&federated.token, account, &scope_refs)
             .await?;

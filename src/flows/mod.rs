@@ -245,17 +245,48 @@ pub(crate) fn allowed_target_audience<'a>(
     }
 }
 
-/// A federated access token for the client: the broker's ID token for the provider's
-/// audience, exchanged at STS.
-pub(crate) async fn federate(
-    google: &Google,
-    signer: &dyn Signer,
-    issuer: &str,
-    ctx: &MintContext<'_>,
-    flow: &str,
-    scope: &str,
-) -> Result<(AccessToken, String), FlowError> {
-    let id_token = claims::issue(signer, ctx.metrics, issuer, &ctx.who, flow, ctx.now).await?;
-    let federated = google.exchange(&id_token.jwt, scope).await?;
-    Ok((federated, id_token.jti))
+/// What every Google flow needs: Google, and the broker token it exchanges at STS.
+pub(crate) struct GoogleFlowBase {
+    pub google: Arc<Google>,
+    issuer: String,
+    signer: Arc<dyn Signer>,
+    /// The workload identity provider's audience, carried by the exchanged broker token.
+    pub audience: String,
 }
+
+impl GoogleFlowBase {
+    /// `None` without `[google]`: the flow is then not offered.
+    pub fn new(deps: &FlowDeps) -> Option<GoogleFlowBase> {
+        let google = deps.google.clone()?;
+        Some(GoogleFlowBase {
+            audience: google.config().subject_token_audience(),
+            google,
+            issuer: deps.issuer.clone(),
+            signer: deps.signer.clone(),
+        })
+    }
+
+    /// A federated access token for the client: the broker's ID token for the provider's
+    /// audience, exchanged at STS. Returns the token and the broker token's `jti`.
+    pub async fn federate(
+        &self,
+        ctx: &MintContext<'_>,
+        flow: &str,
+        scope: &str,
+    ) -> Result<(AccessToken, String), FlowError> {
+        let id_token = claims::issue(
+            self.signer.as_ref(),
+            ctx.metrics,
+            &self.issuer,
+            &ctx.who,
+            flow,
+            ctx.now,
+        )
+        .await?;
+        let federated = self.google.exchange(&id_token.jwt, scope).await?;
+        Ok((federated, id_token.jti))
+    }
+}
+
+/// The scope of the federated token when it only serves to call IAM Credentials.
+pub(crate) const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";

@@ -6,31 +6,18 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{
-    allowed_scopes, federate, Flow, FlowDeps, FlowError, MintContext, Minted, TokenRequest,
+    allowed_scopes, Flow, FlowDeps, FlowError, GoogleFlowBase, MintContext, Minted, TokenRequest,
     ACCESS_TOKEN_TYPE,
 };
 use crate::clients::ClientRule;
-use crate::google::Google;
-use crate::signer::Signer;
 
 pub const NAME: &str = "sts-exchange";
 
 pub fn build(deps: &FlowDeps) -> Option<Arc<dyn Flow>> {
-    let google = deps.google.clone()?;
-    Some(Arc::new(StsExchange {
-        audience: google.config().subject_token_audience(),
-        google,
-        issuer: deps.issuer.clone(),
-        signer: deps.signer.clone(),
-    }))
+    Some(Arc::new(StsExchange(GoogleFlowBase::new(deps)?)))
 }
 
-struct StsExchange {
-    google: Arc<Google>,
-    issuer: String,
-    signer: Arc<dyn Signer>,
-    audience: String,
-}
+struct StsExchange(GoogleFlowBase);
 
 #[async_trait]
 impl Flow for StsExchange {
@@ -45,7 +32,7 @@ impl Flow for StsExchange {
     }
 
     fn subject_audience(&self) -> Option<&str> {
-        Some(&self.audience)
+        Some(&self.0.audience)
     }
 
     fn calls_upstream(&self) -> bool {
@@ -58,15 +45,7 @@ impl Flow for StsExchange {
 
     async fn mint(&self, ctx: &MintContext<'_>) -> Result<Minted, FlowError> {
         let scope = allowed_scopes(ctx.who.rule, ctx.request)?.join(" ");
-        let (federated, jti) = federate(
-            &self.google,
-            self.signer.as_ref(),
-            &self.issuer,
-            ctx,
-            NAME,
-            &scope,
-        )
-        .await?;
+        let (federated, jti) = self.0.federate(ctx, NAME, &scope).await?;
         Ok(Minted {
             access_token: federated.token,
             expires_at: federated.expires_at,

@@ -534,16 +534,32 @@ impl TestBroker {
         }
     }
 
-    /// POSTs a form to /token; returns the status and JSON body.
-    pub async fn token(&self, leaf: Option<&Leaf>, form: &str) -> (u16, Value) {
-        let response = self
-            .client(leaf)
+    /// GETs a public document (no client certificate) as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.client(None)
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// POSTs a form to /token and returns the raw response (status, headers, body).
+    pub async fn post_token(&self, leaf: Option<&Leaf>, form: &str) -> reqwest::Response {
+        self.client(leaf)
             .post(self.url("/token"))
             .header("content-type", "application/x-www-form-urlencoded")
             .body(form.to_owned())
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// POSTs a form to /token; returns the status and JSON body.
+    pub async fn token(&self, leaf: Option<&Leaf>, form: &str) -> (u16, Value) {
+        let response = self.post_token(leaf, form).await;
         assert_eq!(response.headers()["cache-control"], "no-store");
         let status = response.status().as_u16();
         (status, response.json().await.unwrap())
