@@ -1,0 +1,411 @@
+#!/usr/bin/env bash
+# token-broker benchmark: builds release, creates a dev PKI, starts the broker (ES256 and
+# RS256 signing keys) and nginx (mTLS reference), drives both with examples/loadgen.rs, runs
+# `openssl speed`, and prints a table and the ratios against the targets. See BENCHMARKS.md.
+#
+#   bench/run.sh            full run (~6-10 minutes)
+#   bench/run.sh --quick    tiny durations and connection counts (CI smoke test, < 1 minute)
+#
+# Options: --no-build (use the binaries already in $CARGO_TARGET_DIR/release),
+#          --keep (keep the work folder with logs), --out DIR (default bench/out/latest),
+#          --duration S (seconds per load run, default 10; quick 0.3).
+# Needs: cargo, python3, openssl; nginx (installed with apt-get when missing and possible).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+QUICK=0
+BUILD=1
+KEEP=0
+OUT="$ROOT/bench/out/latest"
+DURATION=""
+
+usage() { sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --quick) QUICK=1 ;;
+        --no-build) BUILD=0 ;;
+        --keep) KEEP=1 ;;
+        --out) OUT=$2; shift ;;
+        --duration) DURATION=$2; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "unknown option $1" >&2; usage >&2; exit 2 ;;
+    esac
+    shift
+done
+
+if [[ $QUICK == 1 ]]; then
+    DUR=${DURATION:-0.3}     # seconds per load run
+    WARMUP=0.2
+    CONC=16                  # concurrent workers/connections
+    IDLE_COUNTS=(100 200)    # idle connections held (cumulative)
+    SPEED_SECONDS=1
+    SETTLE=0.2               # pause before reading RSS
+    LOW_RATE_KEEPALIVE=200   # fixed low rates for the latency runs (req/s)
+    LOW_RATE_NEWCONN=50
+    PAIR_ROUNDS=1            # alternating rounds per paired comparison, seconds per side
+    PAIR_DUR=0.2
+    MODE_NAME=quick
+else
+    DUR=${DURATION:-10}
+    WARMUP=1
+    CONC=32
+    IDLE_COUNTS=(1000 10000)
+    SPEED_SECONDS=2
+    SETTLE=1
+    LOW_RATE_KEEPALIVE=1000
+    LOW_RATE_NEWCONN=200
+    PAIR_ROUNDS=5
+    PAIR_DUR=2
+    MODE_NAME=full
+fi
+IDLE_MAX=${IDLE_COUNTS[-1]}
+
+# shellcheck source=bench/common.sh
+source "$ROOT/bench/common.sh"
+
+for tool in python3 openssl cargo; do
+    command -v "$tool" >/dev/null || die "$tool is required"
+done
+
+# --- file descriptors: the broker, nginx and the load generator each hold up to IDLE_MAX.
+want_fds=$((IDLE_MAX + 2000))
+hard=$(ulimit -Hn)
+if [[ $hard != unlimited && $hard -lt $want_fds ]]; then
+    ulimit -Hn "$want_fds" 2>/dev/null || true
+    hard=$(ulimit -Hn)
+fi
+if [[ $hard == unlimited || $hard -ge $want_fds ]]; then
+    ulimit -n "$want_fds"
+else
+    ulimit -n "$hard"
+    fit=$((hard - 1000))
+    echo "bench: file descriptor limit $hard < $want_fds; idle connections capped at $fit" >&2
+    for i in "${!IDLE_COUNTS[@]}"; do
+        ((IDLE_COUNTS[i] > fit)) && IDLE_COUNTS[i]=$fit
+    done
+    IDLE_MAX=${IDLE_COUNTS[-1]}
+fi
+
+# --- nginx (reference): Debian package, installed when missing.
+NGINX=$(command -v nginx || true)
+[[ -z $NGINX && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
+if [[ -z $NGINX ]]; then
+    if command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+        log "installing nginx (apt-get)"
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+        NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+    elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+        log "installing nginx (sudo apt-get)"
+        sudo -n apt-get update -qq >/dev/null
+        sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+        NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+    else
+        die "nginx is missing and cannot be installed here (apt-get install nginx)"
+    fi
+fi
+[[ -x $NGINX ]] || die "nginx not found after installation"
+
+# --- build, work folder (cleanup on exit)
+bench_build
+bench_workdir token-broker-bench
+RESULTS="$WORK/results.jsonl"
+
+# --- machine
+log "machine"
+CPU_MODEL=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+"$PY" "$LIB" add "$RESULTS" "$("$PY" -c 'import json,sys; print(json.dumps(dict(zip(sys.argv[1::2], sys.argv[2::2]))))' \
+    name machine nproc "$(nproc)" cpu_model "$CPU_MODEL" kernel "$(uname -r)" \
+    mem "$(awk '/^MemTotal/ {printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo)" \
+    mode "$MODE_NAME" date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" loadavg_start "$(cut -d' ' -f1-3 /proc/loadavg)" \
+    openssl "$(openssl version)" nginx "$("$NGINX" -v 2>&1)" rustc "$(rustc --version 2>/dev/null || echo ?)" \
+    commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo ?)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo +uncommitted)")"
+echo "$(nproc) CPUs, $CPU_MODEL, kernel $(uname -r); work folder $WORK; duration ${DUR}s per run"
+
+# --- PKI: the broker's dev PKI (P-256 everywhere, ES256 signing key) plus an RSA-2048 key dir
+log "PKI"
+bench_pki
+ls "$PKI" "$PKI/keys" | tr '\n' ' '; echo
+
+# Whole-machine busy and steal ticks (/proc/stat): with the server's and the load
+# generator's own CPU they show how much else ran during a measurement (a noisy neighbour,
+# another build) and how much the hypervisor took.
+machine_ticks() { awk '/^cpu / {print $2 + $3 + $4, $9; exit}' /proc/stat; }
+
+# measure NAME TAGS_JSON "PIDS" LOADGEN_ARGS... : one loadgen run, server CPU around it.
+measure() {
+    local name=$1 tags=$2 pids=$3 out before after busy0 steal0 busy1 steal1 t0
+    shift 3
+    t0=${EPOCHREALTIME/./}
+    read -r busy0 steal0 < <(machine_ticks)
+    # shellcheck disable=SC2086 # pids is a list
+    before=$(cpu_ticks $pids)
+    out=$("$LOADGEN" "${CLIENT_ARGS[@]}" --label "$name" "$@") || die "loadgen failed: $name"
+    # shellcheck disable=SC2086
+    after=$(cpu_ticks $pids)
+    read -r busy1 steal1 < <(machine_ticks)
+    printf '%s\n' "$out" | "$PY" "$LIB" record "$RESULTS" "$name" "$tags" "$before" "$after" "$HZ" \
+        "{\"machine_busy_ticks\": $((busy1 - busy0)), \"steal_ticks\": $((steal1 - steal0)), \"window_s\": $((${EPOCHREALTIME/./} - t0))e-6}"
+}
+
+# matrix SERVER ALG LOG PORT "PIDS": new-connection and keep-alive paths, TLS 1.3 and 1.2,
+# each at maximum throughput and then at a fixed 50% of that maximum.
+matrix() {
+    local server=$1 alg=$2 loglevel=$3 port=$4 pids=$5 tls path flag name rate tags before_issued after_issued
+    for tls in 1.3 1.2; do
+        flag=()
+        [[ $tls == 1.2 ]] && flag=(--tls12)
+        for path in new-conn keep-alive; do
+            name="$server-$alg-tls$tls-$path"
+            [[ $loglevel == info || $server == nginx ]] || name="$name-log$loglevel"
+            tags=$(printf '{"server":"%s","alg":%s,"tls":"%s","path":"%s","log":"%s"}' "$server" \
+                "$([[ $alg == - ]] && echo null || echo "\"$alg\"")" "$tls" "$path" \
+                "$([[ $server == nginx ]] && echo - || echo "$loglevel")")
+            [[ $server == broker ]] && before_issued=$(issued)
+            measure "$name" "${tags%\}},\"kind\":\"max\"}" "$pids" --addr "127.0.0.1:$port" \
+                "${flag[@]+"${flag[@]}"}" --mode "$path" --concurrency "$CONC" --duration "$DUR"
+            if [[ $server == broker ]]; then
+                after_issued=$(issued)
+                echo "    server counted $((after_issued - before_issued)) tokens issued"
+            fi
+            rate=$("$PY" "$LIB" half-rate "$RESULTS" "$name")
+            measure "$name-rate" "${tags%\}},\"kind\":\"rate\"}" "$pids" --addr "127.0.0.1:$port" \
+                "${flag[@]+"${flag[@]}"}" --mode "$path" --concurrency "$CONC" --duration "$DUR" --rate "$rate"
+        done
+    done
+}
+
+# low_rate SERVER ALG LOG PORT "PIDS": latency at fixed low rates (TLS 1.3), far from
+# saturation, so that queueing on the shared 2 cores does not dominate the tail.
+low_rate() {
+    local server=$1 alg=$2 loglevel=$3 port=$4 pids=$5 path rate tags
+    for path in keep-alive new-conn; do
+        rate=$LOW_RATE_KEEPALIVE
+        [[ $path == new-conn ]] && rate=$LOW_RATE_NEWCONN
+        tags=$(printf '{"server":"%s","alg":%s,"tls":"1.3","path":"%s","log":"%s","kind":"low"}' "$server" \
+            "$([[ $alg == - ]] && echo null || echo "\"$alg\"")" "$path" "$loglevel")
+        measure "$server-$alg-tls1.3-$path-at-$rate" "$tags" "$pids" --addr "127.0.0.1:$port" \
+            --mode "$path" --concurrency "$CONC" --duration "$DUR" --rate "$rate"
+    done
+}
+
+warmup() { # warmup PORT
+    "$LOADGEN" "${CLIENT_ARGS[@]}" --addr "127.0.0.1:$1" --mode new-conn --concurrency 8 --duration "$WARMUP" >/dev/null
+    "$LOADGEN" "${CLIENT_ARGS[@]}" --addr "127.0.0.1:$1" --mode keep-alive --concurrency 8 --duration "$WARMUP" >/dev/null
+}
+
+log "broker, ES256 signing key, default log level (info: one audit line per token)"
+start_broker broker-es256 "$PKI/keys"
+warmup "$BROKER_PORT"
+matrix broker ES256 info "$BROKER_PORT" "$BROKER_PID"
+low_rate broker ES256 info "$BROKER_PORT" "$BROKER_PID"
+# The post-quantum hybrid key exchange, as clients that prefer it offer it (the matrix uses
+# X25519, which is what nginx on OpenSSL 3.0 negotiates; it cannot do the hybrid).
+tags='{"server":"broker","alg":"ES256","tls":"1.3","path":"new-conn","log":"info","kx":"X25519MLKEM768","kind":"max"}'
+measure broker-ES256-tls1.3-new-conn-pqkx "$tags" "$BROKER_PID" --addr "127.0.0.1:$BROKER_PORT" \
+    --kx x25519mlkem768 --mode new-conn --concurrency "$CONC" --duration "$DUR"
+stop_broker broker-es256
+
+log "broker, RS256 signing key (RSA-2048)"
+start_broker broker-rs256 "$WORK/keys-rs256"
+warmup "$BROKER_PORT"
+matrix broker RS256 info "$BROKER_PORT" "$BROKER_PID"
+stop_broker broker-rs256
+
+# --- Google cache-hit path: the sts-exchange flow answered from the broker's token cache.
+# A minimal fake STS (bench/fake_sts.py, plain HTTP on loopback) answers the first exchange;
+# every measured request is a cache hit (checked with the cache metrics and the fake's count).
+log "broker, Google sts-exchange flow served from the token cache (fake STS behind the first miss)"
+read -r STS_PORT < <("$PY" "$LIB" free-ports 1)
+"$PY" "$ROOT/bench/fake_sts.py" "$STS_PORT" &
+STS_PID=$!
+PIDS+=("$STS_PID")
+"$PY" "$LIB" wait-tcp "127.0.0.1:$STS_PORT" 10
+SCOPE=https://www.googleapis.com/auth/cloud-platform
+BROKER_RULE_FLOWS='["mtls-client-credentials", "sts-exchange"]'
+BROKER_RULE_EXTRA="scopes = [\"$SCOPE\"]"
+BROKER_EXTRA_CONFIG="[google]
+project_number = \"123456789012\"
+pool_id = \"devices\"
+provider_id = \"token-broker\"
+sts_url = \"http://127.0.0.1:$STS_PORT\""
+start_broker broker-google "$PKI/keys"
+BROKER_RULE_FLOWS='["mtls-client-credentials"]'
+BROKER_RULE_EXTRA=""
+BROKER_EXTRA_CONFIG=""
+GOOGLE_BODY="grant_type=client_credentials&scope=$("$PY" -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$SCOPE")"
+cache_metric() { "$PY" "$LIB" metric "http://127.0.0.1:$ADMIN_PORT/metrics" "token_broker_token_cache_$1_total"; }
+# The first request misses (one exchange at the fake STS); the rest hit.
+"$LOADGEN" "${CLIENT_ARGS[@]}" --addr "127.0.0.1:$BROKER_PORT" --body "$GOOGLE_BODY" --mode keep-alive \
+    --concurrency 1 --duration "$WARMUP" >/dev/null
+hits0=$(cache_metric hits)
+misses0=$(cache_metric misses)
+tags='{"server":"broker","alg":"ES256","tls":"1.3","path":"keep-alive","log":"info","flow":"sts-exchange cache hit"'
+measure broker-google-cache-hit "$tags,\"kind\":\"max\"}" "$BROKER_PID" --addr "127.0.0.1:$BROKER_PORT" \
+    --body "$GOOGLE_BODY" --mode keep-alive --concurrency "$CONC" --duration "$DUR"
+rate=$("$PY" "$LIB" half-rate "$RESULTS" broker-google-cache-hit)
+measure broker-google-cache-hit-rate "$tags,\"kind\":\"rate\"}" "$BROKER_PID" --addr "127.0.0.1:$BROKER_PORT" \
+    --body "$GOOGLE_BODY" --mode keep-alive --concurrency "$CONC" --duration "$DUR" --rate "$rate"
+measure "broker-google-cache-hit-at-$LOW_RATE_KEEPALIVE" "$tags,\"kind\":\"low\"}" "$BROKER_PID" \
+    --addr "127.0.0.1:$BROKER_PORT" --body "$GOOGLE_BODY" --mode keep-alive --concurrency "$CONC" \
+    --duration "$DUR" --rate "$LOW_RATE_KEEPALIVE"
+hits=$(($(cache_metric hits) - hits0))
+misses=$(($(cache_metric misses) - misses0))
+exchanges=$("$PY" -c "import json, urllib.request; print(json.load(urllib.request.urlopen('http://127.0.0.1:$STS_PORT/count'))['count'])")
+echo "    cache hits $hits, misses $misses during the runs; fake STS exchanges in all: $exchanges"
+[[ $misses == 0 ]] || echo "bench: $misses cache misses during the cache-hit runs" >&2
+stop_broker broker-google
+stop_pid "$STS_PID" TERM
+
+# --- nginx: same server certificate, CA bundle and CRL; static 200 for POST /token.
+log "nginx reference (mTLS, static 200)"
+NGINX_DIR="$WORK/nginx"
+mkdir -p "$NGINX_DIR/tmp"
+read -r NGINX_PORT < <("$PY" "$LIB" free-ports 1)
+cat >"$NGINX_DIR/nginx.conf" <<EOF
+worker_processes $(nproc);
+worker_rlimit_nofile $want_fds;
+pid $NGINX_DIR/nginx.pid;
+error_log $NGINX_DIR/error.log warn;
+events { worker_connections $((IDLE_MAX + 1000)); }
+http {
+    access_log off;
+    client_body_temp_path $NGINX_DIR/tmp/body;
+    proxy_temp_path $NGINX_DIR/tmp/proxy;
+    fastcgi_temp_path $NGINX_DIR/tmp/fastcgi;
+    uwsgi_temp_path $NGINX_DIR/tmp/uwsgi;
+    scgi_temp_path $NGINX_DIR/tmp/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 3600s;
+    server {
+        listen 127.0.0.1:$NGINX_PORT ssl;
+        server_name localhost;
+        ssl_certificate $PKI/server.pem;
+        ssl_certificate_key $PKI/server-key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_verify_client on;
+        ssl_client_certificate $PKI/ca.pem;
+        ssl_crl $PKI/ca.crl.pem;
+        location = /token { return 200 "ok"; }
+        location / { return 404; }
+    }
+}
+EOF
+"$NGINX" -t -q -c "$NGINX_DIR/nginx.conf" -p "$NGINX_DIR" -e "$NGINX_DIR/error.log"
+"$NGINX" -c "$NGINX_DIR/nginx.conf" -p "$NGINX_DIR" -e "$NGINX_DIR/error.log" -g 'daemon off;' &
+NGINX_PID=$!
+PIDS+=("$NGINX_PID")
+"$PY" "$LIB" wait-tcp "127.0.0.1:$NGINX_PORT" 10
+for _ in $(seq 1 100); do
+    (($(children "$NGINX_PID" | wc -l) >= $(nproc))) && break
+    sleep 0.05
+done
+NGINX_WORKERS=$(children "$NGINX_PID" | tr '\n' ' ')
+[[ -n $NGINX_WORKERS ]] || die "no nginx worker process"
+NGINX_PIDS="$NGINX_PID $NGINX_WORKERS" # CPU and RSS: master and all workers summed
+echo "nginx: master $NGINX_PID, processes $NGINX_PIDS, https://127.0.0.1:$NGINX_PORT ($("$NGINX" -v 2>&1))"
+warmup "$NGINX_PORT"
+matrix nginx - - "$NGINX_PORT" "$NGINX_PIDS"
+low_rate nginx - - "$NGINX_PORT" "$NGINX_PIDS"
+
+# --- Paired comparisons. This machine's speed drifts by 10-30% over minutes (shared host),
+# which moves every absolute figure; a ratio is only trustworthy when its two sides are
+# measured alternately, round after round. Pairs: broker vs nginx per new connection
+# (TLS 1.3 and 1.2), and the broker at log level info vs warn (the audit line's cost).
+log "paired rounds: broker (ES256) vs nginx, and TOKEN_BROKER_LOG=info vs warn, alternating"
+start_broker broker-paired-info "$PKI/keys"
+INFO_PID=$BROKER_PID
+INFO_PORT=$BROKER_PORT
+warmup "$INFO_PORT"
+start_broker broker-paired-warn "$PKI/keys" TOKEN_BROKER_LOG=warn
+WARN_PID=$BROKER_PID
+WARN_PORT=$BROKER_PORT
+warmup "$WARN_PORT"
+pair_round() { # pair_round PAIR ROUND SIDE PORT "PIDS" PATH [LOADGEN_ARGS...]
+    local pair=$1 round=$2 side=$3 port=$4 pids=$5 path=$6
+    shift 6
+    measure "pair-$pair-$side-$round" \
+        "{\"kind\":\"pair\",\"pair\":\"$pair\",\"side\":\"$side\",\"round\":$round}" "$pids" \
+        --addr "127.0.0.1:$port" --mode "$path" --concurrency "$CONC" --duration "$PAIR_DUR" "$@"
+}
+for round in $(seq 1 "$PAIR_ROUNDS"); do
+    pair_round newconn-tls1.3 "$round" broker "$INFO_PORT" "$INFO_PID" new-conn
+    pair_round newconn-tls1.3 "$round" nginx "$NGINX_PORT" "$NGINX_PIDS" new-conn
+    pair_round newconn-tls1.2 "$round" broker "$INFO_PORT" "$INFO_PID" new-conn --tls12
+    pair_round newconn-tls1.2 "$round" nginx "$NGINX_PORT" "$NGINX_PIDS" new-conn --tls12
+    pair_round logging-keep-alive "$round" info "$INFO_PORT" "$INFO_PID" keep-alive
+    pair_round logging-keep-alive "$round" warn "$WARN_PORT" "$WARN_PID" keep-alive
+    pair_round logging-new-conn "$round" info "$INFO_PORT" "$INFO_PID" new-conn
+    pair_round logging-new-conn "$round" warn "$WARN_PORT" "$WARN_PID" new-conn
+done
+BROKER_PID=$INFO_PID
+stop_broker broker-paired-info
+BROKER_PID=$WARN_PID
+stop_broker broker-paired-warn
+
+# --- memory: RSS idle, then with IDLE_COUNTS idle mTLS connections held (cumulative).
+# memory_run NAME SERVER PORT "PIDS" IDLE_REQUEST(0|1) COUNTS...
+memory_run() {
+    local name=$1 server=$2 port=$3 pids=$4 idle_request=$5 idle_kb held=0 n add out pid base points=() rss
+    shift 5
+    local loaders=()
+    sleep "$SETTLE"
+    # shellcheck disable=SC2086
+    idle_kb=$(rss_kb $pids)
+    echo "  $name: RSS idle $((idle_kb / 1024)) MiB"
+    for n in "$@"; do
+        add=$((n - held))
+        out="$WORK/$name-$n.out"
+        [[ $server == broker ]] && base=$(handshakes_ok)
+        extra=()
+        [[ $idle_request == 1 ]] && extra=(--idle-request)
+        "$LOADGEN" "${CLIENT_ARGS[@]}" --addr "127.0.0.1:$port" --mode idle --connections "$add" \
+            --concurrency 64 --duration 3600 --label "$name-$n" "${extra[@]+"${extra[@]}"}" >"$out" &
+        pid=$!
+        PIDS+=("$pid")
+        loaders+=("$pid")
+        "$PY" "$LIB" wait-line "$out" "$pid" 300
+        if [[ $server == broker ]]; then # wait until the server has completed every handshake
+            for _ in $(seq 1 200); do
+                (($(handshakes_ok) >= base + add)) && break
+                sleep 0.1
+            done
+        fi
+        sleep "$SETTLE"
+        held=$n
+        # shellcheck disable=SC2086
+        rss=$(rss_kb $pids)
+        "$PY" -c "import json,sys; d=json.loads(open(sys.argv[1]).read()); print('  %s: %d held (+%d, %d errors, %.0f handshakes/s), RSS %d MiB' % (sys.argv[2], int(sys.argv[3]), d['established'], d['errors'], d['handshakes_per_s'], int(sys.argv[4]) // 1024))" \
+            "$out" "$name" "$n" "$rss"
+        points+=("{\"connections\":$n,\"rss_kb\":$rss,\"bytes_per_conn\":$(((rss - idle_kb) * 1024 / n)),\"load\":$(cat "$out")}")
+    done
+    "$PY" "$LIB" add "$RESULTS" "{\"name\":\"memory-$name\",\"server\":\"$server\",\"idle_request\":$([[ $idle_request == 1 ]] && echo true || echo false),\"rss_idle_kb\":$idle_kb,\"points\":[$(IFS=,; echo "${points[*]}")]}"
+    for pid in "${loaders[@]}"; do stop_pid "$pid" TERM; done
+}
+
+log "memory: nginx with ${IDLE_COUNTS[*]} idle mTLS connections"
+memory_run nginx nginx "$NGINX_PORT" "$NGINX_PIDS" 0 "${IDLE_COUNTS[@]}"
+stop_pid "$NGINX_PID" TERM
+
+log "memory: fresh broker with ${IDLE_COUNTS[*]} idle mTLS connections"
+start_broker broker-memory "$PKI/keys"
+memory_run broker broker "$BROKER_PORT" "$BROKER_PID" 0 "${IDLE_COUNTS[@]}"
+stop_broker broker-memory
+log "memory: fresh broker, ${IDLE_COUNTS[0]} connections that each fetched one token"
+start_broker broker-memory-req "$PKI/keys"
+memory_run broker-after-request broker "$BROKER_PORT" "$BROKER_PID" 1 "${IDLE_COUNTS[0]}"
+stop_broker broker-memory-req
+
+# --- openssl speed: the signing floors, one core.
+log "openssl speed -seconds $SPEED_SECONDS ecdsap256 rsa2048"
+openssl speed -seconds "$SPEED_SECONDS" ecdsap256 rsa2048 >"$WORK/speed.txt" 2>/dev/null
+"$PY" "$LIB" speed "$RESULTS" "$WORK/speed.txt"
+
+# --- report
+log "report"
+"$PY" "$LIB" add "$RESULTS" "{\"name\":\"end\",\"loadavg\":\"$(cut -d' ' -f1-3 /proc/loadavg)\",\"date\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\"}"
+mkdir -p "$OUT"
+cp "$RESULTS" "$OUT/results.jsonl"
+"$PY" "$LIB" report "$RESULTS" "$OUT/report.md"
+echo
+echo "results: $OUT/results.jsonl, $OUT/report.md"
