@@ -4,6 +4,7 @@
 //! [`Broker::authenticate`], so the CLI can never disagree with the server.
 
 use std::fmt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -152,7 +153,12 @@ impl Broker {
         .map_err(|e| problems.push(format!("server: {e}")))
         .ok();
         let google = config.google.as_ref().and_then(|g| {
-            Google::new(g, metrics.clone())
+            // A key file path is relative to the config file, like every other path.
+            let mut g = g.clone();
+            if g.credentials != "metadata" {
+                g.credentials = config.path(Path::new(&g.credentials)).display().to_string();
+            }
+            Google::new(&g, metrics.clone())
                 .map(Arc::new)
                 .map_err(|e| problems.push(e))
                 .ok()
@@ -256,7 +262,7 @@ impl Broker {
         }
         if let Some(google) = &config.google {
             if google.credentials != "metadata" {
-                files.push(std::path::PathBuf::from(&google.credentials));
+                files.push(config.path(Path::new(&google.credentials)));
             }
         }
         files
