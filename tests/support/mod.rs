@@ -614,6 +614,20 @@ impl TestBroker {
             .unwrap()
     }
 
+    /// Waits (up to 5 s) for a sample to reach `expected`, and returns its last value: the
+    /// server counts a failed handshake just after the client has seen it fail.
+    pub async fn metric_eventually(&self, sample: &str, expected: f64) -> f64 {
+        let mut value = self.metric(sample).await;
+        for _ in 0..100 {
+            if value == expected {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            value = self.metric(sample).await;
+        }
+        value
+    }
+
     /// Value of one sample (`name{labels}`), 0 when absent.
     pub async fn metric(&self, sample: &str) -> f64 {
         metric_value(&self.metrics().await, sample)
