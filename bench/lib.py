@@ -447,9 +447,11 @@ COST_CENTRES = [
     ("authenticate: chain, CRL, rules (per token request)", r"token_broker::broker::Broker::authenticate_with"),
     ("  chain validation (webpki, incl. CRL)", r"token_broker::trust::TrustStore::verify"),
     ("    CRL signature check", r"CertRevocationList::verify_signature"),
-    ("JWT signing (josekit -> OpenSSL)", r"LocalSigner as token_broker::signer::Signer>::sign"),
-    ("  OpenSSL per-signature setup (EVP_DigestSignInit)", r"openssl::sign::Signer::new_intern"),
-    ("  OpenSSL sign (ECDSA/RSA + SHA-256)", r"openssl::sign::Signer::sign_to_vec"),
+    ("JWT signing (signer::local)", r"LocalSigner as token_broker::signer::Signer>::sign|token_broker::signer::local::SigningKey::sign"),
+    # The aws-lc-rs signature call is shared with the handshake's CertificateVerify: subtract it.
+    ("  ECDSA/RSA signature (aws-lc)", r"^aws_lc_0_\d+_0_(EVP_DigestSign|EVP_DigestSignFinal|ECDSA_sign|RSA_sign)$|^pkey_(ec|rsa)_sign$",
+     r"rustls::crypto::aws_lc_rs::sign::(Ecdsa|Rsa)Signer as rustls::crypto::signer::Signer>::sign"),
+    ("  OpenSSL via josekit (before aws-lc-rs signing)", r"openssl::sign::Signer::sign_to_vec|josekit::jws::alg::.*JwsSigner>::sign"),
     ("claims JSON (serde_json)", r"token_broker::claims::id_token_claims"),
     ("response body JSON", r"token_broker::http::token::success"),
     ("audit log line (tracing JSON -> stderr)", r"token_broker::http::token::log_decision"),
@@ -467,9 +469,12 @@ ALLOC_RE = re.compile(
 def centres_table(inclusive, per_request_unit, per_request_total):
     """inclusive: list of (pct, name). Returns lines with the max matching pct per centre."""
     lines = []
-    for label, pattern in COST_CENTRES:
+    for label, pattern, *minus in COST_CENTRES:
         rx = re.compile(pattern)
         pct = max((p for p, n in inclusive if rx.search(n)), default=0.0)
+        if minus:
+            rx_minus = re.compile(minus[0])
+            pct = max(0.0, pct - max((p for p, n in inclusive if rx_minus.search(n)), default=0.0))
         per_req = pct / 100 * per_request_total if per_request_total else None
         lines.append(f"  {label:<56} {pct:6.1f}%  {fmt(per_req, 1):>9} {per_request_unit}")
     return lines
@@ -512,7 +517,7 @@ def perf_summary(data, path, load_json, out_txt, cpu_seconds=None):
     kernel = sum(p for p, d in dso_shares if d.startswith("[kernel"))
     out.append(f"  {'allocation: malloc/free self time':<56} {alloc:6.1f}%  {fmt(alloc / 100 * per_req if per_req else None, 1):>9} µs")
     out.append(f"  {'kernel self time (TCP, syscalls, scheduling)':<56} {kernel:6.1f}%  {fmt(kernel / 100 * per_req if per_req else None, 1):>9} µs")
-    out += ["", "  by object (self; libcrypto.so.3 is OpenSSL, used only by josekit for JWT signing):"]
+    out += ["", "  by object (self; libcrypto.so.3 is OpenSSL, used by josekit):"]
     for p, d in dso_shares:
         if p >= 0.5:
             out.append(f"    {p:5.1f}%  {d}")

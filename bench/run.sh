@@ -3,7 +3,7 @@
 # RS256 signing keys) and nginx (mTLS reference), drives both with examples/loadgen.rs, runs
 # `openssl speed`, and prints a table and the ratios against the targets. See BENCHMARKS.md.
 #
-#   bench/run.sh            full run (~6-10 minutes)
+#   bench/run.sh            full run (~8 minutes on 2 cores)
 #   bench/run.sh --quick    tiny durations and connection counts (CI smoke test, < 1 minute)
 #
 # Options: --no-build (use the binaries already in $CARGO_TARGET_DIR/release),
@@ -63,7 +63,9 @@ IDLE_MAX=${IDLE_COUNTS[-1]}
 # shellcheck source=bench/common.sh
 source "$ROOT/bench/common.sh"
 
-for tool in python3 openssl cargo; do
+tools=(openssl)
+[[ $BUILD == 1 ]] && tools+=(cargo)
+for tool in "${tools[@]}"; do
     command -v "$tool" >/dev/null || die "$tool is required"
 done
 
