@@ -158,7 +158,7 @@ impl BrokerClient {
             .with_safe_default_protocol_versions()
             .map_err(|e| local(&e))?
             .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
+            .with_client_auth_cert(chain, key.clone_key())
             .map_err(|e| local(&format!("certificate and key do not fit together: {e}")))?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
@@ -237,23 +237,17 @@ fn root_cause(error: &reqwest::Error) -> String {
     cause.to_string()
 }
 
-/// A private key others can read is refused: it is the device's whole identity.
+/// A private key anyone but its owner can read is refused, stricter than the server (which
+/// allows a group): on a device the key is its whole identity and has one user.
 fn check_key_permissions(key: &Path) -> Result<(), ClientError> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(key)
-            .map_err(|e| ClientError::Local(format!("cannot read key {}: {e}", key.display())))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            return Err(ClientError::Local(format!(
-                "key {} is readable by others (mode {:o}); run: chmod 600 {}",
-                key.display(),
-                mode & 0o777,
-                key.display()
-            )));
-        }
+    let mode = pem::file_mode(key)
+        .map_err(|e| ClientError::Local(format!("cannot read key {}: {e}", key.display())))?;
+    if mode & 0o077 != 0 {
+        return Err(ClientError::Local(format!(
+            "key {} is readable by others (mode {mode:03o}); run: chmod 600 {}",
+            key.display(),
+            key.display()
+        )));
     }
     Ok(())
 }

@@ -68,6 +68,12 @@ pub fn server_config(
 ) -> Result<rustls::ServerConfig, TlsError> {
     let chain = pem::certificates(cert)?;
     let key = pem::private_key(key)?;
+    // Loaded from a borrow so that the only DER copy of the key stays in our zeroizing
+    // buffer (`with_single_cert` would take and drop an unwiped copy).
+    let signing_key =
+        rustls::crypto::aws_lc_rs::sign::any_supported_type(&key).map_err(TlsError::Certificate)?;
+    let certified = rustls::sign::CertifiedKey::new(chain, signing_key);
+    certified.keys_match().map_err(TlsError::Certificate)?;
     let provider = provider();
     let verifier = Arc::new(PossessionOnly {
         root_subjects,
@@ -77,8 +83,7 @@ pub fn server_config(
         .with_protocol_versions(versions)
         .map_err(TlsError::Certificate)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(TlsError::Certificate)?;
+        .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }

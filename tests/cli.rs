@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 use support::binary;
 
 fn run(args: &[&str], dir: &Path) -> Output {
-    Command::new(binary())
+    let out = Command::new(binary())
         .args(args)
         .current_dir(dir)
         .output()
-        .unwrap()
+        .unwrap();
+    support::logs::assert_no_secrets(&String::from_utf8_lossy(&out.stderr), &format!("{args:?}"));
+    out
 }
 
 fn free_port() -> u16 {
@@ -419,4 +421,49 @@ scopes = ["https://www.googleapis.com/auth/cloud-platform"]"#,
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("flow \"impersonate\" needs a [google] section"));
+}
+
+#[cfg(unix)]
+#[test]
+fn check_config_refuses_private_keys_every_user_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    shipped_config(dir.path());
+    assert!(run(&["init", "--dir", "certs/dev"], dir.path())
+        .status
+        .success());
+    let chmod = |file: &str, mode: u32| {
+        let path = dir.path().join(file);
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let check = || {
+        let out = run(&["check-config"], dir.path());
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(check().0, Some(0), "init writes keys owner-only");
+
+    for key in [
+        "certs/dev/server-key.pem",
+        "certs/dev/keys/signing-0001.pem",
+    ] {
+        chmod(key, 0o644);
+        let (code, stderr) = check();
+        assert_eq!(code, Some(1), "{key} world-readable: {stderr}");
+        assert!(
+            stderr.contains("every user of this machine can read it (mode 644)")
+                && stderr.contains(&format!("run `chmod 600 {key}`")),
+            "{stderr}"
+        );
+        chmod(key, 0o602);
+        assert!(check().1.contains("can write it"), "world-writable {key}");
+
+        // A group (root:ssl-cert 0640) is a sound layout: accepted with a warning.
+        chmod(key, 0o640);
+        let (code, stderr) = check();
+        assert_eq!(code, Some(0), "{key} group-readable: {stderr}");
+        chmod(key, 0o600);
+    }
 }

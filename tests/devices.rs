@@ -60,22 +60,7 @@ fn write_device(setup: &Setup, leaf: &Leaf) -> Device {
 
 /// `python3` that can `import google.auth` (installed from PyPI when missing).
 fn python() -> &'static str {
-    static READY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    READY.get_or_init(|| {
-        let has = || {
-            Command::new("python3")
-                .args(["-c", "import google.auth, requests"])
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !has() {
-            let _ = Command::new("python3")
-                .args(["-m", "pip", "install", "--quiet", "google-auth", "requests"])
-                .status();
-        }
-        assert!(has(), "these tests need the Python packages google-auth and requests (pip install google-auth requests; bash .ci/run does)");
-    });
-    "python3"
+    support::require_python_modules("google.auth, requests", &["google-auth", "requests"])
 }
 
 fn run_python(script: &str, env: &[(&str, &str)], home: &Path) -> Value {
@@ -226,7 +211,9 @@ async fn token_command_errors_say_what_to_do() {
             let at = args.iter().position(|a| a == "--key").unwrap();
             args[at + 1] = key.display().to_string();
         }
-        Command::new(support::binary()).args(args).output().unwrap()
+        let out = Command::new(support::binary()).args(args).output().unwrap();
+        support::logs::assert_no_secrets(&String::from_utf8_lossy(&out.stderr), "token");
+        out
     };
     // Refused by the broker: exit 2, its reason on stderr, AIP-4117 error on stdout.
     let out = run("--format executable --scope https://www.googleapis.com/auth/admin --service-account x@y.iam.gserviceaccount.com", None);

@@ -230,6 +230,8 @@ async fn sighup_reloads_and_sigterm_drains_in_flight_requests() {
         .await
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
+    let log = std::fs::read_to_string(setup.path("single.log")).unwrap();
+    support::logs::assert_no_secrets(&log, "the drained replica");
 }
 
 fn haproxy_config(frontend: u16, replicas: &[&Replica]) -> String {
@@ -343,6 +345,7 @@ async fn three_replicas_behind_haproxy_share_keys_and_survive_a_stop() {
             assert!(issued > 0.0, "replica {i} issued nothing");
         }
         let log = std::fs::read_to_string(setup.path(&format!("r{i}.log"))).unwrap();
+        support::logs::assert_no_secrets(&log, &format!("replica {i}"));
         assert!(
             log.contains(r#""peer":"127.0.0.2:"#),
             "replica {i} did not log the client address"

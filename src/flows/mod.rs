@@ -203,8 +203,8 @@ pub(crate) fn allowed_scopes(
     }
     match scopes.iter().find(|s| !rule.scopes.contains(s)) {
         Some(denied) => Err(FlowError::InvalidScope(format!(
-            "scope {:?} is not allowed for client {:?}",
-            denied.chars().take(200).collect::<String>(),
+            "scope {} is not allowed for client {:?}",
+            crate::http::echo(denied),
             rule.client_id
         ))),
         None => Ok(scopes),
@@ -221,8 +221,8 @@ pub(crate) fn allowed_service_account<'a>(
         Ok(account)
     } else {
         Err(FlowError::NotAllowed(format!(
-            "service account {:?} is not allowed for client {:?}",
-            account.chars().take(200).collect::<String>(),
+            "service account {} is not allowed for client {:?}",
+            crate::http::echo(account),
             rule.client_id
         )))
     }
@@ -238,8 +238,8 @@ pub(crate) fn allowed_target_audience<'a>(
         Ok(target)
     } else {
         Err(FlowError::InvalidTarget(format!(
-            "target_audience {:?} is not allowed for client {:?}",
-            target.chars().take(200).collect::<String>(),
+            "target_audience {} is not allowed for client {:?}",
+            crate::http::echo(target),
             rule.client_id
         )))
     }

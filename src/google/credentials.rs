@@ -39,30 +39,34 @@ struct TokenAnswer {
     expires_in: i64,
 }
 
+/// The fields of a Google service-account key file the broker uses.
+#[derive(Deserialize)]
+struct ServiceAccountKey {
+    client_email: String,
+    private_key_id: String,
+    token_uri: String,
+    /// Wiped when dropped; the parsed key lives on in OpenSSL, which clears it on free.
+    private_key: zeroize::Zeroizing<String>,
+}
+
 impl Credentials {
     pub(super) fn load(config: &GoogleConfig) -> Result<Credentials, String> {
         let source = if config.credentials == "metadata" {
             Source::Metadata
         } else {
             let path = &config.credentials;
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("google.credentials: cannot read {path}: {e}"))?;
-            let key: Value = serde_json::from_str(&text)
-                .map_err(|e| format!("google.credentials: {path} is not JSON: {e}"))?;
-            let field = |name: &str| {
-                key[name].as_str().map(str::to_owned).ok_or_else(|| {
-                    format!(
-                        "google.credentials: {path} has no {name:?} (is it a service-account key?)"
-                    )
-                })
-            };
+            let bytes = crate::pem::read_secret(std::path::Path::new(path))
+                .map_err(|e| format!("google.credentials: {e}"))?;
+            let key: ServiceAccountKey = serde_json::from_slice(&bytes).map_err(|e| {
+                format!("google.credentials: {path} is not a service-account key file: {e}")
+            })?;
             let signer = RS256
-                .signer_from_pem(field("private_key")?)
+                .signer_from_pem(key.private_key.as_bytes())
                 .map_err(|e| format!("google.credentials: {path}: private_key: {e}"))?;
             Source::KeyFile {
-                email: field("client_email")?,
-                key_id: field("private_key_id")?,
-                token_uri: field("token_uri")?,
+                email: key.client_email,
+                key_id: key.private_key_id,
+                token_uri: key.token_uri,
                 signer: Box::new(signer),
             }
         };

@@ -3,7 +3,8 @@
 mod error;
 mod token;
 
-pub use error::TokenError;
+pub use error::{echo, TokenError};
+pub use token::parse_form;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

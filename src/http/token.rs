@@ -6,7 +6,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use super::error::TokenError;
+use super::error::{echo, TokenError};
 use super::ConnInfo;
 use crate::broker::{unix_now, Authenticated, Broker};
 use crate::cache::CacheKey;
@@ -123,8 +123,8 @@ async fn issue(
         Some(EXTERNAL_CREDENTIAL) => {}
         Some(other) => {
             return Err(TokenError::InvalidRequest(format!(
-                "format {:?} is not supported; use external_credential or leave it out",
-                truncate(other, 100)
+                "format {} is not supported; use external_credential or leave it out",
+                echo(other)
             )))
         }
     }
@@ -147,8 +147,8 @@ async fn issue(
     if let Some(client_id) = &params.client_id {
         if *client_id != auth.rule.client_id {
             return Err(TokenError::InvalidClient(format!(
-                "client_id {:?} does not match this certificate's client {:?}",
-                truncate(client_id, 100),
+                "client_id {} does not match this certificate's client {:?}",
+                echo(client_id),
                 auth.rule.client_id
             )));
         }
@@ -224,8 +224,8 @@ fn audience_for(
 ) -> Result<String, TokenError> {
     let refuse = |audience: &str, allowed: &str| {
         TokenError::InvalidTarget(format!(
-            "audience {:?} is not allowed for client {:?} (allowed: {allowed})",
-            truncate(audience, 100),
+            "audience {} is not allowed for client {:?} (allowed: {allowed})",
+            echo(audience),
             auth.rule.client_id,
         ))
     };
@@ -255,8 +255,8 @@ async fn read_form_body(request: Request<Incoming>, limit: usize) -> Result<Byte
     let media_type = content_type.split(';').next().unwrap_or("").trim();
     if !media_type.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
         return Err(TokenError::UnsupportedMediaType(format!(
-            "Content-Type must be application/x-www-form-urlencoded, got {:?}",
-            truncate(content_type, 100)
+            "Content-Type must be application/x-www-form-urlencoded, got {}",
+            echo(content_type)
         )));
     }
     let declared = request
@@ -281,8 +281,8 @@ async fn read_form_body(request: Request<Incoming>, limit: usize) -> Result<Byte
 }
 
 /// Parses the form strictly: UTF-8, each parameter at most once (RFC 6749 3.2), empty
-/// values treated as absent, unknown parameters ignored.
-pub(crate) fn parse_form(body: &[u8]) -> Result<TokenRequest, TokenError> {
+/// values treated as absent, unknown parameters ignored. Public for the fuzz targets.
+pub fn parse_form(body: &[u8]) -> Result<TokenRequest, TokenError> {
     if std::str::from_utf8(body).is_err() {
         return Err(TokenError::InvalidRequest(
             "request body is not UTF-8".into(),
@@ -327,8 +327,8 @@ pub(crate) fn parse_form(body: &[u8]) -> Result<TokenRequest, TokenError> {
         }
         Some(other) => {
             return Err(TokenError::UnsupportedGrantType(format!(
-                "grant_type {:?} is not supported; use client_credentials",
-                truncate(other, 100)
+                "grant_type {} is not supported; use client_credentials",
+                echo(other)
             )))
         }
     }
@@ -338,13 +338,6 @@ pub(crate) fn parse_form(body: &[u8]) -> Result<TokenRequest, TokenError> {
 
 /// `format=external_credential`: Google's executable-sourced credential response (AIP-4117).
 const EXTERNAL_CREDENTIAL: &str = "external_credential";
-
-fn truncate(text: &str, max: usize) -> &str {
-    match text.char_indices().nth(max) {
-        Some((i, _)) => &text[..i],
-        None => text,
-    }
-}
 
 fn success(minted: &Minted, external_credential: bool) -> Response<Full<Bytes>> {
     let body = if external_credential {

@@ -70,8 +70,7 @@ impl LocalSigner {
 
         let (mut published, mut algorithms, mut keys) = (Vec::new(), Vec::new(), Vec::new());
         for file in &files {
-            let pem = std::fs::read(file)
-                .map_err(|e| SignerError::Key(format!("cannot read {}: {e}", file.display())))?;
+            let pem = crate::pem::read_secret(file).map_err(|e| SignerError::Key(e.to_string()))?;
             let (mut key, jwk) =
                 load_key(&pem).map_err(|e| SignerError::Key(format!("{}: {e}", file.display())))?;
             key.not_before = not_before(file)
@@ -144,8 +143,11 @@ fn modified(file: &Path) -> i64 {
 /// Reads one PEM private key as ES256 (P-256) or RS256 (RSA, 2048 bits or more).
 fn load_key(pem: &[u8]) -> Result<(SigningKey, Value), String> {
     if let Ok(pair) = ES256.key_pair_from_pem(pem) {
-        let key = EcdsaKeyPair::from_private_key_der(&ECDSA_P256_SHA256_FIXED_SIGNING, &der(pem)?)
-            .map_err(|e| format!("P-256 key: {e}"))?;
+        let key = EcdsaKeyPair::from_private_key_der(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            der(pem)?.secret_der(),
+        )
+        .map_err(|e| format!("P-256 key: {e}"))?;
         return finish("ES256", &pair.to_jwk_public_key(), KeyMaterial::Es256(key));
     }
     if let Ok(pair) = RS256.key_pair_from_pem(pem) {
@@ -156,8 +158,8 @@ fn load_key(pem: &[u8]) -> Result<(SigningKey, Value), String> {
             ));
         }
         let der = der(pem)?;
-        let key = RsaKeyPair::from_pkcs8(&der)
-            .or_else(|_| RsaKeyPair::from_der(&der))
+        let key = RsaKeyPair::from_pkcs8(der.secret_der())
+            .or_else(|_| RsaKeyPair::from_der(der.secret_der()))
             .map_err(|e| format!("RSA key: {e}"))?;
         return finish("RS256", &pair.to_jwk_public_key(), KeyMaterial::Rs256(key));
     }
@@ -165,10 +167,10 @@ fn load_key(pem: &[u8]) -> Result<(SigningKey, Value), String> {
 }
 
 /// The DER inside a PEM private key (PKCS#8, SEC1 or PKCS#1).
-fn der(pem: &[u8]) -> Result<Vec<u8>, String> {
+fn der(pem: &[u8]) -> Result<zeroize::Zeroizing<rustls_pki_types::PrivateKeyDer<'static>>, String> {
     use rustls_pki_types::pem::PemObject;
     rustls_pki_types::PrivateKeyDer::from_pem_slice(pem)
-        .map(|key| key.secret_der().to_vec())
+        .map(zeroize::Zeroizing::new)
         .map_err(|e| format!("PEM: {e}"))
 }
 
