@@ -134,9 +134,13 @@ impl Broker {
 
         let server = &config.server;
         let crls: Vec<_> = server.crls.iter().map(|p| config.path(p)).collect();
-        let trust = TrustStore::load(&config.path(&server.client_ca), &crls)
-            .map_err(|e| problems.push(format!("server.client_ca/crls: {e}")))
-            .ok();
+        let trust = TrustStore::load(
+            &config.path(&server.client_ca),
+            &crls,
+            &server.client_ca_pins,
+        )
+        .map_err(|e| problems.push(format!("server.client_ca/crls: {e}")))
+        .ok();
         let versions = tls::protocol_versions(&server.tls_versions)
             .map_err(|e| problems.push(format!("server.{e}")))
             .ok();

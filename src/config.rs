@@ -69,6 +69,10 @@ pub struct ServerConfig {
     /// CRLs (PEM or DER) for the client CAs.
     #[serde(default)]
     pub crls: Vec<PathBuf>,
+    /// Pins of the client CA roots' public keys; when given, every root of `client_ca`
+    /// must match one, so a CA dropped into the bundle is never trusted by accident.
+    #[serde(default)]
+    pub client_ca_pins: Vec<SpkiPin>,
     #[serde(default = "default_tls_versions")]
     pub tls_versions: Vec<String>,
     #[serde(default = "default_handshake_timeout", with = "duration_text")]
@@ -382,6 +386,68 @@ fn default_flows() -> Vec<String> {
     vec!["mtls-client-credentials".into()]
 }
 
+/// A public-key pin: the SHA-256 of a DER SubjectPublicKeyInfo, written
+/// `sha256/<base64>` (the HPKP and `curl --pinnedpubkey` format), so that the usual
+/// `openssl ... | openssl dgst -sha256 -binary | base64` output can be pasted as is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpkiPin(pub [u8; 32]);
+
+impl SpkiPin {
+    const PREFIX: &'static str = "sha256/";
+
+    /// The pin of a DER SubjectPublicKeyInfo.
+    pub fn of_spki(spki_der: &[u8]) -> SpkiPin {
+        use sha2::Digest;
+        SpkiPin(sha2::Sha256::digest(spki_der).into())
+    }
+}
+
+impl std::fmt::Display for SpkiPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(self.0);
+        write!(f, "{}{b64}", Self::PREFIX)
+    }
+}
+
+impl std::str::FromStr for SpkiPin {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<SpkiPin, String> {
+        use base64::Engine;
+        let invalid = |why: &str| {
+            format!(
+                "invalid pin {text:?}: {why}; expected \"sha256/\" and the base64 of the SHA-256 of \
+                 the CA's DER public key (see config.toml for the openssl command)"
+            )
+        };
+        let b64 = text
+            .strip_prefix(Self::PREFIX)
+            .ok_or_else(|| invalid("only sha256 pins are supported"))?;
+        // Standard alphabet with padding only: the one encoding `base64` prints.
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| invalid(&format!("bad base64 ({e})")))?;
+        let digest = <[u8; 32]>::try_from(bytes.as_slice())
+            .map_err(|_| invalid(&format!("{} bytes, a SHA-256 digest has 32", bytes.len())))?;
+        Ok(SpkiPin(digest))
+    }
+}
+
+impl Serialize for SpkiPin {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SpkiPin {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<SpkiPin, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// Parses human durations such as `"5m"`, `"90s"`, `"1h 30m"` or `"90d"` (jiff's friendly
 /// format; a day is 24 hours here).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -459,6 +525,35 @@ mod tests {
             let config = Config::load(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
             assert!(!config.clients.is_empty(), "{file}");
         }
+    }
+
+    #[test]
+    fn pins_parse_strictly_and_print_as_written() {
+        let text = "sha256/47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
+        let pin: SpkiPin = text.parse().unwrap();
+        assert_eq!(pin.to_string(), text);
+        for bad in [
+            "",
+            "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=",
+            "sha1/47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=",
+            "SHA256/47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=",
+            "sha256/47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU",
+            "sha256/47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU=",
+            "sha256/AAAA",
+            "sha256/ 47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=",
+        ] {
+            assert!(bad.parse::<SpkiPin>().is_err(), "{bad:?}");
+        }
+        let err = Config::parse(
+            "[server]\nlisten='127.0.0.1:1'\ncert='a'\nkey='b'\nclient_ca='c'\n\
+             client_ca_pins=['sha256/AAAA']\n\
+             [issuer]\nurl='https://x'\n[signer]\nkind='local'\nkey_dir='k'\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("invalid pin") && err.contains("client_ca_pins"),
+            "{err}"
+        );
     }
 
     #[test]

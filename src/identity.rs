@@ -66,6 +66,8 @@ pub enum IdentityError {
     BadSpiffeId(String, &'static str),
     #[error("invalid {0} SAN {1:?}")]
     BadSan(&'static str, String),
+    #[error("the subjectAltName extension is empty; RFC 5280 requires at least one name in it")]
+    EmptySan,
 }
 
 impl Identity {
@@ -105,16 +107,19 @@ impl Identity {
         };
 
         if let Some(san) = cert.subject_alternative_name().map_err(|e| malformed(&e))? {
+            // RFC 5280 4.2.1.6: "the sequence MUST contain at least one entry".
+            if san.value.general_names.is_empty() {
+                return Err(IdentityError::EmptySan);
+            }
             for name in &san.value.general_names {
                 match name {
                     GeneralName::DNSName(n) => identity.dns_sans.push(checked_dns(n)?),
-                    GeneralName::URI(u) => identity.uri_sans.push((*u).to_owned()),
+                    GeneralName::URI(u) => identity.uri_sans.push(checked_uri(u)?),
                     GeneralName::RFC822Name(e) => identity.email_sans.push(checked_email(e)?),
-                    GeneralName::IPAddress(bytes) => {
-                        if let Some(ip) = ip_from_bytes(bytes) {
-                            identity.ip_sans.push(ip);
-                        }
-                    }
+                    GeneralName::IPAddress(bytes) => identity.ip_sans.push(
+                        ip_from_bytes(bytes)
+                            .ok_or_else(|| IdentityError::BadSan("IP", hex(bytes)))?,
+                    ),
                     _ => {}
                 }
             }
@@ -204,6 +209,22 @@ fn checked_dns(name: &str) -> Result<String, IdentityError> {
             name.chars().take(100).collect(),
         ))
     }
+}
+
+/// A URI SAN: RFC 5280 4.2.1.6 wants an absolute URI (a scheme and a scheme-specific
+/// part) in RFC 3986 syntax, so printable ASCII without spaces or the characters RFC 3986
+/// excludes, that `url` parses without a base. Rules match on this text, so text that is
+/// no URI is refused rather than matched.
+fn checked_uri(uri: &str) -> Result<String, IdentityError> {
+    let bad = || IdentityError::BadSan("URI", uri.chars().take(100).collect());
+    let printable = uri
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && !b"\"<>\\^`{|}".contains(&b));
+    let parsed = url::Url::parse(uri).map_err(|_| bad())?;
+    if !printable || uri.len() <= parsed.scheme().len() + 1 {
+        return Err(bad());
+    }
+    Ok(uri.to_owned())
 }
 
 /// An email SAN: exactly one `@`, a non-empty local part and a valid domain.
@@ -351,6 +372,18 @@ mod tests {
         assert!(checked_email("a.b@Example.com").is_ok());
         for bad in ["a@evil.com@example.com", "@example.com", "a@", "nope"] {
             assert!(checked_email(bad).is_err(), "{bad}");
+        }
+        assert!(checked_uri("spiffe://example.org/device/d-1").is_ok());
+        assert!(checked_uri("urn:uuid:6e8bc430-9c3a-11d9-9669-0800200c9a66").is_ok());
+        assert!(checked_uri("https://example.com/a%20b?x=1#f").is_ok());
+        for bad in [
+            "",
+            "not a uri",
+            "relative/path",
+            "a:",
+            "https://example.com/a b",
+        ] {
+            assert!(checked_uri(bad).is_err(), "{bad}");
         }
         assert!(checked_spiffe_id("spiffe://example.org/device/d-1").is_ok());
         assert!(checked_spiffe_id("spiffe://example.org").is_ok());

@@ -191,6 +191,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 broker.rules.len(),
                 broker.flows.names().join(", ")
             );
+            // Pins as `server.client_ca_pins` takes them, so an operator can pin what is
+            // trusted today; and where each CRL's signature is checked.
+            for ca in &broker.trust.cas {
+                let kind = if ca.is_root { "root" } else { "intermediate" };
+                println!("# {kind} CA {}: pin \"{}\"", ca.subject, ca.pin);
+            }
+            for crl in &broker.trust.crl_info {
+                let check = if crl.verified_at_load {
+                    "signature verified against the bundle"
+                } else {
+                    "issuer not in the bundle: signature checked per request against the intermediate clients send"
+                };
+                println!(
+                    "# CRL {}: issuer {}, {check}",
+                    crl.path.display(),
+                    crl.issuer
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::VerifyCert { chain, at } => {

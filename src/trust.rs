@@ -3,24 +3,50 @@
 //! Validation is webpki's (the same code rustls uses), run by the broker after the handshake
 //! rather than inside it, so that a refused certificate gets an HTTP answer with a precise
 //! reason instead of a bare TLS alert. On top of webpki the broker adds its own policy:
-//! a `clientAuth` EKU must be present (webpki accepts a leaf without EKU) and the leaf key
-//! must be one we accept.
+//! a `clientAuth` EKU must be present (webpki accepts a leaf without EKU), the leaf key
+//! must be one we accept, a CA certificate on the path must be allowed to sign
+//! certificates by its keyUsage (webpki ignores keyUsage), and a client may send only a
+//! few certificates of bounded size (path building costs grow with them).
 //!
 //! Bundle semantics (as OpenSSL's): self-issued certificates are trust anchors; the others
-//! are intermediates that help build paths but are never trusted on their own.
+//! are intermediates that help build paths but are never trusted on their own. Loading
+//! refuses what could never work or would be trusted by mistake: a non-CA or a CA that may
+//! not sign certificates, a root whose EKU excludes clientAuth, a root not matching
+//! `client_ca_pins` when pins are set, and a CRL that claims a bundle CA as its issuer but
+//! is not validly signed by it. The policy, case by case, is in `docs/validation.md`.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
+use rustls_pki_types::{CertificateDer, SignatureVerificationAlgorithm, TrustAnchor, UnixTime};
 use webpki::{
     CertRevocationList, EndEntityCert, ExpirationPolicy, KeyUsage, OwnedCertRevocationList,
-    RevocationCheckDepth, RevocationOptionsBuilder, UnknownStatusPolicy,
+    RevocationCheckDepth, RevocationOptionsBuilder, UnknownStatusPolicy, VerifiedPath,
 };
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::config::SpkiPin;
 use crate::identity::{Identity, KeyInfo};
 use crate::pem;
+
+/// The most certificates a client may send: the leaf, up to webpki's 6 intermediates,
+/// perhaps its root and a cross-signed spare. Everything sent feeds path building; more
+/// is never needed and only costs.
+pub const MAX_SENT_CERTIFICATES: usize = 10;
+
+/// The most sent certificates that may share a subject name (cross-signed copies of one
+/// CA). Path building tries every certificate named as the current issuer at every level,
+/// so same-named certificates multiply its work: nine self-issued ones make webpki spend
+/// its whole budget (200,000 steps, a third of a CPU second) on one request. With three
+/// per name, the worst of ten certificates stays in the milliseconds.
+pub const MAX_SENT_SAME_SUBJECT: usize = 3;
+
+/// webpki reads certificates of at most 64 KiB; saying so beats its bare "BadDer".
+pub const MAX_CERTIFICATE_BYTES: usize = 0xffff;
+
+/// webpki's limit on intermediates in a path (`MAX_SUB_CA_COUNT`), for messages.
+const MAX_PATH_INTERMEDIATES: usize = 6;
 
 /// Why a client certificate was refused. `reason()` is stable: it is the metric label and
 /// the audit log's `reason`; `Display` is the human description sent in the 401.
@@ -44,8 +70,8 @@ pub enum Refusal {
     CrlExpired(i64),
     #[error("missing clientAuth EKU: the certificate has no extendedKeyUsage extension")]
     MissingEku,
-    #[error("missing clientAuth EKU: the certificate's extendedKeyUsage does not allow TLS client authentication")]
-    BadEku,
+    #[error("missing clientAuth EKU: {}", bad_eku(*.leaf))]
+    BadEku { leaf: bool },
     #[error("a CA certificate cannot be used as a client certificate")]
     CaAsLeaf,
     #[error("weak key: RSA key of {0} bits, at least 2048 required")]
@@ -56,7 +82,7 @@ pub enum Refusal {
     WeakSignature,
     #[error("invalid signature in the certificate chain")]
     BadSignature,
-    #[error("certificate chain violates a CA constraint: {0}")]
+    #[error("invalid certificate chain: {0}")]
     InvalidChain(String),
     #[error("no matching client rule for this certificate")]
     NoMatchingRule,
@@ -81,7 +107,7 @@ impl Refusal {
             Refusal::Revoked => "revoked",
             Refusal::CrlExpired(_) => "crl_expired",
             Refusal::MissingEku => "missing_eku",
-            Refusal::BadEku => "bad_eku",
+            Refusal::BadEku { .. } => "bad_eku",
             Refusal::CaAsLeaf => "ca_as_leaf",
             Refusal::WeakKey(_) => "weak_key",
             Refusal::UnsupportedKey => "unsupported_key",
@@ -92,6 +118,14 @@ impl Refusal {
             Refusal::SubjectUnavailable(_) => "subject_unavailable",
             Refusal::SubjectTooLong(_) => "subject_too_long",
         }
+    }
+}
+
+fn bad_eku(leaf: bool) -> &'static str {
+    if leaf {
+        "the certificate's extendedKeyUsage does not allow TLS client authentication"
+    } else {
+        "an intermediate CA certificate of the chain has an extendedKeyUsage without clientAuth, which rules out client authentication for every certificate below it"
     }
 }
 
@@ -124,6 +158,28 @@ pub struct CaInfo {
     pub subject: String,
     pub not_after: i64,
     pub is_root: bool,
+    /// Its public-key pin, as `client_ca_pins` takes it.
+    pub pin: SpkiPin,
+}
+
+/// A configured CRL, for `check-config`.
+#[derive(Debug, Clone)]
+pub struct CrlInfo {
+    pub path: PathBuf,
+    pub issuer: String,
+    pub next_update: Option<i64>,
+    /// Its issuer is a CA of the bundle and its signature was verified at load. Otherwise
+    /// it belongs to an intermediate that clients send, and webpki verifies it per request
+    /// against that intermediate's key (a bad signature then refuses what it covers).
+    pub verified_at_load: bool,
+}
+
+/// What loading keeps of a bundle CA to verify CRLs against it.
+struct BundleCa {
+    subject_raw: Vec<u8>,
+    spki_raw: Vec<u8>,
+    /// keyUsage absent or including cRLSign.
+    may_sign_crls: bool,
 }
 
 pub struct TrustStore {
@@ -138,10 +194,16 @@ pub struct TrustStore {
     /// Subjects of the roots, sent in the CertificateRequest so clients pick the right cert.
     pub root_subjects: Vec<rustls::DistinguishedName>,
     pub cas: Vec<CaInfo>,
+    pub crl_info: Vec<CrlInfo>,
 }
 
 impl TrustStore {
-    pub fn load(bundle: &Path, crl_files: &[PathBuf]) -> Result<TrustStore, TrustError> {
+    /// Loads the bundle and the CRLs. `pins`, when not empty, must cover every root.
+    pub fn load(
+        bundle: &Path,
+        crl_files: &[PathBuf],
+        pins: &[SpkiPin],
+    ) -> Result<TrustStore, TrustError> {
         let certs = pem::certificate_bundle(bundle)?;
         let mut store = TrustStore {
             algorithms: crate::tls::provider().signature_verification_algorithms.all,
@@ -151,7 +213,10 @@ impl TrustStore {
             crls_valid_until: i64::MAX,
             root_subjects: Vec::new(),
             cas: Vec::new(),
+            crl_info: Vec::new(),
         };
+        let mut bundle_cas = Vec::new();
+        let mut unpinned = Vec::new();
         for (index, der) in certs.into_iter().enumerate() {
             let invalid = |message: String| TrustError::Invalid {
                 path: bundle.to_owned(),
@@ -164,11 +229,45 @@ impl TrustStore {
                     cert.subject()
                 )));
             }
+            // webpki ignores keyUsage on CAs; RFC 5280 4.2.1.3 says a CA whose keyUsage
+            // lacks keyCertSign must not sign certificates, so it cannot be one of ours.
+            let key_usage = cert.key_usage().map_err(|e| invalid(e.to_string()))?;
+            if key_usage
+                .as_ref()
+                .is_some_and(|ku| !ku.value.key_cert_sign())
+            {
+                return Err(invalid(format!(
+                    "{} has a keyUsage without keyCertSign: it may not issue certificates",
+                    cert.subject()
+                )));
+            }
             let is_root = cert.subject().as_raw() == cert.issuer().as_raw();
+            // webpki checks EKU on intermediates but knows nothing of a root's; a root
+            // restricted to other purposes (e.g. serverAuth only) cannot anchor client
+            // certificates, as OpenSSL and Go would also decide.
+            let eku = cert
+                .extended_key_usage()
+                .map_err(|e| invalid(e.to_string()))?;
+            if is_root && eku.is_some_and(|e| !e.value.client_auth && !e.value.any) {
+                return Err(invalid(format!(
+                    "root CA {} has an extendedKeyUsage without clientAuth: it cannot anchor client certificates",
+                    cert.subject()
+                )));
+            }
+            let pin = SpkiPin::of_spki(cert.public_key().raw);
+            if is_root && !pins.is_empty() && !pins.contains(&pin) {
+                unpinned.push(format!("{} (its pin: \"{pin}\")", cert.subject()));
+            }
             store.cas.push(CaInfo {
                 subject: cert.subject().to_string(),
                 not_after: cert.validity().not_after.timestamp(),
                 is_root,
+                pin,
+            });
+            bundle_cas.push(BundleCa {
+                subject_raw: cert.subject().as_raw().to_vec(),
+                spki_raw: cert.public_key().raw.to_vec(),
+                may_sign_crls: key_usage.as_ref().is_none_or(|ku| ku.value.crl_sign()),
             });
             if is_root {
                 let anchor = webpki::anchor_from_trusted_cert(&der)
@@ -190,21 +289,66 @@ impl TrustStore {
                 message: "no root CA (self-signed certificate) in the bundle; intermediates alone cannot anchor trust".into(),
             });
         }
+        if !unpinned.is_empty() {
+            return Err(TrustError::Invalid {
+                path: bundle.to_owned(),
+                message: format!(
+                    "root CA not pinned by server.client_ca_pins: {}; if it is legitimate, add its pin",
+                    unpinned.join(", ")
+                ),
+            });
+        }
         for path in crl_files {
-            let der = pem::crl(path)?;
-            let crl = OwnedCertRevocationList::from_der(&der).map_err(|e| TrustError::Invalid {
+            let invalid = |message: String| TrustError::Invalid {
                 path: path.clone(),
-                message: format!("not a valid CRL: {e}"),
-            })?;
-            store.crls.push(CertRevocationList::Owned(crl));
-            // A CRL without nextUpdate never expires for webpki either.
-            if let Ok((_, parsed)) =
+                message,
+            };
+            let der = pem::crl(path)?;
+            let crl = OwnedCertRevocationList::from_der(&der)
+                .map_err(|e| invalid(format!("not a valid CRL: {e}")))?;
+            let (_, parsed) =
                 x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
-            {
-                if let Some(next) = parsed.next_update() {
-                    store.crls_valid_until = store.crls_valid_until.min(next.timestamp());
+                    .map_err(|e| invalid(format!("not a valid CRL: {e}")))?;
+            let issuer = parsed.issuer().to_string();
+            // A CRL naming a bundle CA must be signed by it: checked once here, so a
+            // wrong or corrupted file fails check-config and a reload keeps the old state,
+            // instead of refusing every certificate of that CA at request time. A CRL of
+            // an intermediate the clients send cannot be checked before a client sends
+            // it; webpki checks it on every path that uses it.
+            let named: Vec<&BundleCa> = bundle_cas
+                .iter()
+                .filter(|ca| ca.subject_raw == parsed.issuer().as_raw())
+                .collect();
+            if !named.is_empty() {
+                let signer = named
+                    .iter()
+                    .find(|ca| crl_signed_by(&der, &ca.spki_raw, store.algorithms));
+                match signer {
+                    None => {
+                        return Err(invalid(format!(
+                            "CRL of {issuer} is not validly signed by the CA {issuer} of the client CA bundle: a CRL of another CA with the same name, a corrupted file, or a signature algorithm the broker does not accept (SHA-1)"
+                        )))
+                    }
+                    Some(ca) if !ca.may_sign_crls => {
+                        return Err(invalid(format!(
+                            "CRL of {issuer}, whose keyUsage does not include cRLSign: it may not issue CRLs"
+                        )))
+                    }
+                    Some(_) => {}
                 }
             }
+            let next_update = parsed.next_update().map(|t| t.timestamp());
+            // A CRL without nextUpdate never expires for webpki either.
+            if let Some(next) = next_update {
+                store.crls_valid_until = store.crls_valid_until.min(next);
+            }
+            store.crl_info.push(CrlInfo {
+                path: path.clone(),
+                issuer,
+                next_update,
+                verified_at_load: !named.is_empty(),
+            });
+            store.crls.push(CertRevocationList::Owned(crl));
         }
         Ok(store)
     }
@@ -220,8 +364,29 @@ impl TrustStore {
         now: UnixTime,
     ) -> Result<i64, Refusal> {
         let (end_entity, sent_intermediates) = chain.split_first().ok_or(Refusal::NoCertificate)?;
+        if chain.len() > MAX_SENT_CERTIFICATES {
+            return Err(Refusal::InvalidChain(format!(
+                "{} certificates were sent, at most {MAX_SENT_CERTIFICATES} are accepted: send the certificate and the intermediate CA certificates of its path only",
+                chain.len()
+            )));
+        }
+        if let Some((subject, count)) = most_repeated_subject(sent_intermediates) {
+            if count > MAX_SENT_SAME_SUBJECT {
+                return Err(Refusal::InvalidChain(format!(
+                    "{count} of the sent certificates are named {subject}, at most {MAX_SENT_SAME_SUBJECT} are accepted: send the certificate and the intermediate CA certificates of its path only"
+                )));
+            }
+        }
+        if let Some(big) = chain.iter().find(|c| c.len() > MAX_CERTIFICATE_BYTES) {
+            return Err(Refusal::Malformed(format!(
+                "a certificate of the chain is {} bytes, more than the {MAX_CERTIFICATE_BYTES} accepted",
+                big.len()
+            )));
+        }
+        // Parse errors of the leaf are mapped like path errors: a critical extension
+        // webpki does not know is a refusal of its own, not a parse failure.
         let cert =
-            EndEntityCert::try_from(end_entity).map_err(|e| Refusal::Malformed(e.to_string()))?;
+            EndEntityCert::try_from(end_entity).map_err(|e| refusal_from_webpki(e, leaf, chain))?;
 
         let mut intermediates: Vec<CertificateDer<'_>> = sent_intermediates.to_vec();
         intermediates.extend(self.intermediates.iter().cloned());
@@ -237,6 +402,17 @@ impl TrustStore {
                     .build()
             });
 
+        // The broker's checks of a candidate path run inside path building, so that a
+        // path they refuse makes webpki try the alternatives (cross-signed copies). webpki
+        // takes only its own error type back: CertDistrusted (never produced for our
+        // anchors) carries "see `refused_path`".
+        let refused_path: RefCell<Option<Refusal>> = RefCell::new(None);
+        let check_path = |path: &VerifiedPath<'_>| {
+            path_policy(path).map_err(|refusal| {
+                *refused_path.borrow_mut() = Some(refusal);
+                webpki::Error::CertDistrusted
+            })
+        };
         let path = cert
             .verify_for_usage(
                 self.algorithms,
@@ -245,9 +421,12 @@ impl TrustStore {
                 now,
                 KeyUsage::client_auth(),
                 revocation,
-                None,
+                Some(&check_path),
             )
-            .map_err(|e| refusal_from_webpki(e, leaf, chain.len()))?;
+            .map_err(|e| match (e, refused_path.take()) {
+                (webpki::Error::CertDistrusted, Some(refusal)) => refusal,
+                (e, _) => refusal_from_webpki(e, leaf, chain),
+            })?;
         leaf_policy(leaf)?;
 
         let path_expiry = path
@@ -266,6 +445,45 @@ impl TrustStore {
     }
 }
 
+/// The subject name shared by the most of `certs`, and how many share it. Certificates that
+/// do not parse are left to webpki.
+fn most_repeated_subject(certs: &[CertificateDer<'_>]) -> Option<(String, usize)> {
+    let subjects: Vec<(Vec<u8>, String)> = certs
+        .iter()
+        .filter_map(|der| X509Certificate::from_der(der).ok())
+        .map(|(_, c)| (c.subject().as_raw().to_vec(), c.subject().to_string()))
+        .collect();
+    subjects
+        .iter()
+        .map(|(raw, text)| {
+            let count = subjects.iter().filter(|(other, _)| other == raw).count();
+            (text.clone(), count)
+        })
+        .max_by_key(|(_, count)| *count)
+}
+
+/// The broker's own rules for a path webpki accepted, beyond webpki's: every intermediate
+/// CA certificate must be allowed to sign certificates (RFC 5280 4.2.1.3: a keyUsage, if
+/// present, must include keyCertSign). webpki ignores keyUsage; bundle CAs are checked at
+/// load, so this is about the intermediates clients send.
+fn path_policy(path: &VerifiedPath<'_>) -> Result<(), Refusal> {
+    for cert in path.intermediate_certificates() {
+        let der = cert.der();
+        let (_, parsed) = X509Certificate::from_der(&der)
+            .map_err(|e| Refusal::Malformed(format!("intermediate CA certificate: {e}")))?;
+        let key_usage = parsed
+            .key_usage()
+            .map_err(|e| Refusal::Malformed(format!("intermediate CA certificate: {e}")))?;
+        if key_usage.is_some_and(|ku| !ku.value.key_cert_sign()) {
+            return Err(Refusal::InvalidChain(format!(
+                "the intermediate CA certificate {} has a keyUsage without keyCertSign, so it may not issue certificates",
+                parsed.subject()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The broker's own rules for leaves, beyond webpki's.
 fn leaf_policy(leaf: &Identity) -> Result<(), Refusal> {
     if !leaf.has_eku {
@@ -279,7 +497,12 @@ fn leaf_policy(leaf: &Identity) -> Result<(), Refusal> {
     }
 }
 
-fn refusal_from_webpki(error: webpki::Error, leaf: &Identity, chain_len: usize) -> Refusal {
+/// `chain` is what the client sent (leaf first), `leaf` its parsed identity.
+fn refusal_from_webpki(
+    error: webpki::Error,
+    leaf: &Identity,
+    chain: &[CertificateDer<'_>],
+) -> Refusal {
     use webpki::Error as E;
     let is_leaf_time =
         |t: UnixTime| t.as_secs() as i64 == leaf.not_after || t.as_secs() as i64 == leaf.not_before;
@@ -292,20 +515,123 @@ fn refusal_from_webpki(error: webpki::Error, leaf: &Identity, chain_len: usize) 
             at: not_before.as_secs() as i64,
             leaf: is_leaf_time(not_before),
         },
-        E::UnknownIssuer if chain_len == 1 && leaf.is_self_issued() => Refusal::SelfSigned,
+        E::UnknownIssuer if chain.len() == 1 && leaf.is_self_issued() => Refusal::SelfSigned,
         E::UnknownIssuer => Refusal::UnknownIssuer,
         E::CertRevoked => Refusal::Revoked,
         E::CrlExpired { next_update, .. } => Refusal::CrlExpired(next_update.as_secs() as i64),
-        E::RequiredEkuNotFoundContext(_) | E::EmptyEkuExtension => Refusal::BadEku,
+        // webpki requires clientAuth (when an EKU is present) of every certificate of the
+        // path; a leaf that has it points at an intermediate.
+        E::RequiredEkuNotFoundContext(_) | E::EmptyEkuExtension => Refusal::BadEku {
+            leaf: !chain.first().is_some_and(|der| has_client_auth_eku(der)),
+        },
         E::CaUsedAsEndEntity => Refusal::CaAsLeaf,
-        E::UnsupportedSignatureAlgorithmContext(_)
-        | E::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => Refusal::WeakSignature,
-        E::InvalidSignatureForPublicKey => Refusal::BadSignature,
+        E::UnsupportedSignatureAlgorithmContext(_) => Refusal::WeakSignature,
+        // A signature that cannot be right: an algorithm the signer's key cannot make
+        // (RSA declared, ECDSA key), an outer algorithm differing from the signed one, or
+        // a value that does not verify (wrong hash declared, tampered bytes).
+        E::UnsupportedSignatureAlgorithmForPublicKeyContext(_)
+        | E::SignatureAlgorithmMismatch
+        | E::InvalidSignatureForPublicKey => Refusal::BadSignature,
         E::BadDer | E::BadDerTime | E::TrailingData(_) | E::InvalidCertValidity => {
             Refusal::Malformed(format!("{error:?}"))
         }
-        other => Refusal::InvalidChain(format!("{other:?}")),
+        other => Refusal::InvalidChain(chain_problem(other)),
     }
+}
+
+/// Whether a certificate's extendedKeyUsage lists id-kp-clientAuth.
+fn has_client_auth_eku(der: &[u8]) -> bool {
+    X509Certificate::from_der(der).is_ok_and(|(_, cert)| {
+        cert.extended_key_usage()
+            .is_ok_and(|eku| eku.is_some_and(|eku| eku.value.client_auth))
+    })
+}
+
+/// A sentence for the webpki errors that end up as `invalid_chain`.
+fn chain_problem(error: webpki::Error) -> String {
+    use webpki::Error as E;
+    match error {
+        E::PathLenConstraintViolated => "an intermediate CA certificate has more CA certificates below it than its pathLenConstraint allows".into(),
+        E::EndEntityUsedAsCa => "a certificate that is not a CA (basicConstraints CA:FALSE or absent) issued another certificate".into(),
+        E::NameConstraintViolation => "a name of the certificate is outside the name constraints of a CA of the chain (URI name constraints are not supported and refuse every URI SAN below them)".into(),
+        E::UnsupportedCriticalExtension => "a certificate of the chain has a critical extension the broker does not process, which RFC 5280 requires to refuse".into(),
+        E::MaximumPathDepthExceeded => format!("no path to a root CA within {MAX_PATH_INTERMEDIATES} intermediate CA certificates, the most the broker builds"),
+        E::MaximumSignatureChecksExceeded | E::MaximumPathBuildCallsExceeded | E::MaximumNameConstraintComparisonsExceeded => "the chain is too costly to validate (path building gave up): send only the certificate and the intermediates of its path".into(),
+        E::InvalidCrlSignatureForPublicKey
+        | E::UnsupportedCrlSignatureAlgorithmContext(_)
+        | E::UnsupportedCrlSignatureAlgorithmForPublicKeyContext(_)
+        | E::IssuerNotCrlSigner => "revocation status unknown: the configured CRL of a CA of this chain is not validly signed by that CA (the broker's CRL file needs fixing)".into(),
+        E::CertDistrusted => "a CA of the chain is distrusted".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Whether `crl_der` is signed by the key of `issuer_spki` (a DER SubjectPublicKeyInfo)
+/// with one of `algorithms`, the check webpki makes per request. webpki does not offer
+/// it on its own, so the few DER elements it needs are read here.
+fn crl_signed_by(
+    crl_der: &[u8],
+    issuer_spki: &[u8],
+    algorithms: &[&dyn SignatureVerificationAlgorithm],
+) -> bool {
+    const SEQUENCE: u8 = 0x30;
+    const BIT_STRING: u8 = 0x03;
+    let check = || -> Option<bool> {
+        // CertificateList ::= SEQUENCE { tbsCertList, signatureAlgorithm, signatureValue }
+        let (list, _) = der_element(crl_der, SEQUENCE)?;
+        let (_, tbs, rest) = der_element_with_header(list, SEQUENCE)?;
+        let (algorithm, rest) = der_element(rest, SEQUENCE)?;
+        let (signature, _) = der_element(rest, BIT_STRING)?;
+        // SubjectPublicKeyInfo ::= SEQUENCE { algorithm, subjectPublicKey BIT STRING }
+        let (spki, _) = der_element(issuer_spki, SEQUENCE)?;
+        let (key_algorithm, rest) = der_element(spki, SEQUENCE)?;
+        let (key, _) = der_element(rest, BIT_STRING)?;
+        // Bit strings here have no unused bits.
+        let (signature, key) = (signature.strip_prefix(&[0])?, key.strip_prefix(&[0])?);
+        Some(
+            algorithms
+                .iter()
+                .filter(|a| {
+                    a.signature_alg_id().as_ref() == algorithm
+                        && a.public_key_alg_id().as_ref() == key_algorithm
+                })
+                .any(|a| a.verify_signature(key, tbs, signature).is_ok()),
+        )
+    };
+    check().unwrap_or(false)
+}
+
+/// The contents of the DER element with `tag` at the start of `input`, and what follows.
+fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    der_element_with_header(input, tag).map(|(contents, _, rest)| (contents, rest))
+}
+
+/// Like [`der_element`], also returning the whole element (tag and length included).
+fn der_element_with_header(input: &[u8], tag: u8) -> Option<(&[u8], &[u8], &[u8])> {
+    let (&found, after_tag) = input.split_first()?;
+    let (&first, after_length) = after_tag.split_first()?;
+    if found != tag {
+        return None;
+    }
+    let (length, body) = if first < 0x80 {
+        (usize::from(first), after_length)
+    } else {
+        let count = usize::from(first & 0x7f);
+        if count == 0 || count > 4 || after_length.len() < count {
+            return None;
+        }
+        let (bytes, body) = after_length.split_at(count);
+        let length = bytes
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (length, body)
+    };
+    if body.len() < length {
+        return None;
+    }
+    let (contents, rest) = body.split_at(length);
+    let whole = &input[..input.len() - rest.len()];
+    Some((contents, whole, rest))
 }
 
 /// A validation time from Unix seconds (for `verify-cert --at`).

@@ -29,6 +29,8 @@ pub struct Ca {
     pub pem: String,
     pub der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
+    /// What this CA's certificate was made from, to issue it again (cross-signing).
+    params: CertificateParams,
     /// PEM of the CAs between this one and its root (this one first), for chains.
     pub chain_pem: String,
     pub serial: u64,
@@ -137,28 +139,78 @@ fn serial_of(params: &CertificateParams) -> u64 {
 
 impl Ca {
     pub fn root(name: &str) -> Ca {
+        Ca::root_with(name, |_| {})
+    }
+
+    /// A root whose certificate parameters `change` adjusts (constraints, extensions).
+    pub fn root_with(name: &str, change: impl FnOnce(&mut CertificateParams)) -> Ca {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let params = ca_params(name);
+        let mut params = ca_params(name);
+        change(&mut params);
         let cert = params.self_signed(&key).unwrap();
         Ca {
             pem: cert.pem(),
             der: cert.der().clone(),
             chain_pem: String::new(),
             serial: serial_of(&params),
+            params: params.clone(),
             issuer: Issuer::new(params, key),
         }
     }
 
     pub fn intermediate(&self, name: &str) -> Ca {
+        self.intermediate_with(name, |_| {})
+    }
+
+    /// An intermediate whose certificate parameters `change` adjusts (path length, name
+    /// constraints, EKU, key usage, basic constraints, extensions).
+    pub fn intermediate_with(&self, name: &str, change: impl FnOnce(&mut CertificateParams)) -> Ca {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let params = ca_params(name);
+        let mut params = ca_params(name);
+        change(&mut params);
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Ca {
             chain_pem: format!("{}{}", cert.pem(), self.chain_pem),
             pem: cert.pem(),
             der: cert.der().clone(),
             serial: serial_of(&params),
+            params: params.clone(),
             issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// This CA's certificate issued again by `other` (same subject and key: a cross-sign),
+    /// with `change` applied (e.g. another validity), as PEM.
+    pub fn issued_by(&self, other: &Ca, change: impl FnOnce(&mut CertificateParams)) -> String {
+        let mut params = self.params.clone();
+        params.serial_number = Some(SerialNumber::from(rand_serial()));
+        change(&mut params);
+        params
+            .signed_by(self.issuer.key(), &other.issuer)
+            .unwrap()
+            .pem()
+    }
+
+    /// A signature by this CA's key over `message` (ECDSA P-256 with SHA-256, DER), for
+    /// certificates rcgen cannot express.
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        use rcgen::SigningKey;
+        self.issuer.key().sign(message).unwrap()
+    }
+
+    /// A leaf as `spec` describes it, then adjusted by `change` (SANs, extensions).
+    pub fn leaf_with(&self, spec: &LeafSpec, change: impl FnOnce(&mut CertificateParams)) -> Leaf {
+        let mut params = leaf_params(spec);
+        change(&mut params);
+        let key = generate(spec.key);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            chain_pem: format!("{}{}", cert.pem(), self.chain_pem),
+            cert_pem: cert.pem(),
+            der: cert.der().clone(),
+            key_pem: key.serialize_pem(),
+            serial: spec.serial,
+            legacy_key: false,
         }
     }
 
@@ -350,6 +402,10 @@ pub struct Setup {
     pub signer: Option<String>,
     /// A `[google]` section.
     pub google: Option<String>,
+    /// Replaces the client CA bundle (a file with these PEM certificates).
+    pub client_ca_pem: Option<String>,
+    /// Replaces the CRL files (these PEM CRLs, in order).
+    pub crl_pems: Option<Vec<String>>,
 }
 
 impl Setup {
@@ -370,6 +426,8 @@ impl Setup {
             stale_crl: false,
             signer: None,
             google: None,
+            client_ca_pem: None,
+            crl_pems: None,
         }
     }
 
@@ -398,7 +456,10 @@ impl Setup {
         self.write("server.pem", &server.pem());
         self.write("server-key.pem", &key.serialize_pem());
         self.write("server-ca.pem", &self.server_ca.pem);
-        let client_ca = if self.bundle_folder {
+        let client_ca = if let Some(bundle) = &self.client_ca_pem {
+            self.write("client-ca.pem", bundle);
+            "client-ca.pem"
+        } else if self.bundle_folder {
             self.write("client-ca/root.pem", &self.root.pem);
             self.write("client-ca/issuing.crt", &self.intermediate.pem);
             self.write("client-ca/README.txt", "not a certificate: ignored");
@@ -408,14 +469,29 @@ impl Setup {
             self.write("client-ca.pem", &self.root.pem);
             "client-ca.pem"
         };
-        self.write("root.crl.pem", &self.root.crl(&self.revoked));
-        let intermediate_crl = if self.stale_crl {
-            self.intermediate
-                .crl_from(&self.revoked, now - Duration::days(8))
-        } else {
-            self.intermediate.crl(&self.revoked)
+        let crl_files = match &self.crl_pems {
+            Some(crls) => (0..crls.len())
+                .map(|i| {
+                    let name = format!("crl-{i}.pem");
+                    self.write(&name, &crls[i]);
+                    format!("{name:?}")
+                })
+                .collect::<Vec<_>>(),
+            None => {
+                self.write("root.crl.pem", &self.root.crl(&self.revoked));
+                let intermediate_crl = if self.stale_crl {
+                    self.intermediate
+                        .crl_from(&self.revoked, now - Duration::days(8))
+                } else {
+                    self.intermediate.crl(&self.revoked)
+                };
+                self.write("intermediate.crl.pem", &intermediate_crl);
+                vec![
+                    r#""root.crl.pem""#.into(),
+                    r#""intermediate.crl.pem""#.into(),
+                ]
+            }
         };
-        self.write("intermediate.crl.pem", &intermediate_crl);
         if !self.path("keys").exists() {
             let signing = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
             self.write("keys/signing-0001.pem", &signing.serialize_pem());
@@ -427,7 +503,7 @@ listen = "127.0.0.1:0"
 cert = "server.pem"
 key = "server-key.pem"
 client_ca = "{client_ca}"
-crls = ["root.crl.pem", "intermediate.crl.pem"]
+crls = [{crls}]
 max_body_bytes = 1024
 {extra_server}
 
@@ -450,6 +526,7 @@ default_audience = "aud-a"
             google = self.google.as_deref().unwrap_or_default(),
             extra_server = self.extra_server,
             client_ca = client_ca,
+            crls = crl_files.join(", "),
             rules = self.rules,
         );
         self.write("config.toml", &config)
