@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fake_google;
+pub mod logs;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -412,6 +413,7 @@ impl Setup {
     pub fn new() -> Setup {
         // reqwest's plain-HTTP client (for /metrics) still wants a process-wide provider.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        logs::install();
         let root = Ca::root("Test Device Root");
         let intermediate = root.intermediate("Test Device Issuing CA");
         Setup {
@@ -435,10 +437,20 @@ impl Setup {
         self.dir.path().join(name)
     }
 
+    /// Writes a file readable by its owner only, as a deployment keeps its keys (the
+    /// broker refuses key files every user can read).
     pub fn write(&self, name: &str, contents: &str) -> PathBuf {
         let path = self.path(name);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, contents).unwrap();
+        if contents.contains("PRIVATE KEY") {
+            logs::register_key(contents);
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         path
     }
 
@@ -720,6 +732,14 @@ impl TestBroker {
     }
 }
 
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            logs::check_captured("an in-process broker");
+        }
+    }
+}
+
 pub fn metric_value(text: &str, sample: &str) -> f64 {
     text.lines()
         .find_map(|line| {
@@ -758,6 +778,38 @@ pub fn verify_cert(config: &Path, chain_pem: &str, dir: &Path) -> Value {
 
 /// The path of an external tool the tests drive; installs its Debian package when it is
 /// missing and we may (root with apt-get, as in CI), else fails saying what to install.
+/// `python3` that can `import {imports}`, installing `packages` from PyPI when missing
+/// (once per test binary); panics with the fix if it cannot.
+pub fn require_python_modules(imports: &str, packages: &[&str]) -> &'static str {
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _once = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    let has = || {
+        Command::new("python3")
+            .args(["-c", &format!("import {imports}")])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has() {
+        let _ = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(packages)
+            .status();
+    }
+    assert!(
+        has(),
+        "this test needs the Python packages {packages:?}: pip install {} (bash .ci/run does)",
+        packages.join(" ")
+    );
+    "python3"
+}
+
 pub fn require_tool(tool: &str, package: &str) -> PathBuf {
     let find = || {
         std::env::var_os("PATH").and_then(|paths| {
