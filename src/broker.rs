@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use serde::Serialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::cache::TokenCache;
 use crate::claims::{self, Subject};
@@ -118,19 +118,7 @@ impl Broker {
         let proxy = ProxyPolicy::new(&config.server.proxy_protocol)
             .map_err(|e| problems.push(e))
             .ok();
-        check_issuer(&config, &mut problems);
-        check_limits(&config.server, &mut problems);
-        if let Some(google) = &config.google {
-            check_google(google, &mut problems);
-        }
-        if !config.admin.listen.is_empty()
-            && config.admin.listen.parse::<std::net::SocketAddr>().is_err()
-        {
-            problems.push(format!(
-                "admin.listen: {:?} is not an address:port (use \"\" to disable)",
-                config.admin.listen
-            ));
-        }
+        problems.extend(check_settings(&config));
 
         let server = &config.server;
         let crls: Vec<_> = server.crls.iter().map(|p| config.path(p)).collect();
@@ -348,13 +336,14 @@ impl Broker {
                     at.as_secs() as i64,
                     "(unique per token)",
                 );
+                let claims = serde_json::to_value(claims).ok();
                 Decision {
                     accepted: true,
                     reason: None,
                     description: None,
                     identity: Some(auth.identity.clone()),
                     rule: Some(auth.rule.name.clone()),
-                    claims: Some(claims),
+                    claims,
                 }
             }
             Err(refusal) => Decision {
@@ -378,7 +367,7 @@ pub struct Decision {
     pub description: Option<String>,
     pub identity: Option<Identity>,
     pub rule: Option<String>,
-    pub claims: Option<Map<String, Value>>,
+    pub claims: Option<Value>,
 }
 
 /// The configured token signer.
@@ -415,6 +404,26 @@ pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The checks of settings that need no file: issuer, limits, `[google]` timings, admin
+/// listener. [`Broker::build`] runs them first; public for the config fuzz target.
+pub fn check_settings(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    check_issuer(config, &mut problems);
+    check_limits(&config.server, &mut problems);
+    if let Some(google) = &config.google {
+        check_google(google, &mut problems);
+    }
+    if !config.admin.listen.is_empty()
+        && config.admin.listen.parse::<std::net::SocketAddr>().is_err()
+    {
+        problems.push(format!(
+            "admin.listen: {:?} is not an address:port (use \"\" to disable)",
+            config.admin.listen
+        ));
+    }
+    problems
 }
 
 /// Limits outside these bounds break the server (zero timeouts) or overflow (huge ones).

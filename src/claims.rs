@@ -6,7 +6,8 @@
 
 use std::time::Instant;
 
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 use crate::clients::ClientRule;
 use crate::identity::Identity;
@@ -22,39 +23,74 @@ pub struct Subject<'a> {
     pub audience: &'a str,
 }
 
-/// The claims of a token issued at `now` (Unix seconds) by `flow`.
-pub fn id_token_claims(
-    issuer: &str,
-    who: &Subject<'_>,
-    flow: &str,
+/// The claims of a token issued at `now` (Unix seconds) by `flow`, serialized straight
+/// into the JWT payload (no intermediate JSON tree: this is on every token's path).
+#[derive(Serialize)]
+pub struct IdTokenClaims<'a> {
+    iss: &'a str,
+    sub: &'a str,
+    aud: &'a str,
+    iat: i64,
+    nbf: i64,
+    exp: i64,
+    jti: &'a str,
+    client_id: &'a str,
+    amr: [&'a str; 1],
+    cnf: Confirmation<'a>,
+    client: CertificateClaims<'a>,
+    /// The rule's static claims. Config loading refuses names the broker sets, so a key
+    /// never appears twice.
+    #[serde(flatten)]
+    extra: &'a Map<String, Value>,
+}
+
+/// RFC 8705 certificate binding.
+#[derive(Serialize)]
+struct Confirmation<'a> {
+    #[serde(rename = "x5t#S256")]
+    x5t_s256: &'a str,
+}
+
+/// The certificate fields Google's Token Service attribute mappings read (`client.x5_*`).
+#[derive(Serialize)]
+struct CertificateClaims<'a> {
+    x5_spiffe: &'a str,
+    x5_dnssan: String,
+    x5_urisan: String,
+    x5_sha256: &'a str,
+    x5_serial: &'a str,
+}
+
+pub fn id_token_claims<'a>(
+    issuer: &'a str,
+    who: &'a Subject<'a>,
+    flow: &'a str,
     now: i64,
-    jti: &str,
-) -> Map<String, Value> {
+    jti: &'a str,
+) -> IdTokenClaims<'a> {
     let id = who.identity;
-    let mut claims = who.rule.claims.clone();
-    let ours = json!({
-        "iss": issuer,
-        "sub": who.subject,
-        "aud": who.audience,
-        "iat": now,
-        "nbf": now,
-        "exp": now + who.rule.ttl.as_secs() as i64,
-        "jti": jti,
-        "client_id": who.rule.client_id,
-        "amr": [flow],
-        "cnf": { "x5t#S256": id.x5t_s256 },
-        "client": {
-            "x5_spiffe": id.spiffe_id.clone().unwrap_or_default(),
-            "x5_dnssan": id.dns_sans.join(","),
-            "x5_urisan": id.uri_sans.join(","),
-            "x5_sha256": id.sha256_hex,
-            "x5_serial": id.serial,
+    IdTokenClaims {
+        iss: issuer,
+        sub: who.subject,
+        aud: who.audience,
+        iat: now,
+        nbf: now,
+        exp: now + who.rule.ttl.as_secs() as i64,
+        jti,
+        client_id: &who.rule.client_id,
+        amr: [flow],
+        cnf: Confirmation {
+            x5t_s256: &id.x5t_s256,
         },
-    });
-    if let Value::Object(ours) = ours {
-        claims.extend(ours);
+        client: CertificateClaims {
+            x5_spiffe: id.spiffe_id.as_deref().unwrap_or_default(),
+            x5_dnssan: id.dns_sans.join(","),
+            x5_urisan: id.uri_sans.join(","),
+            x5_sha256: &id.sha256_hex,
+            x5_serial: &id.serial,
+        },
+        extra: &who.rule.claims,
     }
-    claims
 }
 
 /// A signed broker ID token.
@@ -74,9 +110,10 @@ pub async fn issue(
     now: i64,
 ) -> Result<IdToken, SignerError> {
     let jti = uuid::Uuid::new_v4().simple().to_string();
-    let claims = id_token_claims(issuer, who, flow, now, &jti);
+    let payload = serde_json::to_string(&id_token_claims(issuer, who, flow, now, &jti))
+        .map_err(|e| SignerError::Sign(e.to_string()))?;
     let started = Instant::now();
-    let jwt = signer.sign(&claims).await;
+    let jwt = signer.sign(&payload).await;
     metrics
         .signer_duration
         .with_label_values(&[signer.kind()])

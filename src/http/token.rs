@@ -4,7 +4,6 @@ use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use serde_json::json;
 
 use super::error::{echo, TokenError};
 use super::ConnInfo;
@@ -341,38 +340,52 @@ const EXTERNAL_CREDENTIAL: &str = "external_credential";
 
 fn success(minted: &Minted, external_credential: bool) -> Response<Full<Bytes>> {
     let body = if external_credential {
-        // AIP-4117 executable response, as Google's Token Service answers it.
-        json!({
-            "version": 1,
-            "success": true,
-            "token_type": crate::flows::ID_TOKEN_TYPE,
-            "id_token": minted.id_token.as_deref().unwrap_or(&minted.access_token),
-            "expiration_time": minted.expires_at,
+        serde_json::to_vec(&ExternalCredential {
+            version: 1,
+            success: true,
+            token_type: crate::flows::ID_TOKEN_TYPE,
+            id_token: minted.id_token.as_deref().unwrap_or(&minted.access_token),
+            expiration_time: minted.expires_at,
         })
     } else {
-        oauth_success(minted)
+        serde_json::to_vec(&OAuthSuccess {
+            access_token: &minted.access_token,
+            token_type: "Bearer",
+            expires_in: (minted.expires_at - unix_now()).max(0),
+            issued_token_type: minted.issued_token_type,
+            id_token: minted.id_token.as_deref(),
+            scope: minted.scope.as_deref(),
+        })
     };
-    let mut response = super::json(StatusCode::OK, Bytes::from(body.to_string()));
+    // Serializing strings and integers cannot fail; the fallback only keeps this total.
+    let body = body.unwrap_or_default();
+    let mut response = super::json(StatusCode::OK, Bytes::from(body));
     super::no_store(&mut response);
     response
 }
 
-fn oauth_success(minted: &Minted) -> serde_json::Value {
-    let mut body = json!({
-        "access_token": minted.access_token,
-        "token_type": "Bearer",
-        "expires_in": (minted.expires_at - unix_now()).max(0),
-        "issued_token_type": minted.issued_token_type,
-    });
-    if let Some(map) = body.as_object_mut() {
-        if let Some(id_token) = &minted.id_token {
-            map.insert("id_token".into(), id_token.clone().into());
-        }
-        if let Some(scope) = &minted.scope {
-            map.insert("scope".into(), scope.clone().into());
-        }
-    }
-    body
+/// RFC 6749 section 5.1 (with RFC 8693's `issued_token_type`). Borrowed fields: the
+/// answer is written straight from the minted token, without copying it.
+#[derive(serde::Serialize)]
+struct OAuthSuccess<'a> {
+    access_token: &'a str,
+    token_type: &'static str,
+    expires_in: i64,
+    issued_token_type: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id_token: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<&'a str>,
+}
+
+/// AIP-4117 executable response, as Google's Token Service answers it.
+#[derive(serde::Serialize)]
+struct ExternalCredential<'a> {
+    version: u8,
+    success: bool,
+    token_type: &'static str,
+    id_token: &'a str,
+    expiration_time: i64,
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::{Signer, SignerError};
 use crate::google::Google;
@@ -48,11 +48,7 @@ impl Signer for IamSigner {
         Some(&self.jwks_uri)
     }
 
-    async fn sign(&self, claims: &Map<String, Value>) -> Result<String, SignerError> {
-        let payload = Value::Object(claims.clone()).to_string();
-        Ok(self
-            .google
-            .sign_jwt(&self.service_account, &payload)
-            .await?)
+    async fn sign(&self, payload: &str) -> Result<String, SignerError> {
+        Ok(self.google.sign_jwt(&self.service_account, payload).await?)
     }
 }

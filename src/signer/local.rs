@@ -21,7 +21,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use josekit::jwk::KeyPair;
 use josekit::jws::{ES256, RS256};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::{public_jwk, Signer, SignerError};
 use crate::broker::unix_now;
@@ -196,8 +196,7 @@ fn finish(
 
 impl SigningKey {
     /// The compact JWS of `claims` (RFC 7515 section 7.1).
-    fn sign(&self, claims: &Map<String, Value>, rng: &SystemRandom) -> Result<String, SignerError> {
-        let payload = serde_json::to_vec(claims).map_err(|e| SignerError::Sign(e.to_string()))?;
+    fn sign(&self, payload: &str, rng: &SystemRandom) -> Result<String, SignerError> {
         let mut jws = self.header_prefix.clone();
         URL_SAFE_NO_PAD.encode_string(payload, &mut jws);
         let failed = |_| SignerError::Sign(format!("{} signature failed", self.alg));
@@ -238,10 +237,10 @@ impl Signer for LocalSigner {
         self.active(unix_now()).map(|k| k.since + self.rotate_after)
     }
 
-    async fn sign(&self, claims: &Map<String, Value>) -> Result<String, SignerError> {
+    async fn sign(&self, payload: &str) -> Result<String, SignerError> {
         self.active(unix_now())
             .ok_or_else(|| SignerError::Key("no signing key is usable now".into()))?
-            .sign(claims, &self.rng)
+            .sign(payload, &self.rng)
     }
 }
 

@@ -41,8 +41,9 @@ pub trait Signer: Send + Sync {
     fn key_expiry(&self) -> Option<i64> {
         None
     }
-    /// Signs `claims` as a compact JWS with `typ: JWT` and the signing key's `kid`.
-    async fn sign(&self, claims: &Map<String, Value>) -> Result<String, SignerError>;
+    /// Signs `payload` (a JSON claims set) as a compact JWS with `typ: JWT` and the
+    /// signing key's `kid`.
+    async fn sign(&self, payload: &str) -> Result<String, SignerError>;
 }
 
 /// The public JWK of a key, exactly the members DESIGN.md allows, with `kid` set to the
