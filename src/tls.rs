@@ -116,9 +116,12 @@ struct PossessionOnly {
 }
 
 impl PossessionOnly {
-    /// Explains a failed signature check when the key itself is the problem, so the
+    /// Explains a failed signature check when the certificate or its key is the problem, so the
     /// refusal is logged and counted with the same reason `verify-cert` gives.
     fn explain(cert: &CertificateDer<'_>, error: rustls::Error) -> rustls::Error {
+        if let Some(refusal) = crate::trust::leaf_parse_refusal(cert) {
+            return refusal_error(refusal);
+        }
         match Identity::from_der(cert).map(|id| id.key) {
             Ok(KeyInfo::Rsa { bits }) if bits < 2048 => refusal_error(Refusal::WeakKey(bits)),
             Ok(KeyInfo::Other) => refusal_error(Refusal::UnsupportedKey),

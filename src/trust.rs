@@ -497,6 +497,23 @@ fn leaf_policy(leaf: &Identity) -> Result<(), Refusal> {
     }
 }
 
+/// Why webpki cannot even parse `leaf`, in the words `/token` and `verify-cert` use for it.
+/// The handshake parses the leaf to check the client's signature, so such a certificate
+/// fails there, before any request; this lets that failure carry its reason too.
+pub fn leaf_parse_refusal(leaf: &CertificateDer<'_>) -> Option<Refusal> {
+    if leaf.len() > MAX_CERTIFICATE_BYTES {
+        return Some(Refusal::Malformed(format!(
+            "the certificate is {} bytes, more than the {MAX_CERTIFICATE_BYTES} accepted",
+            leaf.len()
+        )));
+    }
+    let error = EndEntityCert::try_from(leaf).err()?;
+    Some(match Identity::from_der(leaf) {
+        Ok(identity) => refusal_from_webpki(error, &identity, std::slice::from_ref(leaf)),
+        Err(e) => Refusal::Malformed(e.to_string()),
+    })
+}
+
 /// `chain` is what the client sent (leaf first), `leaf` its parsed identity.
 fn refusal_from_webpki(
     error: webpki::Error,

@@ -662,7 +662,8 @@ fn table(base: &mut Setup) -> Vec<Row> {
 
     // These also go over mutual TLS: one of each kind of outcome. (Leaves that webpki
     // cannot parse, such as one with an unknown critical extension, cannot: rustls refuses
-    // to present them, and the server's handshake would refuse them too.)
+    // to present them, and the server's handshake refuses them too, with the same reason:
+    // `a_leaf_the_handshake_cannot_parse_is_refused_with_its_reason`.)
     for name in [
         "baseline: leaf via an intermediate the client sends",
         "pathlen:0 intermediate issues another intermediate",
@@ -1203,4 +1204,31 @@ fn pins_match_openssl() {
     let broker = build(&setup).unwrap();
     let root = broker.trust.cas.iter().find(|c| c.is_root).unwrap();
     assert_eq!(root.pin.to_string(), openssl_pin(&setup.root.pem));
+}
+
+/// A leaf webpki cannot parse fails the handshake (its signature cannot be checked), and
+/// that failure is counted and logged with the reason `/token` would have given.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leaf_the_handshake_cannot_parse_is_refused_with_its_reason() {
+    let setup = setup_for(None);
+    let leaf = setup
+        .intermediate
+        .leaf_with(&LeafSpec::device("crit-tls"), |p| {
+            p.custom_extensions.push(unknown_extension(true))
+        });
+    let broker = setup.start().await;
+    let (expected, _) = outcome(&broker.live.current(), &leaf);
+    assert_eq!(expected, Refuse("invalid_chain"));
+
+    let sample = r#"token_broker_client_cert_rejections_total{reason="invalid_chain"}"#;
+    let before = broker.metric(sample).await;
+    // curl (OpenSSL) presents what rustls as a client would refuse to.
+    let result = broker
+        .curl_token(&leaf, "grant_type=client_credentials")
+        .await;
+    assert!(result.is_err(), "the handshake must fail: {result:?}");
+    assert_eq!(
+        broker.metric_eventually(sample, before + 1.0).await,
+        before + 1.0
+    );
 }
