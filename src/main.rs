@@ -416,7 +416,9 @@ fn init_logging(format: LogFormat) {
         // failures with eprintln!, which panics on a closed stderr).
         .log_internal_errors(false);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Json => builder
+            .event_format(token_broker::logging::JsonLines)
+            .init(),
         LogFormat::Text => builder.init(),
     }
 }
