@@ -33,7 +33,7 @@ async fn credentials_in_the_wrong_parameter_are_not_echoed_or_logged() {
         format!("grant_type=client_credentials&scope={token}&service_account=sa@p.iam.gserviceaccount.com"),
         format!("grant_type=client_credentials&audience={pem}"),
         format!("grant_type=client_credentials&client_secret={token}"),
-        format!("grant_type=client_credentials&audience=ya29.a0AfH6SMBx"),
+        "grant_type=client_credentials&audience=ya29.a0AfH6SMBx".to_owned(),
     ] {
         let (status, body) = broker.token(Some(&leaf), &form).await;
         let text = body.to_string();
