@@ -5,7 +5,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -14,34 +14,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Everything the broker logs in this test binary, as JSON lines.
-fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let writer = buffer.clone();
-        let _ = tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_writer(move || LogWriter(writer.clone()))
-            .try_init();
-        buffer
-    })
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
+/// Whether an in-process broker of this test binary logged `needle` (support::logs).
 fn logged(needle: &str) -> bool {
-    String::from_utf8_lossy(&logs().lock().unwrap()).contains(needle)
+    support::logs::captured().contains(needle)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -168,7 +143,6 @@ async fn token_over(
 }
 
 async fn proxied_broker() -> (TestBroker, Leaf) {
-    logs();
     let mut setup = Setup::new();
     setup.extra_server = "[server.proxy_protocol]\nmode = \"v2\"\ntrusted_cidrs = [\"127.0.0.1/32\"]\nheader_timeout = \"1s\"".into();
     let leaf = setup.intermediate.leaf(&LeafSpec::device("behind-lb"));

@@ -1,5 +1,5 @@
 //! Every log line of the test suite is checked for secrets. In-process brokers log (at
-//! `trace` for this crate, JSON as in production) into one buffer per test binary, which
+//! `trace` for this crate, in the production JSON format) into one buffer per test binary, which
 //! each `TestBroker` scans when it is dropped; tests that run the binary scan its stderr
 //! with [`assert_no_secrets`]. What counts as a secret: a JWT, a Google access token, a PEM
 //! block, base64 DER (certificates and keys start `MI`/`MH`), and the body of any private
@@ -38,7 +38,7 @@ pub fn install() {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     INSTALLED.get_or_init(|| {
         let _ = tracing_subscriber::fmt()
-            .json()
+            .event_format(token_broker::logging::JsonLines)
             .with_env_filter("token_broker=trace,audit=trace,info")
             .with_writer(|| Capture)
             .try_init();
