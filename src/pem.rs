@@ -57,13 +57,13 @@ pub fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, PemError> {
         source,
     };
     let mode = file_mode(path).map_err(read_error)?;
-    if mode & 0o007 != 0 {
+    if mode & 0o006 != 0 {
         return Err(PemError::Exposed {
             path: path.to_owned(),
             mode,
         });
     }
-    if mode & 0o070 != 0 {
+    if mode & 0o060 != 0 {
         tracing::warn!(
             path = %path.display(),
             mode = format!("{mode:03o}"),
