@@ -2,7 +2,8 @@
 //!
 //! Rules are tried in order and the first match wins, so specific rules go first. Patterns
 //! are globs (globset) where `*` stays within one `/`-separated segment and `**` crosses
-//! segments; DNS and email patterns ignore case, as those names do.
+//! segments; DNS and email patterns ignore case, as those names do. In `subject` and
+//! `issuer` patterns `\` is literal (RFC 4514 escapes with it); `[*]` is a literal `*`.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -435,6 +436,9 @@ fn build_matcher(m: &MatchConfig, problems: &mut Vec<String>) -> Matcher {
             match GlobBuilder::new(&key(pattern))
                 .literal_separator(true)
                 .case_insensitive(ignore_case)
+                // RFC 4514 text escapes with `\`: in DN patterns it is a literal character,
+                // so the subject text openssl prints matches itself and only itself.
+                .backslash_escape(!matches!(field, "subject" | "issuer"))
                 .build()
             {
                 Ok(glob) => {
@@ -651,6 +655,18 @@ mod matching {
             vec!["ops@example.com".into()]));
         assert!(!matches(&by_email, |id| id.email_sans =
             vec!["ops@mail.example.com".into()]));
+    }
+
+    /// Found by tests/properties.rs: with glob escapes, `CN=a\,O=Example` (one CN with a
+    /// comma) did not match its own certificate but did match the DN `CN=a,O=Example`.
+    #[test]
+    fn dn_patterns_take_backslashes_literally() {
+        let by_subject = rules("[[clients]]\nname='x'\nmatch={subject=['CN=a\\,O=Example']}");
+        assert!(matches(&by_subject, |id| id.subject = r"CN=a\,O=Example".into()));
+        assert!(!matches(&by_subject, |id| id.subject = "CN=a,O=Example".into()));
+        let star = rules("[[clients]]\nname='x'\nmatch={issuer=['CN=[*].example.com']}");
+        assert!(matches(&star, |id| id.issuer = "CN=*.example.com".into()));
+        assert!(!matches(&star, |id| id.issuer = "CN=a.example.com".into()));
     }
 
     #[test]

@@ -251,7 +251,10 @@ fn checked_spiffe_id(id: &str) -> Result<String, IdentityError> {
     if id.len() > 2048 {
         return Err(bad("longer than 2048 bytes"));
     }
-    let (trust_domain, path) = rest.split_once('/').map_or((rest, ""), |(t, p)| (t, p));
+    let (trust_domain, path) = match rest.split_once('/') {
+        Some((trust_domain, path)) => (trust_domain, Some(path)),
+        None => (rest, None),
+    };
     if trust_domain.is_empty()
         || !trust_domain
             .bytes()
@@ -261,17 +264,17 @@ fn checked_spiffe_id(id: &str) -> Result<String, IdentityError> {
             "trust domain must be lowercase letters, digits, '-', '.', '_'",
         ));
     }
-    if !path.is_empty() {
-        for segment in path.split('/') {
-            if segment.is_empty() || segment == "." || segment == ".." {
-                return Err(bad("path segments must not be empty, '.' or '..'"));
-            }
-            if !segment
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
-            {
-                return Err(bad("path segments must be letters, digits, '-', '.', '_'"));
-            }
+    // A `/` after the trust domain starts a path, so `spiffe://td/` has an empty segment
+    // (a trailing slash, which the spec forbids).
+    for segment in path.into_iter().flat_map(|p| p.split('/')) {
+        if segment.is_empty() || segment == "." || segment == ".." {
+            return Err(bad("path segments must not be empty, '.' or '..'"));
+        }
+        if !segment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        {
+            return Err(bad("path segments must be letters, digits, '-', '.', '_'"));
         }
     }
     Ok(id.to_owned())
@@ -395,6 +398,8 @@ mod tests {
             "spiffe://example.org/a/../b",
             "spiffe://example.org/a//b",
             "spiffe://example.org/a/",
+            // Found by fuzz/ identity_structured: a trust domain with a trailing slash.
+            "spiffe://example.org/",
             "spiffe://example.org/a?x",
             "spiffe://evil.com#.example.org/a",
             "spiffe:///a",

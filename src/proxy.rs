@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use ppp::v2::{Addresses, Command, Header, PROTOCOL_PREFIX};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 
 use crate::config::{ProxyMode, ProxyProtocolConfig};
@@ -112,7 +112,8 @@ impl ProxyPolicy {
 }
 
 /// The complete v2 header: the fixed 16 bytes, then the length they declare (capped).
-async fn read_header(stream: &mut TcpStream) -> Result<Vec<u8>, ProxyError> {
+/// Public (and generic) for the fuzz targets.
+pub async fn read_header<R: AsyncRead + Unpin>(stream: &mut R) -> Result<Vec<u8>, ProxyError> {
     let mut fixed = [0u8; MINIMUM_LENGTH];
     stream
         .read_exact(&mut fixed)
@@ -144,7 +145,8 @@ async fn within<T>(
 }
 
 /// The source address a complete v2 header declares (`LOCAL`: the peer itself).
-fn client_address(bytes: &[u8], peer: SocketAddr) -> Result<SocketAddr, ProxyError> {
+/// Public for the fuzz targets.
+pub fn client_address(bytes: &[u8], peer: SocketAddr) -> Result<SocketAddr, ProxyError> {
     let header = Header::try_from(bytes).map_err(|e| ProxyError::Malformed(e.to_string()))?;
     if header.command == Command::Local {
         // Health checks from the load balancer itself.
