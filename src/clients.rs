@@ -18,6 +18,29 @@ use crate::trust::Refusal;
 /// Google's limit for `google.subject`, which is mapped from `sub`.
 pub const MAX_SUBJECT_BYTES: usize = 127;
 
+/// A static claim's TOML value as JSON. Date-times become their RFC 3339 text (serde would
+/// write toml's internal `{"$__toml_private_datetime": ...}` wrapper into every token).
+fn json_claim(value: &toml::Value) -> Result<Value, String> {
+    Ok(match value {
+        toml::Value::String(s) => Value::String(s.clone()),
+        toml::Value::Integer(i) => Value::from(*i),
+        toml::Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map(Value::Number)
+            .ok_or_else(|| format!("{f} has no JSON form"))?,
+        toml::Value::Boolean(b) => Value::Bool(*b),
+        toml::Value::Datetime(dt) => Value::String(dt.to_string()),
+        toml::Value::Array(items) => {
+            Value::Array(items.iter().map(json_claim).collect::<Result<_, _>>()?)
+        }
+        toml::Value::Table(table) => Value::Object(
+            table
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), json_claim(v)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+    })
+}
+
 /// Claims the broker sets itself; a rule's static claims may not override them.
 const RESERVED_CLAIMS: &[&str] = &[
     "iss",
@@ -363,7 +386,7 @@ impl ClientRule {
                 ));
                 continue;
             }
-            match serde_json::to_value(value) {
+            match json_claim(value) {
                 Ok(v) => {
                     claims.insert(key.clone(), v);
                 }
@@ -604,6 +627,25 @@ mod tests {
             r.subject_for(&identity(), &m),
             Err(Refusal::SubjectTooLong(130))
         );
+    }
+
+    #[test]
+    fn static_claims_keep_their_json_types_and_dates_become_rfc3339_text() {
+        let rules = rule(
+            "[[clients]]\nname='x'\nclaims={site='a', n=3, ok=true, ratio=0.5, tags=['x'], \
+             nested={k='v'}, since=1979-05-27T07:32:00Z, day=1979-05-27}",
+        )
+        .unwrap();
+        let (r, _) = rules.find(&identity()).unwrap();
+        assert_eq!(
+            serde_json::Value::Object(r.claims.clone()),
+            serde_json::json!({"site": "a", "n": 3, "ok": true, "ratio": 0.5, "tags": ["x"],
+                "nested": {"k": "v"}, "since": "1979-05-27T07:32:00Z", "day": "1979-05-27"})
+        );
+        let problems = rule("[[clients]]\nname='x'\nclaims={bad=nan}")
+            .err()
+            .unwrap();
+        assert!(problems[0].contains("no JSON form"), "{problems:?}");
     }
 
     #[test]

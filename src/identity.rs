@@ -227,7 +227,8 @@ fn checked_uri(uri: &str) -> Result<String, IdentityError> {
     Ok(uri.to_owned())
 }
 
-/// An email SAN: exactly one `@`, a non-empty local part and a valid domain.
+/// An email SAN: exactly one `@`, a non-empty local part and a valid domain (a mailbox,
+/// so no wildcard label: `*` is only meaningful in DNS SANs).
 fn checked_email(address: &str) -> Result<String, IdentityError> {
     let bad = || IdentityError::BadSan("email", address.chars().take(100).collect());
     let (local, domain) = address.split_once('@').ok_or_else(bad)?;
@@ -235,6 +236,9 @@ fn checked_email(address: &str) -> Result<String, IdentityError> {
         || domain.contains('@')
         || local.chars().any(|c| c.is_whitespace() || c.is_control())
     {
+        return Err(bad());
+    }
+    if domain.starts_with('*') {
         return Err(bad());
     }
     let domain = checked_dns(domain).map_err(|_| bad())?;
@@ -373,7 +377,13 @@ mod tests {
             assert!(checked_dns(bad).is_err(), "{bad}");
         }
         assert!(checked_email("a.b@Example.com").is_ok());
-        for bad in ["a@evil.com@example.com", "@example.com", "a@", "nope"] {
+        for bad in [
+            "a@evil.com@example.com",
+            "@example.com",
+            "a@",
+            "nope",
+            "a@*.example.com",
+        ] {
             assert!(checked_email(bad).is_err(), "{bad}");
         }
         assert!(checked_uri("spiffe://example.org/device/d-1").is_ok());

@@ -280,6 +280,7 @@ fn spec_email(address: &str) -> bool {
         Some((local, domain)) => {
             !local.is_empty()
                 && !local.chars().any(|c| c.is_whitespace() || c.is_control())
+                && !domain.starts_with('*')
                 && spec_dns_name(domain)
         }
         None => false,
