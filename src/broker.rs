@@ -12,6 +12,7 @@ use bytes::Bytes;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use serde::Serialize;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use crate::cache::TokenCache;
 use crate::claims::{self, Subject};
@@ -40,8 +41,8 @@ impl std::error::Error for Problems {}
 
 pub struct Broker {
     pub config: Config,
-    /// Unique per build; keys per-connection verdict caches.
-    generation: u64,
+    /// Chains validated by this build's trust store.
+    verified: VerifiedChains,
     pub google: Option<Arc<Google>>,
     /// Survives reloads: replacing it would cost every device an upstream call.
     pub cache: Arc<TokenCache>,
@@ -57,34 +58,50 @@ pub struct Broker {
     pub jwks: Bytes,
 }
 
-/// Counts broker builds: a verdict from one build is never reused by another.
-static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Chains that passed validation in this build, by the SHA-256 of the chain as sent, so a
+/// device that reconnects (or sends another request on its connection) is not validated
+/// again. A verdict holds from when it was reached until the earliest notAfter or CRL
+/// nextUpdate it depended on; nothing else in it depends on the time, and everything else
+/// it depends on (bundle, CRLs, policy) belongs to this build: a reload starts empty.
+struct VerifiedChains(Option<moka::sync::Cache<[u8; 32], Arc<Verdict>>>);
 
-/// One connection's last successful chain verdict (the chain cannot change mid-connection).
-#[derive(Default)]
-pub struct VerdictCache(std::sync::Mutex<Option<(u64, i64, Identity)>>);
+struct Verdict {
+    identity: Arc<Identity>,
+    verified_at: i64,
+    valid_until: i64,
+}
 
-impl VerdictCache {
-    fn get(&self, generation: u64, now: i64) -> Option<Identity> {
-        let slot = self.0.lock().ok()?;
-        match &*slot {
-            Some((g, valid_until, identity)) if *g == generation && now < *valid_until => {
-                Some(identity.clone())
-            }
-            _ => None,
-        }
+impl VerifiedChains {
+    fn new(capacity: usize) -> Self {
+        Self((capacity > 0).then(|| moka::sync::Cache::new(capacity as u64)))
     }
 
-    fn put(&self, generation: u64, valid_until: i64, identity: &Identity) {
-        if let Ok(mut slot) = self.0.lock() {
-            *slot = Some((generation, valid_until, identity.clone()));
+    fn get(&self, key: &[u8; 32], now: i64) -> Option<Arc<Identity>> {
+        let verdict = self.0.as_ref()?.get(key)?;
+        // A clock set back before the verification must not stretch a verdict.
+        (verdict.verified_at <= now && now < verdict.valid_until).then(|| verdict.identity.clone())
+    }
+
+    fn put(&self, key: [u8; 32], verdict: Verdict) {
+        if let Some(cache) = &self.0 {
+            cache.insert(key, Arc::new(verdict));
         }
     }
 }
 
+/// The key of a chain as sent: every certificate, length-prefixed, in order.
+fn chain_key(chain: &[CertificateDer<'_>]) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    for cert in chain {
+        hash.update((cert.len() as u64).to_be_bytes());
+        hash.update(cert);
+    }
+    hash.finalize().into()
+}
+
 /// A certificate that passed validation and matched a client rule.
 pub struct Authenticated<'a> {
-    pub identity: Identity,
+    pub identity: Arc<Identity>,
     pub rule: &'a ClientRule,
     pub subject: String,
 }
@@ -206,7 +223,7 @@ impl Broker {
                 let discovery = discovery_document(&config, signer.as_ref(), &flows);
                 let jwks = Bytes::from(signer.jwks().map(Value::to_string).unwrap_or_default());
                 let broker = Broker {
-                    generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    verified: VerifiedChains::new(config.server.verified_chain_cache),
                     config,
                     google,
                     cache,
@@ -272,35 +289,35 @@ impl Broker {
 
     /// Validates a presented chain at `now` and finds its client rule: the whole decision
     /// about *who* is asking, shared by `/token` and `verify-cert`.
+    /// A chain this build already validated is not validated again while its verdict
+    /// provably holds (see [`VerifiedChains`]); rule matching always runs again.
     pub fn authenticate(
         &self,
         chain: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<Authenticated<'_>, Refusal> {
-        self.authenticate_with(chain, now, None)
-    }
-
-    /// [`Broker::authenticate`], reusing a connection's earlier verdict while it provably
-    /// still holds: same broker generation (same trust store) and before the earliest
-    /// notAfter/nextUpdate it depended on. Rule matching always runs again.
-    pub fn authenticate_with(
-        &self,
-        chain: &[CertificateDer<'_>],
-        now: UnixTime,
-        verdicts: Option<&VerdictCache>,
-    ) -> Result<Authenticated<'_>, Refusal> {
         let leaf = chain.first().ok_or(Refusal::NoCertificate)?;
         let seconds = now.as_secs() as i64;
-        let cached = verdicts.and_then(|v| v.get(self.generation, seconds));
-        let identity = match cached {
-            Some(identity) => identity,
+        let key = chain_key(chain);
+        let identity = match self.verified.get(&key, seconds) {
+            Some(identity) => {
+                self.metrics.verified_chain_hits.inc();
+                identity
+            }
             None => {
+                self.metrics.verified_chain_misses.inc();
                 let identity =
                     Identity::from_der(leaf).map_err(|e| Refusal::Malformed(e.to_string()))?;
                 let valid_until = self.trust.verify(chain, &identity, now)?;
-                if let Some(verdicts) = verdicts {
-                    verdicts.put(self.generation, valid_until, &identity);
-                }
+                let identity = Arc::new(identity);
+                self.verified.put(
+                    key,
+                    Verdict {
+                        identity: identity.clone(),
+                        verified_at: seconds,
+                        valid_until,
+                    },
+                );
                 identity
             }
         };
@@ -341,7 +358,7 @@ impl Broker {
                     accepted: true,
                     reason: None,
                     description: None,
-                    identity: Some(auth.identity.clone()),
+                    identity: Some(Identity::clone(&auth.identity)),
                     rule: Some(auth.rule.name.clone()),
                     claims,
                 }

@@ -83,6 +83,9 @@ pub struct ServerConfig {
     pub request_header_timeout: Duration,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// How many validated chains to remember (0: validate every request again).
+    #[serde(default = "default_verified_chain_cache")]
+    pub verified_chain_cache: usize,
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
     /// Largest request head (request line and headers).
@@ -330,6 +333,9 @@ fn default_header_timeout() -> Duration {
 }
 fn default_max_connections() -> usize {
     10_000
+}
+fn default_verified_chain_cache() -> usize {
+    100_000
 }
 fn default_max_body_bytes() -> usize {
     8 * 1024

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
+    pub verified_chain_hits: IntCounter,
+    pub verified_chain_misses: IntCounter,
     pub config_reloads: IntCounterVec,
     pub signing_key_expiry: Gauge,
     pub open_connections: IntGauge,
@@ -107,6 +109,16 @@ impl Metrics {
                 "Tokens minted because the cache had none fresh.",
             )
             .expect("static metric"),
+            verified_chain_hits: IntCounter::new(
+                "verified_chain_cache_hits_total",
+                "Client chains not validated again: an earlier verdict of this build still held.",
+            )
+            .expect("static metric"),
+            verified_chain_misses: IntCounter::new(
+                "verified_chain_cache_misses_total",
+                "Client chains validated (whatever the outcome).",
+            )
+            .expect("static metric"),
             config_reloads: counter(
                 "config_reloads_total",
                 "Configuration reloads, by result.",
@@ -132,6 +144,8 @@ impl Metrics {
             Box::new(metrics.signing_key_expiry.clone()),
             Box::new(metrics.cache_hits.clone()),
             Box::new(metrics.cache_misses.clone()),
+            Box::new(metrics.verified_chain_hits.clone()),
+            Box::new(metrics.verified_chain_misses.clone()),
         ] {
             metrics.registry.register(g).expect("unique metric");
         }

@@ -239,11 +239,7 @@ async fn serve_connection(
         .peer_certificates()
         .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
         .unwrap_or_default();
-    let conn = Arc::new(ConnInfo {
-        peer,
-        client_chain,
-        verdict: Default::default(),
-    });
+    let conn = Arc::new(ConnInfo { peer, client_chain });
 
     let service_live = live.clone();
     let service = service_fn(move |request| {

@@ -1232,3 +1232,32 @@ async fn a_leaf_the_handshake_cannot_parse_is_refused_with_its_reason() {
         before + 1.0
     );
 }
+
+/// A verdict taken from the verified-chain cache holds only from the time it was reached to
+/// the earliest notAfter it depended on: a clock set back, or a later request past expiry,
+/// validates again and refuses.
+#[test]
+fn a_cached_verdict_holds_only_from_its_time_to_the_paths_expiry() {
+    let setup = setup_for(None);
+    let leaf = setup.intermediate.leaf(&LeafSpec::device("cached"));
+    let broker = build(&setup).unwrap();
+    let at = |t: OffsetDateTime| {
+        let t = rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            t.unix_timestamp() as u64,
+        ));
+        broker
+            .authenticate(&leaf.chain(), t)
+            .map(|_| ())
+            .map_err(|r| r.reason())
+    };
+    let now = OffsetDateTime::now_utc();
+    assert_eq!(at(now), Ok(()));
+    assert_eq!(at(now + Duration::minutes(1)), Ok(()));
+    let hits = |broker: &Broker| {
+        let text = String::from_utf8(broker.metrics.render()).unwrap();
+        support::metric_value(&text, "token_broker_verified_chain_cache_hits_total")
+    };
+    assert_eq!(hits(&broker), 1.0, "the second call reused the verdict");
+    assert_eq!(at(now - Duration::hours(2)), Err("not_yet_valid"));
+    assert_eq!(at(now + Duration::days(400)), Err("expired"));
+}

@@ -576,8 +576,10 @@ async fn reloads_are_counted_and_readyz_reports_ready() {
     broker.stop().await;
 }
 
+/// A verdict is reused on the same connection and by a reconnecting device, and neither
+/// outlives the certificate's notAfter or a reload that revokes it.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_connections_reused_verdict_ends_with_its_certificate_and_with_a_reload() {
+async fn a_reused_verdict_ends_with_its_certificate_and_with_a_reload() {
     let setup = Setup::new();
     let now = time::OffsetDateTime::now_utc();
     let short = setup.intermediate.leaf(&LeafSpec {
@@ -604,48 +606,62 @@ async fn a_connections_reused_verdict_ends_with_its_certificate_and_with_a_reloa
             )
         }
     };
+    let chain_cache = |result: &'static str| {
+        let name = format!("token_broker_verified_chain_cache_{result}_total");
+        let broker = &broker;
+        async move { broker.metric(&name).await }
+    };
     // One client = one kept-alive connection.
     let short_client = broker.client(Some(&short));
     let doomed_client = broker.client(Some(&doomed));
     assert_eq!(post(short_client.clone()).await.0, 200);
     assert_eq!(post(doomed_client.clone()).await.0, 200);
     assert_eq!(
-        broker
-            .metric(r#"token_broker_tls_handshakes_total{result="ok"}"#)
-            .await,
-        2.0
+        (chain_cache("misses").await, chain_cache("hits").await),
+        (2.0, 0.0)
+    );
+    // Again on the same connection, and from a new one: both reuse the verdict.
+    assert_eq!(post(short_client.clone()).await.0, 200);
+    assert_eq!(post(broker.client(Some(&short))).await.0, 200);
+    assert_eq!(
+        (chain_cache("misses").await, chain_cache("hits").await),
+        (2.0, 2.0)
     );
 
-    // Revoked by a reload: the same connection is refused at once.
+    // Revoked by a reload: the same connection is refused at once, and so is a new one.
     broker.setup.write(
         "intermediate.crl.pem",
         &broker.setup.intermediate.crl(&[doomed.serial]),
     );
     broker.live.reload().unwrap();
-    let (status, body) = post(doomed_client).await;
-    assert_eq!(
-        (status, body["error_description"].as_str()),
-        (
-            401,
-            Some("certificate revoked (listed in its issuer's CRL)")
-        )
-    );
+    for client in [doomed_client, broker.client(Some(&doomed))] {
+        let (status, body) = post(client).await;
+        assert_eq!(
+            (status, body["error_description"].as_str()),
+            (
+                401,
+                Some("certificate revoked (listed in its issuer's CRL)")
+            )
+        );
+    }
 
     // Expired while connected (notAfter is inclusive and has whole seconds): refused on the
-    // same connection.
+    // same connection and on a new one.
     tokio::time::sleep(Duration::from_millis(4500)).await;
-    let (status, body) = post(short_client).await;
-    assert_eq!(status, 401, "{body}");
-    assert!(body["error_description"]
-        .as_str()
-        .unwrap()
-        .starts_with("certificate expired at"));
+    for client in [short_client, broker.client(Some(&short))] {
+        let (status, body) = post(client).await;
+        assert_eq!(status, 401, "{body}");
+        assert!(body["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("certificate expired at"));
+    }
     assert_eq!(
         broker
             .metric(r#"token_broker_tls_handshakes_total{result="ok"}"#)
             .await,
-        2.0,
-        "no new connections were made"
+        5.0,
+        "the first two connections were kept alive throughout"
     );
     broker.stop().await;
 }

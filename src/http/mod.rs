@@ -24,8 +24,6 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// The client's certificate chain as sent (leaf first); *not* validated yet.
     pub client_chain: Vec<CertificateDer<'static>>,
-    /// The chain's last verdict, reused by later requests on this connection while valid.
-    pub verdict: crate::broker::VerdictCache,
 }
 
 /// Discovery and JWKS may be cached briefly; a new key is published long before it signs.

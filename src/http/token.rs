@@ -130,14 +130,10 @@ async fn issue(
     let Some(leaf) = conn.client_chain.first() else {
         return Err(Refusal::NoCertificate.into());
     };
-    audit.sha256 = Some(crate::identity::hex(&Sha256::digest(leaf)));
-
     let now = unix_now();
-    let auth = broker.authenticate_with(
-        &conn.client_chain,
-        crate::trust::at_unix(now),
-        Some(&conn.verdict),
-    )?;
+    let auth = broker
+        .authenticate(&conn.client_chain, crate::trust::at_unix(now))
+        .inspect_err(|_| audit.sha256 = Some(crate::identity::hex(&Sha256::digest(leaf))))?;
     audit.rule = Some(auth.rule.name.clone());
     audit.subject = Some(auth.subject.clone());
     audit.sha256 = Some(auth.identity.sha256_hex.clone());
