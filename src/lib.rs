@@ -19,7 +19,8 @@
 //! - [`http`]: routing, the token endpoint and the one mapping from errors to RFC 6749 answers.
 //! - [`server`]: listeners, connection handling and shutdown.
 //! - [`metrics`] / [`admin`]: Prometheus metrics and the plain-HTTP admin listener.
-//! - [`logging`]: the JSON log line format (audit lines are on every token's path).
+//! - [`logging`]: the JSON log line format and the buffered stderr writer (audit lines are
+//!   on every token's path).
 //! - [`devpki`]: the development PKI made by `init` and the first `serve`.
 //! - [`client`] / [`agent`]: the device side: `token` and the GCE metadata-server emulator.
 #![forbid(unsafe_code)]

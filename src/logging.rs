@@ -5,8 +5,14 @@
 //! straight into the line buffer. The stock formatter first collects the fields into a map
 //! of JSON values, which made the audit line (one per token) about a tenth of a kept-alive
 //! token's CPU; this one costs a fraction of that (BENCHMARKS.md).
+//!
+//! [`BufferedLines`]: where the lines go. Written one by one, each line was a `write`
+//! system call of its own on every token's path.
 
 use std::fmt;
+use std::io::Write;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -100,9 +106,114 @@ impl Visit for JsonObject {
     }
 }
 
+/// Log lines gathered so that many reach the sink with one `write`. A line at WARN or
+/// above, and a line that fills the buffer, writes everything so far at once; the rest
+/// are written by [`BufferedLines::spawn_flusher`]'s thread within [`FLUSH_INTERVAL`]
+/// (nginx's `access_log ... buffer= flush=`), and by [`BufferedLines::flush`] at exit.
+/// Lines keep their order. A thread that sleeps between flushes costs no wakeup per line,
+/// which is what made a writer thread fed line by line slower than writing in place.
+#[derive(Clone)]
+pub struct BufferedLines(Arc<Shared>);
+
+struct Shared {
+    /// Lines not written yet.
+    pending: Mutex<Vec<u8>>,
+    /// Held while writing, so batches reach the sink in order; keeps the spare buffer
+    /// that is swapped with `pending`, so neither is reallocated.
+    sink: Mutex<(Vec<u8>, Box<dyn Write + Send>)>,
+}
+
+/// The most a line waits in the buffer.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Buffered bytes that make the writing line flush at once.
+const BUFFER_BYTES: usize = 64 * 1024;
+
+/// A poisoned log buffer is still a good log buffer: a panic elsewhere must not silence it.
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl BufferedLines {
+    pub fn new(sink: Box<dyn Write + Send>) -> Self {
+        Self(Arc::new(Shared {
+            pending: Mutex::new(Vec::with_capacity(BUFFER_BYTES)),
+            sink: Mutex::new((Vec::with_capacity(BUFFER_BYTES), sink)),
+        }))
+    }
+
+    /// Writes what is buffered every [`FLUSH_INTERVAL`], for the life of the process.
+    pub fn spawn_flusher(&self) -> std::io::Result<()> {
+        let lines = self.clone();
+        std::thread::Builder::new()
+            .name("log-flush".into())
+            .spawn(move || loop {
+                std::thread::sleep(FLUSH_INTERVAL);
+                lines.flush();
+            })
+            .map(drop)
+    }
+
+    /// Writes every buffered line. Write errors are dropped: there is nowhere to report
+    /// them, and a closed stderr must not take the server down.
+    pub fn flush(&self) {
+        let mut sink = locked(&self.0.sink);
+        let (batch, out) = &mut *sink;
+        std::mem::swap(&mut *locked(&self.0.pending), batch);
+        if !batch.is_empty() {
+            let _ = out.write_all(batch).and_then(|()| out.flush());
+            batch.clear();
+        }
+    }
+}
+
+/// One event's writer: appends, and flushes when the line is urgent or the buffer full.
+pub struct LineWriter<'a> {
+    lines: &'a BufferedLines,
+    urgent: bool,
+}
+
+impl Write for LineWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let full = {
+            let mut pending = locked(&self.lines.0.pending);
+            pending.extend_from_slice(bytes);
+            pending.len() >= BUFFER_BYTES
+        };
+        if full || self.urgent {
+            self.lines.flush();
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BufferedLines {
+    type Writer = LineWriter<'a>;
+
+    fn make_writer(&'a self) -> LineWriter<'a> {
+        LineWriter {
+            lines: self,
+            urgent: false,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> LineWriter<'a> {
+        LineWriter {
+            lines: self,
+            urgent: *meta.level() <= tracing::Level::WARN,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::JsonLines;
+    use super::{BufferedLines, JsonLines, BUFFER_BYTES, FLUSH_INTERVAL};
     use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]
@@ -160,5 +271,70 @@ mod tests {
         );
         let timestamp = line["timestamp"].as_str().unwrap();
         assert!(timestamp.parse::<jiff::Timestamp>().is_ok(), "{timestamp}");
+    }
+
+    fn buffered() -> (Buffer, BufferedLines) {
+        let sink = Buffer::default();
+        (sink.clone(), BufferedLines::new(Box::new(sink)))
+    }
+
+    fn written(sink: &Buffer) -> String {
+        String::from_utf8(sink.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn info_lines_wait_a_warning_writes_everything_in_order() {
+        let (sink, lines) = buffered();
+        let subscriber = tracing_subscriber::fmt()
+            .event_format(JsonLines)
+            .with_writer(lines.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("one");
+            tracing::info!("two");
+            assert_eq!(written(&sink), "", "info lines are buffered");
+            tracing::warn!("three");
+        });
+        let messages: Vec<String> = written(&sink)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["message"].to_string())
+            .collect();
+        assert_eq!(messages, ["\"one\"", "\"two\"", "\"three\""]);
+        tracing::subscriber::with_default(
+            tracing_subscriber::fmt()
+                .with_writer(lines.clone())
+                .finish(),
+            || tracing::info!("four"),
+        );
+        lines.flush();
+        assert!(written(&sink).ends_with("four\n"), "{}", written(&sink));
+    }
+
+    #[test]
+    fn a_full_buffer_is_written_at_once_and_the_flusher_writes_the_rest() {
+        let (sink, lines) = buffered();
+        let mut writer = tracing_subscriber::fmt::MakeWriter::make_writer(&lines);
+        let line = vec![b'x'; 1000];
+        let mut sent = 0;
+        while sent < BUFFER_BYTES {
+            std::io::Write::write_all(&mut writer, &line).unwrap();
+            sent += line.len();
+        }
+        assert_eq!(
+            written(&sink).len(),
+            sent,
+            "the line that filled it flushed"
+        );
+        std::io::Write::write_all(&mut writer, b"tail").unwrap();
+        assert_eq!(written(&sink).len(), sent);
+        lines.spawn_flusher().unwrap();
+        let deadline = std::time::Instant::now() + 50 * FLUSH_INTERVAL;
+        while !written(&sink).ends_with("tail") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the flusher never wrote"
+            );
+            std::thread::sleep(FLUSH_INTERVAL / 4);
+        }
     }
 }

@@ -13,6 +13,7 @@ use token_broker::client::{
     self, BrokerClient, CachingClient, ClientError, TokenCacheFile, TokenParams,
 };
 use token_broker::config::Config;
+use token_broker::logging::BufferedLines;
 use token_broker::metrics::Metrics;
 use token_broker::server::{Live, Server};
 use token_broker::{devpki, pem, trust};
@@ -158,8 +159,10 @@ struct AgentArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
-    match run(cli) {
+    let logs = init_logging(cli.log_format);
+    let result = run(cli);
+    logs.flush();
+    match result {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -406,12 +409,17 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs go to stderr through a buffer; the caller flushes it before exiting.
+fn init_logging(format: LogFormat) -> BufferedLines {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOKEN_BROKER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let lines = BufferedLines::new(Box::new(std::io::stderr()));
+    if let Err(error) = lines.spawn_flusher() {
+        eprintln!("warning: no log flushing thread ({error}); info lines appear at exit");
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(lines.clone())
         // A closed stderr must not take the server down (the default reports write
         // failures with eprintln!, which panics on a closed stderr).
         .log_internal_errors(false);
@@ -421,6 +429,7 @@ fn init_logging(format: LogFormat) {
             .init(),
         LogFormat::Text => builder.init(),
     }
+    lines
 }
 
 #[cfg(test)]
