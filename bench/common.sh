@@ -118,6 +118,7 @@ handshake_timeout = "10s"
 request_header_timeout = "1h"
 max_connections = 20000
 shutdown_grace = "1s"
+${BROKER_SERVER_EXTRA:-}
 
 [admin]
 listen = "127.0.0.1:$ADMIN_PORT"

@@ -323,6 +323,13 @@ start_broker broker-paired-warn "$PKI/keys" TOKEN_BROKER_LOG=warn
 WARN_PID=$BROKER_PID
 WARN_PORT=$BROKER_PORT
 warmup "$WARN_PORT"
+# The load generator presents one device certificate, so after its first request every
+# chain is a verified-chain cache hit; this broker validates every chain, as for devices
+# it has not seen since its last reload.
+BROKER_SERVER_EXTRA="verified_chain_cache = 0" start_broker broker-paired-validate "$PKI/keys"
+VALIDATE_PID=$BROKER_PID
+VALIDATE_PORT=$BROKER_PORT
+warmup "$VALIDATE_PORT"
 pair_round() { # pair_round PAIR ROUND SIDE PORT "PIDS" PATH [LOADGEN_ARGS...]
     local pair=$1 round=$2 side=$3 port=$4 pids=$5 path=$6
     shift 6
@@ -335,6 +342,10 @@ for round in $(seq 1 "$PAIR_ROUNDS"); do
     pair_round newconn-tls1.3 "$round" nginx "$NGINX_PORT" "$NGINX_PIDS" new-conn
     pair_round newconn-tls1.2 "$round" broker "$INFO_PORT" "$INFO_PID" new-conn --tls12
     pair_round newconn-tls1.2 "$round" nginx "$NGINX_PORT" "$NGINX_PIDS" new-conn --tls12
+    pair_round newconn-validated-tls1.3 "$round" broker "$VALIDATE_PORT" "$VALIDATE_PID" new-conn
+    pair_round newconn-validated-tls1.3 "$round" nginx "$NGINX_PORT" "$NGINX_PIDS" new-conn
+    pair_round newconn-validated-tls1.2 "$round" broker "$VALIDATE_PORT" "$VALIDATE_PID" new-conn --tls12
+    pair_round newconn-validated-tls1.2 "$round" nginx "$NGINX_PORT" "$NGINX_PIDS" new-conn --tls12
     pair_round logging-keep-alive "$round" info "$INFO_PORT" "$INFO_PID" keep-alive
     pair_round logging-keep-alive "$round" warn "$WARN_PORT" "$WARN_PID" keep-alive
     pair_round logging-new-conn "$round" info "$INFO_PORT" "$INFO_PID" new-conn
@@ -344,6 +355,8 @@ BROKER_PID=$INFO_PID
 stop_broker broker-paired-info
 BROKER_PID=$WARN_PID
 stop_broker broker-paired-warn
+BROKER_PID=$VALIDATE_PID
+stop_broker broker-paired-validate
 
 # --- memory: RSS idle, then with IDLE_COUNTS idle mTLS connections held (cumulative).
 # memory_run NAME SERVER PORT "PIDS" IDLE_REQUEST(0|1) COUNTS...
