@@ -8,6 +8,11 @@
 //! certificates by its keyUsage (webpki ignores keyUsage), and a client may send only a
 //! few certificates of bounded size (path building costs grow with them).
 //!
+//! Revocation is checked by the broker, inside webpki's path building (so a revoked path
+//! makes it try the alternatives), by webpki's rules, but with each CRL's signature
+//! verified once per issuer key instead of on every use. CRLs with an
+//! issuingDistributionPoint (partitioned CRLs) turn this off: webpki then checks them all.
+//!
 //! Bundle semantics (as OpenSSL's): self-issued certificates are trust anchors; the others
 //! are intermediates that help build paths but are never trusted on their own. Loading
 //! refuses what could never work or would be trusted by mistake: a non-CA or a CA that may
@@ -17,6 +22,7 @@
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use rustls_pki_types::{CertificateDer, SignatureVerificationAlgorithm, TrustAnchor, UnixTime};
@@ -169,17 +175,53 @@ pub struct CrlInfo {
     pub issuer: String,
     pub next_update: Option<i64>,
     /// Its issuer is a CA of the bundle and its signature was verified at load. Otherwise
-    /// it belongs to an intermediate that clients send, and webpki verifies it per request
-    /// against that intermediate's key (a bad signature then refuses what it covers).
+    /// it belongs to an intermediate that clients send, and it is verified against that
+    /// intermediate's key when a path first uses it (a bad signature refuses what it covers).
     pub verified_at_load: bool,
 }
 
 /// What loading keeps of a bundle CA to verify CRLs against it.
 struct BundleCa {
     subject_raw: Vec<u8>,
-    spki_raw: Vec<u8>,
+    /// SubjectPublicKeyInfo contents (without the outer SEQUENCE), as webpki keeps keys.
+    spki: Vec<u8>,
     /// keyUsage absent or including cRLSign.
     may_sign_crls: bool,
+}
+
+/// A configured CRL, and the issuer keys its signature was checked against.
+struct Crl {
+    list: CertRevocationList<'static>,
+    der: Vec<u8>,
+    /// nextUpdate, Unix seconds (`i64::MAX` without one).
+    next_update: i64,
+    /// Issuer keys (SPKI contents) this CRL's signature was checked against, and the
+    /// outcome. Only keys of CAs on a verified path get here, so it stays small.
+    signers: Mutex<Vec<(Vec<u8>, bool)>>,
+}
+
+/// Signature outcomes a CRL remembers at most (a safety bound; a real PKI has a handful).
+const MAX_REMEMBERED_CRL_SIGNERS: usize = 64;
+
+impl Crl {
+    /// Whether the key `issuer_spki` (SPKI contents) signed this CRL: webpki verifies this
+    /// on every use (the CRL signature was a tenth of a new connection's CPU); the answer
+    /// never changes for one CRL and one key, so it is computed once per key.
+    fn signed_by(
+        &self,
+        issuer_spki: &[u8],
+        algorithms: &[&dyn SignatureVerificationAlgorithm],
+    ) -> bool {
+        let mut signers = self.signers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, signed)) = signers.iter().find(|(key, _)| key == issuer_spki) {
+            return *signed;
+        }
+        let signed = crl_signed_by(&self.der, issuer_spki, algorithms);
+        if signers.len() < MAX_REMEMBERED_CRL_SIGNERS {
+            signers.push((issuer_spki.to_vec(), signed));
+        }
+        signed
+    }
 }
 
 pub struct TrustStore {
@@ -188,7 +230,11 @@ pub struct TrustStore {
     algorithms: &'static [&'static dyn rustls_pki_types::SignatureVerificationAlgorithm],
     anchors: Vec<TrustAnchor<'static>>,
     intermediates: Vec<CertificateDer<'static>>,
-    crls: Vec<CertRevocationList<'static>>,
+    crls: Vec<Crl>,
+    /// No CRL has an issuingDistributionPoint, so the broker checks revocation itself
+    /// ([`TrustStore::check_revocation`]); partitioned CRLs are left to webpki, whose scope
+    /// rules for them are not repeated here.
+    own_revocation_check: bool,
     /// The earliest nextUpdate of the CRLs (`i64::MAX` without CRLs).
     crls_valid_until: i64,
     /// Subjects of the roots, sent in the CertificateRequest so clients pick the right cert.
@@ -210,6 +256,7 @@ impl TrustStore {
             anchors: Vec::new(),
             intermediates: Vec::new(),
             crls: Vec::new(),
+            own_revocation_check: true,
             crls_valid_until: i64::MAX,
             root_subjects: Vec::new(),
             cas: Vec::new(),
@@ -266,7 +313,9 @@ impl TrustStore {
             });
             bundle_cas.push(BundleCa {
                 subject_raw: cert.subject().as_raw().to_vec(),
-                spki_raw: cert.public_key().raw.to_vec(),
+                spki: spki_contents(cert.public_key().raw)
+                    .ok_or_else(|| invalid("malformed subjectPublicKeyInfo".into()))?
+                    .to_vec(),
                 may_sign_crls: key_usage.as_ref().is_none_or(|ku| ku.value.crl_sign()),
             });
             if is_root {
@@ -314,7 +363,14 @@ impl TrustStore {
             // wrong or corrupted file fails check-config and a reload keeps the old state,
             // instead of refusing every certificate of that CA at request time. A CRL of
             // an intermediate the clients send cannot be checked before a client sends
-            // it; webpki checks it on every path that uses it.
+            // it; it is checked against that intermediate's key on the first path using it.
+            let next_update = parsed.next_update().map(|t| t.timestamp());
+            let crl = Crl {
+                list: CertRevocationList::Owned(crl),
+                der: der.to_vec(),
+                next_update: next_update.unwrap_or(i64::MAX),
+                signers: Mutex::default(),
+            };
             let named: Vec<&BundleCa> = bundle_cas
                 .iter()
                 .filter(|ca| ca.subject_raw == parsed.issuer().as_raw())
@@ -322,7 +378,7 @@ impl TrustStore {
             if !named.is_empty() {
                 let signer = named
                     .iter()
-                    .find(|ca| crl_signed_by(&der, &ca.spki_raw, store.algorithms));
+                    .find(|ca| crl.signed_by(&ca.spki, store.algorithms));
                 match signer {
                     None => {
                         return Err(invalid(format!(
@@ -337,7 +393,6 @@ impl TrustStore {
                     Some(_) => {}
                 }
             }
-            let next_update = parsed.next_update().map(|t| t.timestamp());
             // A CRL without nextUpdate never expires for webpki either.
             if let Some(next) = next_update {
                 store.crls_valid_until = store.crls_valid_until.min(next);
@@ -348,7 +403,8 @@ impl TrustStore {
                 next_update,
                 verified_at_load: !named.is_empty(),
             });
-            store.crls.push(CertRevocationList::Owned(crl));
+            store.own_revocation_check &= crl.list.issuing_distribution_point().is_none();
+            store.crls.push(crl);
         }
         Ok(store)
     }
@@ -391,7 +447,11 @@ impl TrustStore {
         let mut intermediates: Vec<CertificateDer<'_>> = sent_intermediates.to_vec();
         intermediates.extend(self.intermediates.iter().cloned());
 
-        let crl_refs: Vec<&CertRevocationList<'static>> = self.crls.iter().collect();
+        let crl_refs: Vec<&CertRevocationList<'static>> = if self.own_revocation_check {
+            Vec::new()
+        } else {
+            self.crls.iter().map(|crl| &crl.list).collect()
+        };
         let revocation = RevocationOptionsBuilder::new(&crl_refs)
             .ok()
             .map(|builder| {
@@ -407,8 +467,16 @@ impl TrustStore {
         // takes only its own error type back: CertDistrusted (never produced for our
         // anchors) carries "see `refused_path`".
         let refused_path: RefCell<Option<Refusal>> = RefCell::new(None);
+        let broker_checks = |path: &VerifiedPath<'_>| {
+            let intermediates_may_sign_crls = path_policy(path)?;
+            if self.own_revocation_check {
+                self.check_revocation(path, &intermediates_may_sign_crls, now)
+                    .map_err(|e| refusal_from_webpki(e, leaf, chain))?;
+            }
+            Ok(())
+        };
         let check_path = |path: &VerifiedPath<'_>| {
-            path_policy(path).map_err(|refusal| {
+            broker_checks(path).map_err(|refusal| {
                 *refused_path.borrow_mut() = Some(refusal);
                 webpki::Error::CertDistrusted
             })
@@ -440,6 +508,65 @@ impl TrustStore {
         Ok(path_expiry.min(self.crls_valid_until))
     }
 
+    /// Revocation of every certificate of `path` but its anchor, as webpki would check it
+    /// with the options of the fallback above (whole chain, unknown status allowed, expired
+    /// CRLs refused) for CRLs without an issuingDistributionPoint: the first CRL naming the
+    /// certificate's issuer decides, its signature must be the issuer's, it must not be
+    /// expired, an issuer with a keyUsage must have cRLSign. Only the CRL signature is not
+    /// verified again on each use (see [`Crl::signed_by`]).
+    /// `intermediates_may_sign_crls` follows `path.intermediate_certificates()`.
+    fn check_revocation(
+        &self,
+        path: &VerifiedPath<'_>,
+        intermediates_may_sign_crls: &[bool],
+        now: UnixTime,
+    ) -> Result<(), webpki::Error> {
+        let intermediates: Vec<_> = path.intermediate_certificates().collect();
+        let certs = std::iter::once(&**path.end_entity()).chain(intermediates.iter().copied());
+        for (index, cert) in certs.enumerate() {
+            let Some(crl) = self
+                .crls
+                .iter()
+                .find(|crl| crl.list.issuer() == cert.issuer())
+            else {
+                continue;
+            };
+            let (signed, may_sign_crls) = match intermediates.get(index) {
+                Some(issuer) => {
+                    let spki = issuer.subject_public_key_info();
+                    let signed = spki_contents(spki.as_ref())
+                        .is_some_and(|key| crl.signed_by(key, self.algorithms));
+                    let may_sign = intermediates_may_sign_crls.get(index).copied();
+                    (signed, may_sign.unwrap_or(false))
+                }
+                // webpki does not track a trust anchor's keyUsage; loading checked it.
+                None => (
+                    crl.signed_by(
+                        path.anchor().subject_public_key_info.as_ref(),
+                        self.algorithms,
+                    ),
+                    true,
+                ),
+            };
+            if !signed {
+                return Err(webpki::Error::InvalidCrlSignatureForPublicKey);
+            }
+            if now.as_secs() as i64 >= crl.next_update {
+                return Err(webpki::Error::CrlExpired {
+                    time: now,
+                    next_update: at_unix(crl.next_update),
+                });
+            }
+            if !may_sign_crls {
+                return Err(webpki::Error::IssuerNotCrlSigner);
+            }
+            if crl.list.find_serial(cert.serial())?.is_some() {
+                return Err(webpki::Error::CertRevoked);
+            }
+        }
+        Ok(())
+    }
+
     pub fn crl_count(&self) -> usize {
         self.crls.len()
     }
@@ -465,8 +592,10 @@ fn most_repeated_subject(certs: &[CertificateDer<'_>]) -> Option<(String, usize)
 /// The broker's own rules for a path webpki accepted, beyond webpki's: every intermediate
 /// CA certificate must be allowed to sign certificates (RFC 5280 4.2.1.3: a keyUsage, if
 /// present, must include keyCertSign). webpki ignores keyUsage; bundle CAs are checked at
-/// load, so this is about the intermediates clients send.
-fn path_policy(path: &VerifiedPath<'_>) -> Result<(), Refusal> {
+/// load, so this is about the intermediates clients send. Returns, for each intermediate,
+/// whether its keyUsage (if any) allows it to sign CRLs.
+fn path_policy(path: &VerifiedPath<'_>) -> Result<Vec<bool>, Refusal> {
+    let mut may_sign_crls = Vec::new();
     for cert in path.intermediate_certificates() {
         let der = cert.der();
         let (_, parsed) = X509Certificate::from_der(&der)
@@ -474,14 +603,18 @@ fn path_policy(path: &VerifiedPath<'_>) -> Result<(), Refusal> {
         let key_usage = parsed
             .key_usage()
             .map_err(|e| Refusal::Malformed(format!("intermediate CA certificate: {e}")))?;
-        if key_usage.is_some_and(|ku| !ku.value.key_cert_sign()) {
+        if key_usage
+            .as_ref()
+            .is_some_and(|ku| !ku.value.key_cert_sign())
+        {
             return Err(Refusal::InvalidChain(format!(
                 "the intermediate CA certificate {} has a keyUsage without keyCertSign, so it may not issue certificates",
                 parsed.subject()
             )));
         }
+        may_sign_crls.push(key_usage.is_none_or(|ku| ku.value.crl_sign()));
     }
-    Ok(())
+    Ok(may_sign_crls)
 }
 
 /// The broker's own rules for leaves, beyond webpki's.
@@ -583,9 +716,10 @@ fn chain_problem(error: webpki::Error) -> String {
     }
 }
 
-/// Whether `crl_der` is signed by the key of `issuer_spki` (a DER SubjectPublicKeyInfo)
-/// with one of `algorithms`, the check webpki makes per request. webpki does not offer
-/// it on its own, so the few DER elements it needs are read here.
+/// Whether `crl_der` is signed by the key of `issuer_spki` (SubjectPublicKeyInfo contents,
+/// without the outer SEQUENCE, as webpki keeps keys) with one of `algorithms`, the check
+/// webpki makes. webpki does not offer it on its own, so the few DER elements it needs
+/// are read here.
 fn crl_signed_by(
     crl_der: &[u8],
     issuer_spki: &[u8],
@@ -600,8 +734,7 @@ fn crl_signed_by(
         let (algorithm, rest) = der_element(rest, SEQUENCE)?;
         let (signature, _) = der_element(rest, BIT_STRING)?;
         // SubjectPublicKeyInfo ::= SEQUENCE { algorithm, subjectPublicKey BIT STRING }
-        let (spki, _) = der_element(issuer_spki, SEQUENCE)?;
-        let (key_algorithm, rest) = der_element(spki, SEQUENCE)?;
+        let (key_algorithm, rest) = der_element(issuer_spki, SEQUENCE)?;
         let (key, _) = der_element(rest, BIT_STRING)?;
         // Bit strings here have no unused bits.
         let (signature, key) = (signature.strip_prefix(&[0])?, key.strip_prefix(&[0])?);
@@ -616,6 +749,11 @@ fn crl_signed_by(
         )
     };
     check().unwrap_or(false)
+}
+
+/// The contents of a DER SubjectPublicKeyInfo (what is inside its SEQUENCE).
+fn spki_contents(spki: &[u8]) -> Option<&[u8]> {
+    der_element(spki, 0x30).map(|(contents, _)| contents)
 }
 
 /// The contents of the DER element with `tag` at the start of `input`, and what follows.

@@ -797,6 +797,20 @@ fn own_trust_rows(now: OffsetDateTime) -> Vec<Row> {
     let corrupt = r.intermediate("Corrupt CRL CA");
     let free = r.intermediate("Unrelated CRL CA");
     let impostor = Ca::root("Wrong Key CRL CA");
+    // Two intermediates with one name and two keys; the CRL is the first one's. The broker
+    // remembers a CRL's signature check per issuer key, so each is asked more than once.
+    let twin = r.intermediate("Twin CRL CA");
+    let twin_by_other_key = r.intermediate("Twin CRL CA");
+    let twin_revoked = twin.leaf(&LeafSpec::device("twin-revoked"));
+    // rcgen signs no CRL with a CA lacking cRLSign, so the CA sends a copy of its
+    // certificate (same name and key) whose keyUsage lacks it.
+    let no_crl_sign = r.intermediate("No cRLSign CA");
+    let without_crl_sign = no_crl_sign.issued_by(&r, |p| {
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ]
+    });
     let trust = Trust {
         bundle: vec![r.pem.clone()],
         crls: vec![
@@ -805,9 +819,53 @@ fn own_trust_rows(now: OffsetDateTime) -> Vec<Row> {
             impostor.crl(&[]),
             tampered(&corrupt.crl(&[]), "X509 CRL"),
             Ca::root("Stranger CRL Root").crl(&[free.serial]),
+            twin.crl(&[twin_revoked.serial]),
+            no_crl_sign.crl(&[]),
         ],
         server: String::new(),
     };
+    for (n, (name, ca, expect)) in [
+        (
+            "twin CA whose key did not sign the CRL",
+            &twin_by_other_key,
+            Refuse("invalid_chain"),
+        ),
+        ("twin CA whose key signed the CRL", &twin, Accept),
+        (
+            "twin CA whose key did not sign the CRL, again",
+            &twin_by_other_key,
+            Refuse("invalid_chain"),
+        ),
+        ("twin CA whose key signed the CRL, again", &twin, Accept),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        row(
+            name,
+            ca.leaf(&LeafSpec::device(&format!("twin-{n}"))),
+            &trust,
+            expect,
+            false,
+        );
+    }
+    row(
+        "leaf listed in the CRL of the twin CA whose key signed it",
+        twin_revoked,
+        &trust,
+        Refuse("revoked"),
+        false,
+    );
+    row(
+        "CRL of a sent intermediate whose keyUsage lacks cRLSign",
+        sent_with(
+            &no_crl_sign.leaf(&LeafSpec::device("no-crl-sign")),
+            &[&without_crl_sign],
+        ),
+        &trust,
+        Refuse("invalid_chain"),
+        false,
+    );
     row(
         "CRL of the issuer expired",
         stale.leaf(&LeafSpec::device("stale-crl")),
@@ -844,6 +902,34 @@ fn own_trust_rows(now: OffsetDateTime) -> Vec<Row> {
         false,
     );
 
+    // Partitioned CRLs (with an issuingDistributionPoint): webpki's scope rules decide.
+    let p = Ca::root("Partitioned CRL Root");
+    let q = p.intermediate("Partitioned CRL CA");
+    let listed = q.leaf(&LeafSpec::device("partitioned-listed"));
+    let idp = partitioned;
+    let partitioned = Trust {
+        bundle: vec![p.pem.clone()],
+        crls: vec![
+            q.crl_partitioned(&[listed.serial], idp(rcgen::CrlScope::UserCertsOnly)),
+            p.crl_partitioned(&[q.serial], idp(rcgen::CrlScope::UserCertsOnly)),
+        ],
+        server: String::new(),
+    };
+    row(
+        "leaf listed in its issuer's user-certificates CRL",
+        listed,
+        &partitioned,
+        Refuse("revoked"),
+        true,
+    );
+    row(
+        "intermediate listed in a user-certificates-only CRL (out of its scope)",
+        q.leaf(&LeafSpec::device("partitioned-free")),
+        &partitioned,
+        Accept,
+        false,
+    );
+
     // Pinned roots.
     let pinned = Ca::root("Pinned Root");
     let pinned_trust = Trust {
@@ -862,6 +948,16 @@ fn own_trust_rows(now: OffsetDateTime) -> Vec<Row> {
         true,
     );
     rows
+}
+
+/// An issuingDistributionPoint of a partitioned CRL.
+fn partitioned(scope: rcgen::CrlScope) -> rcgen::CrlIssuingDistributionPoint {
+    rcgen::CrlIssuingDistributionPoint {
+        distribution_point: rcgen::CrlDistributionPoint {
+            uris: vec!["http://crl.test.example/partitioned.crl".into()],
+        },
+        scope: Some(scope),
+    }
 }
 
 /// The pin of a PEM certificate as the documented openssl command computes it.
@@ -935,11 +1031,32 @@ async fn conformance_table() {
         .iter()
         .map(|(trust, setup)| (trust.clone(), build(setup).unwrap()))
         .collect();
+    // The broker checks revocation itself unless a CRL is partitioned; then webpki does.
+    // An unrelated partitioned CRL switches to webpki's check without changing what is
+    // revoked: both must decide every row alike, in the same words.
+    let unrelated_partitioned = Ca::root("Unrelated Partitioned CRL Root")
+        .crl_partitioned(&[], partitioned(rcgen::CrlScope::UserCertsOnly));
+    let webpki_brokers: BTreeMap<Option<Trust>, Broker> = setups
+        .iter_mut()
+        .map(|(trust, setup)| {
+            setup.extra_crl_pems = vec![unrelated_partitioned.clone()];
+            let broker = build(setup).unwrap();
+            setup.extra_crl_pems.clear();
+            (trust.clone(), broker)
+        })
+        .collect();
 
     let mut failures = Vec::new();
     let mut report = Vec::new();
     for row in &rows {
         let (got, description) = outcome(&brokers[&row.trust], &row.leaf);
+        let by_webpki = outcome(&webpki_brokers[&row.trust], &row.leaf);
+        if by_webpki != (got, description.clone()) {
+            failures.push(format!(
+                "{}: the broker's revocation check says {got:?} ({description}), webpki's {by_webpki:?}",
+                row.name
+            ));
+        }
         report.push(format!("{:?} | {} | {description}", got, row.name));
         if got != row.expect {
             failures.push(format!(

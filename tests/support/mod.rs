@@ -248,12 +248,34 @@ impl Ca {
     }
 
     pub fn crl_from(&self, revoked: &[u64], this_update: OffsetDateTime) -> String {
+        self.crl_with(revoked, this_update, None)
+    }
+
+    /// A CRL with an issuingDistributionPoint (a partitioned CRL).
+    pub fn crl_partitioned(
+        &self,
+        revoked: &[u64],
+        idp: rcgen::CrlIssuingDistributionPoint,
+    ) -> String {
+        self.crl_with(
+            revoked,
+            OffsetDateTime::now_utc() - Duration::hours(1),
+            Some(idp),
+        )
+    }
+
+    fn crl_with(
+        &self,
+        revoked: &[u64],
+        this_update: OffsetDateTime,
+        issuing_distribution_point: Option<rcgen::CrlIssuingDistributionPoint>,
+    ) -> String {
         let now = OffsetDateTime::now_utc();
         CertificateRevocationListParams {
             this_update,
             next_update: this_update + Duration::days(7),
             crl_number: SerialNumber::from(now.unix_timestamp() as u64),
-            issuing_distribution_point: None,
+            issuing_distribution_point,
             revoked_certs: revoked
                 .iter()
                 .map(|serial| RevokedCertParams {
@@ -407,6 +429,8 @@ pub struct Setup {
     pub client_ca_pem: Option<String>,
     /// Replaces the CRL files (these PEM CRLs, in order).
     pub crl_pems: Option<Vec<String>>,
+    /// CRLs configured after those (PEM).
+    pub extra_crl_pems: Vec<String>,
 }
 
 impl Setup {
@@ -430,6 +454,7 @@ impl Setup {
             google: None,
             client_ca_pem: None,
             crl_pems: None,
+            extra_crl_pems: Vec::new(),
         }
     }
 
@@ -481,7 +506,7 @@ impl Setup {
             self.write("client-ca.pem", &self.root.pem);
             "client-ca.pem"
         };
-        let crl_files = match &self.crl_pems {
+        let mut crl_files = match &self.crl_pems {
             Some(crls) => (0..crls.len())
                 .map(|i| {
                     let name = format!("crl-{i}.pem");
@@ -504,6 +529,11 @@ impl Setup {
                 ]
             }
         };
+        for (i, crl) in self.extra_crl_pems.iter().enumerate() {
+            let name = format!("extra-crl-{i}.pem");
+            self.write(&name, crl);
+            crl_files.push(format!("{name:?}"));
+        }
         if !self.path("keys").exists() {
             let signing = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
             self.write("keys/signing-0001.pem", &signing.serialize_pem());
