@@ -58,17 +58,45 @@ pub struct Broker {
     pub jwks: Bytes,
 }
 
-/// Chains that passed validation in this build, by the SHA-256 of the chain as sent, so a
-/// device that reconnects (or sends another request on its connection) is not validated
-/// again. A verdict holds from when it was reached until the earliest notAfter or CRL
-/// nextUpdate it depended on; nothing else in it depends on the time, and everything else
-/// it depends on (bundle, CRLs, policy) belongs to this build: a reload starts empty.
+/// Chains that passed validation in this build, so a device that reconnects (or sends
+/// another request on its connection) is not validated again. A verdict holds from when it
+/// was reached until the earliest notAfter or CRL nextUpdate it depended on; nothing else in
+/// it depends on the time, and everything else it depends on (bundle, CRLs, policy) belongs
+/// to this build: a reload starts empty. One entry per leaf certificate, holding the verdict
+/// on the chain last sent with it: a client varying what it sends beside its certificate
+/// only replaces its own entry, so only the CA, by issuing certificates, adds entries.
 struct VerifiedChains(Option<moka::sync::Cache<[u8; 32], Arc<Verdict>>>);
 
 struct Verdict {
+    /// [`ChainKeys::chain`] of the chain that was validated.
+    chain: [u8; 32],
     identity: Arc<Identity>,
     verified_at: i64,
     valid_until: i64,
+}
+
+/// What identifies a chain as sent.
+struct ChainKeys {
+    /// SHA-256 of the leaf.
+    leaf: [u8; 32],
+    /// SHA-256 of the leaf's hash and the other certificates, each length-prefixed, in order.
+    chain: [u8; 32],
+}
+
+impl ChainKeys {
+    fn of(leaf: &[u8], others: &[CertificateDer<'_>]) -> Self {
+        let leaf: [u8; 32] = Sha256::digest(leaf).into();
+        let mut chain = Sha256::new();
+        chain.update(leaf);
+        for cert in others {
+            chain.update((cert.len() as u64).to_be_bytes());
+            chain.update(cert);
+        }
+        Self {
+            leaf,
+            chain: chain.finalize().into(),
+        }
+    }
 }
 
 impl VerifiedChains {
@@ -76,27 +104,24 @@ impl VerifiedChains {
         Self((capacity > 0).then(|| moka::sync::Cache::new(capacity as u64)))
     }
 
-    fn get(&self, key: &[u8; 32], now: i64) -> Option<Arc<Identity>> {
-        let verdict = self.0.as_ref()?.get(key)?;
+    fn get(&self, keys: &ChainKeys, now: i64) -> Option<Arc<Identity>> {
+        let verdict = self.0.as_ref()?.get(&keys.leaf)?;
         // A clock set back before the verification must not stretch a verdict.
-        (verdict.verified_at <= now && now < verdict.valid_until).then(|| verdict.identity.clone())
+        (verdict.chain == keys.chain && verdict.verified_at <= now && now < verdict.valid_until)
+            .then(|| verdict.identity.clone())
     }
 
-    fn put(&self, key: [u8; 32], verdict: Verdict) {
+    fn put(&self, keys: ChainKeys, identity: Arc<Identity>, verified_at: i64, valid_until: i64) {
         if let Some(cache) = &self.0 {
-            cache.insert(key, Arc::new(verdict));
+            let verdict = Verdict {
+                chain: keys.chain,
+                identity,
+                verified_at,
+                valid_until,
+            };
+            cache.insert(keys.leaf, Arc::new(verdict));
         }
     }
-}
-
-/// The key of a chain as sent: every certificate, length-prefixed, in order.
-fn chain_key(chain: &[CertificateDer<'_>]) -> [u8; 32] {
-    let mut hash = Sha256::new();
-    for cert in chain {
-        hash.update((cert.len() as u64).to_be_bytes());
-        hash.update(cert);
-    }
-    hash.finalize().into()
 }
 
 /// A certificate that passed validation and matched a client rule.
@@ -296,10 +321,10 @@ impl Broker {
         chain: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<Authenticated<'_>, Refusal> {
-        let leaf = chain.first().ok_or(Refusal::NoCertificate)?;
+        let (leaf, others) = chain.split_first().ok_or(Refusal::NoCertificate)?;
         let seconds = now.as_secs() as i64;
-        let key = chain_key(chain);
-        let identity = match self.verified.get(&key, seconds) {
+        let keys = ChainKeys::of(leaf, others);
+        let identity = match self.verified.get(&keys, seconds) {
             Some(identity) => {
                 self.metrics.verified_chain_hits.inc();
                 identity
@@ -310,14 +335,8 @@ impl Broker {
                     Identity::from_der(leaf).map_err(|e| Refusal::Malformed(e.to_string()))?;
                 let valid_until = self.trust.verify(chain, &identity, now)?;
                 let identity = Arc::new(identity);
-                self.verified.put(
-                    key,
-                    Verdict {
-                        identity: identity.clone(),
-                        verified_at: seconds,
-                        valid_until,
-                    },
-                );
+                self.verified
+                    .put(keys, identity.clone(), seconds, valid_until);
                 identity
             }
         };

@@ -116,6 +116,9 @@ impl Visit for JsonObject {
 pub struct BufferedLines(Arc<Shared>);
 
 struct Shared {
+    /// Every line is written at once (short-lived commands: nothing to gain, and their
+    /// own messages to stderr must not overtake their log lines).
+    write_through: bool,
     /// Lines not written yet.
     pending: Mutex<Vec<u8>>,
     /// Held while writing, so batches reach the sink in order; keeps the spare buffer
@@ -138,7 +141,17 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl BufferedLines {
     pub fn new(sink: Box<dyn Write + Send>) -> Self {
+        Self::with(sink, false)
+    }
+
+    /// Lines written one by one, as an unbuffered stderr would.
+    pub fn write_through(sink: Box<dyn Write + Send>) -> Self {
+        Self::with(sink, true)
+    }
+
+    fn with(sink: Box<dyn Write + Send>, write_through: bool) -> Self {
         Self(Arc::new(Shared {
+            write_through,
             pending: Mutex::new(Vec::with_capacity(BUFFER_BYTES)),
             sink: Mutex::new((Vec::with_capacity(BUFFER_BYTES), sink)),
         }))
@@ -156,6 +169,11 @@ impl BufferedLines {
             .map(drop)
     }
 
+    /// A guard that flushes when dropped, also while a panic unwinds.
+    pub fn flush_on_drop(&self) -> FlushOnDrop<'_> {
+        FlushOnDrop(self)
+    }
+
     /// Writes every buffered line. Write errors are dropped: there is nowhere to report
     /// them, and a closed stderr must not take the server down.
     pub fn flush(&self) {
@@ -166,6 +184,14 @@ impl BufferedLines {
             let _ = out.write_all(batch).and_then(|()| out.flush());
             batch.clear();
         }
+    }
+}
+
+pub struct FlushOnDrop<'a>(&'a BufferedLines);
+
+impl Drop for FlushOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.flush();
     }
 }
 
@@ -182,7 +208,7 @@ impl Write for LineWriter<'_> {
             pending.extend_from_slice(bytes);
             pending.len() >= BUFFER_BYTES
         };
-        if full || self.urgent {
+        if full || self.urgent || self.lines.0.write_through {
             self.lines.flush();
         }
         Ok(bytes.len())
@@ -308,6 +334,17 @@ mod tests {
         );
         lines.flush();
         assert!(written(&sink).ends_with("four\n"), "{}", written(&sink));
+    }
+
+    #[test]
+    fn write_through_lines_are_written_at_once() {
+        let sink = Buffer::default();
+        let lines = BufferedLines::write_through(Box::new(sink.clone()));
+        tracing::subscriber::with_default(
+            tracing_subscriber::fmt().with_writer(lines).finish(),
+            || tracing::info!("now"),
+        );
+        assert!(written(&sink).ends_with("now\n"), "{}", written(&sink));
     }
 
     #[test]

@@ -159,9 +159,15 @@ struct AgentArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let logs = init_logging(cli.log_format);
-    let result = run(cli);
-    logs.flush();
+    let long_running = matches!(
+        cli.command,
+        None | Some(Command::Serve) | Some(Command::Agent(_))
+    );
+    let logs = init_logging(cli.log_format, long_running);
+    let result = {
+        let _flush = logs.flush_on_drop();
+        run(cli)
+    };
     match result {
         Ok(code) => code,
         Err(error) => {
@@ -409,13 +415,21 @@ async fn shutdown_signal() {
     }
 }
 
-/// Logs go to stderr through a buffer; the caller flushes it before exiting.
-fn init_logging(format: LogFormat) -> BufferedLines {
+/// Logs go to stderr, through a buffer for the long-running commands (an audit line per
+/// token); the caller flushes it before exiting.
+fn init_logging(format: LogFormat, buffered: bool) -> BufferedLines {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOKEN_BROKER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let lines = BufferedLines::new(Box::new(std::io::stderr()));
-    if let Err(error) = lines.spawn_flusher() {
-        eprintln!("warning: no log flushing thread ({error}); info lines appear at exit");
+    let stderr = Box::new(std::io::stderr());
+    let lines = if buffered {
+        BufferedLines::new(stderr)
+    } else {
+        BufferedLines::write_through(stderr)
+    };
+    if buffered {
+        if let Err(error) = lines.spawn_flusher() {
+            eprintln!("warning: no log flushing thread ({error}); info lines wait for a warning, a full buffer or the exit");
+        }
     }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -21,6 +21,7 @@
 //! is not validly signed by it. The policy, case by case, is in `docs/validation.md`.
 
 use std::cell::RefCell;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -212,12 +213,20 @@ impl Crl {
         issuer_spki: &[u8],
         algorithms: &[&dyn SignatureVerificationAlgorithm],
     ) -> bool {
-        let mut signers = self.signers.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, signed)) = signers.iter().find(|(key, _)| key == issuer_spki) {
-            return *signed;
+        let remembered = |signers: &[(Vec<u8>, bool)]| {
+            signers
+                .iter()
+                .find(|(key, _)| key == issuer_spki)
+                .map(|(_, signed)| *signed)
+        };
+        let signers = || self.signers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(signed) = remembered(&signers()) {
+            return signed;
         }
+        // Verified without the lock: other paths using this CRL need not wait for it.
         let signed = crl_signed_by(&self.der, issuer_spki, algorithms);
-        if signers.len() < MAX_REMEMBERED_CRL_SIGNERS {
+        let mut signers = signers();
+        if remembered(&signers).is_none() && signers.len() < MAX_REMEMBERED_CRL_SIGNERS {
             signers.push((issuer_spki.to_vec(), signed));
         }
         signed
@@ -466,13 +475,18 @@ impl TrustStore {
         // path they refuse makes webpki try the alternatives (cross-signed copies). webpki
         // takes only its own error type back: CertDistrusted (never produced for our
         // anchors) carries "see `refused_path`".
+        // Revocation before the broker's policy, in webpki's order. The facts of the path
+        // webpki returns are the last ones accepted here.
         let refused_path: RefCell<Option<Refusal>> = RefCell::new(None);
+        let accepted_facts: RefCell<Vec<IntermediateFacts>> = RefCell::default();
         let broker_checks = |path: &VerifiedPath<'_>| {
-            let intermediates_may_sign_crls = path_policy(path)?;
+            let facts = intermediate_facts(path)?;
             if self.own_revocation_check {
-                self.check_revocation(path, &intermediates_may_sign_crls, now)
+                self.check_revocation(path, &facts, now)
                     .map_err(|e| refusal_from_webpki(e, leaf, chain))?;
             }
+            path_policy(path, &facts)?;
+            *accepted_facts.borrow_mut() = facts;
             Ok(())
         };
         let check_path = |path: &VerifiedPath<'_>| {
@@ -481,29 +495,25 @@ impl TrustStore {
                 webpki::Error::CertDistrusted
             })
         };
-        let path = cert
-            .verify_for_usage(
-                self.algorithms,
-                &self.anchors,
-                &intermediates,
-                now,
-                KeyUsage::client_auth(),
-                revocation,
-                Some(&check_path),
-            )
-            .map_err(|e| match (e, refused_path.take()) {
-                (webpki::Error::CertDistrusted, Some(refusal)) => refusal,
-                (e, _) => refusal_from_webpki(e, leaf, chain),
-            })?;
+        cert.verify_for_usage(
+            self.algorithms,
+            &self.anchors,
+            &intermediates,
+            now,
+            KeyUsage::client_auth(),
+            revocation,
+            Some(&check_path),
+        )
+        .map_err(|e| match (e, refused_path.take()) {
+            (webpki::Error::CertDistrusted, Some(refusal)) => refusal,
+            (e, _) => refusal_from_webpki(e, leaf, chain),
+        })?;
         leaf_policy(leaf)?;
 
-        let path_expiry = path
-            .intermediate_certificates()
-            .filter_map(|c| {
-                X509Certificate::from_der(&c.der())
-                    .ok()
-                    .map(|(_, x)| x.validity().not_after.timestamp())
-            })
+        let path_expiry = accepted_facts
+            .take()
+            .iter()
+            .map(|f| f.not_after)
             .fold(leaf.not_after, i64::min);
         Ok(path_expiry.min(self.crls_valid_until))
     }
@@ -514,11 +524,11 @@ impl TrustStore {
     /// certificate's issuer decides, its signature must be the issuer's, it must not be
     /// expired, an issuer with a keyUsage must have cRLSign. Only the CRL signature is not
     /// verified again on each use (see [`Crl::signed_by`]).
-    /// `intermediates_may_sign_crls` follows `path.intermediate_certificates()`.
+    /// `facts` follows `path.intermediate_certificates()`.
     fn check_revocation(
         &self,
         path: &VerifiedPath<'_>,
-        intermediates_may_sign_crls: &[bool],
+        facts: &[IntermediateFacts],
         now: UnixTime,
     ) -> Result<(), webpki::Error> {
         let intermediates: Vec<_> = path.intermediate_certificates().collect();
@@ -536,8 +546,8 @@ impl TrustStore {
                     let spki = issuer.subject_public_key_info();
                     let signed = spki_contents(spki.as_ref())
                         .is_some_and(|key| crl.signed_by(key, self.algorithms));
-                    let may_sign = intermediates_may_sign_crls.get(index).copied();
-                    (signed, may_sign.unwrap_or(false))
+                    let may_sign = facts.get(index).is_some_and(|f| f.may_sign_crls);
+                    (signed, may_sign)
                 }
                 // webpki does not track a trust anchor's keyUsage; loading checked it.
                 None => (
@@ -589,32 +599,55 @@ fn most_repeated_subject(certs: &[CertificateDer<'_>]) -> Option<(String, usize)
         .max_by_key(|(_, count)| *count)
 }
 
-/// The broker's own rules for a path webpki accepted, beyond webpki's: every intermediate
-/// CA certificate must be allowed to sign certificates (RFC 5280 4.2.1.3: a keyUsage, if
+/// What the broker reads itself of a path's intermediates (webpki keeps their keyUsage
+/// and validity to itself).
+struct IntermediateFacts {
+    /// keyUsage absent or including keyCertSign.
+    may_sign_certs: bool,
+    /// keyUsage absent or including cRLSign.
+    may_sign_crls: bool,
+    not_after: i64,
+}
+
+/// The facts of `path`'s intermediates, in path order; one that x509-parser cannot read
+/// refuses the path.
+fn intermediate_facts(path: &VerifiedPath<'_>) -> Result<Vec<IntermediateFacts>, Refusal> {
+    let malformed =
+        |e: &dyn fmt::Display| Refusal::Malformed(format!("intermediate CA certificate: {e}"));
+    path.intermediate_certificates()
+        .map(|cert| {
+            let der = cert.der();
+            let (_, parsed) = X509Certificate::from_der(&der).map_err(|e| malformed(&e))?;
+            let key_usage = parsed.key_usage().map_err(|e| malformed(&e))?;
+            Ok(IntermediateFacts {
+                may_sign_certs: key_usage.as_ref().is_none_or(|ku| ku.value.key_cert_sign()),
+                may_sign_crls: key_usage.as_ref().is_none_or(|ku| ku.value.crl_sign()),
+                not_after: parsed.validity().not_after.timestamp(),
+            })
+        })
+        .collect()
+}
+
+/// The broker's own rule for a path webpki accepted, beyond webpki's: every intermediate CA
+/// certificate must be allowed to sign certificates (RFC 5280 4.2.1.3: a keyUsage, if
 /// present, must include keyCertSign). webpki ignores keyUsage; bundle CAs are checked at
-/// load, so this is about the intermediates clients send. Returns, for each intermediate,
-/// whether its keyUsage (if any) allows it to sign CRLs.
-fn path_policy(path: &VerifiedPath<'_>) -> Result<Vec<bool>, Refusal> {
-    let mut may_sign_crls = Vec::new();
-    for cert in path.intermediate_certificates() {
-        let der = cert.der();
-        let (_, parsed) = X509Certificate::from_der(&der)
-            .map_err(|e| Refusal::Malformed(format!("intermediate CA certificate: {e}")))?;
-        let key_usage = parsed
-            .key_usage()
-            .map_err(|e| Refusal::Malformed(format!("intermediate CA certificate: {e}")))?;
-        if key_usage
-            .as_ref()
-            .is_some_and(|ku| !ku.value.key_cert_sign())
-        {
-            return Err(Refusal::InvalidChain(format!(
-                "the intermediate CA certificate {} has a keyUsage without keyCertSign, so it may not issue certificates",
-                parsed.subject()
-            )));
-        }
-        may_sign_crls.push(key_usage.is_none_or(|ku| ku.value.crl_sign()));
-    }
-    Ok(may_sign_crls)
+/// load, so this is about the intermediates clients send.
+fn path_policy(path: &VerifiedPath<'_>, facts: &[IntermediateFacts]) -> Result<(), Refusal> {
+    let Some(index) = facts.iter().position(|f| !f.may_sign_certs) else {
+        return Ok(());
+    };
+    let subject = path
+        .intermediate_certificates()
+        .nth(index)
+        .and_then(|cert| {
+            X509Certificate::from_der(&cert.der())
+                .ok()
+                .map(|(_, parsed)| parsed.subject().to_string())
+        })
+        .unwrap_or_default();
+    Err(Refusal::InvalidChain(format!(
+        "the intermediate CA certificate {subject} has a keyUsage without keyCertSign, so it may not issue certificates"
+    )))
 }
 
 /// The broker's own rules for leaves, beyond webpki's.

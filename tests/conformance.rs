@@ -1350,31 +1350,50 @@ async fn a_leaf_the_handshake_cannot_parse_is_refused_with_its_reason() {
     );
 }
 
-/// A verdict taken from the verified-chain cache holds only from the time it was reached to
-/// the earliest notAfter it depended on: a clock set back, or a later request past expiry,
-/// validates again and refuses.
+/// A verdict taken from the verified-chain cache holds only for the chain that was validated,
+/// from the time it was reached to the earliest notAfter or CRL nextUpdate it depended on: a
+/// clock set back, a later request past one of those, or other certificates sent beside the
+/// same leaf validate again (and may refuse).
 #[test]
-fn a_cached_verdict_holds_only_from_its_time_to_the_paths_expiry() {
+fn a_cached_verdict_holds_only_for_its_chain_from_its_time_to_the_paths_expiry() {
     let setup = setup_for(None);
     let leaf = setup.intermediate.leaf(&LeafSpec::device("cached"));
     let broker = build(&setup).unwrap();
-    let at = |t: OffsetDateTime| {
+    let with_junk = {
+        let mut chain = leaf.chain();
+        chain.push(Ca::root("Junk Sent Along").der.clone());
+        chain
+    };
+    let at = |chain: &[CertificateDer<'static>], t: OffsetDateTime| {
         let t = rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
             t.unix_timestamp() as u64,
         ));
         broker
-            .authenticate(&leaf.chain(), t)
+            .authenticate(chain, t)
             .map(|_| ())
             .map_err(|r| r.reason())
     };
-    let now = OffsetDateTime::now_utc();
-    assert_eq!(at(now), Ok(()));
-    assert_eq!(at(now + Duration::minutes(1)), Ok(()));
-    let hits = |broker: &Broker| {
+    let counts = || {
         let text = String::from_utf8(broker.metrics.render()).unwrap();
-        support::metric_value(&text, "token_broker_verified_chain_cache_hits_total")
+        let count = |result| {
+            support::metric_value(
+                &text,
+                &format!("token_broker_verified_chain_cache_{result}_total"),
+            )
+        };
+        (count("hits"), count("misses"))
     };
-    assert_eq!(hits(&broker), 1.0, "the second call reused the verdict");
-    assert_eq!(at(now - Duration::hours(2)), Err("not_yet_valid"));
-    assert_eq!(at(now + Duration::days(400)), Err("expired"));
+    let now = OffsetDateTime::now_utc();
+    let chain = leaf.chain();
+    assert_eq!(at(&chain, now), Ok(()));
+    assert_eq!(at(&chain, now + Duration::minutes(1)), Ok(()));
+    assert_eq!(counts(), (1.0, 1.0), "the second call reused the verdict");
+    // Another chain with the same leaf is validated, and takes the leaf's one entry.
+    assert_eq!(at(&with_junk, now), Ok(()));
+    assert_eq!(at(&chain, now), Ok(()));
+    assert_eq!(counts(), (1.0, 3.0));
+    assert_eq!(at(&chain, now - Duration::hours(2)), Err("not_yet_valid"));
+    // The CRLs' nextUpdate is a week away, the leaf's notAfter 30 days.
+    assert_eq!(at(&chain, now + Duration::days(8)), Err("crl_expired"));
+    assert_eq!(at(&chain, now + Duration::days(400)), Err("expired"));
 }
