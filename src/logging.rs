@@ -187,6 +187,7 @@ impl BufferedLines {
     }
 }
 
+/// See [`BufferedLines::flush_on_drop`].
 pub struct FlushOnDrop<'a>(&'a BufferedLines);
 
 impl Drop for FlushOnDrop<'_> {

@@ -422,15 +422,14 @@ fn init_logging(format: LogFormat, buffered: bool) -> BufferedLines {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let stderr = Box::new(std::io::stderr());
     let lines = if buffered {
-        BufferedLines::new(stderr)
-    } else {
-        BufferedLines::write_through(stderr)
-    };
-    if buffered {
+        let lines = BufferedLines::new(stderr);
         if let Err(error) = lines.spawn_flusher() {
             eprintln!("warning: no log flushing thread ({error}); info lines wait for a warning, a full buffer or the exit");
         }
-    }
+        lines
+    } else {
+        BufferedLines::write_through(stderr)
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(lines.clone())
