@@ -83,7 +83,7 @@ pub struct ServerConfig {
     pub request_header_timeout: Duration,
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// How many validated chains to remember (0: validate every request again).
+    /// How many device certificates' chain verdicts to remember (0: validate every request).
     #[serde(default = "default_verified_chain_cache")]
     pub verified_chain_cache: usize,
     #[serde(default = "default_max_body_bytes")]

@@ -474,9 +474,8 @@ impl TrustStore {
         // The broker's checks of a candidate path run inside path building, so that a
         // path they refuse makes webpki try the alternatives (cross-signed copies). webpki
         // takes only its own error type back: CertDistrusted (never produced for our
-        // anchors) carries "see `refused_path`".
-        // Revocation before the broker's policy, in webpki's order. The facts of the path
-        // webpki returns are the last ones accepted here.
+        // anchors) carries "see `refused_path`". Revocation runs before the broker's policy,
+        // in webpki's order; the facts of the path webpki returns are the last accepted here.
         let refused_path: RefCell<Option<Refusal>> = RefCell::new(None);
         let accepted_facts: RefCell<Vec<IntermediateFacts>> = RefCell::default();
         let broker_checks = |path: &VerifiedPath<'_>| {
