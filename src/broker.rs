@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::cache::TokenCache;
 use crate::claims::{self, Subject};
 use crate::clients::{ClientRule, ClientRules};
-use crate::config::{Config, SignerConfig, MAX_TOKEN_TTL};
+use crate::config::{Config, RevocationPolicy, SignerConfig, MAX_TOKEN_TTL};
 use crate::flows::{self, FlowDeps, Registry};
 use crate::google::Google;
 use crate::identity::Identity;
@@ -25,7 +25,8 @@ use crate::metrics::Metrics;
 use crate::proxy::ProxyPolicy;
 use crate::signer::{IamSigner, LocalSigner, Signer, SignerError};
 use crate::tls;
-use crate::trust::{Refusal, TrustStore};
+use crate::pem;
+use crate::trust::{rfc3339, Refusal, Revocation, TrustError, TrustStore};
 
 /// Every problem found while loading, so an operator fixes them all in one go.
 #[derive(Debug)]
@@ -163,14 +164,9 @@ impl Broker {
         problems.extend(check_settings(&config));
 
         let server = &config.server;
-        let crls: Vec<_> = server.crls.iter().map(|p| config.path(p)).collect();
-        let trust = TrustStore::load(
-            &config.path(&server.client_ca),
-            &crls,
-            &server.client_ca_pins,
-        )
-        .map_err(|e| problems.push(format!("server.client_ca/crls: {e}")))
-        .ok();
+        let trust = load_trust(&config)
+            .map_err(|e| problems.push(format!("server.client_ca/crls: {e}")))
+            .ok();
         let versions = tls::protocol_versions(&server.tls_versions)
             .map_err(|e| problems.push(format!("server.{e}")))
             .ok();
@@ -302,6 +298,50 @@ impl Broker {
         files
     }
 
+    /// What an operator should know of this configuration at `now` that does not stop it
+    /// loading: `check-config` prints these, `serve` logs them at start and on reload.
+    pub fn warnings(&self, now: i64) -> Vec<String> {
+        let trust = &self.trust;
+        let mut warnings = Vec::new();
+        if trust.crl_count() == 0 && trust.revocation() == Revocation::BestEffort {
+            warnings.push("no CRL is configured (server.crls): revocation is off, a revoked device certificate gets tokens until it expires".into());
+        } else {
+            let unchecked = trust.cas_without_crl();
+            if !unchecked.is_empty() {
+                let what = match trust.revocation() {
+                    Revocation::BestEffort => "server.revocation = \"best-effort\": the revocation of certificates issued by these CAs is not checked, as no CRL names them",
+                    Revocation::Require => "these CAs have no CRL: server.revocation = \"require\" refuses every certificate they issued (crl_missing)",
+                };
+                warnings.push(format!("{what}: {}", unchecked.join("; ")));
+            }
+        }
+        for crl in trust.crls() {
+            if let Some(next) = crl.next_update.filter(|next| *next <= now) {
+                warnings.push(format!(
+                    "CRL {} of {} expired at {}: certificates it covers are refused (crl_expired) until it is renewed",
+                    crl.source, crl.issuer, rfc3339(next)
+                ));
+            }
+        }
+        for ca in trust.cas.iter().filter(|ca| ca.is_root) {
+            if ca.not_after <= now {
+                warnings.push(format!(
+                    "root CA {} expired at {}: every chain it anchors is refused (expired)",
+                    ca.subject,
+                    rfc3339(ca.not_after)
+                ));
+            } else if ca.not_after - now < ROOT_EXPIRY_WARNING {
+                warnings.push(format!(
+                    "root CA {} expires at {} (in {} days): every chain it anchors will be refused then; add its successor to server.client_ca now",
+                    ca.subject,
+                    rfc3339(ca.not_after),
+                    (ca.not_after - now) / 86_400
+                ));
+            }
+        }
+        warnings
+    }
+
     /// Gauges that move with time rather than with requests.
     pub fn update_gauges(&self) {
         if let Some(earliest) = self.trust.cas.iter().map(|c| c.not_after).min() {
@@ -404,6 +444,28 @@ pub struct Decision {
     pub identity: Option<Identity>,
     pub rule: Option<String>,
     pub claims: Option<Value>,
+}
+
+/// How long before a root expires `check-config` starts warning.
+const ROOT_EXPIRY_WARNING: i64 = 30 * 86_400;
+
+/// The client CA bundle and every CRL the config names.
+fn load_trust(config: &Config) -> Result<TrustStore, TrustError> {
+    let server = &config.server;
+    let mut crls = Vec::new();
+    for path in &server.crls {
+        crls.extend(pem::crls(&config.path(path))?);
+    }
+    let revocation = match server.revocation() {
+        RevocationPolicy::Require => Revocation::Require,
+        RevocationPolicy::BestEffort => Revocation::BestEffort,
+    };
+    TrustStore::load(
+        &config.path(&server.client_ca),
+        crls,
+        &server.client_ca_pins,
+        revocation,
+    )
 }
 
 /// The configured token signer.

@@ -66,9 +66,13 @@ pub struct ServerConfig {
     pub key: PathBuf,
     /// Trusted client CA bundle: a PEM file or a folder of PEM files.
     pub client_ca: PathBuf,
-    /// CRLs (PEM or DER) for the client CAs.
+    /// CRL files for the client CAs: PEM (any number of CRLs per file), DER (one), or
+    /// folders of them.
     #[serde(default)]
     pub crls: Vec<PathBuf>,
+    /// What to do with a certificate whose issuer has no CRL; default `require` when any
+    /// CRL is configured, else revocation is not checked.
+    pub revocation: Option<RevocationPolicy>,
     /// Pins of the client CA roots' public keys; when given, every root of `client_ca`
     /// must match one, so a CA dropped into the bundle is never trusted by accident.
     #[serde(default)]
@@ -99,6 +103,15 @@ pub struct ServerConfig {
     pub reload_interval: Duration,
     #[serde(default)]
     pub proxy_protocol: ProxyProtocolConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RevocationPolicy {
+    /// Every CA that issued a certificate of the path must have a current CRL.
+    Require,
+    /// A certificate whose issuer has no CRL is accepted.
+    BestEffort,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -290,6 +303,17 @@ pub struct MatchConfig {
     pub issuer: Option<Vec<String>>,
     /// Exact SHA-256 certificate fingerprints (hex, colons optional).
     pub sha256: Option<Vec<String>>,
+}
+
+impl ServerConfig {
+    /// The revocation policy in force: as configured, else `require` whenever CRLs are.
+    pub fn revocation(&self) -> RevocationPolicy {
+        self.revocation.unwrap_or(if self.crls.is_empty() {
+            RevocationPolicy::BestEffort
+        } else {
+            RevocationPolicy::Require
+        })
+    }
 }
 
 impl Config {

@@ -33,6 +33,7 @@ pub mod claims;
 pub mod client;
 pub mod clients;
 pub mod config;
+pub mod crl;
 pub mod devpki;
 pub mod flows;
 pub mod google;

@@ -206,17 +206,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let kind = if ca.is_root { "root" } else { "intermediate" };
                 println!("# {kind} CA {}: pin \"{}\"", ca.subject, ca.pin);
             }
-            for crl in &broker.trust.crl_info {
+            for crl in broker.trust.crls() {
                 let check = if crl.verified_at_load {
                     "signature verified against the bundle"
                 } else {
                     "issuer not in the bundle: signature checked per request against the intermediate clients send"
                 };
+                let next_update = crl.next_update.map_or("none".into(), trust::rfc3339);
                 println!(
-                    "# CRL {}: issuer {}, {check}",
-                    crl.path.display(),
-                    crl.issuer
+                    "# CRL {}: issuer {}, number {}, thisUpdate {}, nextUpdate {next_update}, {} revoked, {check}",
+                    crl.source,
+                    crl.issuer,
+                    crl.number,
+                    trust::rfc3339(crl.this_update),
+                    crl.revoked,
                 );
+            }
+            for warning in broker.warnings(token_broker::broker::unix_now()) {
+                println!("# warning: {warning}");
             }
             Ok(ExitCode::SUCCESS)
         }

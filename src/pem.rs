@@ -84,34 +84,15 @@ pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, PemErro
     Ok(certs)
 }
 
-/// Certificates from a PEM file, or from every `*.pem`/`*.crt` file of a folder (sorted).
+/// Certificates from a PEM file, or from every `*.pem`/`*.crt`/`*.cer` file of a folder
+/// (sorted).
 pub fn certificate_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, PemError> {
     if !path.is_dir() {
         return certificates(path);
     }
-    let mut files = Vec::new();
-    let entries = std::fs::read_dir(path).map_err(|source| PemError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    for entry in entries {
-        let entry = entry.map_err(|source| PemError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let file = entry.path();
-        let is_cert = matches!(
-            file.extension().and_then(|e| e.to_str()),
-            Some("pem" | "crt" | "cer")
-        );
-        if is_cert && file.is_file() {
-            files.push(file);
-        }
-    }
-    files.sort();
     let mut certs = Vec::new();
-    for file in &files {
-        certs.extend(certificates(file)?);
+    for file in folder_files(path, &["pem", "crt", "cer"])? {
+        certs.extend(certificates(&file)?);
     }
     if certs.is_empty() {
         return Err(invalid(
@@ -122,6 +103,28 @@ pub fn certificate_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, P
     Ok(certs)
 }
 
+/// The files of `folder` with one of `extensions`, sorted (so the order never depends on
+/// the file system).
+fn folder_files(folder: &Path, extensions: &[&str]) -> Result<Vec<PathBuf>, PemError> {
+    let read_error = |source| PemError::Read {
+        path: folder.to_owned(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(folder).map_err(read_error)? {
+        let file = entry.map_err(read_error)?.path();
+        let wanted = file
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| extensions.contains(&e));
+        if wanted && file.is_file() {
+            files.push(file);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
 /// The one private key of a PEM file (PKCS#8, SEC1 or PKCS#1).
 pub fn private_key(path: &Path) -> Result<Zeroizing<PrivateKeyDer<'static>>, PemError> {
     let bytes = read_secret(path)?;
@@ -130,13 +133,83 @@ pub fn private_key(path: &Path) -> Result<Zeroizing<PrivateKeyDer<'static>>, Pem
         .map_err(|e| invalid(path, format!("no usable private key: {e}")))
 }
 
-/// A CRL in PEM (`X509 CRL`) or DER form.
-pub fn crl(path: &Path) -> Result<CertificateRevocationListDer<'static>, PemError> {
-    let bytes = read(path)?;
-    if bytes.starts_with(b"-----") || bytes.iter().take(64).all(u8::is_ascii) {
-        CertificateRevocationListDer::from_pem_slice(&bytes)
-            .map_err(|e| invalid(path, format!("bad PEM CRL: {e}")))
-    } else {
-        Ok(CertificateRevocationListDer::from(bytes))
+/// One CRL as read from a file, and where it came from.
+pub struct CrlBlock {
+    pub der: CertificateRevocationListDer<'static>,
+    /// The file, with `#n` (the n-th CRL of the file) when the file holds several.
+    pub source: String,
+}
+
+/// Every CRL of a file or of a folder's `*.pem`/`*.crl`/`*.der` files (sorted): a PEM file
+/// holds any number of `X509 CRL` blocks (a bundle, as many CAs publish them), a DER file
+/// one. A file without a CRL is an error: reading only part of what an operator configured
+/// would silently leave certificates unchecked.
+pub fn crls(path: &Path) -> Result<Vec<CrlBlock>, PemError> {
+    if !path.is_dir() {
+        return crl_file(path);
     }
+    let mut crls = Vec::new();
+    for file in folder_files(path, &["pem", "crl", "der"])? {
+        crls.extend(crl_file(&file)?);
+    }
+    if crls.is_empty() {
+        return Err(invalid(path, "folder holds no *.pem, *.crl or *.der CRL"));
+    }
+    Ok(crls)
+}
+
+fn crl_file(path: &Path) -> Result<Vec<CrlBlock>, PemError> {
+    let bytes = read(path)?;
+    let ders = crls_in(&bytes).map_err(|message| invalid(path, message))?;
+    let several = ders.len() > 1;
+    Ok(ders
+        .into_iter()
+        .enumerate()
+        .map(|(index, der)| CrlBlock {
+            der,
+            source: if several {
+                format!("{}#{}", path.display(), index + 1)
+            } else {
+                path.display().to_string()
+            },
+        })
+        .collect())
+}
+
+/// The CRLs of a file's contents (PEM bundle or one DER CRL); an error names the block.
+pub fn crls_in(bytes: &[u8]) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    if is_one_der_element(bytes) {
+        return Ok(vec![CertificateRevocationListDer::from(bytes.to_vec())]);
+    }
+    let mut crls = Vec::new();
+    for block in CertificateRevocationListDer::pem_slice_iter(bytes) {
+        let crl = block.map_err(|e| format!("CRL #{}: bad PEM block: {e}", crls.len() + 1))?;
+        crls.push(crl);
+    }
+    if crls.is_empty() {
+        return Err("no CRL found: neither an -----BEGIN X509 CRL----- block nor a DER CRL".into());
+    }
+    Ok(crls)
+}
+
+/// Whether `bytes` is exactly one DER SEQUENCE (what a DER CRL file is); text never is.
+fn is_one_der_element(bytes: &[u8]) -> bool {
+    let [0x30, first, rest @ ..] = bytes else {
+        return false;
+    };
+    let (length, body) = match *first {
+        short @ 0..=0x7f => (usize::from(short), rest),
+        long @ 0x81..=0x84 => {
+            let count = usize::from(long & 0x7f);
+            let Some((length, body)) = rest.split_at_checked(count) else {
+                return false;
+            };
+            (
+                length.iter().fold(0, |acc, b| (acc << 8) | usize::from(*b)),
+                body,
+            )
+        }
+        _ => return false,
+    };
+    body.len() == length
 }

@@ -39,6 +39,7 @@ pub struct Live {
 
 impl Live {
     pub fn new(broker: Arc<Broker>, config_path: Option<PathBuf>) -> Live {
+        log_warnings(&broker);
         Live {
             broker: ArcSwap::from(broker),
             config_path,
@@ -79,6 +80,7 @@ impl Live {
         old.metrics.config_reloads.with_label_values(&[label]).inc();
         match result {
             Ok(broker) => {
+                log_warnings(&broker);
                 self.broker.store(Arc::new(broker));
                 tracing::info!("configuration reloaded");
                 Ok(())
@@ -90,6 +92,13 @@ impl Live {
                 Err(problems)
             }
         }
+    }
+}
+
+/// What `check-config` would warn of, in the log of the broker that goes live.
+fn log_warnings(broker: &Broker) {
+    for warning in broker.warnings(crate::broker::unix_now()) {
+        tracing::warn!(%warning, "configuration warning");
     }
 }
 

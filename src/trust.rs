@@ -20,20 +20,20 @@
 //! `client_ca_pins` when pins are set, and a CRL that claims a bundle CA as its issuer but
 //! is not validly signed by it. The policy, case by case, is in `docs/validation.md`.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use rustls_pki_types::{CertificateDer, SignatureVerificationAlgorithm, TrustAnchor, UnixTime};
+use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use webpki::{
-    CertRevocationList, EndEntityCert, ExpirationPolicy, KeyUsage, OwnedCertRevocationList,
-    RevocationCheckDepth, RevocationOptionsBuilder, UnknownStatusPolicy, VerifiedPath,
+    CertRevocationList, EndEntityCert, ExpirationPolicy, KeyUsage, RevocationCheckDepth,
+    RevocationOptionsBuilder, UnknownStatusPolicy, VerifiedPath,
 };
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::SpkiPin;
+use crate::crl::{spki_contents, Crl, CrlInfo};
 use crate::identity::{Identity, KeyInfo};
 use crate::pem;
 
@@ -63,10 +63,10 @@ pub enum Refusal {
     NoCertificate,
     #[error("certificate could not be parsed: {0}")]
     Malformed(String),
-    #[error("{} expired at {}", which(*.leaf), rfc3339(*.at))]
-    Expired { at: i64, leaf: bool },
-    #[error("{} is not valid before {}", which(*.leaf), rfc3339(*.at))]
-    NotYetValid { at: i64, leaf: bool },
+    #[error("{which} expired at {}", rfc3339(*.at))]
+    Expired { at: i64, which: Which },
+    #[error("{which} is not valid before {}", rfc3339(*.at))]
+    NotYetValid { at: i64, which: Which },
     #[error("issuer not trusted: no path from the certificate to a root CA of the configured bundle (send intermediate CA certificates along with the client certificate)")]
     UnknownIssuer,
     #[error("self-signed certificate is not trusted; use a certificate issued by a CA in the configured bundle")]
@@ -75,6 +75,8 @@ pub enum Refusal {
     Revoked,
     #[error("revocation status unknown: the CRL for this certificate's issuer expired at {}", rfc3339(*.0))]
     CrlExpired(i64),
+    #[error("revocation status unknown: the broker has no CRL {}, and its revocation policy (server.revocation = \"require\") refuses a certificate whose revocation it cannot check", crl_missing_for(.0.as_deref()))]
+    CrlMissing(Option<String>),
     #[error("missing clientAuth EKU: the certificate has no extendedKeyUsage extension")]
     MissingEku,
     #[error("missing clientAuth EKU: {}", bad_eku(*.leaf))]
@@ -113,6 +115,7 @@ impl Refusal {
             Refusal::SelfSigned => "self_signed",
             Refusal::Revoked => "revoked",
             Refusal::CrlExpired(_) => "crl_expired",
+            Refusal::CrlMissing(_) => "crl_missing",
             Refusal::MissingEku => "missing_eku",
             Refusal::BadEku { .. } => "bad_eku",
             Refusal::CaAsLeaf => "ca_as_leaf",
@@ -136,11 +139,29 @@ fn bad_eku(leaf: bool) -> &'static str {
     }
 }
 
-fn which(leaf: bool) -> &'static str {
-    if leaf {
-        "certificate"
-    } else {
-        "an intermediate CA certificate of the chain"
+/// Which certificate of a path a time refusal is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Which {
+    Leaf,
+    Intermediate,
+    /// A root of the bundle, by name (it is the operator's to renew, not the device's).
+    Root(String),
+}
+
+impl fmt::Display for Which {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Which::Leaf => f.write_str("certificate"),
+            Which::Intermediate => f.write_str("an intermediate CA certificate of the chain"),
+            Which::Root(name) => write!(f, "the root CA {name} of the broker's client CA bundle"),
+        }
+    }
+}
+
+fn crl_missing_for(issuer: Option<&str>) -> String {
+    match issuer {
+        Some(issuer) => format!("of the CA {issuer}, which issued a certificate of this chain"),
+        None => "covering a certificate of this chain".into(),
     }
 }
 
@@ -157,6 +178,8 @@ pub enum TrustError {
     File(#[from] pem::PemError),
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error("{origin}: {message}")]
+    Crl { origin: String, message: String },
 }
 
 /// A CA certificate of the bundle, for `/readyz`, metrics and `check-config`.
@@ -169,20 +192,10 @@ pub struct CaInfo {
     pub pin: SpkiPin,
 }
 
-/// A configured CRL, for `check-config`.
-#[derive(Debug, Clone)]
-pub struct CrlInfo {
-    pub path: PathBuf,
-    pub issuer: String,
-    pub next_update: Option<i64>,
-    /// Its issuer is a CA of the bundle and its signature was verified at load. Otherwise
-    /// it belongs to an intermediate that clients send, and it is verified against that
-    /// intermediate's key when a path first uses it (a bad signature refuses what it covers).
-    pub verified_at_load: bool,
-}
-
 /// What loading keeps of a bundle CA to verify CRLs against it.
 struct BundleCa {
+    subject: String,
+    /// Contents of its subject Name, as webpki and [`Crl`] compare names.
     subject_raw: Vec<u8>,
     /// SubjectPublicKeyInfo contents (without the outer SEQUENCE), as webpki keeps keys.
     spki: Vec<u8>,
@@ -190,47 +203,14 @@ struct BundleCa {
     may_sign_crls: bool,
 }
 
-/// A configured CRL, and the issuer keys its signature was checked against.
-struct Crl {
-    list: CertRevocationList<'static>,
-    der: Vec<u8>,
-    /// nextUpdate, Unix seconds (`i64::MAX` without one).
-    next_update: i64,
-    /// Issuer keys (SPKI contents) this CRL's signature was checked against, and the
-    /// outcome. Only keys of CAs on a verified path get here, so it stays small.
-    signers: Mutex<Vec<(Vec<u8>, bool)>>,
-}
-
-/// Signature outcomes a CRL remembers at most (a safety bound; a real PKI has a handful).
-const MAX_REMEMBERED_CRL_SIGNERS: usize = 64;
-
-impl Crl {
-    /// Whether the key `issuer_spki` (SPKI contents) signed this CRL: webpki verifies this
-    /// on every use (the CRL signature was a tenth of a new connection's CPU); the answer
-    /// never changes for one CRL and one key, so it is computed once per key.
-    fn signed_by(
-        &self,
-        issuer_spki: &[u8],
-        algorithms: &[&dyn SignatureVerificationAlgorithm],
-    ) -> bool {
-        let remembered = |signers: &[(Vec<u8>, bool)]| {
-            signers
-                .iter()
-                .find(|(key, _)| key == issuer_spki)
-                .map(|(_, signed)| *signed)
-        };
-        let signers = || self.signers.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(signed) = remembered(&signers()) {
-            return signed;
-        }
-        // Verified without the lock: other paths using this CRL need not wait for it.
-        let signed = crl_signed_by(&self.der, issuer_spki, algorithms);
-        let mut signers = signers();
-        if remembered(&signers).is_none() && signers.len() < MAX_REMEMBERED_CRL_SIGNERS {
-            signers.push((issuer_spki.to_vec(), signed));
-        }
-        signed
-    }
+/// What revocation the broker requires (`server.revocation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    /// Every CA that issued a certificate of the path must have a current CRL, else the
+    /// path is refused `crl_missing` (OpenSSL's CRL_CHECK_ALL).
+    Require,
+    /// Certificates whose issuer has no CRL are accepted.
+    BestEffort,
 }
 
 pub struct TrustStore {
@@ -238,6 +218,11 @@ pub struct TrustStore {
     /// has no SHA-1, and its RSA needs 2048 bits.
     algorithms: &'static [&'static dyn rustls_pki_types::SignatureVerificationAlgorithm],
     anchors: Vec<TrustAnchor<'static>>,
+    /// The roots' validity (notBefore, notAfter, subject), in `anchors` order: webpki
+    /// trusts an anchor whatever its dates, the broker does not.
+    anchor_validity: Vec<(i64, i64, String)>,
+    bundle_cas: Vec<BundleCa>,
+    revocation: Revocation,
     intermediates: Vec<CertificateDer<'static>>,
     crls: Vec<Crl>,
     /// No CRL has an issuingDistributionPoint, so the broker checks revocation itself
@@ -249,29 +234,31 @@ pub struct TrustStore {
     /// Subjects of the roots, sent in the CertificateRequest so clients pick the right cert.
     pub root_subjects: Vec<rustls::DistinguishedName>,
     pub cas: Vec<CaInfo>,
-    pub crl_info: Vec<CrlInfo>,
 }
 
 impl TrustStore {
-    /// Loads the bundle and the CRLs. `pins`, when not empty, must cover every root.
+    /// Loads the bundle and the CRLs (as read by [`pem::crls`]). `pins`, when not empty,
+    /// must cover every root.
     pub fn load(
         bundle: &Path,
-        crl_files: &[PathBuf],
+        crls: Vec<pem::CrlBlock>,
         pins: &[SpkiPin],
+        revocation: Revocation,
     ) -> Result<TrustStore, TrustError> {
         let certs = pem::certificate_bundle(bundle)?;
         let mut store = TrustStore {
             algorithms: crate::tls::provider().signature_verification_algorithms.all,
             anchors: Vec::new(),
+            anchor_validity: Vec::new(),
+            bundle_cas: Vec::new(),
+            revocation,
             intermediates: Vec::new(),
             crls: Vec::new(),
             own_revocation_check: true,
             crls_valid_until: i64::MAX,
             root_subjects: Vec::new(),
             cas: Vec::new(),
-            crl_info: Vec::new(),
         };
-        let mut bundle_cas = Vec::new();
         let mut unpinned = Vec::new();
         for (index, der) in certs.into_iter().enumerate() {
             let invalid = |message: String| TrustError::Invalid {
@@ -320,8 +307,9 @@ impl TrustStore {
                 is_root,
                 pin,
             });
-            bundle_cas.push(BundleCa {
-                subject_raw: cert.subject().as_raw().to_vec(),
+            store.bundle_cas.push(BundleCa {
+                subject: cert.subject().to_string(),
+                subject_raw: crate::crl::name_contents(cert.subject().as_raw()).to_vec(),
                 spki: spki_contents(cert.public_key().raw)
                     .ok_or_else(|| invalid("malformed subjectPublicKeyInfo".into()))?
                     .to_vec(),
@@ -337,6 +325,11 @@ impl TrustStore {
                         anchor.subject.as_ref(),
                     ));
                 store.anchors.push(anchor);
+                store.anchor_validity.push((
+                    cert.validity().not_before.timestamp(),
+                    cert.validity().not_after.timestamp(),
+                    cert.subject().to_string(),
+                ));
             } else {
                 store.intermediates.push(der);
             }
@@ -356,66 +349,73 @@ impl TrustStore {
                 ),
             });
         }
-        for path in crl_files {
-            let invalid = |message: String| TrustError::Invalid {
-                path: path.clone(),
-                message,
-            };
-            let der = pem::crl(path)?;
-            let crl = OwnedCertRevocationList::from_der(&der)
-                .map_err(|e| invalid(format!("not a valid CRL: {e}")))?;
-            let (_, parsed) =
-                x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
-                    .map_err(|e| invalid(format!("not a valid CRL: {e}")))?;
-            let issuer = parsed.issuer().to_string();
-            // A CRL naming a bundle CA must be signed by it: checked once here, so a
-            // wrong or corrupted file fails check-config and a reload keeps the old state,
-            // instead of refusing every certificate of that CA at request time. A CRL of
-            // an intermediate the clients send cannot be checked before a client sends
-            // it; it is checked against that intermediate's key on the first path using it.
-            let next_update = parsed.next_update().map(|t| t.timestamp());
-            let crl = Crl {
-                list: CertRevocationList::Owned(crl),
-                der: der.to_vec(),
-                next_update: next_update.unwrap_or(i64::MAX),
-                signers: Mutex::default(),
-            };
-            let named: Vec<&BundleCa> = bundle_cas
-                .iter()
-                .filter(|ca| ca.subject_raw == parsed.issuer().as_raw())
-                .collect();
-            if !named.is_empty() {
-                let signer = named
-                    .iter()
-                    .find(|ca| crl.signed_by(&ca.spki, store.algorithms));
-                match signer {
-                    None => {
-                        return Err(invalid(format!(
-                            "CRL of {issuer} is not validly signed by the CA {issuer} of the client CA bundle: a CRL of another CA with the same name, a corrupted file, or a signature algorithm the broker does not accept (SHA-1)"
-                        )))
-                    }
-                    Some(ca) if !ca.may_sign_crls => {
-                        return Err(invalid(format!(
-                            "CRL of {issuer}, whose keyUsage does not include cRLSign: it may not issue CRLs"
-                        )))
-                    }
-                    Some(_) => {}
-                }
-            }
-            // A CRL without nextUpdate never expires for webpki either.
-            if let Some(next) = next_update {
-                store.crls_valid_until = store.crls_valid_until.min(next);
-            }
-            store.crl_info.push(CrlInfo {
-                path: path.clone(),
-                issuer,
-                next_update,
-                verified_at_load: !named.is_empty(),
-            });
-            store.own_revocation_check &= crl.list.issuing_distribution_point().is_none();
-            store.crls.push(crl);
+        for block in crls {
+            let crl = store
+                .admit_crl(&block.der, block.source.clone())
+                .map_err(|message| TrustError::Crl {
+                    origin: block.source,
+                    message,
+                })?;
+            store.add_crl(crl);
         }
         Ok(store)
+    }
+
+    /// Parses a CRL and checks it as loading does: a CRL naming a bundle CA must be signed
+    /// by it, checked once here, so a wrong or corrupted CRL fails check-config (or a
+    /// refresh, or a reload, keeping the old state) instead of refusing every certificate
+    /// of that CA at request time. A CRL of an intermediate the clients send cannot be
+    /// checked before a client sends it; it is checked against that intermediate's key on
+    /// the first path using it.
+    pub fn admit_crl(&self, der: &[u8], source: String) -> Result<Crl, String> {
+        let mut crl = Crl::parse(der, source)?;
+        let issuer = crl.info.issuer.clone();
+        let named: Vec<&BundleCa> = self
+            .bundle_cas
+            .iter()
+            .filter(|ca| ca.subject_raw == crl.issuer_raw)
+            .collect();
+        if !named.is_empty() {
+            match named
+                .iter()
+                .find(|ca| crl.signed_by(&ca.spki, self.algorithms))
+            {
+                None => return Err(format!(
+                    "CRL of {issuer} is not validly signed by the CA {issuer} of the client CA bundle: a CRL of another CA with the same name, a corrupted file, or a signature algorithm the broker does not accept (SHA-1)"
+                )),
+                Some(ca) if !ca.may_sign_crls => return Err(format!(
+                    "CRL of {issuer}, whose keyUsage does not include cRLSign: it may not issue CRLs"
+                )),
+                Some(_) => crl.info.verified_at_load = true,
+            }
+        }
+        Ok(crl)
+    }
+
+    fn add_crl(&mut self, crl: Crl) {
+        // A CRL without nextUpdate never expires for webpki either.
+        self.crls_valid_until = self.crls_valid_until.min(crl.next_update);
+        self.own_revocation_check &= crl.list.issuing_distribution_point().is_none();
+        self.crls.push(crl);
+    }
+
+    /// The loaded CRLs, in the order they were configured.
+    pub fn crls(&self) -> impl Iterator<Item = &CrlInfo> {
+        self.crls.iter().map(|crl| &crl.info)
+    }
+
+    pub fn revocation(&self) -> Revocation {
+        self.revocation
+    }
+
+    /// The CAs of the bundle no CRL names: their certificates' revocation is not checked
+    /// (`best-effort`) or they are refused `crl_missing` (`require`).
+    pub fn cas_without_crl(&self) -> Vec<&str> {
+        self.bundle_cas
+            .iter()
+            .filter(|ca| !self.crls.iter().any(|crl| crl.issuer_raw == ca.subject_raw))
+            .map(|ca| ca.subject.as_str())
+            .collect()
     }
 
     /// Validates `chain` (leaf first, then any intermediates the client sent) at `now`.
@@ -461,12 +461,16 @@ impl TrustStore {
         } else {
             self.crls.iter().map(|crl| &crl.list).collect()
         };
+        let status_policy = match self.revocation {
+            Revocation::Require => UnknownStatusPolicy::Deny,
+            Revocation::BestEffort => UnknownStatusPolicy::Allow,
+        };
         let revocation = RevocationOptionsBuilder::new(&crl_refs)
             .ok()
             .map(|builder| {
                 builder
                     .with_depth(RevocationCheckDepth::Chain)
-                    .with_status_policy(UnknownStatusPolicy::Allow)
+                    .with_status_policy(status_policy)
                     .with_expiration_policy(ExpirationPolicy::Enforce)
                     .build()
             });
@@ -474,18 +478,21 @@ impl TrustStore {
         // The broker's checks of a candidate path run inside path building, so that a
         // path they refuse makes webpki try the alternatives (cross-signed copies). webpki
         // takes only its own error type back: CertDistrusted (never produced for our
-        // anchors) carries "see `refused_path`". Revocation runs before the broker's policy,
-        // in webpki's order; the facts of the path webpki returns are the last accepted here.
+        // anchors) carries "see `refused_path`". The root's dates and revocation run before
+        // the broker's policy, in webpki's order; the expiry of the path webpki returns is
+        // the last accepted here.
         let refused_path: RefCell<Option<Refusal>> = RefCell::new(None);
-        let accepted_facts: RefCell<Vec<IntermediateFacts>> = RefCell::default();
+        let accepted_expiry = Cell::new(leaf.not_after);
         let broker_checks = |path: &VerifiedPath<'_>| {
+            let root_not_after = self.check_root_validity(path, now)?;
             let facts = intermediate_facts(path)?;
             if self.own_revocation_check {
-                self.check_revocation(path, &facts, now)
-                    .map_err(|e| refusal_from_webpki(e, leaf, chain))?;
+                self.check_revocation(path, &facts, now, self.revocation)
+                    .map_err(|e| e.into_refusal(leaf, chain))?;
             }
             path_policy(path, &facts)?;
-            *accepted_facts.borrow_mut() = facts;
+            let expiry = facts.iter().map(|f| f.not_after).fold(root_not_after, i64::min);
+            accepted_expiry.set(expiry.min(leaf.not_after));
             Ok(())
         };
         let check_path = |path: &VerifiedPath<'_>| {
@@ -494,42 +501,104 @@ impl TrustStore {
                 webpki::Error::CertDistrusted
             })
         };
-        cert.verify_for_usage(
-            self.algorithms,
-            &self.anchors,
-            &intermediates,
-            now,
-            KeyUsage::client_auth(),
-            revocation,
-            Some(&check_path),
-        )
-        .map_err(|e| match (e, refused_path.take()) {
+        let verify = |revocation, check: &dyn Fn(&VerifiedPath<'_>) -> Result<(), webpki::Error>| {
+            cert.verify_for_usage(
+                self.algorithms,
+                &self.anchors,
+                &intermediates,
+                now,
+                KeyUsage::client_auth(),
+                revocation,
+                Some(check),
+            )
+        };
+        verify(revocation, &check_path).map_err(|e| match (e, refused_path.take()) {
             (webpki::Error::CertDistrusted, Some(refusal)) => refusal,
+            // webpki's own check (partitioned CRLs) stops at the first certificate of unknown
+            // status and does not say which CA lacked a CRL: a path built without
+            // revocation tells, and whether a certificate above it is revoked.
+            (webpki::Error::UnknownRevocationStatus, _) => {
+                let refusal = RefCell::new(Refusal::CrlMissing(None));
+                let explain = |path: &VerifiedPath<'_>| {
+                    let facts = intermediate_facts(path).unwrap_or_default();
+                    *refusal.borrow_mut() = match self
+                        .check_revocation(path, &facts, now, Revocation::Require)
+                    {
+                        Err(e) => e.into_refusal(leaf, chain),
+                        Ok(()) => Refusal::CrlMissing(None),
+                    };
+                    Ok(())
+                };
+                let _ = verify(None, &explain);
+                refusal.into_inner()
+            }
             (e, _) => refusal_from_webpki(e, leaf, chain),
         })?;
         leaf_policy(leaf)?;
+        Ok(accepted_expiry.get().min(self.crls_valid_until))
+    }
 
-        let path_expiry = accepted_facts
-            .take()
+    /// A root that is expired or not yet valid refuses the paths it anchors (webpki trusts
+    /// an anchor whatever its dates); returns the root's notAfter.
+    fn check_root_validity(&self, path: &VerifiedPath<'_>, now: UnixTime) -> Result<i64, Refusal> {
+        let Some((not_before, not_after, name)) = self.anchor_validity_of(path.anchor()) else {
+            return Ok(i64::MAX);
+        };
+        let now = now.as_secs() as i64;
+        if now > *not_after {
+            return Err(Refusal::Expired {
+                at: *not_after,
+                which: Which::Root(name.clone()),
+            });
+        }
+        if now < *not_before {
+            return Err(Refusal::NotYetValid {
+                at: *not_before,
+                which: Which::Root(name.clone()),
+            });
+        }
+        Ok(*not_after)
+    }
+
+    fn anchor_validity_of(&self, anchor: &TrustAnchor<'_>) -> Option<&(i64, i64, String)> {
+        self.anchors
             .iter()
-            .map(|f| f.not_after)
-            .fold(leaf.not_after, i64::min);
-        Ok(path_expiry.min(self.crls_valid_until))
+            .position(|a| {
+                a.subject == anchor.subject
+                    && a.subject_public_key_info == anchor.subject_public_key_info
+            })
+            .and_then(|index| self.anchor_validity.get(index))
+    }
+
+    /// The name of the CA that issued certificate `index` of `path` (0: the leaf).
+    fn issuer_name(&self, path: &VerifiedPath<'_>, index: usize) -> Option<String> {
+        match path.intermediate_certificates().nth(index) {
+            Some(issuer) => X509Certificate::from_der(&issuer.der())
+                .ok()
+                .map(|(_, parsed)| parsed.subject().to_string()),
+            None => self
+                .anchor_validity_of(path.anchor())
+                .map(|(_, _, name)| name.clone()),
+        }
     }
 
     /// Revocation of every certificate of `path` but its anchor, as webpki would check it
-    /// with the options of the fallback above (whole chain, unknown status allowed, expired
-    /// CRLs refused) for CRLs without an issuingDistributionPoint: the first CRL naming the
-    /// certificate's issuer decides, its signature must be the issuer's, it must not be
-    /// expired, an issuer with a keyUsage must have cRLSign. Only the CRL signature is not
-    /// verified again on each use (see [`Crl::signed_by`]).
+    /// with the options of the fallback above (whole chain, expired CRLs refused, unknown
+    /// status as `server.revocation` says) for CRLs without an issuingDistributionPoint:
+    /// the first CRL naming the certificate's issuer decides, its signature must be the
+    /// issuer's, it must not be expired, an issuer with a keyUsage must have cRLSign. Only
+    /// the CRL signature is not verified again on each use (see [`Crl::signed_by`]).
     /// `facts` follows `path.intermediate_certificates()`.
     fn check_revocation(
         &self,
         path: &VerifiedPath<'_>,
         facts: &[IntermediateFacts],
         now: UnixTime,
-    ) -> Result<(), webpki::Error> {
+        policy: Revocation,
+    ) -> Result<(), RevocationError> {
+        // A certificate known revoked says more than one whose status is unknown: a CA
+        // without a CRL is reported only when nothing else on the path is refused.
+        let mut missing = None;
         let intermediates: Vec<_> = path.intermediate_certificates().collect();
         let certs = std::iter::once(&**path.end_entity()).chain(intermediates.iter().copied());
         for (index, cert) in certs.enumerate() {
@@ -538,6 +607,9 @@ impl TrustStore {
                 .iter()
                 .find(|crl| crl.list.issuer() == cert.issuer())
             else {
+                if policy == Revocation::Require && missing.is_none() {
+                    missing = Some(index);
+                }
                 continue;
             };
             let (signed, may_sign_crls) = match intermediates.get(index) {
@@ -558,26 +630,53 @@ impl TrustStore {
                 ),
             };
             if !signed {
-                return Err(webpki::Error::InvalidCrlSignatureForPublicKey);
+                return Err(webpki::Error::InvalidCrlSignatureForPublicKey.into());
             }
             if now.as_secs() as i64 >= crl.next_update {
                 return Err(webpki::Error::CrlExpired {
                     time: now,
                     next_update: at_unix(crl.next_update),
-                });
+                }
+                .into());
             }
             if !may_sign_crls {
-                return Err(webpki::Error::IssuerNotCrlSigner);
+                return Err(webpki::Error::IssuerNotCrlSigner.into());
             }
             if crl.list.find_serial(cert.serial())?.is_some() {
-                return Err(webpki::Error::CertRevoked);
+                return Err(webpki::Error::CertRevoked.into());
             }
         }
-        Ok(())
+        match missing {
+            Some(index) => Err(RevocationError::Missing(self.issuer_name(path, index))),
+            None => Ok(()),
+        }
     }
 
     pub fn crl_count(&self) -> usize {
         self.crls.len()
+    }
+}
+
+/// Why the broker's revocation check refused a path: what webpki would say, or a CA
+/// without a CRL under `require` (webpki's own error for that names no CA).
+#[derive(Debug)]
+enum RevocationError {
+    Webpki(webpki::Error),
+    Missing(Option<String>),
+}
+
+impl From<webpki::Error> for RevocationError {
+    fn from(error: webpki::Error) -> Self {
+        RevocationError::Webpki(error)
+    }
+}
+
+impl RevocationError {
+    fn into_refusal(self, leaf: &Identity, chain: &[CertificateDer<'_>]) -> Refusal {
+        match self {
+            RevocationError::Webpki(error) => refusal_from_webpki(error, leaf, chain),
+            RevocationError::Missing(issuer) => Refusal::CrlMissing(issuer),
+        }
     }
 }
 
@@ -686,21 +785,28 @@ fn refusal_from_webpki(
     chain: &[CertificateDer<'_>],
 ) -> Refusal {
     use webpki::Error as E;
-    let is_leaf_time =
-        |t: UnixTime| t.as_secs() as i64 == leaf.not_after || t.as_secs() as i64 == leaf.not_before;
+    let which = |t: UnixTime| {
+        let t = t.as_secs() as i64;
+        if t == leaf.not_after || t == leaf.not_before {
+            Which::Leaf
+        } else {
+            Which::Intermediate
+        }
+    };
     match error {
         E::CertExpired { not_after, .. } => Refusal::Expired {
             at: not_after.as_secs() as i64,
-            leaf: is_leaf_time(not_after),
+            which: which(not_after),
         },
         E::CertNotValidYet { not_before, .. } => Refusal::NotYetValid {
             at: not_before.as_secs() as i64,
-            leaf: is_leaf_time(not_before),
+            which: which(not_before),
         },
         E::UnknownIssuer if chain.len() == 1 && leaf.is_self_issued() => Refusal::SelfSigned,
         E::UnknownIssuer => Refusal::UnknownIssuer,
         E::CertRevoked => Refusal::Revoked,
         E::CrlExpired { next_update, .. } => Refusal::CrlExpired(next_update.as_secs() as i64),
+        E::UnknownRevocationStatus => Refusal::CrlMissing(None),
         // webpki requires clientAuth (when an EKU is present) of every certificate of the
         // path; a leaf that has it points at an intermediate.
         E::RequiredEkuNotFoundContext(_) | E::EmptyEkuExtension => Refusal::BadEku {
@@ -746,79 +852,6 @@ fn chain_problem(error: webpki::Error) -> String {
         E::CertDistrusted => "a CA of the chain is distrusted".into(),
         other => format!("{other:?}"),
     }
-}
-
-/// Whether `crl_der` is signed by the key of `issuer_spki` (SubjectPublicKeyInfo contents,
-/// without the outer SEQUENCE, as webpki keeps keys) with one of `algorithms`, the check
-/// webpki makes. webpki does not offer it on its own, so the few DER elements it needs
-/// are read here.
-fn crl_signed_by(
-    crl_der: &[u8],
-    issuer_spki: &[u8],
-    algorithms: &[&dyn SignatureVerificationAlgorithm],
-) -> bool {
-    const SEQUENCE: u8 = 0x30;
-    const BIT_STRING: u8 = 0x03;
-    let check = || -> Option<bool> {
-        // CertificateList ::= SEQUENCE { tbsCertList, signatureAlgorithm, signatureValue }
-        let (list, _) = der_element(crl_der, SEQUENCE)?;
-        let (_, tbs, rest) = der_element_with_header(list, SEQUENCE)?;
-        let (algorithm, rest) = der_element(rest, SEQUENCE)?;
-        let (signature, _) = der_element(rest, BIT_STRING)?;
-        // SubjectPublicKeyInfo ::= SEQUENCE { algorithm, subjectPublicKey BIT STRING }
-        let (key_algorithm, rest) = der_element(issuer_spki, SEQUENCE)?;
-        let (key, _) = der_element(rest, BIT_STRING)?;
-        // Bit strings here have no unused bits.
-        let (signature, key) = (signature.strip_prefix(&[0])?, key.strip_prefix(&[0])?);
-        Some(
-            algorithms
-                .iter()
-                .filter(|a| {
-                    a.signature_alg_id().as_ref() == algorithm
-                        && a.public_key_alg_id().as_ref() == key_algorithm
-                })
-                .any(|a| a.verify_signature(key, tbs, signature).is_ok()),
-        )
-    };
-    check().unwrap_or(false)
-}
-
-/// The contents of a DER SubjectPublicKeyInfo (what is inside its SEQUENCE).
-fn spki_contents(spki: &[u8]) -> Option<&[u8]> {
-    der_element(spki, 0x30).map(|(contents, _)| contents)
-}
-
-/// The contents of the DER element with `tag` at the start of `input`, and what follows.
-fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-    der_element_with_header(input, tag).map(|(contents, _, rest)| (contents, rest))
-}
-
-/// Like [`der_element`], also returning the whole element (tag and length included).
-fn der_element_with_header(input: &[u8], tag: u8) -> Option<(&[u8], &[u8], &[u8])> {
-    let (&found, after_tag) = input.split_first()?;
-    let (&first, after_length) = after_tag.split_first()?;
-    if found != tag {
-        return None;
-    }
-    let (length, body) = if first < 0x80 {
-        (usize::from(first), after_length)
-    } else {
-        let count = usize::from(first & 0x7f);
-        if count == 0 || count > 4 || after_length.len() < count {
-            return None;
-        }
-        let (bytes, body) = after_length.split_at(count);
-        let length = bytes
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        (length, body)
-    };
-    if body.len() < length {
-        return None;
-    }
-    let (contents, rest) = body.split_at(length);
-    let whole = &input[..input.len() - rest.len()];
-    Some((contents, whole, rest))
 }
 
 /// A validation time from Unix seconds (for `verify-cert --at`).

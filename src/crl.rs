@@ -1,0 +1,201 @@
+//! Certificate revocation lists as the broker holds them: parsed and checked once when
+//! loaded, with the facts `check-config` and the metrics show, and the outcome of their
+//! signature check remembered per issuer key.
+
+use std::sync::{Mutex, PoisonError};
+
+use rustls_pki_types::SignatureVerificationAlgorithm;
+use webpki::{CertRevocationList, OwnedCertRevocationList};
+use x509_parser::prelude::FromDer;
+use x509_parser::revocation_list::CertificateRevocationList;
+
+/// id-ce-cRLNumber (RFC 5280 5.2.3).
+const CRL_NUMBER_OID: &str = "2.5.29.20";
+
+/// What a loaded CRL says of itself, for `check-config` and the metrics.
+#[derive(Debug, Clone)]
+pub struct CrlInfo {
+    /// Where it was read: a file (with `#n` in a bundle) or a fetched source's URL.
+    pub source: String,
+    pub issuer: String,
+    /// cRLNumber, in decimal.
+    pub number: String,
+    pub this_update: i64,
+    pub next_update: Option<i64>,
+    pub revoked: usize,
+    /// Its issuer is a CA of the bundle and its signature was verified at load. Otherwise
+    /// it belongs to an intermediate that clients send, and it is verified against that
+    /// intermediate's key when a path first uses it (a bad signature refuses what it covers).
+    pub verified_at_load: bool,
+}
+
+/// A loaded CRL.
+pub struct Crl {
+    pub(crate) list: CertRevocationList<'static>,
+    der: Vec<u8>,
+    /// The issuer's name as encoded (contents of the Name SEQUENCE, as webpki compares it).
+    pub(crate) issuer_raw: Vec<u8>,
+    /// nextUpdate, Unix seconds (`i64::MAX` without one).
+    pub(crate) next_update: i64,
+    /// Issuer keys (SPKI contents) this CRL's signature was checked against, and the
+    /// outcome. Only keys of CAs on a verified path get here, so it stays small.
+    signers: Mutex<Vec<(Vec<u8>, bool)>>,
+    pub info: CrlInfo,
+}
+
+/// Signature outcomes a CRL remembers at most (a safety bound; a real PKI has a handful).
+const MAX_REMEMBERED_CRL_SIGNERS: usize = 64;
+
+impl Crl {
+    /// Parses a DER CRL read from `source`. A CRL must carry a non-critical cRLNumber
+    /// (RFC 5280 5.2.3: conforming CRL issuers include it, and mark it non-critical): a
+    /// CRL without one cannot be ordered against its successor, and a critical one is a
+    /// CRL no conforming issuer makes.
+    pub fn parse(der: &[u8], source: String) -> Result<Crl, String> {
+        let not_valid = |e: &dyn std::fmt::Display| format!("not a valid CRL: {e}");
+        let list = OwnedCertRevocationList::from_der(der).map_err(|e| not_valid(&e))?;
+        let (_, parsed) = CertificateRevocationList::from_der(der).map_err(|e| not_valid(&e))?;
+        let issuer = parsed.issuer().to_string();
+        let number = parsed
+            .extensions()
+            .iter()
+            .find(|ext| ext.oid.to_id_string() == CRL_NUMBER_OID);
+        let number = match (number, parsed.crl_number()) {
+            (Some(ext), _) if ext.critical => {
+                return Err(format!(
+                    "CRL of {issuer} marks its cRLNumber critical, which RFC 5280 forbids; reissue it with a non-critical cRLNumber"
+                ))
+            }
+            (Some(_), Some(number)) => number.to_string(),
+            _ => {
+                return Err(format!(
+                    "CRL of {issuer} has no cRLNumber (RFC 5280 5.2.3 requires one); reissue it with a CRL number"
+                ))
+            }
+        };
+        let next_update = parsed.next_update().map(|t| t.timestamp());
+        let info = CrlInfo {
+            source,
+            issuer,
+            number,
+            this_update: parsed.last_update().timestamp(),
+            next_update,
+            revoked: parsed.iter_revoked_certificates().count(),
+            verified_at_load: false,
+        };
+        Ok(Crl {
+            issuer_raw: name_contents(parsed.issuer().as_raw()).to_vec(),
+            list: CertRevocationList::Owned(list),
+            der: der.to_vec(),
+            next_update: next_update.unwrap_or(i64::MAX),
+            signers: Mutex::default(),
+            info,
+        })
+    }
+
+    /// Whether the key `issuer_spki` (SPKI contents) signed this CRL: webpki verifies this
+    /// on every use (the CRL signature was a tenth of a new connection's CPU); the answer
+    /// never changes for one CRL and one key, so it is computed once per key.
+    pub(crate) fn signed_by(
+        &self,
+        issuer_spki: &[u8],
+        algorithms: &[&dyn SignatureVerificationAlgorithm],
+    ) -> bool {
+        let remembered = |signers: &[(Vec<u8>, bool)]| {
+            signers
+                .iter()
+                .find(|(key, _)| key == issuer_spki)
+                .map(|(_, signed)| *signed)
+        };
+        let signers = || self.signers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(signed) = remembered(&signers()) {
+            return signed;
+        }
+        // Verified without the lock: other paths using this CRL need not wait for it.
+        let signed = crl_signed_by(&self.der, issuer_spki, algorithms);
+        let mut signers = signers();
+        if remembered(&signers).is_none() && signers.len() < MAX_REMEMBERED_CRL_SIGNERS {
+            signers.push((issuer_spki.to_vec(), signed));
+        }
+        signed
+    }
+}
+
+/// The contents of a DER Name (what is inside its SEQUENCE), the form webpki compares.
+pub(crate) fn name_contents(name: &[u8]) -> &[u8] {
+    der_element(name, SEQUENCE).map_or(name, |(contents, _)| contents)
+}
+
+const SEQUENCE: u8 = 0x30;
+const BIT_STRING: u8 = 0x03;
+
+/// Whether `crl_der` is signed by the key of `issuer_spki` (SubjectPublicKeyInfo contents,
+/// without the outer SEQUENCE, as webpki keeps keys) with one of `algorithms`, the check
+/// webpki makes. webpki does not offer it on its own, so the few DER elements it needs
+/// are read here.
+fn crl_signed_by(
+    crl_der: &[u8],
+    issuer_spki: &[u8],
+    algorithms: &[&dyn SignatureVerificationAlgorithm],
+) -> bool {
+    let check = || -> Option<bool> {
+        // CertificateList ::= SEQUENCE { tbsCertList, signatureAlgorithm, signatureValue }
+        let (list, _) = der_element(crl_der, SEQUENCE)?;
+        let (_, tbs, rest) = der_element_with_header(list, SEQUENCE)?;
+        let (algorithm, rest) = der_element(rest, SEQUENCE)?;
+        let (signature, _) = der_element(rest, BIT_STRING)?;
+        // SubjectPublicKeyInfo ::= SEQUENCE { algorithm, subjectPublicKey BIT STRING }
+        let (key_algorithm, rest) = der_element(issuer_spki, SEQUENCE)?;
+        let (key, _) = der_element(rest, BIT_STRING)?;
+        // Bit strings here have no unused bits.
+        let (signature, key) = (signature.strip_prefix(&[0])?, key.strip_prefix(&[0])?);
+        Some(
+            algorithms
+                .iter()
+                .filter(|a| {
+                    a.signature_alg_id().as_ref() == algorithm
+                        && a.public_key_alg_id().as_ref() == key_algorithm
+                })
+                .any(|a| a.verify_signature(key, tbs, signature).is_ok()),
+        )
+    };
+    check().unwrap_or(false)
+}
+
+/// The contents of a DER SubjectPublicKeyInfo (what is inside its SEQUENCE).
+pub(crate) fn spki_contents(spki: &[u8]) -> Option<&[u8]> {
+    der_element(spki, SEQUENCE).map(|(contents, _)| contents)
+}
+
+/// The contents of the DER element with `tag` at the start of `input`, and what follows.
+fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    der_element_with_header(input, tag).map(|(contents, _, rest)| (contents, rest))
+}
+
+/// Like [`der_element`], also returning the whole element (tag and length included).
+fn der_element_with_header(input: &[u8], tag: u8) -> Option<(&[u8], &[u8], &[u8])> {
+    let (&found, after_tag) = input.split_first()?;
+    let (&first, after_length) = after_tag.split_first()?;
+    if found != tag {
+        return None;
+    }
+    let (length, body) = if first < 0x80 {
+        (usize::from(first), after_length)
+    } else {
+        let count = usize::from(first & 0x7f);
+        if count == 0 || count > 4 || after_length.len() < count {
+            return None;
+        }
+        let (bytes, body) = after_length.split_at(count);
+        let length = bytes
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (length, body)
+    };
+    if body.len() < length {
+        return None;
+    }
+    let (contents, rest) = body.split_at(length);
+    let whole = &input[..input.len() - rest.len()];
+    Some((contents, whole, rest))
+}
