@@ -461,19 +461,19 @@ impl TrustStore {
         } else {
             self.crls.iter().map(|crl| &crl.list).collect()
         };
-        let status_policy = match self.revocation {
-            Revocation::Require => UnknownStatusPolicy::Deny,
-            Revocation::BestEffort => UnknownStatusPolicy::Allow,
-        };
-        let revocation = RevocationOptionsBuilder::new(&crl_refs)
-            .ok()
-            .map(|builder| {
+        let options = |status_policy| {
+            RevocationOptionsBuilder::new(&crl_refs).ok().map(|builder| {
                 builder
                     .with_depth(RevocationCheckDepth::Chain)
                     .with_status_policy(status_policy)
                     .with_expiration_policy(ExpirationPolicy::Enforce)
                     .build()
-            });
+            })
+        };
+        let revocation = options(match self.revocation {
+            Revocation::Require => UnknownStatusPolicy::Deny,
+            Revocation::BestEffort => UnknownStatusPolicy::Allow,
+        });
 
         // The broker's checks of a candidate path run inside path building, so that a
         // path they refuse makes webpki try the alternatives (cross-signed copies). webpki
@@ -487,7 +487,7 @@ impl TrustStore {
             let root_not_after = self.check_root_validity(path, now)?;
             let facts = intermediate_facts(path)?;
             if self.own_revocation_check {
-                self.check_revocation(path, &facts, now, self.revocation)
+                self.check_revocation(path, &facts, now)
                     .map_err(|e| e.into_refusal(leaf, chain))?;
             }
             path_policy(path, &facts)?;
@@ -515,22 +515,19 @@ impl TrustStore {
         verify(revocation, &check_path).map_err(|e| match (e, refused_path.take()) {
             (webpki::Error::CertDistrusted, Some(refusal)) => refusal,
             // webpki's own check (partitioned CRLs) stops at the first certificate of unknown
-            // status and does not say which CA lacked a CRL: a path built without
-            // revocation tells, and whether a certificate above it is revoked.
+            // status, from the leaf up, and does not say which CA lacked a CRL. As the
+            // broker's check does, a certificate known revoked (or a CRL expired) anywhere
+            // on the path is said first: a path built with unknown status allowed tells.
             (webpki::Error::UnknownRevocationStatus, _) => {
-                let refusal = RefCell::new(Refusal::CrlMissing(None));
-                let explain = |path: &VerifiedPath<'_>| {
-                    let facts = intermediate_facts(path).unwrap_or_default();
-                    *refusal.borrow_mut() = match self
-                        .check_revocation(path, &facts, now, Revocation::Require)
-                    {
-                        Err(e) => e.into_refusal(leaf, chain),
-                        Ok(()) => Refusal::CrlMissing(None),
-                    };
+                let missing = RefCell::new(None);
+                let name_missing = |path: &VerifiedPath<'_>| {
+                    *missing.borrow_mut() = self.first_issuer_without_crl(path);
                     Ok(())
                 };
-                let _ = verify(None, &explain);
-                refusal.into_inner()
+                match verify(options(UnknownStatusPolicy::Allow), &name_missing) {
+                    Err(e) => refusal_from_webpki(e, leaf, chain),
+                    Ok(_) => Refusal::CrlMissing(missing.take()),
+                }
             }
             (e, _) => refusal_from_webpki(e, leaf, chain),
         })?;
@@ -582,6 +579,15 @@ impl TrustStore {
         }
     }
 
+    /// The first CA of `path` that issued a certificate of it and that no CRL names.
+    fn first_issuer_without_crl(&self, path: &VerifiedPath<'_>) -> Option<String> {
+        let certs = std::iter::once(&**path.end_entity()).chain(path.intermediate_certificates());
+        let (index, _) = certs
+            .enumerate()
+            .find(|(_, cert)| !self.crls.iter().any(|crl| crl.list.issuer() == cert.issuer()))?;
+        self.issuer_name(path, index)
+    }
+
     /// Revocation of every certificate of `path` but its anchor, as webpki would check it
     /// with the options of the fallback above (whole chain, expired CRLs refused, unknown
     /// status as `server.revocation` says) for CRLs without an issuingDistributionPoint:
@@ -594,7 +600,6 @@ impl TrustStore {
         path: &VerifiedPath<'_>,
         facts: &[IntermediateFacts],
         now: UnixTime,
-        policy: Revocation,
     ) -> Result<(), RevocationError> {
         // A certificate known revoked says more than one whose status is unknown: a CA
         // without a CRL is reported only when nothing else on the path is refused.
@@ -607,7 +612,7 @@ impl TrustStore {
                 .iter()
                 .find(|crl| crl.list.issuer() == cert.issuer())
             else {
-                if policy == Revocation::Require && missing.is_none() {
+                if self.revocation == Revocation::Require && missing.is_none() {
                     missing = Some(index);
                 }
                 continue;

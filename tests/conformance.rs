@@ -655,7 +655,7 @@ fn table(base: &mut Setup) -> Vec<Row> {
         Refuse("revoked"),
     );
     row(
-        "issuer without a configured CRL (status unknown is allowed)",
+        "issuer without a configured CRL, best-effort (status unknown is allowed)",
         zero.leaf(&LeafSpec::device("no-crl")),
         Accept,
     );
@@ -895,10 +895,10 @@ fn own_trust_rows(now: OffsetDateTime) -> Vec<Row> {
         false,
     );
     row(
-        "CRL of an unrelated CA listing the intermediate's serial (it does not cover it)",
+        "CRL of an unrelated CA listing the intermediate's serial: not revoked, but its issuer has no CRL",
         free.leaf(&LeafSpec::device("unrelated-crl")),
         &trust,
-        Accept,
+        Refuse("crl_missing"),
         false,
     );
 
@@ -913,7 +913,7 @@ fn own_trust_rows(now: OffsetDateTime) -> Vec<Row> {
             q.crl_partitioned(&[listed.serial], idp(rcgen::CrlScope::UserCertsOnly)),
             p.crl_partitioned(&[q.serial], idp(rcgen::CrlScope::UserCertsOnly)),
         ],
-        server: String::new(),
+        server: "revocation = \"best-effort\"".into(),
     };
     row(
         "leaf listed in its issuer's user-certificates CRL",
@@ -923,10 +923,20 @@ fn own_trust_rows(now: OffsetDateTime) -> Vec<Row> {
         true,
     );
     row(
-        "intermediate listed in a user-certificates-only CRL (out of its scope)",
+        "intermediate listed in a user-certificates-only CRL (out of its scope), best-effort",
         q.leaf(&LeafSpec::device("partitioned-free")),
         &partitioned,
         Accept,
+        false,
+    );
+    row(
+        "same, require: no CRL covers the intermediate",
+        q.leaf(&LeafSpec::device("partitioned-require")),
+        &Trust {
+            server: "revocation = \"require\"".into(),
+            ..partitioned.clone()
+        },
+        Refuse("crl_missing"),
         false,
     );
 
@@ -946,6 +956,100 @@ fn own_trust_rows(now: OffsetDateTime) -> Vec<Row> {
         &pinned_trust,
         Accept,
         true,
+    );
+
+    // Revocation policy: under `require` every CA that issued a certificate of the path
+    // must have a CRL; `require` is the default whenever CRLs are configured.
+    let policy_root = Ca::root("Policy Root");
+    let covered = policy_root.intermediate("Policy Issuing CA");
+    let uncovered = policy_root.intermediate("Policy Issuing CA Without CRL");
+    let revoked_uncovered = policy_root.intermediate("Revoked Policy Issuing CA Without CRL");
+    let policy = |line: &str, crls: &[String]| Trust {
+        bundle: vec![policy_root.pem.clone()],
+        crls: crls.to_vec(),
+        server: line.into(),
+    };
+    let both = [
+        policy_root.crl(&[revoked_uncovered.serial]),
+        covered.crl(&[]),
+    ];
+    let require = policy("revocation = \"require\"", &both);
+    row(
+        "require: every CA of the path has a CRL",
+        covered.leaf(&LeafSpec::device("policy-covered")),
+        &require,
+        Accept,
+        false,
+    );
+    row(
+        "require: the issuing CA has no CRL",
+        uncovered.leaf(&LeafSpec::device("policy-uncovered")),
+        &require,
+        Refuse("crl_missing"),
+        true,
+    );
+    row(
+        "require: the root has no CRL",
+        covered.leaf(&LeafSpec::device("policy-no-root-crl")),
+        &policy("revocation = \"require\"", &both[1..]),
+        Refuse("crl_missing"),
+        false,
+    );
+    row(
+        "require: the issuing CA has no CRL and the root's CRL revokes it",
+        revoked_uncovered.leaf(&LeafSpec::device("policy-revoked")),
+        &require,
+        Refuse("revoked"),
+        false,
+    );
+    row(
+        "best-effort: the issuing CA has no CRL",
+        uncovered.leaf(&LeafSpec::device("policy-best-effort")),
+        &policy("revocation = \"best-effort\"", &both),
+        Accept,
+        false,
+    );
+
+    // A root is trusted only within its validity (webpki ignores an anchor's dates).
+    let expired_root = Ca::root_with("Expired Root", |p| {
+        p.not_before = now - Duration::days(30);
+        p.not_after = now - Duration::days(1);
+    });
+    row(
+        "expired root",
+        expired_root.leaf(&LeafSpec::device("under-expired-root")),
+        &only(&[&expired_root]),
+        Refuse("expired"),
+        true,
+    );
+    let future_root = Ca::root_with("Future Root", |p| {
+        p.not_before = now + Duration::days(1);
+        p.not_after = now + Duration::days(30);
+    });
+    row(
+        "root not yet valid",
+        future_root.leaf(&LeafSpec::device("under-future-root")),
+        &only(&[&future_root]),
+        Refuse("not_yet_valid"),
+        false,
+    );
+    // A cross-signed intermediate under an expired and a valid root: path building moves on.
+    let old = Ca::root_with("Expired Cross Root", |p| {
+        p.not_before = now - Duration::days(30);
+        p.not_after = now - Duration::days(1);
+    });
+    let new = Ca::root("Current Cross Root");
+    let cross = old.intermediate("Cross Issuing CA Under Expired Root");
+    let cross_by_new = cross.issued_by(&new, |_| {});
+    row(
+        "intermediate cross-signed by an expired root and a valid one, both trusted",
+        sent_with(
+            &cross.leaf(&LeafSpec::device("cross-expired-root")),
+            &[&cross.pem, &cross_by_new],
+        ),
+        &only(&[&old, &new]),
+        Accept,
+        false,
     );
     rows
 }
@@ -991,10 +1095,22 @@ fn openssl_pin(cert_pem: &str) -> String {
 fn setup_for(trust: Option<&Trust>) -> Setup {
     let mut setup = Setup::new();
     setup.rules = rules();
+    // The base trust has CRLs for its root and intermediate only; the table's other CAs
+    // test path validation, not revocation policy (own rows do). The policy is said
+    // outright, so that the CRL the webpki variant adds does not change it.
+    let best_effort = "revocation = \"best-effort\"\n";
+    setup.extra_server = best_effort.into();
     if let Some(trust) = trust {
         setup.client_ca_pem = Some(trust.bundle.concat());
         setup.crl_pems = Some(trust.crls.clone());
-        setup.extra_server = trust.server.clone();
+        setup.extra_server = format!("{}\n", trust.server);
+        if !trust.server.contains("revocation") {
+            setup.extra_server += if trust.crls.is_empty() {
+                best_effort
+            } else {
+                "revocation = \"require\"\n"
+            };
+        }
     }
     setup
 }
@@ -1229,7 +1345,69 @@ fn load_cases() -> Vec<LoadCase> {
             },
             says: vec!["invalid pin \"sha1/AAAA\"".into(), "client_ca_pins".into()],
         },
+        LoadCase {
+            name: "CRL without a cRLNumber",
+            trust: crl_trust(&root, crl_with_extensions(&root, &root.crl(&[]), |exts| {
+                exts.retain(|e| !e.windows(5).any(|w| w == CRL_NUMBER_OID))
+            })),
+            says: vec!["crl-0.pem: CRL of CN=Load Root has no cRLNumber".into()],
+        },
+        LoadCase {
+            name: "CRL with a critical cRLNumber",
+            trust: crl_trust(&root, crl_with_extensions(&root, &root.crl(&[]), |exts| {
+                for ext in exts.iter_mut() {
+                    let parts = children(ext);
+                    if parts[0] == CRL_NUMBER_OID {
+                        let critical = tlv(0x01, &[0xff]);
+                        *ext = tlv(0x30, &[parts[0].clone(), critical, parts[1].clone()].concat());
+                    }
+                }
+            })),
+            says: vec!["CRL of CN=Load Root marks its cRLNumber critical".into()],
+        },
+        LoadCase {
+            name: "CRL file holding no CRL (a certificate)",
+            trust: crl_trust(&root, root.pem.clone()),
+            says: vec!["crl-0.pem: no CRL found".into()],
+        },
+        LoadCase {
+            name: "CRL bundle whose second block is not a CRL",
+            trust: crl_trust(&root, format!(
+                "{}{}",
+                root.crl(&[]),
+                pem("X509 CRL", &tlv(0x30, &tlv(0x02, &[1])))
+            )),
+            says: vec!["crl-0.pem#2: not a valid CRL".into()],
+        },
     ]
+}
+
+/// DER of the cRLNumber extension's OID (2.5.29.20).
+const CRL_NUMBER_OID: &[u8] = &[0x06, 0x03, 0x55, 0x1d, 0x14];
+
+/// A trust of `root` with one CRL file holding `crls`.
+fn crl_trust(root: &Ca, crls: String) -> Trust {
+    Trust {
+        bundle: vec![root.pem.clone()],
+        crls: vec![crls],
+        server: String::new(),
+    }
+}
+
+/// `crl_pem`, issued by `ca`, re-signed by it after `change` edited its extensions (each a
+/// whole DER Extension): CRLs that rcgen will not make.
+fn crl_with_extensions(ca: &Ca, crl_pem: &str, change: impl Fn(&mut Vec<Vec<u8>>)) -> String {
+    let der = CertificateRevocationListDer::from_pem_slice(crl_pem.as_bytes()).unwrap();
+    let list = children(&der);
+    let mut tbs = children(&list[0]);
+    let at = tbs.iter().position(|e| e[0] == 0xa0).expect("crlExtensions");
+    let mut extensions = children(&children(&tbs[at])[0]);
+    change(&mut extensions);
+    tbs[at] = tlv(0xa0, &tlv(0x30, &extensions.concat()));
+    let tbs = tlv(0x30, &tbs.concat());
+    let signature = [&[0u8][..], &ca.sign(&tbs)].concat();
+    let list = [tbs, list[1].clone(), tlv(0x03, &signature)].concat();
+    pem("X509 CRL", &tlv(0x30, &list))
 }
 
 #[test]
