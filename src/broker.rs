@@ -22,10 +22,10 @@ use crate::flows::{self, FlowDeps, Registry};
 use crate::google::Google;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
+use crate::pem;
 use crate::proxy::ProxyPolicy;
 use crate::signer::{IamSigner, LocalSigner, Signer, SignerError};
 use crate::tls;
-use crate::pem;
 use crate::trust::{rfc3339, Refusal, Revocation, TrustError, TrustStore};
 
 /// Every problem found while loading, so an operator fixes them all in one go.

@@ -462,13 +462,15 @@ impl TrustStore {
             self.crls.iter().map(|crl| &crl.list).collect()
         };
         let options = |status_policy| {
-            RevocationOptionsBuilder::new(&crl_refs).ok().map(|builder| {
-                builder
-                    .with_depth(RevocationCheckDepth::Chain)
-                    .with_status_policy(status_policy)
-                    .with_expiration_policy(ExpirationPolicy::Enforce)
-                    .build()
-            })
+            RevocationOptionsBuilder::new(&crl_refs)
+                .ok()
+                .map(|builder| {
+                    builder
+                        .with_depth(RevocationCheckDepth::Chain)
+                        .with_status_policy(status_policy)
+                        .with_expiration_policy(ExpirationPolicy::Enforce)
+                        .build()
+                })
         };
         let revocation = options(match self.revocation {
             Revocation::Require => UnknownStatusPolicy::Deny,
@@ -491,7 +493,10 @@ impl TrustStore {
                     .map_err(|e| e.into_refusal(leaf, chain))?;
             }
             path_policy(path, &facts)?;
-            let expiry = facts.iter().map(|f| f.not_after).fold(root_not_after, i64::min);
+            let expiry = facts
+                .iter()
+                .map(|f| f.not_after)
+                .fold(root_not_after, i64::min);
             accepted_expiry.set(expiry.min(leaf.not_after));
             Ok(())
         };
@@ -501,17 +506,18 @@ impl TrustStore {
                 webpki::Error::CertDistrusted
             })
         };
-        let verify = |revocation, check: &dyn Fn(&VerifiedPath<'_>) -> Result<(), webpki::Error>| {
-            cert.verify_for_usage(
-                self.algorithms,
-                &self.anchors,
-                &intermediates,
-                now,
-                KeyUsage::client_auth(),
-                revocation,
-                Some(check),
-            )
-        };
+        let verify =
+            |revocation, check: &dyn Fn(&VerifiedPath<'_>) -> Result<(), webpki::Error>| {
+                cert.verify_for_usage(
+                    self.algorithms,
+                    &self.anchors,
+                    &intermediates,
+                    now,
+                    KeyUsage::client_auth(),
+                    revocation,
+                    Some(check),
+                )
+            };
         verify(revocation, &check_path).map_err(|e| match (e, refused_path.take()) {
             (webpki::Error::CertDistrusted, Some(refusal)) => refusal,
             // webpki's own check (partitioned CRLs) stops at the first certificate of unknown
@@ -582,9 +588,12 @@ impl TrustStore {
     /// The first CA of `path` that issued a certificate of it and that no CRL names.
     fn first_issuer_without_crl(&self, path: &VerifiedPath<'_>) -> Option<String> {
         let certs = std::iter::once(&**path.end_entity()).chain(path.intermediate_certificates());
-        let (index, _) = certs
-            .enumerate()
-            .find(|(_, cert)| !self.crls.iter().any(|crl| crl.list.issuer() == cert.issuer()))?;
+        let (index, _) = certs.enumerate().find(|(_, cert)| {
+            !self
+                .crls
+                .iter()
+                .any(|crl| crl.list.issuer() == cert.issuer())
+        })?;
         self.issuer_name(path, index)
     }
 

@@ -449,3 +449,134 @@ async fn a_certificate_without_its_private_key_gets_nothing() {
     );
     broker.stop().await;
 }
+
+/// The refusals counted under `reason`.
+fn rejections(reason: &str) -> String {
+    format!("token_broker_client_cert_rejections_total{{reason=\"{reason}\"}}")
+}
+
+/// `leaf` is refused with `reason` by verify-cert, and over mutual TLS with the metric.
+async fn refused_everywhere(setup: Setup, leaf: &Leaf, good: &Leaf, reason: &str, case: &str) {
+    let config = setup.write_config();
+    let report = support::verify_cert(&config, &leaf.chain_pem, setup.dir.path());
+    assert_eq!(report["reason"], reason, "{case}: verify-cert {report}");
+    let broker = setup.start().await;
+    let before = broker.metric(&rejections(reason)).await;
+    let (status, body) = broker
+        .token(Some(leaf), "grant_type=client_credentials")
+        .await;
+    assert_eq!(status, 401, "{case}: {body}");
+    assert_eq!(
+        broker
+            .metric_eventually(&rejections(reason), before + 1.0)
+            .await,
+        before + 1.0,
+        "{case}"
+    );
+    let (status, body) = broker
+        .token(Some(good), "grant_type=client_credentials")
+        .await;
+    assert_eq!(status, 200, "{case}: {body}");
+    broker.stop().await;
+}
+
+/// Every CRL configured is read: a PEM file holding several (in any order), a folder of
+/// CRL files, a DER file. Reading only a bundle's first CRL would let a revoked device in.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_crl_of_a_bundle_a_folder_or_a_der_file_is_read() {
+    for layout in [
+        "2, root's first",
+        "2, issuing CA's first",
+        "50",
+        "folder",
+        "der",
+    ] {
+        let mut setup = Setup::new();
+        let revoked = setup
+            .intermediate
+            .leaf(&LeafSpec::device("revoked-in-bundle"));
+        let good = setup.intermediate.leaf(&LeafSpec::device("good-in-bundle"));
+        let root_crl = setup.root.crl(&[]);
+        let issuing_crl = setup.intermediate.crl(&[revoked.serial]);
+        let crl_paths = match layout {
+            "2, root's first" => {
+                setup.write("crls.pem", &format!("{root_crl}{issuing_crl}"));
+                vec!["crls.pem"]
+            }
+            "2, issuing CA's first" => {
+                setup.write("crls.pem", &format!("{issuing_crl}{root_crl}"));
+                vec!["crls.pem"]
+            }
+            "50" => {
+                // 48 CRLs of other CAs around the two that matter, the issuing CA's last.
+                let mut all: Vec<String> = (0..48)
+                    .map(|i| Ca::root(&format!("Other CA {i}")).crl(&[revoked.serial]))
+                    .collect();
+                all.insert(20, root_crl.clone());
+                all.push(issuing_crl.clone());
+                setup.write("crls.pem", &all.concat());
+                setup.crl_paths = Some(vec!["crls.pem".into()]);
+                let config = setup.write_config();
+                let out = std::process::Command::new(support::binary())
+                    .args(["--log-format", "text", "-c"])
+                    .arg(&config)
+                    .arg("check-config")
+                    .output()
+                    .unwrap();
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                let listed: Vec<&str> =
+                    stdout.lines().filter(|l| l.starts_with("# CRL ")).collect();
+                assert_eq!(listed.len(), 50, "{stdout}");
+                assert!(
+                    listed[49].contains("crls.pem#50: issuer CN=Test Device Issuing CA")
+                        && listed[49].contains(", 1 revoked,"),
+                    "{}",
+                    listed[49]
+                );
+                vec!["crls.pem"]
+            }
+            "folder" => {
+                setup.write("crls/1-root.pem", &root_crl);
+                setup.write("crls/2-issuing.crl", &issuing_crl);
+                setup.write("crls/README.txt", "not a CRL: ignored");
+                vec!["crls"]
+            }
+            _ => {
+                use rustls_pki_types::pem::PemObject;
+                let der = rustls_pki_types::CertificateRevocationListDer::from_pem_slice(
+                    issuing_crl.as_bytes(),
+                )
+                .unwrap();
+                setup.write("root.crl.pem", &root_crl);
+                std::fs::write(setup.path("issuing.crl"), der.as_ref()).unwrap();
+                vec!["root.crl.pem", "issuing.crl"]
+            }
+        };
+        setup.crl_paths = Some(crl_paths.into_iter().map(String::from).collect());
+        refused_everywhere(setup, &revoked, &good, "revoked", layout).await;
+    }
+}
+
+/// With CRLs configured, revocation is required by default: a CA of the path without a
+/// CRL refuses the certificates it issued (`crl_missing`); "best-effort" accepts them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ca_without_a_crl_is_refused_unless_best_effort() {
+    let setup = Setup::new();
+    let unlisted = setup.root.intermediate("Issuing CA Without CRL");
+    let orphan = unlisted.leaf(&LeafSpec::device("orphan"));
+    let good = setup.intermediate.leaf(&LeafSpec::device("good"));
+    refused_everywhere(setup, &orphan, &good, "crl_missing", "default").await;
+
+    let mut setup = Setup::new();
+    setup.extra_server = "revocation = \"best-effort\"".into();
+    let orphan = setup
+        .root
+        .intermediate("Issuing CA Without CRL")
+        .leaf(&LeafSpec::device("orphan"));
+    let broker = setup.start().await;
+    let (status, body) = broker
+        .token(Some(&orphan), "grant_type=client_credentials")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    broker.stop().await;
+}

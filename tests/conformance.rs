@@ -1347,22 +1347,31 @@ fn load_cases() -> Vec<LoadCase> {
         },
         LoadCase {
             name: "CRL without a cRLNumber",
-            trust: crl_trust(&root, crl_with_extensions(&root, &root.crl(&[]), |exts| {
-                exts.retain(|e| !e.windows(5).any(|w| w == CRL_NUMBER_OID))
-            })),
+            trust: crl_trust(
+                &root,
+                crl_with_extensions(&root, &root.crl(&[]), |exts| {
+                    exts.retain(|e| !e.windows(5).any(|w| w == CRL_NUMBER_OID))
+                }),
+            ),
             says: vec!["crl-0.pem: CRL of CN=Load Root has no cRLNumber".into()],
         },
         LoadCase {
             name: "CRL with a critical cRLNumber",
-            trust: crl_trust(&root, crl_with_extensions(&root, &root.crl(&[]), |exts| {
-                for ext in exts.iter_mut() {
-                    let parts = children(ext);
-                    if parts[0] == CRL_NUMBER_OID {
-                        let critical = tlv(0x01, &[0xff]);
-                        *ext = tlv(0x30, &[parts[0].clone(), critical, parts[1].clone()].concat());
+            trust: crl_trust(
+                &root,
+                crl_with_extensions(&root, &root.crl(&[]), |exts| {
+                    for ext in exts.iter_mut() {
+                        let parts = children(ext);
+                        if parts[0] == CRL_NUMBER_OID {
+                            let critical = tlv(0x01, &[0xff]);
+                            *ext = tlv(
+                                0x30,
+                                &[parts[0].clone(), critical, parts[1].clone()].concat(),
+                            );
+                        }
                     }
-                }
-            })),
+                }),
+            ),
             says: vec!["CRL of CN=Load Root marks its cRLNumber critical".into()],
         },
         LoadCase {
@@ -1372,11 +1381,14 @@ fn load_cases() -> Vec<LoadCase> {
         },
         LoadCase {
             name: "CRL bundle whose second block is not a CRL",
-            trust: crl_trust(&root, format!(
-                "{}{}",
-                root.crl(&[]),
-                pem("X509 CRL", &tlv(0x30, &tlv(0x02, &[1])))
-            )),
+            trust: crl_trust(
+                &root,
+                format!(
+                    "{}{}",
+                    root.crl(&[]),
+                    pem("X509 CRL", &tlv(0x30, &tlv(0x02, &[1])))
+                ),
+            ),
             says: vec!["crl-0.pem#2: not a valid CRL".into()],
         },
     ]
@@ -1400,7 +1412,10 @@ fn crl_with_extensions(ca: &Ca, crl_pem: &str, change: impl Fn(&mut Vec<Vec<u8>>
     let der = CertificateRevocationListDer::from_pem_slice(crl_pem.as_bytes()).unwrap();
     let list = children(&der);
     let mut tbs = children(&list[0]);
-    let at = tbs.iter().position(|e| e[0] == 0xa0).expect("crlExtensions");
+    let at = tbs
+        .iter()
+        .position(|e| e[0] == 0xa0)
+        .expect("crlExtensions");
     let mut extensions = children(&children(&tbs[at])[0]);
     change(&mut extensions);
     tbs[at] = tlv(0xa0, &tlv(0x30, &extensions.concat()));

@@ -431,6 +431,8 @@ pub struct Setup {
     pub crl_pems: Option<Vec<String>>,
     /// CRLs configured after those (PEM).
     pub extra_crl_pems: Vec<String>,
+    /// Replaces the `crls` list: paths (files or folders) the test wrote itself.
+    pub crl_paths: Option<Vec<String>>,
 }
 
 impl Setup {
@@ -455,6 +457,7 @@ impl Setup {
             client_ca_pem: None,
             crl_pems: None,
             extra_crl_pems: Vec::new(),
+            crl_paths: None,
         }
     }
 
@@ -506,15 +509,16 @@ impl Setup {
             self.write("client-ca.pem", &self.root.pem);
             "client-ca.pem"
         };
-        let mut crl_files = match &self.crl_pems {
-            Some(crls) => (0..crls.len())
+        let mut crl_files = match (&self.crl_paths, &self.crl_pems) {
+            (Some(paths), _) => paths.iter().map(|p| format!("{p:?}")).collect(),
+            (None, Some(crls)) => (0..crls.len())
                 .map(|i| {
                     let name = format!("crl-{i}.pem");
                     self.write(&name, &crls[i]);
                     format!("{name:?}")
                 })
                 .collect::<Vec<_>>(),
-            None => {
+            (None, None) => {
                 self.write("root.crl.pem", &self.root.crl(&self.revoked));
                 let intermediate_crl = if self.stale_crl {
                     self.intermediate
