@@ -22,11 +22,11 @@ use crate::flows::{self, FlowDeps, Registry};
 use crate::google::Google;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
-use crate::pem;
 use crate::proxy::ProxyPolicy;
 use crate::signer::{IamSigner, LocalSigner, Signer, SignerError};
 use crate::tls;
 use crate::trust::{rfc3339, Refusal, Revocation, TrustError, TrustStore};
+use crate::{crl, pem};
 
 /// Every problem found while loading, so an operator fixes them all in one go.
 #[derive(Debug)]
@@ -315,6 +315,14 @@ impl Broker {
                 warnings.push(format!("{what}: {}", unchecked.join("; ")));
             }
         }
+        for source in &self.config.server.crl_sources {
+            if !trust.crls().any(|crl| crl.source == source.url) {
+                warnings.push(format!(
+                    "CRL source {} has no kept copy yet: until its first download succeeds, the certificates it would cover are refused (crl_missing) or, under best-effort, unchecked",
+                    source.url
+                ));
+            }
+        }
         for crl in trust.crls() {
             if let Some(next) = crl.next_update.filter(|next| *next <= now) {
                 warnings.push(format!(
@@ -346,6 +354,22 @@ impl Broker {
     pub fn update_gauges(&self) {
         if let Some(earliest) = self.trust.cas.iter().map(|c| c.not_after).min() {
             self.metrics.ca_cert_expiry.set(earliest as f64);
+        }
+        let metrics = &self.metrics;
+        metrics.crl_this_update.reset();
+        metrics.crl_next_update.reset();
+        for crl in self.trust.crls() {
+            let source = [crl.source.as_str()];
+            metrics
+                .crl_this_update
+                .with_label_values(&source)
+                .set(crl.this_update as f64);
+            if let Some(next) = crl.next_update {
+                metrics
+                    .crl_next_update
+                    .with_label_values(&source)
+                    .set(next as f64);
+            }
         }
         if let Some(expiry) = self.signer.key_expiry() {
             self.metrics.signing_key_expiry.set(expiry as f64);
@@ -456,6 +480,11 @@ fn load_trust(config: &Config) -> Result<TrustStore, TrustError> {
     for path in &server.crls {
         crls.extend(pem::crls(&config.path(path))?);
     }
+    if let Some(dir) = &server.crl_cache_dir {
+        for source in &server.crl_sources {
+            crls.extend(crl::kept(&config.path(dir), &source.url)?);
+        }
+    }
     let revocation = match server.revocation() {
         RevocationPolicy::Require => Revocation::Require,
         RevocationPolicy::BestEffort => Revocation::BestEffort,
@@ -510,6 +539,7 @@ pub fn check_settings(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
     check_issuer(config, &mut problems);
     check_limits(&config.server, &mut problems);
+    check_crl_sources(&config.server, &mut problems);
     if let Some(google) = &config.google {
         check_google(google, &mut problems);
     }
@@ -558,6 +588,30 @@ fn check_limits(server: &crate::config::ServerConfig, problems: &mut Vec<String>
 }
 
 /// Google timings outside these bounds disable Google or overflow clocks.
+fn check_crl_sources(server: &crate::config::ServerConfig, problems: &mut Vec<String>) {
+    if server.crl_sources.is_empty() {
+        return;
+    }
+    if server.crl_cache_dir.is_none() {
+        problems.push("server.crl_cache_dir: required with server.crl_sources (fetched CRLs are kept there for restarts without network)".into());
+    }
+    for source in &server.crl_sources {
+        let scheme = url::Url::parse(&source.url).map(|u| u.scheme().to_owned());
+        if !matches!(scheme.as_deref(), Ok("http" | "https")) {
+            problems.push(format!(
+                "server.crl_sources: {:?} is not an http:// or https:// URL",
+                source.url
+            ));
+        }
+        if source.refresh.is_zero() || source.timeout.is_zero() || source.max_bytes == 0 {
+            problems.push(format!(
+                "server.crl_sources {:?}: refresh, timeout and max_bytes must be more than zero",
+                source.url
+            ));
+        }
+    }
+}
+
 fn check_google(google: &crate::config::GoogleConfig, problems: &mut Vec<String>) {
     use std::time::Duration;
     if google.request_timeout < Duration::from_millis(100)

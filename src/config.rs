@@ -70,8 +70,14 @@ pub struct ServerConfig {
     /// folders of them.
     #[serde(default)]
     pub crls: Vec<PathBuf>,
+    /// CRLs the broker downloads and refreshes itself (configured URLs only, never URLs
+    /// named by the certificates devices send).
+    #[serde(default)]
+    pub crl_sources: Vec<CrlSourceConfig>,
+    /// Where fetched CRLs are kept, so a restart without network still has them.
+    pub crl_cache_dir: Option<PathBuf>,
     /// What to do with a certificate whose issuer has no CRL; default `require` when any
-    /// CRL is configured, else revocation is not checked.
+    /// CRL is configured (as files or as sources), else revocation is not checked.
     pub revocation: Option<RevocationPolicy>,
     /// Pins of the client CA roots' public keys; when given, every root of `client_ca`
     /// must match one, so a CA dropped into the bundle is never trusted by accident.
@@ -103,6 +109,22 @@ pub struct ServerConfig {
     pub reload_interval: Duration,
     #[serde(default)]
     pub proxy_protocol: ProxyProtocolConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrlSourceConfig {
+    /// `http://` or `https://` (public roots) URL of one CRL (DER or PEM).
+    pub url: String,
+    /// How often to download it again; it is also fetched before its nextUpdate.
+    #[serde(default = "default_crl_refresh", with = "duration_text")]
+    pub refresh: Duration,
+    /// Time for one download, connection included.
+    #[serde(default = "default_crl_timeout", with = "duration_text")]
+    pub timeout: Duration,
+    /// Largest CRL accepted.
+    #[serde(default = "default_crl_max_bytes")]
+    pub max_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -308,11 +330,12 @@ pub struct MatchConfig {
 impl ServerConfig {
     /// The revocation policy in force: as configured, else `require` whenever CRLs are.
     pub fn revocation(&self) -> RevocationPolicy {
-        self.revocation.unwrap_or(if self.crls.is_empty() {
-            RevocationPolicy::BestEffort
-        } else {
-            RevocationPolicy::Require
-        })
+        self.revocation
+            .unwrap_or(if self.crls.is_empty() && self.crl_sources.is_empty() {
+                RevocationPolicy::BestEffort
+            } else {
+                RevocationPolicy::Require
+            })
     }
 }
 
@@ -346,6 +369,15 @@ impl Config {
     }
 }
 
+fn default_crl_refresh() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_crl_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_crl_max_bytes() -> usize {
+    64 * 1024 * 1024
+}
 fn default_tls_versions() -> Vec<String> {
     vec!["1.2".into(), "1.3".into()]
 }

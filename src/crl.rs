@@ -2,12 +2,17 @@
 //! loaded, with the facts `check-config` and the metrics show, and the outcome of their
 //! signature check remembered per issuer key.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
+
+use sha2::{Digest, Sha256};
 
 use rustls_pki_types::SignatureVerificationAlgorithm;
 use webpki::{CertRevocationList, OwnedCertRevocationList};
 use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
+
+use crate::pem;
 
 /// id-ce-cRLNumber (RFC 5280 5.2.3).
 const CRL_NUMBER_OID: &str = "2.5.29.20";
@@ -119,6 +124,38 @@ impl Crl {
         }
         signed
     }
+}
+
+/// Where the copy of a fetched CRL source is kept in `dir`, and its HTTP validators.
+pub fn kept_paths(dir: &Path, url: &str) -> (PathBuf, PathBuf) {
+    let digest = Sha256::digest(url.as_bytes());
+    let name: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+    (
+        dir.join(format!("{name}.crl")),
+        dir.join(format!("{name}.validators.json")),
+    )
+}
+
+/// The kept copy of a fetched CRL source, labelled with its URL; none before its first
+/// download.
+pub fn kept(dir: &Path, url: &str) -> Result<Vec<pem::CrlBlock>, pem::PemError> {
+    let (path, _) = kept_paths(dir, url);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(pem::PemError::Read { path, source }),
+    };
+    let ders = pem::crls_in(&bytes).map_err(|message| pem::PemError::Invalid {
+        path: path.clone(),
+        message: format!("kept copy of {url}: {message} (delete it to download it again)"),
+    })?;
+    Ok(ders
+        .into_iter()
+        .map(|der| pem::CrlBlock {
+            der,
+            source: url.to_owned(),
+        })
+        .collect())
 }
 
 /// The contents of a DER Name (what is inside its SEQUENCE), the form webpki compares.

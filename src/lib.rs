@@ -34,6 +34,7 @@ pub mod client;
 pub mod clients;
 pub mod config;
 pub mod crl;
+pub mod crl_fetch;
 pub mod devpki;
 pub mod flows;
 pub mod google;

@@ -5,8 +5,8 @@
 //! brokers in one process.
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -28,6 +28,9 @@ pub struct Metrics {
     pub open_connections: IntGauge,
     pub refused_connections: IntCounterVec,
     pub ca_cert_expiry: Gauge,
+    pub crl_fetches: IntCounterVec,
+    pub crl_this_update: GaugeVec,
+    pub crl_next_update: GaugeVec,
 }
 
 impl Metrics {
@@ -40,6 +43,13 @@ impl Metrics {
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
             c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = GaugeVec::new(Opts::new(name, help), labels).expect("static metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
         };
         let histogram = |name: &str, help: &str, label: &str, buckets: Vec<f64>| {
             let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[label])
@@ -136,6 +146,21 @@ impl Metrics {
                 "Earliest notAfter (Unix time) of the client CA bundle.",
             )
             .expect("static metric"),
+            crl_fetches: counter(
+                "crl_fetches_total",
+                "Downloads of configured CRL sources, by source URL and result.",
+                &["source", "result"],
+            ),
+            crl_this_update: gauge(
+                "crl_this_update_timestamp_seconds",
+                "thisUpdate (Unix time) of each loaded CRL, by source (file or URL): its age is time() minus this.",
+                &["source"],
+            ),
+            crl_next_update: gauge(
+                "crl_next_update_timestamp_seconds",
+                "nextUpdate (Unix time) of each loaded CRL, by source (file or URL); past it, the certificates it covers are refused.",
+                &["source"],
+            ),
             registry,
         };
         for g in [

@@ -25,6 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin;
 use crate::broker::{Broker, Problems};
 use crate::config::Config;
+use crate::crl_fetch;
 use crate::http::{self, ConnInfo};
 use crate::metrics::Metrics;
 use crate::tls;
@@ -142,6 +143,15 @@ impl Server {
         } = self;
         let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, live.clone())));
         let reload_task = tokio::spawn(watch_for_changes(live.clone()));
+        let crl_task = {
+            let (current, reloading) = (live.clone(), live.clone());
+            tokio::spawn(crl_fetch::run(
+                move || current.current(),
+                move || {
+                    let _ = reloading.reload();
+                },
+            ))
+        };
         let graceful = GracefulShutdown::new();
         let max_connections = live.current().config.server.max_connections;
         let slots = Arc::new(Semaphore::new(max_connections));
@@ -191,6 +201,7 @@ impl Server {
             tracing::warn!("grace period over; closing remaining connections");
         }
         reload_task.abort();
+        crl_task.abort();
         if let Some(task) = admin_task {
             task.abort();
         }

@@ -424,6 +424,8 @@ async fn hot_reload_under_load_changes_trust_crl_and_keys_without_failures() {
     let doomed = setup.intermediate.leaf(&LeafSpec::device("doomed"));
     let new_root = support::Ca::root("Second Device Root");
     let newcomer = new_root.leaf(&LeafSpec::device("newcomer"));
+    // Its CRL is configured before the root is trusted (revocation is required).
+    setup.extra_crl_pems = vec![new_root.crl(&[])];
     let broker = Arc::new(setup.start().await);
     let old_kid = jsonwebtoken::decode_header(
         broker

@@ -433,7 +433,7 @@ fn error_message(body: &[u8]) -> String {
 }
 
 /// The innermost cause of a reqwest error: the part that says what went wrong.
-fn root_cause(error: &reqwest::Error) -> String {
+pub(crate) fn root_cause(error: &reqwest::Error) -> String {
     let mut source: Option<&dyn std::error::Error> = Some(error);
     let mut last = error.to_string();
     while let Some(e) = source {
