@@ -23,7 +23,7 @@ use token_broker::config::Config;
 use token_broker::metrics::Metrics;
 
 use support::{
-    extension, rules_accepting_any, tlv, uri_name_constraint, Ca, Leaf, LeafSpec, Setup,
+    extension, raw_san, rules_accepting_any, tlv, uri_name_constraint, Ca, Leaf, LeafSpec, Setup,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,11 +169,6 @@ fn sent_with(leaf: &Leaf, intermediates: &[&str]) -> Leaf {
 /// A private extension the broker knows nothing of.
 fn unknown_extension(critical: bool) -> CustomExtension {
     extension(&[1, 3, 6, 1, 4, 1, 55555, 1], critical, tlv(0x04, b"x"))
-}
-
-/// A subjectAltName extension holding these DER GeneralNames.
-fn raw_san(names: &[Vec<u8>]) -> CustomExtension {
-    extension(&[2, 5, 29, 17], false, tlv(0x30, &names.concat()))
 }
 
 fn spec(name: &str, change: impl FnOnce(&mut LeafSpec)) -> LeafSpec {

@@ -17,7 +17,7 @@ use token_broker::broker::Broker;
 use token_broker::config::Config;
 use token_broker::metrics::Metrics;
 
-use support::{uri_name_constraint, Ca, LeafSpec, Setup};
+use support::{raw_san, tlv, uri_name_constraint, Ca, LeafSpec, Setup};
 
 /// The constraint of a case's intermediate.
 #[derive(Clone)]
@@ -42,6 +42,8 @@ enum Name {
     PrintableOrg(&'static str),
     /// Subject emailAddress attribute (an IA5String), beside a SPIFFE ID.
     SubjectEmail(&'static str),
+    /// A directoryName SAN O=, beside a SPIFFE ID; the subject is O=Acme, CN=leaf.
+    SanOrg(&'static str),
 }
 
 struct Case {
@@ -286,6 +288,9 @@ fn cases() -> Vec<Case> {
     case(B::Org("Evil"), true, N::Org("Evil"), false);
     case(B::Org("Evil"), true, N::Org("evil"), false);
     case(B::Org("Evil"), true, N::Org("Acme"), true);
+    case(B::Org("Acme"), false, N::SanOrg("Acme"), true);
+    case(B::Org("Acme"), false, N::SanOrg("Other"), false);
+    case(B::Org("Evil"), true, N::SanOrg("Evil"), false);
     cases
 }
 
@@ -357,6 +362,18 @@ fn leaf_names(name: &Name, params: &mut CertificateParams) {
             );
             with_subject(params, dn);
         }
+        Name::SanOrg(o) => {
+            const ORGANIZATION: &[u8] = &[0x55, 0x04, 0x0a];
+            let attribute = [tlv(0x06, ORGANIZATION), tlv(0x0c, o.as_bytes())].concat();
+            let name = tlv(0x30, &tlv(0x31, &tlv(0x30, &attribute)));
+            params.custom_extensions.push(raw_san(&[
+                tlv(0xa4, &name),
+                tlv(0x86, b"spiffe://example.org/dn"),
+            ]));
+            let mut dn = org(DnValue::from("Acme"));
+            dn.push(DnType::CommonName, cn);
+            params.distinguished_name = dn;
+        }
     }
 }
 
@@ -376,6 +393,7 @@ fn describe(case: &Case) -> String {
         Name::Org(v) => format!("subject O={v}"),
         Name::PrintableOrg(v) => format!("subject O={v} (PrintableString)"),
         Name::SubjectEmail(v) => format!("subject emailAddress {v}"),
+        Name::SanOrg(v) => format!("SAN directoryName O={v} (subject O=Acme)"),
     };
     let kind = if case.excluded {
         "excluded"

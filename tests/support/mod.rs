@@ -323,6 +323,11 @@ pub fn uri_name_constraint(host: &str, excluded: bool) -> rcgen::CustomExtension
     extension(&[2, 5, 29, 30], true, tlv(0x30, &tlv(tag, &subtree)))
 }
 
+/// A subjectAltName extension holding these DER GeneralNames.
+pub fn raw_san(names: &[Vec<u8>]) -> rcgen::CustomExtension {
+    extension(&[2, 5, 29, 17], false, tlv(0x30, &names.concat()))
+}
+
 /// A self-signed leaf (no CA involved).
 pub fn self_signed(spec: &LeafSpec) -> Leaf {
     let key = generate(spec.key);
