@@ -855,7 +855,8 @@ fn chain_problem(error: webpki::Error) -> String {
     match error {
         E::PathLenConstraintViolated => "an intermediate CA certificate has more CA certificates below it than its pathLenConstraint allows".into(),
         E::EndEntityUsedAsCa => "a certificate that is not a CA (basicConstraints CA:FALSE or absent) issued another certificate".into(),
-        E::NameConstraintViolation => "a name of the certificate is outside the name constraints of a CA of the chain (URI name constraints are not supported and refuse every URI SAN below them)".into(),
+        E::NameConstraintViolation => "a name of a certificate of the chain (a subjectAltName, its subject, or an email address in its subject) is outside a permitted subtree, or inside an excluded subtree, of the name constraints of a CA above it".into(),
+        E::MalformedNameConstraint => "a CA of the chain has a name constraint that is not a valid name of its form (a host, a domain, a mailbox), which refuses every name of that form below it".into(),
         E::UnsupportedCriticalExtension => "a certificate of the chain has a critical extension the broker does not process, which RFC 5280 requires to refuse".into(),
         E::MaximumPathDepthExceeded => format!("no path to a root CA within {MAX_PATH_INTERMEDIATES} intermediate CA certificates, the most the broker builds"),
         E::MaximumSignatureChecksExceeded | E::MaximumPathBuildCallsExceeded | E::MaximumNameConstraintComparisonsExceeded => "the chain is too costly to validate (path building gave up): send only the certificate and the intermediates of its path".into(),

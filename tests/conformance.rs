@@ -22,7 +22,9 @@ use token_broker::broker::Broker;
 use token_broker::config::Config;
 use token_broker::metrics::Metrics;
 
-use support::{Ca, Leaf, LeafSpec, Setup};
+use support::{
+    extension, raw_san, rules_accepting_any, tlv, uri_name_constraint, Ca, Leaf, LeafSpec, Setup,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expect {
@@ -51,30 +53,8 @@ struct Row {
     tls: bool,
 }
 
-/// Client rules: the harness's, then one that takes any trusted certificate, so that rule
-/// matching never hides what validation decided.
-fn rules() -> String {
-    format!("{}\n[[clients]]\nname = \"any\"\n", support::RULES)
-}
-
 // ---------------------------------------------------------------------------------------
 // DER and PEM helpers for what rcgen cannot express.
-
-/// A DER element.
-fn tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    let n = contents.len();
-    if n < 0x80 {
-        out.push(n as u8);
-    } else {
-        let bytes = n.to_be_bytes();
-        let skip = bytes.iter().take_while(|b| **b == 0).count();
-        out.push(0x80 | (bytes.len() - skip) as u8);
-        out.extend_from_slice(&bytes[skip..]);
-    }
-    out.extend_from_slice(contents);
-    out
-}
 
 /// The elements (whole, with tag and length) of a DER element's contents.
 fn children(der: &[u8]) -> Vec<Vec<u8>> {
@@ -186,27 +166,9 @@ fn sent_with(leaf: &Leaf, intermediates: &[&str]) -> Leaf {
     }
 }
 
-fn extension(oid: &[u64], critical: bool, value: Vec<u8>) -> CustomExtension {
-    let mut ext = CustomExtension::from_oid_content(oid, value);
-    ext.set_criticality(critical);
-    ext
-}
-
 /// A private extension the broker knows nothing of.
 fn unknown_extension(critical: bool) -> CustomExtension {
     extension(&[1, 3, 6, 1, 4, 1, 55555, 1], critical, tlv(0x04, b"x"))
-}
-
-/// A nameConstraints extension with one URI subtree (rcgen has no URI subtrees).
-fn uri_name_constraint(host: &str, excluded: bool) -> CustomExtension {
-    let subtree = tlv(0x30, &tlv(0x86, host.as_bytes()));
-    let tag = if excluded { 0xa1 } else { 0xa0 };
-    extension(&[2, 5, 29, 30], true, tlv(0x30, &tlv(tag, &subtree)))
-}
-
-/// A subjectAltName extension holding these DER GeneralNames.
-fn raw_san(names: &[Vec<u8>]) -> CustomExtension {
-    extension(&[2, 5, 29, 17], false, tlv(0x30, &names.concat()))
 }
 
 fn spec(name: &str, change: impl FnOnce(&mut LeafSpec)) -> LeafSpec {
@@ -334,8 +296,15 @@ fn table(base: &mut Setup) -> Vec<Row> {
             .push(uri_name_constraint(support::TRUST_DOMAIN, false))
     });
     row(
-        "URI permitted subtree (the trust domain): SPIFFE ID inside (webpki fails closed)",
+        "URI permitted subtree (the trust domain): SPIFFE ID inside",
         uri_permitted.leaf(&LeafSpec::device("nc-uri-in")),
+        Accept,
+    );
+    row(
+        "URI permitted subtree (the trust domain): SPIFFE ID of another trust domain",
+        uri_permitted.leaf(&spec("nc-uri-out", |s| {
+            s.spiffe = Some("spiffe://other.example/device/nc-uri-out".into())
+        })),
         Refuse("invalid_chain"),
     );
     let uri_excluded = root.intermediate_with("Not Evil CA", |p| {
@@ -343,8 +312,64 @@ fn table(base: &mut Setup) -> Vec<Row> {
             .push(uri_name_constraint("evil.example", true))
     });
     row(
-        "URI excluded subtree: SPIFFE ID outside it (webpki fails closed)",
+        "URI excluded subtree: SPIFFE ID outside it",
         uri_excluded.leaf(&LeafSpec::device("nc-uri-ex")),
+        Accept,
+    );
+    row(
+        "URI excluded subtree: SPIFFE ID inside it",
+        uri_excluded.leaf(&spec("nc-uri-ex-in", |s| {
+            s.spiffe = Some("spiffe://evil.example/device/nc-uri-ex-in".into())
+        })),
+        Refuse("invalid_chain"),
+    );
+    let email_permitted = root.intermediate_with("Mail Domain CA", |p| {
+        p.name_constraints = Some(NameConstraints {
+            permitted_subtrees: vec![GeneralSubtree::Rfc822Name("test.example".into())],
+            excluded_subtrees: vec![],
+        })
+    });
+    let email = |name: &str, address: &str| {
+        let address = address.to_owned();
+        email_permitted.leaf_with(&LeafSpec::device(name), move |p| {
+            p.subject_alt_names
+                .push(rcgen::SanType::Rfc822Name(address.try_into().unwrap()))
+        })
+    };
+    row(
+        "rfc822Name permitted subtree: email SAN inside",
+        email("nc-mail-in", "device@test.example"),
+        Accept,
+    );
+    row(
+        "rfc822Name permitted subtree: email SAN outside",
+        email("nc-mail-out", "device@elsewhere.example"),
+        Refuse("invalid_chain"),
+    );
+    let acme = |o: &str| {
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::OrganizationName, o);
+        dn
+    };
+    let dir_permitted = root.intermediate_with("Acme Only CA", |p| {
+        p.name_constraints = Some(NameConstraints {
+            permitted_subtrees: vec![GeneralSubtree::DirectoryName(acme("Acme"))],
+            excluded_subtrees: vec![],
+        })
+    });
+    let in_org = |name: &str, o: &str| {
+        let mut dn = acme(o);
+        dn.push(rcgen::DnType::CommonName, name);
+        dir_permitted.leaf_with(&LeafSpec::device(name), move |p| p.distinguished_name = dn)
+    };
+    row(
+        "directoryName permitted subtree (O=Acme): subject O=Acme, CN=...",
+        in_org("nc-dir-in", "Acme"),
+        Accept,
+    );
+    row(
+        "directoryName permitted subtree (O=Acme): subject O=Other, CN=...",
+        in_org("nc-dir-out", "Other"),
         Refuse("invalid_chain"),
     );
 
@@ -668,6 +693,8 @@ fn table(base: &mut Setup) -> Vec<Row> {
         "baseline: leaf via an intermediate the client sends",
         "pathlen:0 intermediate issues another intermediate",
         "DNS permitted subtree: DNS SAN outside",
+        "URI permitted subtree (the trust domain): SPIFFE ID inside",
+        "URI permitted subtree (the trust domain): SPIFFE ID of another trust domain",
         "intermediate with an unknown critical extension",
         "intermediate with EKU serverAuth only, clientAuth leaf",
         "declared ecdsa-with-SHA384 over a P-256 signature of a SHA-256 hash",
@@ -1094,7 +1121,7 @@ fn openssl_pin(cert_pem: &str) -> String {
 /// A Setup for `trust` (`None`: the base Setup's own root and CRLs).
 fn setup_for(trust: Option<&Trust>) -> Setup {
     let mut setup = Setup::new();
-    setup.rules = rules();
+    setup.rules = rules_accepting_any();
     // The base trust has CRLs for its root and intermediate only; the table's other CAs
     // test path validation, not revocation policy (own rows do). The policy is said
     // outright, so that the CRL the webpki variant adds does not change it.

@@ -294,6 +294,40 @@ impl Ca {
     }
 }
 
+/// A DER element.
+pub fn tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let n = contents.len();
+    if n < 0x80 {
+        out.push(n as u8);
+    } else {
+        let bytes = n.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        out.push(0x80 | (bytes.len() - skip) as u8);
+        out.extend_from_slice(&bytes[skip..]);
+    }
+    out.extend_from_slice(contents);
+    out
+}
+
+pub fn extension(oid: &[u64], critical: bool, value: Vec<u8>) -> rcgen::CustomExtension {
+    let mut ext = rcgen::CustomExtension::from_oid_content(oid, value);
+    ext.set_criticality(critical);
+    ext
+}
+
+/// A nameConstraints extension with one URI subtree (rcgen has no URI subtrees).
+pub fn uri_name_constraint(host: &str, excluded: bool) -> rcgen::CustomExtension {
+    let subtree = tlv(0x30, &tlv(0x86, host.as_bytes()));
+    let tag = if excluded { 0xa1 } else { 0xa0 };
+    extension(&[2, 5, 29, 30], true, tlv(0x30, &tlv(tag, &subtree)))
+}
+
+/// A subjectAltName extension holding these DER GeneralNames.
+pub fn raw_san(names: &[Vec<u8>]) -> rcgen::CustomExtension {
+    extension(&[2, 5, 29, 17], false, tlv(0x30, &names.concat()))
+}
+
 /// A self-signed leaf (no CA involved).
 pub fn self_signed(spec: &LeafSpec) -> Leaf {
     let key = generate(spec.key);
@@ -404,6 +438,12 @@ name = "gateways"
 client_id = "gateway-client"
 match = { dns = ["*.gateways.test.example"] }
 "#;
+
+/// The harness's client rules, then one that takes any trusted certificate, so that rule
+/// matching never hides what validation decided.
+pub fn rules_accepting_any() -> String {
+    format!("{RULES}\n[[clients]]\nname = \"any\"\n")
+}
 
 pub const ISSUER: &str = "https://broker.test/tenant";
 
