@@ -643,3 +643,45 @@ async fn a_cached_token_is_no_permission_after_the_rule_changes() {
     );
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_changes_what_tokens_carry_empties_the_token_cache() {
+    let (fake, broker, leaf) = start().await;
+    let sts = form(&[("scope", CLOUD_PLATFORM)]);
+    assert_eq!(broker.token(Some(&leaf), &sts).await.0, 200);
+    assert_eq!(broker.token(Some(&leaf), &sts).await.0, 200);
+    assert_eq!(
+        fake.calls(Api::Sts),
+        1,
+        "the second answer came from the cache"
+    );
+
+    // A reload changing nothing tokens carry keeps the cache.
+    broker.live.reload().unwrap();
+    assert_eq!(broker.token(Some(&leaf), &sts).await.0, 200);
+    assert_eq!(
+        fake.calls(Api::Sts),
+        1,
+        "an unchanged reload keeps the cache"
+    );
+
+    // The rule now adds a claim: the next token is minted anew, carrying it.
+    let config = std::fs::read_to_string(&broker.config_path).unwrap();
+    let changed = config.replacen(
+        "name = \"devices\"\n",
+        "name = \"devices\"\nclaims = { fleet = \"second\" }\n",
+        1,
+    );
+    assert_ne!(changed, config);
+    std::fs::write(&broker.config_path, changed).unwrap();
+    broker.live.reload().unwrap();
+    let (status, body) = broker.token(Some(&leaf), &sts).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        fake.calls(Api::Sts),
+        2,
+        "a fresh upstream call after the reload"
+    );
+    assert_eq!(fake.last_subject_claims().unwrap()["fleet"], "second");
+    broker.stop().await;
+}
