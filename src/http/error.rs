@@ -210,6 +210,7 @@ mod tests {
             format!("\"{}\"...", "a".repeat(100))
         );
         assert_eq!(echo(&"é".repeat(101)).chars().count(), 105);
+        assert_eq!(echo("a\u{1b}[2J\n\"b"), r#""a\u{1b}[2J\n\"b""#);
         for secret in [
             "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln",
             "ya29.a0AfH6SMC",
