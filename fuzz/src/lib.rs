@@ -76,7 +76,7 @@ pub fn form(data: &[u8]) {
                 "{error:?}"
             );
             // Refusals quote at most 100 characters of the client's input.
-            let description = error.description();
+            let description = error.description("00000000-0000-0000-0000-000000000000");
             assert!(
                 description.chars().count() <= 1200,
                 "unbounded description: {} chars",
