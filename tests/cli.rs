@@ -467,3 +467,46 @@ fn check_config_refuses_private_keys_every_user_can_read() {
         chmod(key, 0o600);
     }
 }
+
+/// The shipped config and its development PKI in `dir`, with `extra` appended.
+fn shipped_config_with(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let (config, _) = shipped_config(dir);
+    assert!(run(&["init", "--dir", "certs/dev"], dir).status.success());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(extra);
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+#[test]
+fn check_config_refuses_a_rule_without_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = shipped_config_with(dir.path(), "\n[[clients]]\nname = \"everyone\"\n");
+    let out = run(
+        &["-c", config.to_str().unwrap(), "check-config"],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("\"everyone\"") && stderr.contains("no `match`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(r#"subject = ["**"]"#), "{stderr}");
+
+    // The explicit catch-all the message names is accepted.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "name = \"everyone\"\n",
+        "name = \"everyone\"\nmatch = { subject = [\"**\"] }\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = run(
+        &["-c", config.to_str().unwrap(), "check-config"],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

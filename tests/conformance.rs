@@ -54,7 +54,10 @@ struct Row {
 /// Client rules: the harness's, then one that takes any trusted certificate, so that rule
 /// matching never hides what validation decided.
 fn rules() -> String {
-    format!("{}\n[[clients]]\nname = \"any\"\n", support::RULES)
+    format!(
+        "{}\n[[clients]]\nname = \"any\"\nmatch = {{ subject = [\"**\"] }}\n",
+        support::RULES
+    )
 }
 
 // ---------------------------------------------------------------------------------------
