@@ -299,6 +299,26 @@ impl Broker {
         files
     }
 
+    /// Settings that load but give devices more than their rule seems to say; `check-config`
+    /// prints them and `serve` logs them.
+    pub fn warnings(&self) -> Vec<String> {
+        let Some(google) = &self.config.google else {
+            return Vec::new();
+        };
+        let provider = google.subject_token_audience();
+        self.config
+            .clients
+            .iter()
+            .filter(|rule| rule.audiences.contains(&provider))
+            .map(|rule| {
+                format!(
+                    "clients {:?}: audiences lists the Google provider audience {provider:?}, so its devices can exchange their broker tokens at Google STS themselves, for whatever the pool's IAM bindings allow, outside the rule's scopes and service_accounts (meant for executable-sourced credentials, docs/devices.md; remove it otherwise)",
+                    rule.name
+                )
+            })
+            .collect()
+    }
+
     /// Gauges that move with time rather than with requests.
     pub fn update_gauges(&self) {
         if let Some(earliest) = self.trust.cas.iter().map(|c| c.not_after).min() {

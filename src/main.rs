@@ -200,6 +200,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 broker.rules.len(),
                 broker.flows.names().join(", ")
             );
+            for warning in broker.warnings() {
+                println!("# warning: {warning}");
+            }
             // Pins as `server.client_ca_pins` takes them, so an operator can pin what is
             // trusted today; and where each CRL's signature is checked.
             for ca in &broker.trust.cas {
@@ -374,6 +377,9 @@ fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
         Ok(broker) => Arc::new(broker),
         Err(problems) => return Ok(report_problems(config_path, &problems.0)),
     };
+    for warning in broker.warnings() {
+        tracing::warn!(warning, "configuration warning (check-config)");
+    }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let live = Arc::new(Live::new(broker.clone(), Some(config_path.to_path_buf())));

@@ -510,3 +510,36 @@ fn check_config_refuses_a_rule_without_match() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn check_config_warns_when_a_rule_may_ask_for_the_google_provider_audience() {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = "https://iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/devices/providers/token-broker";
+    let config = shipped_config_with(
+        dir.path(),
+        &format!(
+            "\n[google]\nproject_number = \"123456789012\"\npool_id = \"devices\"\nprovider_id = \"token-broker\"\n\
+             \n[[clients]]\nname = \"self-service\"\nmatch = {{ spiffe = [\"spiffe://dev.token-broker.local/other/*\"] }}\n\
+             audiences = [\"{provider}\"]\n"
+        ),
+    );
+    let out = run(
+        &["-c", config.to_str().unwrap(), "check-config"],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let warnings: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("# warning:"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stdout}");
+    assert!(
+        warnings[0].contains("\"self-service\"") && warnings[0].contains(provider),
+        "{stdout}"
+    );
+}
