@@ -543,3 +543,46 @@ fn check_config_warns_when_a_rule_may_ask_for_the_google_provider_audience() {
         "{stdout}"
     );
 }
+
+#[test]
+fn usage_errors_exit_1_and_refusals_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = shipped_config_with(dir.path(), "");
+    let config = config.to_str().unwrap();
+    for args in [
+        &[
+            "-c",
+            config,
+            "verify-cert",
+            "--bogus-flag",
+            "certs/dev/device.pem",
+        ][..],
+        &["-c", config, "verify-cert"],
+        &["no-such-command"],
+        &["token", "--url", "https://localhost:1"],
+    ] {
+        let out = run(args, dir.path());
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Usage"),
+            "{args:?}"
+        );
+    }
+    for args in [&["--help"][..], &["verify-cert", "--help"], &["--version"]] {
+        let out = run(args, dir.path());
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(!out.stdout.is_empty(), "{args:?}");
+    }
+    let refused = run(
+        &[
+            "-c",
+            config,
+            "verify-cert",
+            "certs/dev/device.pem",
+            "--at",
+            "2099-01-01T00:00:00Z",
+        ],
+        dir.path(),
+    );
+    assert_eq!(refused.status.code(), Some(2));
+}
