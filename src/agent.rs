@@ -143,7 +143,8 @@ impl Agent {
                 StatusCode::FORBIDDEN,
                 "text/plain",
                 format!(
-                    "Request denied: the Host header must name this metadata server ({local}, localhost, metadata.google.internal or 169.254.169.254)\n"
+                    "Request denied: the Host header must name this metadata server ({local}, {})\n",
+                    HOST_NAMES.join(", ")
                 ),
             );
         }
