@@ -4,7 +4,8 @@
 //!
 //! Like the real server it requires `Metadata-Flavor: Google` and refuses requests carrying
 //! `X-Forwarded-For` (so a proxy or SSRF on the device cannot reach it), and it listens on
-//! loopback unless told otherwise.
+//! loopback unless told otherwise. It also answers only its own host names, so a web page
+//! whose name was rebound to loopback (DNS rebinding) cannot read the device's tokens.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -38,16 +39,22 @@ const PREFIX: &str = "/computeMetadata/v1/";
 
 pub async fn serve(listener: TcpListener, config: AgentConfig, broker: Arc<CachingClient>) {
     let agent = Arc::new(Agent { config, broker });
+    let listening = listener.local_addr().ok();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        // The address this connection reached (the listen address, or one of the host's
+        // addresses when listening on 0.0.0.0 or ::).
+        let Some(local) = stream.local_addr().ok().or(listening) else {
             continue;
         };
         let agent = agent.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let agent = agent.clone();
-                async move { Ok::<_, Infallible>(agent.answer(&request).await) }
+                async move { Ok::<_, Infallible>(agent.answer(&request, local).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -67,6 +74,35 @@ pub fn check_listen(addr: SocketAddr, allow_remote: bool) -> Result<(), String> 
             "--listen {addr} is not a loopback address; anyone who can reach it gets this device's credentials (add --allow-remote if you really mean it)"
         ))
     }
+}
+
+/// Names the agent answers to besides its own address: those Google libraries use for the
+/// metadata server.
+const HOST_NAMES: &[&str] = &["localhost", "metadata.google.internal", "169.254.169.254"];
+
+/// Whether `host` (a `Host` header) names this agent: its address or one of [`HOST_NAMES`],
+/// any case, with or without a port. Only the name matters: it is what a rebound page
+/// cannot choose, as its browser sends the page's own name.
+fn is_own_host(host: &str, local: SocketAddr) -> bool {
+    let name = match host.rsplit_once(':') {
+        // An IPv6 literal has colons inside its brackets; only one after them is a port.
+        Some((name, port))
+            if !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (!host.starts_with('[') || name.ends_with(']')) =>
+        {
+            name
+        }
+        _ => host,
+    };
+    let own = match local.ip() {
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+    };
+    name.eq_ignore_ascii_case(&own)
+        || HOST_NAMES
+            .iter()
+            .any(|allowed| name.eq_ignore_ascii_case(allowed))
 }
 
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -95,8 +131,23 @@ fn not_found() -> Response<Full<Bytes>> {
 }
 
 impl Agent {
-    async fn answer(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn answer(
+        &self,
+        request: &Request<Incoming>,
+        local: SocketAddr,
+    ) -> Response<Full<Bytes>> {
         let headers = request.headers();
+        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+        if !host.is_some_and(|host| is_own_host(host, local)) {
+            return reply(
+                StatusCode::FORBIDDEN,
+                "text/plain",
+                format!(
+                    "Request denied: the Host header must name this metadata server ({local}, {})\n",
+                    HOST_NAMES.join(", ")
+                ),
+            );
+        }
         if headers.contains_key("x-forwarded-for") {
             return reply(
                 StatusCode::FORBIDDEN,
@@ -203,4 +254,38 @@ fn upstream_error(error: &crate::client::ClientError) -> Response<Full<Bytes>> {
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     reply(status, "text/plain", format!("token-broker: {error}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_own_host;
+
+    #[test]
+    fn own_host_names_with_or_without_port_in_any_case() {
+        let v4 = "127.0.0.1:8080".parse().unwrap();
+        let v6 = "[::1]:8080".parse().unwrap();
+        for host in [
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "LOCALHOST:1",
+            "Metadata.Google.Internal",
+        ] {
+            assert!(is_own_host(host, v4), "{host}");
+        }
+        for host in ["[::1]", "[::1]:8080", "localhost", "169.254.169.254:80"] {
+            assert!(is_own_host(host, v6), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "[::1]",
+            "127.0.0.1:",
+            "localhost:x",
+            "",
+            "::1",
+        ] {
+            assert!(!is_own_host(host, v4), "{host}");
+        }
+        assert!(!is_own_host("127.0.0.1", v6));
+    }
 }

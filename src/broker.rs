@@ -141,12 +141,9 @@ impl Broker {
     /// A reload: the new config, the running broker's metrics and token cache. Cached
     /// tokens are dropped when anything they were minted under changed.
     pub fn rebuild(config: Config, running: &Broker) -> Result<Broker, Problems> {
-        let minted_under = |c: &Config| {
-            toml::to_string(&(&c.issuer, &c.signer, &c.google, &c.clients)).unwrap_or_default()
-        };
         let broker =
             Self::build_with(config, running.metrics.clone(), Some(running.cache.clone()))?;
-        if minted_under(&broker.config) != minted_under(&running.config) {
+        if minted_under_changed(&running.config, &broker.config) {
             broker.cache.clear();
         }
         Ok(broker)
@@ -313,6 +310,15 @@ impl Broker {
                     Revocation::Require => "these CAs have no CRL: server.revocation = \"require\" refuses every certificate they issued (crl_missing)",
                 };
                 warnings.push(format!("{what}: {}", unchecked.join("; ")));
+            }
+        }
+        if let Some(google) = &self.config.google {
+            let provider = google.subject_token_audience();
+            for rule in self.config.clients.iter().filter(|r| r.audiences.contains(&provider)) {
+                warnings.push(format!(
+                    "clients {:?}: audiences lists the Google provider audience {provider:?}, so its devices can exchange their broker tokens at Google STS themselves, for whatever the pool's IAM bindings allow, outside the rule's scopes and service_accounts (meant for executable-sourced credentials, docs/devices.md; remove it otherwise)",
+                    rule.name
+                ));
             }
         }
         for source in &self.config.server.crl_sources {
@@ -526,6 +532,19 @@ pub fn load_signer(
     }
 }
 
+/// Whether a token minted under `old` may differ from one minted under `new` (issuer,
+/// signer, Google settings or client rules changed). Public for the config fuzz target.
+pub fn minted_under_changed(old: &Config, new: &Config) -> bool {
+    // JSON, not TOML: TOML has no form for a bare tuple, so both sides would be "".
+    let minted_under =
+        |c: &Config| serde_json::to_value((&c.issuer, &c.signer, &c.google, &c.clients));
+    match (minted_under(old), minted_under(new)) {
+        (Ok(old), Ok(new)) => old != new,
+        // A value that cannot be compared counts as changed: a refetch costs little.
+        _ => true,
+    }
+}
+
 /// Unix seconds now.
 pub fn unix_now() -> i64 {
     SystemTime::now()
@@ -676,4 +695,50 @@ fn discovery_document(config: &Config, signer: &dyn Signer, flows: &Registry) ->
         "tls_client_certificate_bound_access_tokens": true,
     });
     Bytes::from(doc.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::minted_under_changed;
+    use crate::config::Config;
+
+    const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+cert = "s.pem"
+key = "k.pem"
+client_ca = "ca.pem"
+[issuer]
+url = "https://broker.example"
+[signer]
+kind = "local"
+key_dir = "keys"
+[[clients]]
+name = "devices"
+match = { spiffe = ["spiffe://example.org/device/*"] }
+claims = { fleet = "one", since = 1979-05-27T07:32:00Z }
+ttl = "10m"
+"#;
+
+    #[test]
+    fn what_tokens_are_minted_under_is_compared_section_by_section() {
+        let config = Config::parse(CONFIG).unwrap();
+        assert!(!minted_under_changed(&config, &config.clone()));
+        let mut server_only = config.clone();
+        server_only.server.max_connections += 1;
+        assert!(!minted_under_changed(&config, &server_only));
+        for change in [
+            CONFIG.replace("fleet = \"one\"", "fleet = \"two\""),
+            CONFIG.replace("ttl = \"10m\"", "ttl = \"20m\""),
+            CONFIG.replace("[[clients]]", "[[clients]]\nsubject = \"{cn}\""),
+            CONFIG.replace("broker.example", "broker.example/v2"),
+            CONFIG.replace("\"keys\"", "\"other-keys\""),
+            format!(
+                "{CONFIG}[google]\nproject_number = \"1\"\npool_id = \"p\"\nprovider_id = \"r\"\n"
+            ),
+        ] {
+            let changed = Config::parse(&change).unwrap();
+            assert!(minted_under_changed(&config, &changed), "{change}");
+        }
+    }
 }

@@ -271,14 +271,93 @@ impl TokenCacheFile {
         }
     }
 
-    /// The stored token, if it is for these parameters and still fresh.
+    /// The stored token, if it is for these parameters and still fresh. A file another
+    /// user could have written is ignored with a warning (a new token is fetched).
     pub fn load(&self, params: &TokenParams) -> Option<Token> {
-        let text = std::fs::read(&self.path).ok()?;
+        let text = match self.read_trusted() {
+            Ok(text) => text?,
+            Err(reason) => {
+                tracing::warn!(cache = %self.path.display(), reason, "token cache ignored; fetching a new token");
+                return None;
+            }
+        };
         let cached: CachedToken = serde_json::from_slice(&text).ok()?;
         (cached.params == *params && cached.token.is_fresh()).then_some(cached.token)
     }
 
-    /// Writes atomically (temporary file + rename), readable by the owner only.
+    /// The file's bytes (`None` when there is none), refused unless it is a regular file
+    /// of this user that no one else may read or write: its token is handed to whoever runs
+    /// the command, so a planted file would choose the device's credentials.
+    fn read_trusted(&self) -> Result<Option<Vec<u8>>, String> {
+        let before = match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
+        if !before.file_type().is_file() {
+            return Err("not a regular file (a symbolic link?)".into());
+        }
+        let mut file = std::fs::File::open(&self.path).map_err(|e| e.to_string())?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let meta = file.metadata().map_err(|e| e.to_string())?;
+            // The file opened is the one inspected, not one swapped in since.
+            if (meta.dev(), meta.ino()) != (before.dev(), before.ino()) {
+                return Err("replaced while being opened".into());
+            }
+            if meta.mode() & 0o077 != 0 {
+                return Err(format!(
+                    "mode {:03o} lets other users read or change it (the broker writes 600)",
+                    meta.mode() & 0o777
+                ));
+            }
+            let uid = self.current_uid().map_err(|e| e.to_string())?;
+            if meta.uid() != uid {
+                return Err(format!(
+                    "owned by uid {}, not by this user ({uid})",
+                    meta.uid()
+                ));
+            }
+        }
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut text).map_err(|e| e.to_string())?;
+        Ok(Some(text))
+    }
+
+    /// This process's user, as the owner of a file it creates (std has no getuid).
+    #[cfg(unix)]
+    fn current_uid(&self) -> std::io::Result<u32> {
+        use std::os::unix::fs::MetadataExt;
+        let (probe, file) = self.create_temporary()?;
+        let uid = file.metadata().map(|meta| meta.uid());
+        let _ = std::fs::remove_file(&probe);
+        uid
+    }
+
+    /// A new file beside the cache, under a fresh random name, readable by the owner only:
+    /// `create_new` never opens what someone planted there (file or symbolic link).
+    fn create_temporary(&self) -> std::io::Result<(PathBuf, std::fs::File)> {
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temporary = self
+            .path
+            .with_file_name(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let file = options.open(&temporary)?;
+        Ok((temporary, file))
+    }
+
+    /// Writes atomically (a new temporary file, then rename), readable by the owner only.
     pub fn store(&self, params: &TokenParams, token: &Token) -> Result<(), ClientError> {
         let io =
             |e: std::io::Error| ClientError::Local(format!("cache {}: {e}", self.path.display()));
@@ -287,19 +366,13 @@ impl TokenCacheFile {
             token: token.clone(),
         })
         .map_err(|e| ClientError::Local(e.to_string()))?;
-        let temporary = self
-            .path
-            .with_extension(format!("tmp{}", std::process::id()));
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
+        let (temporary, mut file) = self.create_temporary().map_err(io)?;
+        let written = std::io::Write::write_all(&mut file, &bytes)
+            .and_then(|()| std::fs::rename(&temporary, &self.path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&temporary);
         }
-        std::io::Write::write_all(&mut options.open(&temporary).map_err(io)?, &bytes)
-            .map_err(io)?;
-        std::fs::rename(&temporary, &self.path).map_err(io)
+        written.map_err(io)
     }
 }
 
@@ -326,5 +399,65 @@ impl CachingClient {
         tokens.retain(|_, t| t.is_fresh());
         tokens.insert(params.clone(), token.clone());
         Ok(token)
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn token() -> Token {
+        Token {
+            access_token: "cached-token".into(),
+            id_token: None,
+            token_type: "Bearer".into(),
+            issued_token_type: None,
+            scope: None,
+            expires_at: unix_now() + 3600,
+        }
+    }
+
+    #[test]
+    fn a_file_planted_at_the_temporary_path_never_receives_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.json");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "victim").unwrap();
+        // The name the cache used to write through: predictable from the process id.
+        let planted = path.with_extension(format!("tmp{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let cache = TokenCacheFile::new(&path);
+        let params = TokenParams::default();
+        cache.store(&params, &token()).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "victim");
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(cache.load(&params).unwrap().access_token, "cached-token");
+    }
+
+    #[test]
+    fn a_cache_file_others_can_read_or_write_or_a_symlink_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.json");
+        let cache = TokenCacheFile::new(&path);
+        let params = TokenParams::default();
+        cache.store(&params, &token()).unwrap();
+        assert!(cache.load(&params).is_some());
+        for mode in [0o644, 0o620, 0o606] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert!(cache.load(&params).is_none(), "mode {mode:o}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(TokenCacheFile::new(&link).load(&params).is_none());
+        assert!(cache.load(&params).is_some());
+        // Another user's file (only root can make one to test with).
+        if cache.current_uid().unwrap() == 0 {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            assert!(cache.load(&params).is_none());
+        }
     }
 }

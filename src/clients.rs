@@ -440,7 +440,27 @@ impl ClientRule {
     }
 }
 
+/// The pattern that takes every trusted certificate, for a rule that means to.
+pub const CATCH_ALL: &str = r#"match = { subject = ["**"] }"#;
+
 fn build_matcher(m: &MatchConfig, problems: &mut Vec<String>) -> Matcher {
+    // Destructured so that a new key cannot be forgotten here.
+    let MatchConfig {
+        spiffe,
+        uri,
+        dns,
+        email,
+        subject,
+        issuer,
+        sha256,
+    } = m;
+    let keys = [spiffe, uri, dns, email, subject, issuer, sha256];
+    if keys.iter().all(|key| key.is_none()) {
+        // A forgotten `match` must not quietly take every certificate the CAs ever issue.
+        problems.push(format!(
+            "no `match`: the rule would take every trusted certificate; add a `match` for the certificates it is for, or {CATCH_ALL} if it really is for all of them"
+        ));
+    }
     let mut set = |field: &str,
                    patterns: &Option<Vec<String>>,
                    ignore_case: bool,
@@ -588,6 +608,7 @@ mod tests {
             match = { spiffe = ["spiffe://example.org/device/*"], dns = ["*.Devices.example.com"] }
             [[clients]]
             name = "catch-all"
+            match = { subject = ["**"] }
             "#,
         )
         .unwrap();
@@ -608,17 +629,19 @@ mod tests {
 
     #[test]
     fn subject_templates_render_and_refuse_missing_fields() {
-        let rules = rule("[[clients]]\nname='x'\nsubject='device:{cn}'").unwrap();
+        let rules =
+            rule("[[clients]]\nname='x'\nmatch={subject=['**']}\nsubject='device:{cn}'").unwrap();
         let (r, m) = rules.find(&identity()).unwrap();
         assert_eq!(r.subject_for(&identity(), &m).unwrap(), "device:dev-1");
-        let rules = rule("[[clients]]\nname='x'\nsubject='{email}'").unwrap();
+        let rules =
+            rule("[[clients]]\nname='x'\nmatch={subject=['**']}\nsubject='{email}'").unwrap();
         let (r, m) = rules.find(&identity()).unwrap();
         assert_eq!(
             r.subject_for(&identity(), &m),
             Err(Refusal::SubjectUnavailable("email"))
         );
         let rules = rule(&format!(
-            "[[clients]]\nname='x'\nsubject='{}{{cn}}'",
+            "[[clients]]\nname='x'\nmatch={{subject=['**']}}\nsubject='{}{{cn}}'",
             "a".repeat(125)
         ))
         .unwrap();
@@ -632,7 +655,7 @@ mod tests {
     #[test]
     fn static_claims_keep_their_json_types_and_dates_become_rfc3339_text() {
         let rules = rule(
-            "[[clients]]\nname='x'\nclaims={site='a', n=3, ok=true, ratio=0.5, tags=['x'], \
+            "[[clients]]\nname='x'\nmatch={subject=['**']}\nclaims={site='a', n=3, ok=true, ratio=0.5, tags=['x'], \
              nested={k='v'}, since=1979-05-27T07:32:00Z, day=1979-05-27}",
         )
         .unwrap();
@@ -642,7 +665,7 @@ mod tests {
             serde_json::json!({"site": "a", "n": 3, "ok": true, "ratio": 0.5, "tags": ["x"],
                 "nested": {"k": "v"}, "since": "1979-05-27T07:32:00Z", "day": "1979-05-27"})
         );
-        let problems = rule("[[clients]]\nname='x'\nclaims={bad=nan}")
+        let problems = rule("[[clients]]\nname='x'\nmatch={subject=['**']}\nclaims={bad=nan}")
             .err()
             .unwrap();
         assert!(problems[0].contains("no JSON form"), "{problems:?}");
@@ -721,6 +744,28 @@ mod matching {
         )
         .unwrap_err();
         assert!(problems[0].contains("match.dns is empty"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_rule_without_match_is_an_error_and_double_star_subject_the_explicit_catch_all() {
+        for text in ["[[clients]]\nname='x'", "[[clients]]\nname='x'\nmatch={}"] {
+            let problems = super::ClientRules::build(
+                &parse(text),
+                "aud",
+                std::time::Duration::from_secs(60),
+                &["mtls-client-credentials"],
+            )
+            .unwrap_err();
+            assert!(
+                problems[0].starts_with("clients[0] (\"x\"): no `match`")
+                    && problems[0].contains(r#"match = { subject = ["**"] }"#),
+                "{problems:?}"
+            );
+        }
+        let all = rules("[[clients]]\nname='x'\nmatch={subject=['**']}");
+        assert!(matches(&all, |_| {}));
+        assert!(matches(&all, |id| id.subject = "CN=a/b, O=c/d".into()));
+        assert!(matches(&all, |id| id.subject = String::new()));
     }
 
     #[test]

@@ -313,7 +313,8 @@ pub struct RateLimitConfig {
 }
 
 /// Conditions a certificate must meet; every field given must match (AND), and within a
-/// field any one pattern suffices (OR). An empty match accepts any trusted certificate.
+/// field any one pattern suffices (OR). A rule without any is an error: the explicit
+/// catch-all is `subject = ["**"]` (`clients::CATCH_ALL`).
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MatchConfig {

@@ -158,7 +158,10 @@ struct AgentArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return usage_error(&error),
+    };
     let long_running = matches!(
         cli.command,
         None | Some(Command::Serve) | Some(Command::Agent(_))
@@ -174,6 +177,17 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// clap exits 2 on a usage error, which `verify-cert` and `token` use for "refused": a
+/// usage error is a local problem (1). `--help` and `--version` succeed (0).
+fn usage_error(error: &clap::Error) -> ExitCode {
+    let _ = error.print();
+    if error.use_stderr() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -467,3 +467,122 @@ fn check_config_refuses_private_keys_every_user_can_read() {
         chmod(key, 0o600);
     }
 }
+
+/// The shipped config and its development PKI in `dir`, with `extra` appended.
+fn shipped_config_with(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let (config, _) = shipped_config(dir);
+    assert!(run(&["init", "--dir", "certs/dev"], dir).status.success());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(extra);
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+#[test]
+fn check_config_refuses_a_rule_without_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = shipped_config_with(dir.path(), "\n[[clients]]\nname = \"everyone\"\n");
+    let out = run(
+        &["-c", config.to_str().unwrap(), "check-config"],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("\"everyone\"") && stderr.contains("no `match`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(r#"subject = ["**"]"#), "{stderr}");
+
+    // The explicit catch-all the message names is accepted.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "name = \"everyone\"\n",
+        "name = \"everyone\"\nmatch = { subject = [\"**\"] }\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = run(
+        &["-c", config.to_str().unwrap(), "check-config"],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_config_warns_when_a_rule_may_ask_for_the_google_provider_audience() {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = "https://iam.googleapis.com/projects/123456789012/locations/global/workloadIdentityPools/devices/providers/token-broker";
+    let config = shipped_config_with(
+        dir.path(),
+        &format!(
+            "\n[google]\nproject_number = \"123456789012\"\npool_id = \"devices\"\nprovider_id = \"token-broker\"\n\
+             \n[[clients]]\nname = \"self-service\"\nmatch = {{ spiffe = [\"spiffe://dev.token-broker.local/other/*\"] }}\n\
+             audiences = [\"{provider}\"]\n"
+        ),
+    );
+    let out = run(
+        &["-c", config.to_str().unwrap(), "check-config"],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let warnings: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("# warning:"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stdout}");
+    assert!(
+        warnings[0].contains("\"self-service\"") && warnings[0].contains(provider),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_1_and_refusals_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = shipped_config_with(dir.path(), "");
+    let config = config.to_str().unwrap();
+    for args in [
+        &[
+            "-c",
+            config,
+            "verify-cert",
+            "--bogus-flag",
+            "certs/dev/device.pem",
+        ][..],
+        &["-c", config, "verify-cert"],
+        &["no-such-command"],
+        &["token", "--url", "https://localhost:1"],
+    ] {
+        let out = run(args, dir.path());
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Usage"),
+            "{args:?}"
+        );
+    }
+    for args in [&["--help"][..], &["verify-cert", "--help"], &["--version"]] {
+        let out = run(args, dir.path());
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(!out.stdout.is_empty(), "{args:?}");
+    }
+    let refused = run(
+        &[
+            "-c",
+            config,
+            "verify-cert",
+            "certs/dev/device.pem",
+            "--at",
+            "2099-01-01T00:00:00Z",
+        ],
+        dir.path(),
+    );
+    assert_eq!(refused.status.code(), Some(2));
+}

@@ -402,3 +402,70 @@ async fn the_agent_answers_like_the_metadata_server_and_refuses_what_it_refuses(
     );
     broker.stop().await;
 }
+
+/// A raw HTTP/1.1 GET to the agent with this `Host` header: (status, body).
+async fn get_with_host(agent: std::net::SocketAddr, path: &str, host: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(agent).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nMetadata-Flavor: Google\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, body)| body)
+        .to_owned();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_answers_only_its_own_host_names() {
+    let (fake, broker, device) = start().await;
+    let agent = start_agent(&broker, &device).await;
+    let token_path = "/computeMetadata/v1/instance/service-accounts/default/token";
+    let email_path = "/computeMetadata/v1/instance/service-accounts/default/email";
+    let port = agent.port();
+    // A page on the device whose name was rebound to 127.0.0.1 sends its own name.
+    for host in [
+        "evil.example".to_owned(),
+        format!("evil.example:{port}"),
+        "localhost.evil.example".to_owned(),
+        "metadata.google.internal.evil.example".to_owned(),
+        "127.0.0.1.nip.io".to_owned(),
+        "[::1]".to_owned(),
+    ] {
+        for path in [token_path, email_path] {
+            let (status, body) = get_with_host(agent, path, &host).await;
+            assert_eq!(status, 403, "{host} {path}: {body}");
+            assert!(body.contains("Host"), "{host}: {body}");
+        }
+    }
+    assert_eq!(
+        fake.calls(support::fake_google::Api::GenerateAccessToken),
+        0,
+        "refused hosts never reach Google"
+    );
+    for host in [
+        format!("127.0.0.1:{port}"),
+        "127.0.0.1".to_owned(),
+        "localhost".to_owned(),
+        format!("LocalHost:{port}"),
+        "metadata.google.internal".to_owned(),
+        "Metadata.Google.Internal:80".to_owned(),
+        "169.254.169.254".to_owned(),
+        format!("169.254.169.254:{port}"),
+    ] {
+        let (status, body) = get_with_host(agent, email_path, &host).await;
+        assert_eq!((status, body.as_str()), (200, RUNNER), "{host}");
+    }
+    let (status, body) = get_with_host(agent, token_path, "metadata.google.internal").await;
+    assert_eq!(status, 200, "{body}");
+    broker.stop().await;
+}

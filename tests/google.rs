@@ -643,3 +643,98 @@ async fn a_cached_token_is_no_permission_after_the_rule_changes() {
     );
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_changes_what_tokens_carry_empties_the_token_cache() {
+    let (fake, broker, leaf) = start().await;
+    let sts = form(&[("scope", CLOUD_PLATFORM)]);
+    assert_eq!(broker.token(Some(&leaf), &sts).await.0, 200);
+    assert_eq!(broker.token(Some(&leaf), &sts).await.0, 200);
+    assert_eq!(
+        fake.calls(Api::Sts),
+        1,
+        "the second answer came from the cache"
+    );
+
+    // A reload changing nothing tokens carry keeps the cache.
+    broker.live.reload().unwrap();
+    assert_eq!(broker.token(Some(&leaf), &sts).await.0, 200);
+    assert_eq!(
+        fake.calls(Api::Sts),
+        1,
+        "an unchanged reload keeps the cache"
+    );
+
+    // The rule now adds a claim: the next token is minted anew, carrying it.
+    let config = std::fs::read_to_string(&broker.config_path).unwrap();
+    let changed = config.replacen(
+        "name = \"devices\"\n",
+        "name = \"devices\"\nclaims = { fleet = \"second\" }\n",
+        1,
+    );
+    assert_ne!(changed, config);
+    std::fs::write(&broker.config_path, changed).unwrap();
+    broker.live.reload().unwrap();
+    let (status, body) = broker.token(Some(&leaf), &sts).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        fake.calls(Api::Sts),
+        2,
+        "a fresh upstream call after the reload"
+    );
+    assert_eq!(fake.last_subject_claims().unwrap()["fleet"], "second");
+    broker.stop().await;
+}
+
+/// The request id a 5xx description ends with.
+fn request_id(description: &str) -> String {
+    let (_, rest) = description
+        .split_once("request id ")
+        .unwrap_or_else(|| panic!("no request id in {description:?}"));
+    let id: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit() || *c == '-')
+        .collect();
+    assert_eq!(id.len(), 36, "{description:?}");
+    id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_failures_reach_devices_as_a_request_id_and_the_log_as_details() {
+    let (fake, broker, leaf) = start().await;
+    let request = form(&[("scope", STORAGE_READ), ("service_account", RUNNER)]);
+    let rejected = "Pool projects/123456789012/workloadIdentityPools/devices DETAIL-REJECTED-7f3a";
+    let unavailable = "backend iamcredentials-internal.corp:8443 DETAIL-UNAVAILABLE-9c1e";
+    for (fault, times, status, detail) in [
+        (
+            Fault::StatusWithMessage(400, rejected.into()),
+            1,
+            502,
+            "DETAIL-REJECTED-7f3a",
+        ),
+        (
+            Fault::StatusWithMessage(503, unavailable.into()),
+            1000,
+            503,
+            "DETAIL-UNAVAILABLE-9c1e",
+        ),
+    ] {
+        fake.inject(Api::GenerateAccessToken, fault, times);
+        let (got, body) = broker.token(Some(&leaf), &request).await;
+        assert_eq!(got, status, "{body}");
+        assert_eq!(body["error"], "temporarily_unavailable", "{body}");
+        let description = body["error_description"].as_str().unwrap();
+        for secret in [detail, "123456789012", "internal"] {
+            assert!(!description.contains(secret), "{description}");
+        }
+        assert!(description.contains("retry"), "{description}");
+        let id = request_id(description);
+        let logged = support::logs::captured();
+        let lines: Vec<&str> = logged.lines().filter(|l| l.contains(&id)).collect();
+        assert!(
+            lines.iter().any(|l| l.contains(detail)),
+            "no log line with {id} and {detail} in {lines:#?}"
+        );
+    }
+    broker.stop().await;
+}

@@ -327,6 +327,10 @@ proptest! {
                 if let Some(p) = dns {
                     k.push(("dns", vec![p.clone()]));
                 }
+                if k.is_empty() {
+                    // A rule needs a `match`; this is the explicit catch-all.
+                    k.push(("subject", vec!["**".to_owned()]));
+                }
                 rule(&format!("rule-{i}"), &k)
             })
             .collect();

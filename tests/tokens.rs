@@ -348,3 +348,22 @@ async fn refusals_are_counted_by_code_and_never_issue() {
     );
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_paths_are_echoed_bounded() {
+    let broker = Setup::new().start().await;
+    let client = broker.client(None);
+    let long = format!("/{}%00%1B", "x".repeat(8000));
+    let missing = client.get(broker.url(&long)).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let body: Value = missing.json().await.unwrap();
+    assert_eq!(body["error"], "not_found");
+    let description = body["error_description"].as_str().unwrap();
+    assert!(description.len() < 300, "{} bytes", description.len());
+    assert!(
+        description.starts_with(&format!("no such endpoint \"/{}", "x".repeat(50))),
+        "{description}"
+    );
+    assert!(description.contains("...") && description.contains("openid-configuration"));
+    broker.stop().await;
+}

@@ -118,29 +118,47 @@ impl TokenError {
         }
     }
 
-    /// The `error_description`: actionable, and never internal details for 500s.
-    pub fn description(&self) -> String {
-        if self.status() == StatusCode::INTERNAL_SERVER_ERROR {
-            return "the token could not be issued because of a server problem; it has been logged"
-                .into();
+    /// The `error_description`: actionable. A 5xx says what to do and the request's id
+    /// instead of the details, which the log has under that id: Google's messages name
+    /// projects, pools and endpoints that are no device's business.
+    pub fn description(&self, request_id: &str) -> String {
+        match self.status() {
+            StatusCode::INTERNAL_SERVER_ERROR => format!(
+                "the token could not be issued because of a server problem; it has been logged (request id {request_id})"
+            ),
+            StatusCode::BAD_GATEWAY => format!(
+                "Google did not accept or answer the broker's request; retry later, and if it persists give the broker's operator the request id {request_id}"
+            ),
+            StatusCode::SERVICE_UNAVAILABLE => format!(
+                "Google is unavailable or slow; retry later (request id {request_id})"
+            ),
+            _ => self.to_string(),
         }
-        self.to_string()
     }
 
     /// The answer: RFC 6749 JSON, or AIP-4117's `{version, success:false, code, message}`.
-    pub fn into_response(self, external_credential: bool) -> Response<Full<Bytes>> {
+    pub fn into_response(
+        self,
+        external_credential: bool,
+        request_id: &str,
+    ) -> Response<Full<Bytes>> {
         let mut response = if external_credential {
             let body = json!({
                 "version": 1,
                 "success": false,
                 "code": self.code(),
-                "message": self.description(),
+                "message": self.description(request_id),
             });
             let mut response = super::json(self.status(), Bytes::from(body.to_string()));
             super::no_store(&mut response);
             response
         } else {
-            json_error(self.status(), self.code(), &self.description(), true)
+            json_error(
+                self.status(),
+                self.code(),
+                &self.description(request_id),
+                true,
+            )
         };
         if let Some(seconds) = self.retry_after() {
             response
@@ -192,6 +210,7 @@ mod tests {
             format!("\"{}\"...", "a".repeat(100))
         );
         assert_eq!(echo(&"é".repeat(101)).chars().count(), 105);
+        assert_eq!(echo("a\u{1b}[2J\n\"b"), r#""a\u{1b}[2J\n\"b""#);
         for secret in [
             "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln",
             "ya29.a0AfH6SMC",

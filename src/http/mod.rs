@@ -62,8 +62,10 @@ pub async fn handle(
             ("token", response)
         }
         path => {
-            let description =
-                format!("no such endpoint {path:?}; see /.well-known/openid-configuration");
+            let description = format!(
+                "no such endpoint {}; see /.well-known/openid-configuration",
+                echo(path)
+            );
             (
                 "other",
                 error::json_error(StatusCode::NOT_FOUND, "not_found", &description, false),

@@ -18,6 +18,8 @@ use sha2::{Digest, Sha256};
 /// What the audit line says about a decision; filled in as the request progresses.
 #[derive(Default)]
 struct Audit {
+    /// Names the request in its log lines and in a 5xx answer, which carries no details.
+    request_id: String,
     rule: Option<String>,
     subject: Option<String>,
     sha256: Option<String>,
@@ -34,7 +36,10 @@ pub async fn handle(
     conn: &ConnInfo,
     request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    let mut audit = Audit::default();
+    let mut audit = Audit {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        ..Audit::default()
+    };
     let result = issue(broker, conn, request, &mut audit).await;
     let metrics = &broker.metrics;
     match result {
@@ -58,15 +63,17 @@ pub async fn handle(
                 .token_requests
                 .with_label_values(&[status.as_str(), error.code()])
                 .inc();
-            if status.is_server_error() {
-                tracing::error!(peer = %conn.peer, error = %error, "token request failed");
+            if status == StatusCode::INTERNAL_SERVER_ERROR {
+                tracing::error!(peer = %conn.peer, request_id = %audit.request_id, error = %error, "token request failed");
+            } else if status.is_server_error() {
+                tracing::warn!(peer = %conn.peer, request_id = %audit.request_id, error = %error, "token request failed upstream");
             }
             let reason = match &error {
                 TokenError::Refused(refusal) => refusal.reason(),
                 other => other.code(),
             };
             log_decision(conn, &audit, "refused", Some(reason));
-            let mut response = error.into_response(audit.external_credential);
+            let mut response = error.into_response(audit.external_credential, &audit.request_id);
             if status == StatusCode::UNAUTHORIZED {
                 // A refused client gains nothing from keeping the connection; closing it
                 // makes every retry pay for a new handshake.
@@ -83,6 +90,7 @@ fn log_decision(conn: &ConnInfo, audit: &Audit, result: &str, reason: Option<&st
     tracing::info!(
         target: "audit",
         peer = %conn.peer,
+        request_id = %audit.request_id,
         rule = audit.rule.as_deref(),
         subject = audit.subject.as_deref(),
         cert_sha256 = audit.sha256.as_deref(),

@@ -116,7 +116,11 @@ pub enum Api {
 #[derive(Clone, Debug)]
 pub enum Fault {
     Status(u16),
-    TooManyRequests { retry_after_secs: u64 },
+    /// This status with this message in Google's error shape.
+    StatusWithMessage(u16, String),
+    TooManyRequests {
+        retry_after_secs: u64,
+    },
     Delay(Duration),
     MalformedJson,
     PermissionDenied,
@@ -500,6 +504,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
 fn fault_response(api: Api, fault: &Fault) -> Resp {
     match fault {
         Fault::Status(code) => error(api, *code, default_message(*code)),
+        Fault::StatusWithMessage(code, message) => error(api, *code, message),
         Fault::TooManyRequests { retry_after_secs } => {
             let mut response = match api {
                 Api::Sts | Api::OAuthToken => oauth_error(

@@ -442,7 +442,7 @@ match = { dns = ["*.gateways.test.example"] }
 /// The harness's client rules, then one that takes any trusted certificate, so that rule
 /// matching never hides what validation decided.
 pub fn rules_accepting_any() -> String {
-    format!("{RULES}\n[[clients]]\nname = \"any\"\n")
+    format!("{RULES}\n[[clients]]\nname = \"any\"\nmatch = {{ subject = [\"**\"] }}\n")
 }
 
 pub const ISSUER: &str = "https://broker.test/tenant";
