@@ -18,8 +18,13 @@ const RUNNER: &str = "runner@fake-project.iam.gserviceaccount.com";
 const FORBIDDEN_SA: &str = "token-broker@fake-project.iam.gserviceaccount.com";
 const RUN_URL: &str = "https://my-service-abc.a.run.app";
 
+/// Generous upstream timings: on a loaded machine a slow answer must not turn into a retry
+/// (the tests count upstream calls) nor a 503. Tests about timeouts choose their own.
+const REQUEST_TIMEOUT: &str = "10s";
+const DEADLINE: &str = "30s";
+
 fn google_section(fake: &FakeGoogle, credentials: &str) -> String {
-    google_section_with(fake, credentials, "1s", "3s")
+    google_section_with(fake, credentials, REQUEST_TIMEOUT, DEADLINE)
 }
 
 fn google_section_with(
@@ -66,7 +71,7 @@ match = {{ spiffe = ["spiffe://test.example/local/*"] }}
 
 /// A fake Google and a broker using it with local keys; Google trusts the broker's JWKS.
 async fn start() -> (FakeGoogle, TestBroker, Leaf) {
-    start_with("1s", "3s").await
+    start_with(REQUEST_TIMEOUT, DEADLINE).await
 }
 
 async fn start_with(request_timeout: &str, deadline: &str) -> (FakeGoogle, TestBroker, Leaf) {
@@ -356,7 +361,8 @@ async fn fifty_concurrent_identical_requests_make_one_upstream_call() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_failures_are_retried_or_answered_clearly() {
-    let (fake, broker, leaf) = start().await;
+    // A deadline short enough to wait out (the 503 case), but no slow answer times out.
+    let (fake, broker, leaf) = start_with(REQUEST_TIMEOUT, REQUEST_TIMEOUT).await;
     // Each case uses its own device, so no answer comes from the cache.
     let sts = form(&[("scope", CLOUD_PLATFORM)]);
 
@@ -402,7 +408,7 @@ async fn upstream_failures_are_retried_or_answered_clearly() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hanging_malformed_and_denied_upstreams() {
-    let (fake, broker, leaf) = start().await;
+    let (fake, broker, leaf) = start_with("1s", "3s").await;
     let request = form(&[("scope", STORAGE_READ), ("service_account", RUNNER)]);
 
     // Google hangs (STS slow, then IAM hanging): the device gets a 503 once the one request

@@ -35,7 +35,7 @@ impl Drop for Replica {
 }
 
 impl Replica {
-    /// Starts `token-broker serve` on a copy of the setup's config. It listens on ports the
+    /// Starts `token-broker serve` on the setup's config. It listens on ports the
     /// system picks (`127.0.0.1:0`), read from its "serving" log line: a port picked here and
     /// freed for the broker could be taken by another process meanwhile.
     async fn start(setup: &Setup, name: &str) -> Replica {
@@ -156,7 +156,7 @@ async fn sighup_reloads_and_sigterm_drains_in_flight_requests() {
     // the draining has been observed.
     setup.extra_server = "shutdown_grace = \"5m\"\nreload_interval = \"0s\"".into();
     setup.google = Some(format!(
-        "[google]\nproject_number = \"123456789012\"\npool_id = \"devices\"\nprovider_id = \"token-broker\"\nsts_url = \"{0}\"\niam_credentials_url = \"{0}\"\nmetadata_url = \"{0}\"",
+        "[google]\nproject_number = \"123456789012\"\npool_id = \"devices\"\nprovider_id = \"token-broker\"\nsts_url = \"{0}\"\niam_credentials_url = \"{0}\"\nmetadata_url = \"{0}\"\n# Held calls must not time out while the test watches the draining.\nrequest_timeout = \"60s\"\ndeadline = \"5m\"",
         fake.url
     ));
     setup.rules = "[[clients]]\nname = \"devices\"\nmatch = { spiffe = [\"spiffe://test.example/device/*\"] }\nflows = [\"mtls-client-credentials\", \"sts-exchange\"]\nscopes = [\"https://www.googleapis.com/auth/cloud-platform\"]\n".into();
