@@ -314,7 +314,12 @@ impl Broker {
         }
         if let Some(google) = &self.config.google {
             let provider = google.subject_token_audience();
-            for rule in self.config.clients.iter().filter(|r| r.audiences.contains(&provider)) {
+            for rule in self
+                .config
+                .clients
+                .iter()
+                .filter(|r| r.audiences.contains(&provider))
+            {
                 warnings.push(format!(
                     "clients {:?}: audiences lists the Google provider audience {provider:?}, so its devices can exchange their broker tokens at Google STS themselves, for whatever the pool's IAM bindings allow, outside the rule's scopes and service_accounts (meant for executable-sourced credentials, docs/devices.md; remove it otherwise)",
                     rule.name

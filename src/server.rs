@@ -183,8 +183,9 @@ impl Server {
                 let metrics = live.metrics();
                 metrics.open_connections.inc();
                 serve_connection(live, stream, peer, watcher).await;
-                metrics.open_connections.dec();
+                // The slot first: a connection no longer counted as open has freed its slot.
                 drop(permit);
+                metrics.open_connections.dec();
             });
         }
         live.draining.store(true, Ordering::Relaxed);

@@ -413,27 +413,45 @@ impl rustls::client::ResolvesClientCert for WrongKey {
     }
 }
 
+/// A client presenting `cert`'s chain but signing with `key`'s private key (as a thief of a
+/// certificate, not of its key, would), over `versions`.
+fn wrong_key_client(
+    broker: &TestBroker,
+    cert: &Leaf,
+    key: &Leaf,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> reqwest::Client {
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let wrong_key = provider.key_provider.load_private_key(key.key()).unwrap();
+    let stolen = rustls::sign::CertifiedKey::new(cert.chain(), wrong_key);
+    let mut config = broker.tls_config(None, versions);
+    config.client_auth_cert_resolver = std::sync::Arc::new(WrongKey(std::sync::Arc::new(stolen)));
+    reqwest::Client::builder()
+        .use_preconfigured_tls(config)
+        .build()
+        .unwrap()
+}
+
+async fn post_client_credentials(
+    broker: &TestBroker,
+    client: &reqwest::Client,
+) -> reqwest::Result<reqwest::Response> {
+    client
+        .post(broker.url("/token"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("grant_type=client_credentials")
+        .send()
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_certificate_without_its_private_key_gets_nothing() {
     let setup = Setup::new();
     let victim = setup.intermediate.leaf(&LeafSpec::device("victim"));
     let thief = setup.intermediate.leaf(&LeafSpec::device("thief"));
     let broker = setup.start().await;
-    let provider = rustls::crypto::aws_lc_rs::default_provider();
-    let wrong_key = provider.key_provider.load_private_key(thief.key()).unwrap();
-    let stolen = rustls::sign::CertifiedKey::new(victim.chain(), wrong_key);
-    let mut config = broker.tls_config(None, rustls::DEFAULT_VERSIONS);
-    config.client_auth_cert_resolver = std::sync::Arc::new(WrongKey(std::sync::Arc::new(stolen)));
-    let client = reqwest::Client::builder()
-        .use_preconfigured_tls(config)
-        .build()
-        .unwrap();
-    let result = client
-        .post(broker.url("/token"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("grant_type=client_credentials")
-        .send()
-        .await;
+    let client = wrong_key_client(&broker, &victim, &thief, rustls::DEFAULT_VERSIONS);
+    let result = post_client_credentials(&broker, &client).await;
     assert!(result.is_err(), "handshake must fail: {result:?}");
     assert_eq!(
         broker
@@ -759,5 +777,106 @@ async fn fetched_crls_are_refreshed_kept_and_fail_closed() {
     )
     .await;
     assert!(OffsetDateTime::now_utc() >= next_update - Duration::seconds(1));
+    broker.stop().await;
+}
+
+/// The verified-chain cache holds one verdict per leaf certificate, reached for a client
+/// that proved it holds the key. That verdict must not stand in for the proof: the same
+/// certificate presented with another key, over TLS 1.2 and over TLS 1.3, fails the
+/// handshake (rustls checks CertificateVerify against the certificate's key) and gets no
+/// token, and the genuine device still gets its tokens afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_chain_presented_with_another_key_is_refused_over_tls12_and_tls13() {
+    let setup = Setup::new();
+    let device = setup.intermediate.leaf(&LeafSpec::device("cached-device"));
+    let thief = setup.intermediate.leaf(&LeafSpec::device("key-thief"));
+    let broker = setup.start().await;
+    let issued =
+        r#"token_broker_tokens_issued_total{client="devices",flow="mtls-client-credentials"}"#;
+    let answered = |text: &str| {
+        text.lines()
+            .filter(|line| line.starts_with("token_broker_token_requests_total{"))
+            .map(|line| support::metric_value(text, line.rsplit_once(' ').unwrap().0))
+            .sum::<f64>()
+    };
+    let chain_cache = |text: &str| {
+        let count = |result| {
+            support::metric_value(
+                text,
+                &format!("token_broker_verified_chain_cache_{result}_total"),
+            )
+        };
+        (count("misses"), count("hits"))
+    };
+    let handshakes =
+        |result: &str| format!("token_broker_tls_handshakes_total{{result=\"{result}\"}}");
+
+    // The device, with its own key: a token, and its chain's verdict cached.
+    let (status, body) = broker
+        .token(Some(&device), "grant_type=client_credentials")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let text = broker.metrics().await;
+    assert_eq!(chain_cache(&text), (1.0, 0.0));
+    assert_eq!(support::metric_value(&text, issued), 1.0);
+
+    for (version, name) in [
+        (&rustls::version::TLS12, "TLS 1.2"),
+        (&rustls::version::TLS13, "TLS 1.3"),
+    ] {
+        let before = broker.metrics().await;
+        let errors = support::metric_value(&before, &handshakes("error"));
+        let client = wrong_key_client(&broker, &device, &thief, &[version]);
+        let result = post_client_credentials(&broker, &client).await;
+        assert!(
+            result.is_err(),
+            "{name}: the certificate with another key got an answer: {result:?}"
+        );
+        // Counted once the server has given up on the connection: no request can follow.
+        assert_eq!(
+            broker
+                .metric_eventually(&handshakes("error"), errors + 1.0)
+                .await,
+            errors + 1.0,
+            "{name}: the handshake failed on the server"
+        );
+        let after = broker.metrics().await;
+        assert_eq!(
+            support::metric_value(&after, issued),
+            support::metric_value(&before, issued),
+            "{name}: a token was issued"
+        );
+        assert_eq!(
+            answered(&after),
+            answered(&before),
+            "{name}: a request was served"
+        );
+        assert_eq!(
+            chain_cache(&after),
+            chain_cache(&before),
+            "{name}: the cached verdict was consulted"
+        );
+        assert_eq!(
+            support::metric_value(&after, &handshakes("ok")),
+            support::metric_value(&before, &handshakes("ok")),
+            "{name}: the handshake succeeded"
+        );
+
+        // The device itself, over the same version: still served, from its cached verdict.
+        let genuine = broker.client_with_versions(Some(&device), &[version]);
+        let response = post_client_credentials(&broker, &genuine).await.unwrap();
+        assert_eq!(
+            response.status(),
+            200,
+            "{name}: the device after the attempt"
+        );
+        let text = broker.metrics().await;
+        let (misses, hits) = chain_cache(&before);
+        assert_eq!(chain_cache(&text), (misses, hits + 1.0), "{name}");
+        assert_eq!(
+            support::metric_value(&text, issued),
+            support::metric_value(&before, issued) + 1.0
+        );
+    }
     broker.stop().await;
 }

@@ -6,7 +6,7 @@ mod support;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use support::binary;
 
@@ -49,37 +49,77 @@ fn shipped_config(dir: &Path) -> (std::path::PathBuf, u16) {
     (path, port)
 }
 
-#[test]
-fn first_serve_creates_dev_pki_and_its_curl_line_fetches_a_verifiable_token() {
-    let dir = tempfile::tempdir().unwrap();
-    let (config, port) = shipped_config(dir.path());
-    let mut child = Command::new(binary())
-        .args(["--log-format", "text", "-c"])
-        .arg(&config)
-        .arg("serve")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Keep draining stderr in the background: the server must never write to a closed pipe.
-    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
+/// `serve` on the shipped config moved to a free port: the child, its port, its stderr lines
+/// (drained in the background: the server must never write to a closed pipe), and whether
+/// it printed the development-only warning and a curl line before "serving".
+struct Served {
+    child: std::process::Child,
+    port: u16,
+    lines: std::sync::mpsc::Receiver<String>,
+    warned: bool,
+    curl_line: Option<String>,
+}
+
+/// Starts `serve` on a free port and waits until it serves. The port is picked here and freed
+/// for the broker, so another process may take it meanwhile: then another one is tried.
+fn serve_shipped_config(dir: &Path) -> Served {
+    // The dev PKI is made (warning and curl line) by the first attempt only.
+    let (mut warned, mut curl_line, mut said) = (false, None, Vec::new());
+    for _ in 0..5 {
+        let (config, port) = shipped_config(dir);
+        let mut child = Command::new(binary())
+            .args(["--log-format", "text", "-c"])
+            .arg(&config)
+            .arg("serve")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = lines_tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + support::PATIENCE;
+        // Ends at "serving", or when the process exits (its stderr closes).
+        while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            warned |= line.contains("DEVELOPMENT ONLY");
+            if line.trim_start().starts_with("curl ") {
+                curl_line = Some(line.trim().to_owned());
+            }
+            if line.contains("token-broker serving") {
+                return Served {
+                    child,
+                    port,
+                    lines,
+                    warned,
+                    curl_line,
+                };
+            }
+            said.push(line);
         }
-    });
-    let (mut curl_line, mut warned) = (None, false);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        warned |= line.contains("DEVELOPMENT ONLY");
-        if line.trim_start().starts_with("curl ") {
-            curl_line = Some(line.trim().to_owned());
-        }
-        if line.contains("token-broker serving") {
+        let _ = child.kill();
+        let _ = child.wait();
+        if !said.iter().any(|line| line.contains("cannot listen")) {
             break;
         }
     }
+    panic!("serve did not start:\n{}", said.join("\n"));
+}
+
+#[test]
+fn first_serve_creates_dev_pki_and_its_curl_line_fetches_a_verifiable_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let Served {
+        mut child,
+        port,
+        lines,
+        warned,
+        curl_line,
+    } = serve_shipped_config(dir.path());
     assert!(warned, "no development-only warning");
     let curl_line = curl_line.expect("a curl line is printed");
     assert!(

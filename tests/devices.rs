@@ -104,7 +104,7 @@ async fn google_auth_with_executable_sourced_credentials() {
         "service_account_impersonation_url": format!("{}/v1/projects/-/serviceAccounts/{RUNNER}:generateAccessToken", fake.url),
         "credential_source": { "executable": {
             "command": token_command(&broker, &device, &format!("--format executable --cache {}", cache.display())),
-            "timeout_millis": 20000
+            "timeout_millis": 60000
         }}
     });
     let config_path = broker

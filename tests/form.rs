@@ -197,11 +197,7 @@ async fn stalled_bodies_time_out() {
     let head = "POST /token HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ngrant_type=";
     tls.write_all(head.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
-    let read = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        tls.read_to_end(&mut answer),
-    )
-    .await;
+    let read = tokio::time::timeout(support::PATIENCE, tls.read_to_end(&mut answer)).await;
     assert!(read.is_ok(), "the server kept waiting for the body");
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");

@@ -35,42 +35,50 @@ impl Drop for Replica {
 }
 
 impl Replica {
-    /// Starts `token-broker serve` on a copy of the setup's config with fixed ports.
+    /// Starts `token-broker serve` on the setup's config. It listens on ports the
+    /// system picks (`127.0.0.1:0`), read from its "serving" log line: a port picked here and
+    /// freed for the broker could be taken by another process meanwhile.
     async fn start(setup: &Setup, name: &str) -> Replica {
-        let (port, admin) = (free_port(), free_port());
-        let base = std::fs::read_to_string(setup.path("config.toml")).unwrap();
-        let config = base
-            .replacen(
-                "listen = \"127.0.0.1:0\"",
-                &format!("listen = \"127.0.0.1:{port}\""),
-                1,
-            )
-            .replacen(
-                "listen = \"127.0.0.1:0\"",
-                &format!("listen = \"127.0.0.1:{admin}\""),
-                1,
-            );
-        let path = setup.write(&format!("{name}.toml"), &config);
-        let log = std::fs::File::create(setup.path(&format!("{name}.log"))).unwrap();
-        let child = Command::new(support::binary())
+        let config = setup.path("config.toml");
+        let log_path = setup.path(&format!("{name}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new(support::binary())
             .args(["--log-format", "json", "-c"])
-            .arg(&path)
+            .arg(&config)
             .arg("serve")
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
             .unwrap();
-        let replica = Replica { child, port, admin };
-        for _ in 0..100 {
-            if replica.ready().await == Some(200) {
-                return replica;
+        // Logs are flushed every 100 ms: the line shows up a little after the listeners.
+        let deadline = std::time::Instant::now() + support::PATIENCE;
+        let serving = loop {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Some(line) = log.lines().find(|l| l.contains("token-broker serving")) {
+                break serde_json::from_str::<Value>(line).unwrap();
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!(
-            "{name} did not become ready: {}",
-            std::fs::read_to_string(setup.path(&format!("{name}.log"))).unwrap_or_default()
-        );
+            let exited = child.try_wait().unwrap();
+            if exited.is_some() || std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{name} did not start ({exited:?}): {log}");
+            }
+            tokio::time::sleep(support::POLL).await;
+        };
+        let port_of = |field: &str| -> u16 {
+            let text = serving[field].as_str().unwrap();
+            let addr = text.trim_start_matches("Some(").trim_end_matches(')');
+            addr.parse::<SocketAddr>().unwrap().port()
+        };
+        let replica = Replica {
+            port: port_of("listen"),
+            admin: port_of("admin"),
+            child,
+        };
+        support::wait_until(&format!("{name} to be ready"), || async {
+            replica.ready().await == Some(200)
+        })
+        .await;
+        replica
     }
 
     async fn ready(&self) -> Option<u16> {
@@ -144,9 +152,11 @@ async fn post_token(
 async fn sighup_reloads_and_sigterm_drains_in_flight_requests() {
     let fake = FakeGoogle::start(FakeGoogleConfig::new(ISSUER)).await;
     let mut setup = Setup::new();
-    setup.extra_server = "shutdown_grace = \"10s\"\nreload_interval = \"0s\"".into();
+    // A grace that outlasts the test's own waiting: the held requests are let go only after
+    // the draining has been observed.
+    setup.extra_server = "shutdown_grace = \"5m\"\nreload_interval = \"0s\"".into();
     setup.google = Some(format!(
-        "[google]\nproject_number = \"123456789012\"\npool_id = \"devices\"\nprovider_id = \"token-broker\"\nsts_url = \"{0}\"\niam_credentials_url = \"{0}\"\nmetadata_url = \"{0}\"",
+        "[google]\nproject_number = \"123456789012\"\npool_id = \"devices\"\nprovider_id = \"token-broker\"\nsts_url = \"{0}\"\niam_credentials_url = \"{0}\"\nmetadata_url = \"{0}\"\n# Held calls must not time out while the test watches the draining.\nrequest_timeout = \"60s\"\ndeadline = \"5m\"",
         fake.url
     ));
     setup.rules = "[[clients]]\nname = \"devices\"\nmatch = { spiffe = [\"spiffe://test.example/device/*\"] }\nflows = [\"mtls-client-credentials\", \"sts-exchange\"]\nscopes = [\"https://www.googleapis.com/auth/cloud-platform\"]\n".into();
@@ -171,20 +181,15 @@ async fn sighup_reloads_and_sigterm_drains_in_flight_requests() {
 
     // SIGHUP: a reload, counted.
     replica.signal("HUP");
-    let mut reloaded = 0.0;
-    for _ in 0..50 {
-        reloaded = replica
-            .metric(r#"token_broker_config_reloads_total{result="ok"}"#)
-            .await;
-        if reloaded >= 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(reloaded, 1.0, "SIGHUP did not reload");
+    let reloads = r#"token_broker_config_reloads_total{result="ok"}"#;
+    support::wait_until("SIGHUP to reload", || async {
+        replica.metric(reloads).await >= 1.0
+    })
+    .await;
+    assert_eq!(replica.metric(reloads).await, 1.0, "one SIGHUP, one reload");
 
-    // Three slow requests in flight (Google takes 2s), then SIGTERM.
-    fake.inject(Api::Sts, Fault::Delay(Duration::from_secs(2)), 3);
+    // Three slow requests in flight (Google holds them until the test lets go), then SIGTERM.
+    fake.inject(Api::Sts, Fault::Hold, 3);
     let setup = Arc::new(setup);
     let port = replica.port;
     let in_flight: Vec<_> = leaves
@@ -201,26 +206,25 @@ async fn sighup_reloads_and_sigterm_drains_in_flight_requests() {
             })
         })
         .collect();
-    for _ in 0..100 {
-        if fake.calls(Api::Sts) == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(fake.calls(Api::Sts), 3, "the requests are in flight");
+    support::wait_until("the three requests to be in flight", || async {
+        fake.calls(Api::Sts) == 3
+    })
+    .await;
     replica.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    assert_eq!(
-        replica.ready().await,
-        Some(503),
-        "/readyz fails while draining"
-    );
-    let refused = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
-    assert!(
-        refused.is_err(),
-        "new connections must be refused while draining"
-    );
+    // Draining (the requests are still held): /readyz fails, new connections are refused.
+    support::wait_until("/readyz to fail while draining", || async {
+        replica.ready().await == Some(503)
+    })
+    .await;
+    support::wait_until("new connections to be refused while draining", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+    })
+    .await;
+    assert_eq!(replica.ready().await, Some(503), "still draining");
+    assert_eq!(fake.calls(Api::Sts), 3, "no retry of the held calls");
+    fake.release();
     for task in in_flight {
         let (status, body) = task.await.unwrap().expect("in-flight request completes");
         assert_eq!(status, 200, "{body}");
@@ -234,11 +238,13 @@ async fn sighup_reloads_and_sigterm_drains_in_flight_requests() {
     support::logs::assert_no_secrets(&log, "the drained replica");
 }
 
-fn haproxy_config(frontend: u16, replicas: &[&Replica]) -> String {
+fn haproxy_config(frontend: u16, stats: &std::path::Path, replicas: &[&Replica]) -> String {
     let mut config = format!(
-        "global\n  maxconn 1000\ndefaults\n  mode tcp\n  timeout connect 1s\n  timeout client 10s\n  timeout server 10s\n  retries 3\n  option redispatch 1\n\
+        "global\n  maxconn 1000\n  stats socket {stats}\n\
+         defaults\n  mode tcp\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n  retries 3\n  option redispatch 1\n\
          frontend brokers\n  bind 127.0.0.1:{frontend}\n  default_backend replicas\n\
-         backend replicas\n  balance roundrobin\n  option httpchk GET /readyz\n  http-check expect status 200\n"
+         backend replicas\n  balance roundrobin\n  option httpchk GET /readyz\n  http-check expect status 200\n",
+        stats = stats.display()
     );
     for (i, replica) in replicas.iter().enumerate() {
         config.push_str(&format!(
@@ -258,9 +264,78 @@ impl Drop for Haproxy {
     }
 }
 
+/// The status HAProxy gives each server of the backend (`UP`, `DOWN`, ...), from its stats
+/// socket; `None` while the socket does not answer.
+fn server_statuses(stats: &std::path::Path) -> Option<Vec<String>> {
+    use std::io::{Read, Write};
+    let mut socket = std::os::unix::net::UnixStream::connect(stats).ok()?;
+    socket.write_all(b"show stat\n").ok()?;
+    let mut text = String::new();
+    socket.read_to_string(&mut text).ok()?;
+    let header: Vec<&str> = text
+        .lines()
+        .next()?
+        .trim_start_matches("# ")
+        .split(',')
+        .collect();
+    let status = header.iter().position(|field| *field == "status")?;
+    Some(
+        text.lines()
+            .filter(|line| line.starts_with("replicas,broker"))
+            .map(|line| line.split(',').nth(status).unwrap_or_default().to_owned())
+            .collect(),
+    )
+}
+
+/// HAProxy on a free port in front of `replicas`, once its health checks found them all up.
+/// A port picked here and freed for HAProxy could be taken meanwhile: HAProxy then exits,
+/// and another port is tried.
+async fn start_haproxy(setup: &Setup, replicas: &[&Replica]) -> (Haproxy, u16) {
+    let haproxy = support::require_tool("haproxy", "haproxy");
+    let stats = setup.path("haproxy.sock");
+    for _ in 0..5 {
+        let frontend = free_port();
+        let config = setup.write("haproxy.cfg", &haproxy_config(frontend, &stats, replicas));
+        let mut lb = Haproxy(
+            Command::new(&haproxy)
+                .arg("-db")
+                .arg("-f")
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(
+                    std::fs::File::create(setup.path("haproxy.log")).unwrap(),
+                ))
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = std::time::Instant::now() + support::PATIENCE;
+        loop {
+            if lb.0.try_wait().unwrap().is_some() {
+                break;
+            }
+            let statuses = server_statuses(&stats);
+            if statuses
+                .as_ref()
+                .is_some_and(|s| s.len() == replicas.len() && s.iter().all(|status| status == "UP"))
+            {
+                return (lb, frontend);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "HAProxy never saw every replica up: {statuses:?}\n{}",
+                std::fs::read_to_string(setup.path("haproxy.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(support::POLL).await;
+        }
+    }
+    panic!(
+        "HAProxy did not start: {}",
+        std::fs::read_to_string(setup.path("haproxy.log")).unwrap_or_default()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn three_replicas_behind_haproxy_share_keys_and_survive_a_stop() {
-    let haproxy = support::require_tool("haproxy", "haproxy");
     let mut setup = Setup::new();
     // Behind the load balancer: PROXY v2 from it (127.0.0.1); clients come from 127.0.0.2.
     setup.extra_server = "shutdown_grace = \"5s\"\n[server.proxy_protocol]\nmode = \"v2\"\ntrusted_cidrs = [\"127.0.0.1/32\"]".into();
@@ -271,25 +346,7 @@ async fn three_replicas_behind_haproxy_share_keys_and_survive_a_stop() {
         Replica::start(&setup, "r1").await,
         Replica::start(&setup, "r2").await,
     ];
-    let frontend = free_port();
-    let config = setup.write(
-        "haproxy.cfg",
-        &haproxy_config(frontend, &replicas.iter().collect::<Vec<_>>()),
-    );
-    let _lb = Haproxy(
-        Command::new(&haproxy)
-            .arg("-db")
-            .arg("-f")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(setup.path("haproxy.log")).unwrap(),
-            ))
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_port(frontend).await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (_lb, frontend) = start_haproxy(&setup, &replicas.iter().collect::<Vec<_>>()).await;
 
     // Every replica's JWKS, fetched directly (from an untrusted address: no PROXY header).
     let mut key_sets = Vec::new();
@@ -344,22 +401,14 @@ async fn three_replicas_behind_haproxy_share_keys_and_survive_a_stop() {
             let issued = replica.metric(r#"token_broker_tokens_issued_total{client="devices",flow="mtls-client-credentials"}"#).await;
             assert!(issued > 0.0, "replica {i} issued nothing");
         }
-        let log = std::fs::read_to_string(setup.path(&format!("r{i}.log"))).unwrap();
-        support::logs::assert_no_secrets(&log, &format!("replica {i}"));
-        assert!(
-            log.contains(r#""peer":"127.0.0.2:"#),
-            "replica {i} did not log the client address"
-        );
+        // A running replica flushes its log every 100 ms: wait for the line, not a guess.
+        let log_path = setup.path(&format!("r{i}.log"));
+        let log = || std::fs::read_to_string(&log_path).unwrap();
+        support::wait_until(&format!("replica {i} to log the client address"), || {
+            let logged = log().contains(r#""peer":"127.0.0.2:"#);
+            async move { logged }
+        })
+        .await;
+        support::logs::assert_no_secrets(&log(), &format!("replica {i}"));
     }
-}
-
-async fn wait_for_port(port: u16) {
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("nothing listens on {addr}");
 }

@@ -55,16 +55,23 @@ async fn token_verifies_against_served_jwks_with_exact_claims() {
     });
     let broker = setup.start().await;
 
+    let before = token_broker::broker::unix_now();
     let (status, body) = broker
         .token(Some(&leaf), "grant_type=client_credentials&audience=aud-b")
         .await;
+    let took = token_broker::broker::unix_now() - before;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["token_type"], "Bearer");
     assert_eq!(
         body["issued_token_type"],
         "urn:ietf:params:oauth:token-type:id_token"
     );
-    assert_eq!(body["expires_in"], 600, "the rule's ttl (10m) applies");
+    // The rule's ttl (10m), less the whole seconds that passed since the token was minted.
+    let expires_in = body["expires_in"].as_i64().unwrap();
+    assert!(
+        (600 - took..=600).contains(&expires_in),
+        "expires_in {expires_in}, {took}s after asking"
+    );
     assert_eq!(body["id_token"], body["access_token"]);
     let jwt = body["access_token"].as_str().unwrap();
 

@@ -122,6 +122,9 @@ pub enum Fault {
         retry_after_secs: u64,
     },
     Delay(Duration),
+    /// No answer until [`FakeGoogle::release`] (then a normal one): a slow upstream whose
+    /// slowness the test ends, instead of a delay the test must guess long enough.
+    Hold,
     MalformedJson,
     PermissionDenied,
 }
@@ -152,6 +155,8 @@ struct State {
     /// Google's OIDC key: signs generateIdToken output.
     google_key: RsaKey,
     inner: Mutex<Inner>,
+    /// Set once by `release`: held calls go on.
+    released: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Default)]
@@ -177,6 +182,7 @@ impl FakeGoogle {
             sa_user_key: RsaKey::generate(),
             google_key: RsaKey::generate(),
             inner: Mutex::default(),
+            released: tokio::sync::watch::Sender::new(false),
         });
         let task = tokio::spawn(serve(listener, state.clone()));
         FakeGoogle { url, state, task }
@@ -192,6 +198,11 @@ impl FakeGoogle {
         let mut inner = self.state.lock();
         let queue = inner.faults.entry(api).or_default();
         queue.extend(std::iter::repeat_n(fault, times));
+    }
+
+    /// Lets every call held by [`Fault::Hold`], now and later, go on.
+    pub fn release(&self) {
+        self.state.released.send_replace(true);
     }
 
     /// Like `gcloud ... --jwk-json-path`: STS uses these keys instead of fetching discovery.
@@ -460,6 +471,13 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
     };
     match fault {
         Some(Fault::Delay(delay)) => tokio::time::sleep(delay).await,
+        Some(Fault::Hold) => {
+            let _ = state
+                .released
+                .subscribe()
+                .wait_for(|released| *released)
+                .await;
+        }
         Some(fault) => return Ok(fault_response(api, &fault)),
         None => {}
     }
@@ -523,7 +541,7 @@ fn fault_response(api: Api, fault: &Fault) -> Resp {
         }
         Fault::PermissionDenied => error(api, 403, "The caller does not have permission."),
         Fault::MalformedJson => respond(200, JSON, "{\"truncated\":"),
-        Fault::Delay(_) => unreachable!("delays are served normally"),
+        Fault::Delay(_) | Fault::Hold => unreachable!("delays are served normally"),
     }
 }
 

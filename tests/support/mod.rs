@@ -777,15 +777,13 @@ impl TestBroker {
             .unwrap()
     }
 
-    /// Waits (up to 5 s) for a sample to reach `expected`, and returns its last value: the
-    /// server counts a failed handshake just after the client has seen it fail.
+    /// Waits (up to [`PATIENCE`]) for a sample to reach `expected`, and returns its last
+    /// value: the server counts a failed handshake just after the client has seen it fail.
     pub async fn metric_eventually(&self, sample: &str, expected: f64) -> f64 {
         let mut value = self.metric(sample).await;
-        for _ in 0..100 {
-            if value == expected {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while value != expected && std::time::Instant::now() < deadline {
+            tokio::time::sleep(POLL).await;
             value = self.metric(sample).await;
         }
         value
@@ -811,6 +809,30 @@ impl Drop for TestBroker {
         if !std::thread::panicking() {
             logs::check_captured("an in-process broker");
         }
+    }
+}
+
+/// How long a test waits for something that must happen: long enough that only a hang, never
+/// a loaded machine, runs out of it. Never a measure of speed.
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often a waiting test looks again.
+pub const POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Polls `condition` until it holds; panics saying `what` was awaited after [`PATIENCE`].
+/// For what a test must wait for (a reload, a flushed log line, a counted event) instead of
+/// sleeping for a guess of how long it takes.
+pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !condition().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited {PATIENCE:?} in vain for {what}"
+        );
+        tokio::time::sleep(POLL).await;
     }
 }
 
