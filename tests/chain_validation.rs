@@ -880,3 +880,42 @@ async fn a_cached_chain_presented_with_another_key_is_refused_over_tls12_and_tls
     }
     broker.stop().await;
 }
+
+/// check-config says when revocation is off, and which CAs `best-effort` leaves unchecked.
+#[test]
+fn check_config_warns_of_unchecked_revocation() {
+    let check_config = |setup: &Setup| {
+        let out = std::process::Command::new(support::binary())
+            .args(["--log-format", "text", "-c"])
+            .arg(setup.write_config())
+            .arg("check-config")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let mut setup = Setup::new();
+    setup.crl_paths = Some(Vec::new());
+    let report = check_config(&setup);
+    assert!(
+        report.contains("# warning: no CRL is configured"),
+        "{report}"
+    );
+
+    let mut setup = Setup::new();
+    setup.bundle_folder = true;
+    setup.write("root.crl.pem", &setup.root.crl(&[]));
+    setup.crl_paths = Some(vec!["root.crl.pem".into()]);
+    setup.extra_server = "revocation = \"best-effort\"".into();
+    let report = check_config(&setup);
+    assert!(
+        report.contains("best-effort")
+            && report.contains("not checked")
+            && report.contains("CN=Test Device Issuing CA"),
+        "{report}"
+    );
+}
