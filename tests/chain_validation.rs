@@ -534,14 +534,7 @@ async fn every_crl_of_a_bundle_a_folder_or_a_der_file_is_read() {
                 all.push(issuing_crl.clone());
                 setup.write("crls.pem", &all.concat());
                 setup.crl_paths = Some(vec!["crls.pem".into()]);
-                let config = setup.write_config();
-                let out = std::process::Command::new(support::binary())
-                    .args(["--log-format", "text", "-c"])
-                    .arg(&config)
-                    .arg("check-config")
-                    .output()
-                    .unwrap();
-                let stdout = String::from_utf8_lossy(&out.stdout);
+                let stdout = support::check_config(&setup.write_config());
                 let listed: Vec<&str> =
                     stdout.lines().filter(|l| l.starts_with("# CRL ")).collect();
                 assert_eq!(listed.len(), 50, "{stdout}");
@@ -884,20 +877,7 @@ async fn a_cached_chain_presented_with_another_key_is_refused_over_tls12_and_tls
 /// check-config says when revocation is off, and which CAs `best-effort` leaves unchecked.
 #[test]
 fn check_config_warns_of_unchecked_revocation() {
-    let check_config = |setup: &Setup| {
-        let out = std::process::Command::new(support::binary())
-            .args(["--log-format", "text", "-c"])
-            .arg(setup.write_config())
-            .arg("check-config")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let check_config = |setup: &Setup| support::check_config(&setup.write_config());
     let mut setup = Setup::new();
     setup.crl_paths = Some(Vec::new());
     let report = check_config(&setup);

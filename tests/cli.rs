@@ -20,6 +20,16 @@ fn run(args: &[&str], dir: &Path) -> Output {
     out
 }
 
+/// The standard output of a command that must have succeeded (else its standard error).
+fn succeeded(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -293,12 +303,7 @@ fn check_config_reports_toml_errors_with_location_and_accepts_a_good_config() {
         &["-c", config.to_str().unwrap(), "check-config"],
         dir.path(),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = succeeded(&out);
     assert!(
         stdout.contains("token_ttl = \"5m\"") && stdout.contains("# ok: 1 root CA"),
         "{stdout}"
@@ -567,12 +572,7 @@ fn check_config_warns_when_a_rule_may_ask_for_the_google_provider_audience() {
         &["-c", config.to_str().unwrap(), "check-config"],
         dir.path(),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = succeeded(&out);
     let warnings: Vec<&str> = stdout
         .lines()
         .filter(|l| l.starts_with("# warning:"))

@@ -127,13 +127,7 @@ impl Google {
             url::Url::parse(url).map_err(|e| format!("google.{name} {url:?}: {e}"))?;
         }
         let credentials = Credentials::load(config)?;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = crate::tls::public_client_config().map_err(|e| e.to_string())?;
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .connect_timeout(config.request_timeout)

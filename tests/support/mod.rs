@@ -850,6 +850,22 @@ pub fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_token-broker"))
 }
 
+/// Runs `token-broker check-config`, which must succeed; returns what it printed.
+pub fn check_config(config: &Path) -> String {
+    let out = Command::new(binary())
+        .args(["--log-format", "text", "-c"])
+        .arg(config)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs `token-broker verify-cert` on a chain; returns the parsed JSON report.
 pub fn verify_cert(config: &Path, chain_pem: &str, dir: &Path) -> Value {
     let chain = dir.join(format!("chain-{}.pem", uuid::Uuid::new_v4()));
