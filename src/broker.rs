@@ -614,6 +614,9 @@ fn check_limits(server: &crate::config::ServerConfig, problems: &mut Vec<String>
 /// Google timings outside these bounds disable Google or overflow clocks.
 fn check_crl_sources(server: &crate::config::ServerConfig, problems: &mut Vec<String>) {
     if server.crl_sources.is_empty() {
+        if server.crls.is_empty() && server.revocation == Some(RevocationPolicy::Require) {
+            problems.push("server.revocation = \"require\" but neither server.crls nor server.crl_sources is configured: every device would be refused (crl_missing)".into());
+        }
         return;
     }
     if server.crl_cache_dir.is_none() {

@@ -620,6 +620,32 @@ mod tests {
     }
 
     #[test]
+    fn revocation_is_required_whenever_crls_are_configured() {
+        let policy = |server: &str| {
+            Config::parse(&format!(
+                "[server]\nlisten='127.0.0.1:1'\ncert='a'\nkey='b'\nclient_ca='c'\n{server}\n\
+                 [issuer]\nurl='https://x'\n[signer]\nkind='local'\nkey_dir='k'\n"
+            ))
+            .unwrap()
+            .server
+            .revocation()
+        };
+        use RevocationPolicy::{BestEffort, Require};
+        assert_eq!(policy(""), BestEffort);
+        assert_eq!(policy("crls=['c.pem']"), Require);
+        assert_eq!(policy("crl_sources=[{url='http://x/c.crl'}]"), Require);
+        assert_eq!(
+            policy("crls=['c.pem']\nrevocation='best-effort'"),
+            BestEffort
+        );
+        assert!(Config::parse(
+            "[server]\nlisten='127.0.0.1:1'\ncert='a'\nkey='b'\nclient_ca='c'\nrevocation='maybe'\n\
+             [issuer]\nurl='https://x'\n[signer]\nkind='local'\nkey_dir='k'\n"
+        )
+        .is_err());
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         let err = Config::parse(
             "[server]\nlisten='127.0.0.1:1'\ncert='a'\nkey='b'\nclient_ca='c'\nlisten_port=3\n\

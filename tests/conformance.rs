@@ -1373,6 +1373,15 @@ fn load_cases() -> Vec<LoadCase> {
             says: vec!["invalid pin \"sha1/AAAA\"".into(), "client_ca_pins".into()],
         },
         LoadCase {
+            name: "revocation required without any CRL",
+            trust: Trust {
+                bundle: bundle(&[&root.pem]),
+                crls: vec![],
+                server: "revocation = \"require\"".into(),
+            },
+            says: vec!["neither server.crls nor server.crl_sources is configured".into()],
+        },
+        LoadCase {
             name: "CRL without a cRLNumber",
             trust: crl_trust(
                 &root,
