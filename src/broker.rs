@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::proxy::ProxyPolicy;
 use crate::signer::{IamSigner, LocalSigner, Signer, SignerError};
 use crate::tls;
-use crate::trust::{rfc3339, Refusal, Revocation, TrustError, TrustStore};
+use crate::trust::{rfc3339, Refusal, TrustError, TrustStore};
 use crate::{crl, pem};
 
 /// Every problem found while loading, so an operator fixes them all in one go.
@@ -300,14 +300,14 @@ impl Broker {
     pub fn warnings(&self, now: i64) -> Vec<String> {
         let trust = &self.trust;
         let mut warnings = Vec::new();
-        if trust.crl_count() == 0 && trust.revocation() == Revocation::BestEffort {
+        if trust.crl_count() == 0 && trust.revocation() == RevocationPolicy::BestEffort {
             warnings.push("no CRL is configured (server.crls): revocation is off, a revoked device certificate gets tokens until it expires".into());
         } else {
             let unchecked = trust.cas_without_crl();
             if !unchecked.is_empty() {
                 let what = match trust.revocation() {
-                    Revocation::BestEffort => "server.revocation = \"best-effort\": the revocation of certificates issued by these CAs is not checked, as no CRL names them",
-                    Revocation::Require => "these CAs have no CRL: server.revocation = \"require\" refuses every certificate they issued (crl_missing)",
+                    RevocationPolicy::BestEffort => "server.revocation = \"best-effort\": the revocation of certificates issued by these CAs is not checked, as no CRL names them",
+                    RevocationPolicy::Require => "these CAs have no CRL: server.revocation = \"require\" refuses every certificate they issued (crl_missing)",
                 };
                 warnings.push(format!("{what}: {}", unchecked.join("; ")));
             }
@@ -496,15 +496,11 @@ fn load_trust(config: &Config) -> Result<TrustStore, TrustError> {
             crls.extend(crl::kept(&config.path(dir), &source.url)?);
         }
     }
-    let revocation = match server.revocation() {
-        RevocationPolicy::Require => Revocation::Require,
-        RevocationPolicy::BestEffort => Revocation::BestEffort,
-    };
     TrustStore::load(
         &config.path(&server.client_ca),
         crls,
         &server.client_ca_pins,
-        revocation,
+        server.revocation(),
     )
 }
 

@@ -32,7 +32,7 @@ use webpki::{
 };
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::config::SpkiPin;
+use crate::config::{RevocationPolicy, SpkiPin};
 use crate::crl::{spki_contents, Crl, CrlInfo};
 use crate::identity::{Identity, KeyInfo};
 use crate::pem;
@@ -203,16 +203,6 @@ struct BundleCa {
     may_sign_crls: bool,
 }
 
-/// What revocation the broker requires (`server.revocation`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Revocation {
-    /// Every CA that issued a certificate of the path must have a current CRL, else the
-    /// path is refused `crl_missing` (OpenSSL's CRL_CHECK_ALL).
-    Require,
-    /// Certificates whose issuer has no CRL are accepted.
-    BestEffort,
-}
-
 pub struct TrustStore {
     /// The TLS provider's algorithms: one source of truth for handshake and chain. webpki
     /// has no SHA-1, and its RSA needs 2048 bits.
@@ -222,7 +212,7 @@ pub struct TrustStore {
     /// trusts an anchor whatever its dates, the broker does not.
     anchor_validity: Vec<(i64, i64, String)>,
     bundle_cas: Vec<BundleCa>,
-    revocation: Revocation,
+    revocation: RevocationPolicy,
     intermediates: Vec<CertificateDer<'static>>,
     crls: Vec<Crl>,
     /// No CRL has an issuingDistributionPoint, so the broker checks revocation itself
@@ -243,7 +233,7 @@ impl TrustStore {
         bundle: &Path,
         crls: Vec<pem::CrlBlock>,
         pins: &[SpkiPin],
-        revocation: Revocation,
+        revocation: RevocationPolicy,
     ) -> Result<TrustStore, TrustError> {
         let certs = pem::certificate_bundle(bundle)?;
         let mut store = TrustStore {
@@ -404,7 +394,7 @@ impl TrustStore {
         self.crls.iter().map(|crl| &crl.info)
     }
 
-    pub fn revocation(&self) -> Revocation {
+    pub fn revocation(&self) -> RevocationPolicy {
         self.revocation
     }
 
@@ -473,8 +463,8 @@ impl TrustStore {
                 })
         };
         let revocation = options(match self.revocation {
-            Revocation::Require => UnknownStatusPolicy::Deny,
-            Revocation::BestEffort => UnknownStatusPolicy::Allow,
+            RevocationPolicy::Require => UnknownStatusPolicy::Deny,
+            RevocationPolicy::BestEffort => UnknownStatusPolicy::Allow,
         });
 
         // The broker's checks of a candidate path run inside path building, so that a
@@ -621,7 +611,7 @@ impl TrustStore {
                 .iter()
                 .find(|crl| crl.list.issuer() == cert.issuer())
             else {
-                if self.revocation == Revocation::Require && missing.is_none() {
+                if self.revocation == RevocationPolicy::Require && missing.is_none() {
                     missing = Some(index);
                 }
                 continue;
