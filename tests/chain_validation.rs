@@ -893,9 +893,32 @@ fn check_config_warns_of_unchecked_revocation() {
     setup.extra_server = "revocation = \"best-effort\"".into();
     let report = check_config(&setup);
     assert!(
+        !report.contains("expires at"),
+        "no root expires soon: {report}"
+    );
+    assert!(
         report.contains("best-effort")
             && report.contains("not checked")
             && report.contains("CN=Test Device Issuing CA"),
         "{report}"
     );
+}
+
+/// check-config warns a month before a root expires, and says when one has.
+#[test]
+fn check_config_warns_of_roots_expiring_or_expired() {
+    let now = OffsetDateTime::now_utc();
+    for (days, says) in [(10, "expires at"), (-1, "expired at")] {
+        let mut setup = Setup::new();
+        setup.root = Ca::root_with("Short-Lived Root", |p| {
+            p.not_before = now - Duration::days(30);
+            p.not_after = now + Duration::days(days);
+        });
+        setup.intermediate = setup.root.intermediate("Short-Lived Issuing CA");
+        let report = support::check_config(&setup.write_config());
+        assert!(
+            report.contains(&format!("# warning: root CA CN=Short-Lived Root {says}")),
+            "{report}"
+        );
+    }
 }
