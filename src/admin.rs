@@ -13,7 +13,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::server::Live;
+use crate::live::Live;
 
 pub async fn serve(listener: TcpListener, live: Arc<Live>) {
     loop {

@@ -6,7 +6,6 @@
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use rustls_pki_types::{CertificateDer, UnixTime};
@@ -17,6 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::cache::TokenCache;
 use crate::claims::{self, Subject};
 use crate::clients::{ClientRule, ClientRules};
+use crate::clock::rfc3339;
 use crate::config::{Config, RevocationPolicy, SignerConfig, MAX_TOKEN_TTL};
 use crate::flows::{self, FlowDeps, Registry};
 use crate::google::Google;
@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 use crate::proxy::ProxyPolicy;
 use crate::signer::{IamSigner, LocalSigner, Signer, SignerError};
 use crate::tls;
-use crate::trust::{rfc3339, Refusal, TrustError, TrustStore};
+use crate::trust::{Refusal, TrustError, TrustStore};
 use crate::{crl, pem};
 
 /// Every problem found while loading, so an operator fixes them all in one go.
@@ -544,13 +544,6 @@ pub fn minted_under_changed(old: &Config, new: &Config) -> bool {
         // A value that cannot be compared counts as changed: a refetch costs little.
         _ => true,
     }
-}
-
-/// Unix seconds now.
-pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The checks of settings that need no file: issuer, limits, `[google]` timings, admin

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use moka::future::Cache;
 use moka::Expiry;
 
-use crate::broker::unix_now;
+use crate::clock::unix_now;
 use crate::flows::{FlowError, Minted};
 use crate::metrics::Metrics;
 

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::broker::unix_now;
+use crate::clock::unix_now;
 use crate::identity::Identity;
 use crate::pem;
+use crate::redact::root_cause;
 
 /// A fetched token is reused until this long before it expires.
 pub const REFRESH_MARGIN: i64 = 60;
@@ -138,7 +139,7 @@ impl BrokerClient {
                 return Err(ClientError::Local(format!(
                     "certificate {} expired at {}; renew it with your PKI",
                     cert.display(),
-                    crate::trust::rfc3339(identity.not_after)
+                    crate::clock::rfc3339(identity.not_after)
                 )));
             }
         }
@@ -154,7 +155,7 @@ impl BrokerClient {
             }
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
         }
-        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        let tls = rustls::ClientConfig::builder_with_provider(crate::crypto::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| local(&e))?
             .with_root_certificates(roots)
@@ -227,14 +228,6 @@ impl BrokerClient {
                 .saturating_add(body["expires_in"].as_i64().unwrap_or(0).clamp(0, 43_200)),
         })
     }
-}
-
-fn root_cause(error: &reqwest::Error) -> String {
-    let mut cause: &dyn std::error::Error = error;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    cause.to_string()
 }
 
 /// A private key anyone but its owner can read is refused, stricter than the server (which

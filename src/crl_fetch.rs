@@ -18,7 +18,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::broker::{unix_now, Broker};
+use crate::broker::Broker;
+use crate::clock::unix_now;
 use crate::config::CrlSourceConfig;
 use crate::crl;
 use crate::pem;
@@ -173,7 +174,7 @@ fn next_refresh(source: &CrlSourceConfig, broker: &Broker) -> Duration {
 }
 
 fn client() -> Result<reqwest::Client, String> {
-    let tls = crate::tls::public_client_config().map_err(|e| e.to_string())?;
+    let tls = crate::crypto::public_client_config().map_err(|e| e.to_string())?;
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .redirect(reqwest::redirect::Policy::limited(3))
@@ -222,7 +223,7 @@ async fn fetch(
         if e.is_timeout() {
             FetchError::Timeout(source.timeout)
         } else {
-            FetchError::Network(crate::google::root_cause(&e))
+            FetchError::Network(crate::redact::root_cause(&e))
         }
     };
     let mut response = request.send().await.map_err(network)?;

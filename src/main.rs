@@ -13,10 +13,11 @@ use token_broker::client::{
     self, BrokerClient, CachingClient, ClientError, TokenCacheFile, TokenParams,
 };
 use token_broker::config::Config;
+use token_broker::live::Live;
 use token_broker::logging::BufferedLines;
 use token_broker::metrics::Metrics;
-use token_broker::server::{Live, Server};
-use token_broker::{devpki, pem, trust};
+use token_broker::server::Server;
+use token_broker::{clock, devpki, pem};
 
 #[derive(Parser)]
 #[command(
@@ -226,17 +227,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 } else {
                     "issuer not in the bundle: signature checked per request against the intermediate clients send"
                 };
-                let next_update = crl.next_update.map_or("none".into(), trust::rfc3339);
+                let next_update = crl.next_update.map_or("none".into(), clock::rfc3339);
                 println!(
                     "# CRL {}: issuer {}, number {}, thisUpdate {}, nextUpdate {next_update}, {} revoked, {check}",
                     crl.source,
                     crl.issuer,
                     crl.number,
-                    trust::rfc3339(crl.this_update),
+                    clock::rfc3339(crl.this_update),
                     crl.revoked,
                 );
             }
-            for warning in broker.warnings(token_broker::broker::unix_now()) {
+            for warning in broker.warnings(token_broker::clock::unix_now()) {
                 println!("# warning: {warning}");
             }
             Ok(ExitCode::SUCCESS)
@@ -255,9 +256,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .parse::<jiff::Timestamp>()
                     .with_context(|| format!("--at {text:?} is not an RFC 3339 time"))?
                     .as_second(),
-                None => token_broker::broker::unix_now(),
+                None => token_broker::clock::unix_now(),
             };
-            let decision = broker.explain(&certs, trust::at_unix(at));
+            let decision = broker.explain(&certs, clock::at_unix(at));
             println!("{}", serde_json::to_string_pretty(&decision)?);
             // Exit 2 for a refusal so scripts can tell it from an error (1).
             Ok(if decision.accepted {

@@ -31,23 +31,7 @@ pub enum TlsError {
     Certificate(rustls::Error),
 }
 
-/// The crypto provider for TLS and for chain signatures.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
-
-/// TLS for the broker's own outbound calls (Google, CRL sources): the public web PKI roots,
-/// no client certificate.
-pub fn public_client_config() -> Result<rustls::ClientConfig, rustls::Error> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    Ok(rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
-}
-
-/// [`provider`] with the AES-128-GCM suites first, for the server's choice.
+/// [`crypto::provider`] with the AES-128-GCM suites first, for the server's choice.
 fn server_provider() -> Arc<CryptoProvider> {
     use rustls::CipherSuite as S;
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();

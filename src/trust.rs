@@ -23,7 +23,6 @@
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use webpki::{
@@ -32,6 +31,7 @@ use webpki::{
 };
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::clock::{at_unix, rfc3339};
 use crate::config::{RevocationPolicy, SpkiPin};
 use crate::crl::{spki_contents, Crl, CrlInfo};
 use crate::identity::{Identity, KeyInfo};
@@ -165,13 +165,6 @@ fn crl_missing_for(issuer: Option<&str>) -> String {
     }
 }
 
-/// RFC 3339 UTC rendering of a Unix time, for messages.
-pub fn rfc3339(unix: i64) -> String {
-    jiff::Timestamp::from_second(unix)
-        .map(|t| t.to_string())
-        .unwrap_or_else(|_| unix.to_string())
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
     #[error(transparent)]
@@ -237,7 +230,9 @@ impl TrustStore {
     ) -> Result<TrustStore, TrustError> {
         let certs = pem::certificate_bundle(bundle)?;
         let mut store = TrustStore {
-            algorithms: crate::tls::provider().signature_verification_algorithms.all,
+            algorithms: crate::crypto::provider()
+                .signature_verification_algorithms
+                .all,
             anchors: Vec::new(),
             anchor_validity: Vec::new(),
             bundle_cas: Vec::new(),
@@ -857,9 +852,4 @@ fn chain_problem(error: webpki::Error) -> String {
         E::CertDistrusted => "a CA of the chain is distrusted".into(),
         other => format!("{other:?}"),
     }
-}
-
-/// A validation time from Unix seconds (for `verify-cert --at`).
-pub fn at_unix(seconds: i64) -> UnixTime {
-    UnixTime::since_unix_epoch(Duration::from_secs(seconds.max(0) as u64))
 }

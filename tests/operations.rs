@@ -690,7 +690,7 @@ async fn a_reused_verdict_ends_with_its_certificate_and_with_a_reload() {
     let current = broker.live.current();
     let at = |chain: &[rustls_pki_types::CertificateDer<'static>], t: time::OffsetDateTime| {
         current
-            .authenticate(chain, token_broker::trust::at_unix(t.unix_timestamp()))
+            .authenticate(chain, token_broker::clock::at_unix(t.unix_timestamp()))
             .map(|_| ())
             .map_err(|refusal| refusal.reason())
     };

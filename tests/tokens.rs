@@ -55,11 +55,11 @@ async fn token_verifies_against_served_jwks_with_exact_claims() {
     });
     let broker = setup.start().await;
 
-    let before = token_broker::broker::unix_now();
+    let before = token_broker::clock::unix_now();
     let (status, body) = broker
         .token(Some(&leaf), "grant_type=client_credentials&audience=aud-b")
         .await;
-    let took = token_broker::broker::unix_now() - before;
+    let took = token_broker::clock::unix_now() - before;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["token_type"], "Bearer");
     assert_eq!(

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{
+use super::flow::{
     allowed_service_account, allowed_target_audience, Flow, FlowDeps, FlowError, GoogleFlowBase,
     MintContext, Minted, TokenRequest, CLOUD_PLATFORM, ID_TOKEN_TYPE,
 };

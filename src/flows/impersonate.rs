@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{
+use super::flow::{
     allowed_scopes, allowed_service_account, Flow, FlowDeps, FlowError, GoogleFlowBase,
     MintContext, Minted, TokenRequest, ACCESS_TOKEN_TYPE, CLOUD_PLATFORM,
 };

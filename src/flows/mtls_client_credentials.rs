@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{Flow, FlowDeps, FlowError, MintContext, Minted, TokenRequest, ID_TOKEN_TYPE};
+use super::flow::{Flow, FlowDeps, FlowError, MintContext, Minted, TokenRequest, ID_TOKEN_TYPE};
 use crate::claims;
 use crate::signer::Signer;
 

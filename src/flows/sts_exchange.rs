@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{
+use super::flow::{
     allowed_scopes, Flow, FlowDeps, FlowError, GoogleFlowBase, MintContext, Minted, TokenRequest,
     ACCESS_TOKEN_TYPE,
 };

@@ -11,8 +11,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
-use super::{AccessToken, Api, Google, UpstreamError};
-use crate::broker::unix_now;
+use super::transport::{expiry, AccessToken, Api, Transport, UpstreamError};
+use crate::clock::unix_now;
 use crate::config::GoogleConfig;
 
 const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -77,7 +77,7 @@ impl Credentials {
     }
 
     /// A valid access token for the broker's own identity.
-    pub(super) async fn token(&self, google: &Google) -> Result<String, UpstreamError> {
+    pub(super) async fn token(&self, transport: &Transport) -> Result<String, UpstreamError> {
         let mut cached = self.cached.lock().await;
         if let Some(token) = cached.as_ref() {
             if token.expires_at - REFRESH_BEFORE_EXPIRY > unix_now() {
@@ -88,11 +88,11 @@ impl Credentials {
             Source::Metadata => {
                 let url = format!(
                     "{}/computeMetadata/v1/instance/service-accounts/default/token",
-                    google.config.metadata_url.trim_end_matches('/')
+                    transport.config.metadata_url.trim_end_matches('/')
                 );
-                google
+                transport
                     .call(Api::Metadata, || {
-                        google.http.get(&url).header("Metadata-Flavor", "Google")
+                        transport.http.get(&url).header("Metadata-Flavor", "Google")
                     })
                     .await?
             }
@@ -107,14 +107,14 @@ impl Credentials {
                     ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
                     ("assertion", assertion.as_str()),
                 ];
-                google
-                    .call(Api::OAuth, || google.http.post(token_uri).form(&form))
+                transport
+                    .call(Api::OAuth, || transport.http.post(token_uri).form(&form))
                     .await?
             }
         };
         let token = AccessToken {
             token: answer.access_token,
-            expires_at: super::expiry(answer.expires_in),
+            expires_at: expiry(answer.expires_in),
         };
         *cached = Some(token.clone());
         Ok(token.token)

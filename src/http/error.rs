@@ -10,20 +10,6 @@ use crate::google::{Api, UpstreamError};
 use crate::signer::SignerError;
 use crate::trust::Refusal;
 
-/// A client's parameter value as error descriptions repeat it: quoted and cut to 100
-/// characters, and not at all when shaped like a credential (a JWT, a Google access token,
-/// a PEM block), so a secret pasted into the wrong parameter is not sent back or kept.
-pub fn echo(value: &str) -> String {
-    let looks_like_jwt = value.starts_with("eyJ") && value.matches('.').count() >= 2;
-    if looks_like_jwt || value.contains("ya29.") || value.contains("-----BEGIN") {
-        return "(a value shaped like a credential, not repeated)".into();
-    }
-    match value.char_indices().nth(100) {
-        Some((end, _)) => format!("{:?}...", &value[..end]),
-        None => format!("{value:?}"),
-    }
-}
-
 /// Everything the token endpoint can refuse with.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -149,8 +135,8 @@ impl TokenError {
                 "code": self.code(),
                 "message": self.description(request_id),
             });
-            let mut response = super::json(self.status(), Bytes::from(body.to_string()));
-            super::no_store(&mut response);
+            let mut response = super::response::json(self.status(), Bytes::from(body.to_string()));
+            super::response::no_store(&mut response);
             response
         } else {
             json_error(
@@ -177,9 +163,9 @@ pub fn json_error(
     no_store: bool,
 ) -> Response<Full<Bytes>> {
     let body = json!({ "error": code, "error_description": description });
-    let mut response = super::json(status, Bytes::from(body.to_string()));
+    let mut response = super::response::json(status, Bytes::from(body.to_string()));
     if no_store {
-        super::no_store(&mut response);
+        super::response::no_store(&mut response);
     }
     response
 }
@@ -196,27 +182,4 @@ pub fn method_not_allowed(allow: &'static str, no_store: bool) -> Response<Full<
         .headers_mut()
         .insert(header::ALLOW, HeaderValue::from_static(allow));
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::echo;
-
-    #[test]
-    fn echo_quotes_cuts_and_never_repeats_credentials() {
-        assert_eq!(echo("aud-x"), "\"aud-x\"");
-        assert_eq!(
-            echo(&"a".repeat(150)),
-            format!("\"{}\"...", "a".repeat(100))
-        );
-        assert_eq!(echo(&"é".repeat(101)).chars().count(), 105);
-        assert_eq!(echo("a\u{1b}[2J\n\"b"), r#""a\u{1b}[2J\n\"b""#);
-        for secret in [
-            "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln",
-            "ya29.a0AfH6SMC",
-            "-----BEGIN PRIVATE KEY-----\nMIGHAgEA",
-        ] {
-            assert!(!echo(secret).contains(&secret[..6]), "{secret}");
-        }
-    }
 }

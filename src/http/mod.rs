@@ -1,13 +1,16 @@
 //! HTTP on the TLS listener: routing, public documents, and the token endpoint.
 
+mod conn;
 mod error;
+mod response;
 mod token;
 
-pub use error::{echo, TokenError};
+pub use conn::ConnInfo;
+
+pub use error::TokenError;
 pub use token::parse_form;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,16 +18,9 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use rustls_pki_types::CertificateDer;
 
 use crate::broker::Broker;
-
-/// What the connection knows about its peer; shared by all requests on it.
-pub struct ConnInfo {
-    pub peer: SocketAddr,
-    /// The client's certificate chain as sent (leaf first); *not* validated yet.
-    pub client_chain: Vec<CertificateDer<'static>>,
-}
+use crate::redact::echo;
 
 /// Discovery and JWKS may be cached briefly; a new key is published long before it signs.
 const PUBLIC_CACHE: &str = "public, max-age=300";
@@ -110,27 +106,10 @@ fn redirect(location: &str) -> Response<Full<Bytes>> {
 }
 
 fn public_json(body: Bytes) -> Response<Full<Bytes>> {
-    let mut response = json(StatusCode::OK, body);
+    let mut response = response::json(StatusCode::OK, body);
     response.headers_mut().insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static(PUBLIC_CACHE),
     );
     response
-}
-
-pub(crate) fn json(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-/// RFC 6749 5.1: token answers, success or error, must not be cached.
-pub(crate) fn no_store(response: &mut Response<Full<Bytes>>) {
-    let headers = response.headers_mut();
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
 }

@@ -5,13 +5,15 @@ use http::{header, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
-use super::error::{echo, TokenError};
-use super::ConnInfo;
-use crate::broker::{unix_now, Authenticated, Broker};
+use super::conn::ConnInfo;
+use super::error::TokenError;
+use crate::broker::{Authenticated, Broker};
 use crate::cache::CacheKey;
 use crate::claims::Subject;
+use crate::clock::unix_now;
 use crate::flows::{Flow, FlowError, MintContext, Minted, TokenRequest};
 use crate::google::UpstreamError;
+use crate::redact::echo;
 use crate::trust::Refusal;
 use sha2::{Digest, Sha256};
 
@@ -140,7 +142,7 @@ async fn issue(
     };
     let now = unix_now();
     let auth = broker
-        .authenticate(&conn.client_chain, crate::trust::at_unix(now))
+        .authenticate(&conn.client_chain, crate::clock::at_unix(now))
         .inspect_err(|_| audit.sha256 = Some(crate::identity::hex(&Sha256::digest(leaf))))?;
     audit.rule = Some(auth.rule.name.clone());
     audit.subject = Some(auth.subject.clone());
@@ -363,8 +365,8 @@ fn success(minted: &Minted, external_credential: bool) -> Response<Full<Bytes>> 
     };
     // Serializing strings and integers cannot fail; the fallback only keeps this total.
     let body = body.unwrap_or_default();
-    let mut response = super::json(StatusCode::OK, Bytes::from(body));
-    super::no_store(&mut response);
+    let mut response = super::response::json(StatusCode::OK, Bytes::from(body));
+    super::response::no_store(&mut response);
     response
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::Value;
 
-use super::{Signer, SignerError};
+use super::contract::{Signer, SignerError};
 use crate::google::Google;
 
 pub struct IamSigner {

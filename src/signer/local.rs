@@ -23,8 +23,8 @@ use josekit::jwk::KeyPair;
 use josekit::jws::{ES256, RS256};
 use serde_json::{json, Value};
 
-use super::{public_jwk, Signer, SignerError};
-use crate::broker::unix_now;
+use super::contract::{public_jwk, Signer, SignerError};
+use crate::clock::unix_now;
 
 /// A private key ready to sign (aws-lc-rs).
 enum KeyMaterial {

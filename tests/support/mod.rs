@@ -20,8 +20,9 @@ use serde_json::Value;
 use time::{Duration, OffsetDateTime};
 use token_broker::broker::Broker;
 use token_broker::config::Config;
+use token_broker::live::Live;
 use token_broker::metrics::Metrics;
-use token_broker::server::{Live, Server};
+use token_broker::server::Server;
 
 pub const TRUST_DOMAIN: &str = "test.example";
 
