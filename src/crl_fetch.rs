@@ -104,8 +104,12 @@ pub async fn run(current: impl Fn() -> Arc<Broker>, reload: impl Fn() + Send + C
     let mut schedule: HashMap<String, (Instant, u32)> = HashMap::new();
     loop {
         let broker = current();
-        let server = &broker.config.server;
-        let Some(dir) = server.crl_cache_dir.as_ref().map(|d| broker.config.path(d)) else {
+        let server = &broker.config().server;
+        let Some(dir) = server
+            .crl_cache_dir
+            .as_ref()
+            .map(|d| broker.config().path(d))
+        else {
             return;
         };
         let mut updated = false;
@@ -122,7 +126,7 @@ pub async fn run(current: impl Fn() -> Arc<Broker>, reload: impl Fn() + Send + C
                 Err(e) => e.label(),
             };
             broker
-                .metrics
+                .metrics()
                 .crl_fetches
                 .with_label_values(&[source.url.as_str(), label])
                 .inc();
@@ -159,7 +163,7 @@ pub async fn run(current: impl Fn() -> Arc<Broker>, reload: impl Fn() + Send + C
 /// leaves time for retries).
 fn next_refresh(source: &CrlSourceConfig, broker: &Broker) -> Duration {
     let next_update = broker
-        .trust
+        .trust()
         .crls()
         .filter(|crl| crl.source == source.url)
         .filter_map(|crl| crl.next_update)
@@ -273,11 +277,11 @@ fn admit(body: &[u8], source: &CrlSourceConfig, broker: &Broker) -> Result<(), F
     let ders = pem::crls_in(body).map_err(FetchError::Invalid)?;
     for der in ders {
         let crl = broker
-            .trust
+            .trust()
             .admit_crl(&der, source.url.clone())
             .map_err(FetchError::Invalid)?;
         let kept = broker
-            .trust
+            .trust()
             .crls()
             .find(|kept| kept.source == source.url && kept.issuer == crl.info.issuer);
         if let Some(kept) = kept {

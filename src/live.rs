@@ -34,7 +34,7 @@ impl Live {
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
-        self.broker.load().metrics.clone()
+        self.broker.load().metrics().clone()
     }
 
     /// From now on not ready: the process is shutting down.
@@ -56,15 +56,18 @@ impl Live {
         let result = Config::load(path)
             .map_err(|e| Problems(vec![e.to_string()]))
             .and_then(|config| {
-                if config.server.listen != old.config.server.listen
-                    || config.admin.listen != old.config.admin.listen
+                if config.server.listen != old.config().server.listen
+                    || config.admin.listen != old.config().admin.listen
                 {
                     tracing::warn!("listen addresses change only on restart");
                 }
                 Broker::rebuild(config, &old)
             });
         let label = if result.is_ok() { "ok" } else { "error" };
-        old.metrics.config_reloads.with_label_values(&[label]).inc();
+        old.metrics()
+            .config_reloads
+            .with_label_values(&[label])
+            .inc();
         match result {
             Ok(broker) => {
                 log_warnings(&broker);

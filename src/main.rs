@@ -206,40 +206,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(broker) => broker,
                 Err(problems) => return Ok(report_problems(&cli.config, &problems.0)),
             };
-            println!("{}", toml::to_string(&broker.config)?);
-            let roots = broker.trust.cas.iter().filter(|c| c.is_root).count();
-            println!(
-                "# ok: {roots} root CA(s), {} intermediate(s), {} CRL(s), {} client rule(s), flows: {}",
-                broker.trust.cas.len() - roots,
-                broker.trust.crl_count(),
-                broker.rules.len(),
-                broker.flows.names().join(", ")
-            );
-            // Pins as `server.client_ca_pins` takes them, so an operator can pin what is
-            // trusted today; and where each CRL's signature is checked.
-            for ca in &broker.trust.cas {
-                let kind = if ca.is_root { "root" } else { "intermediate" };
-                println!("# {kind} CA {}: pin \"{}\"", ca.subject, ca.pin);
-            }
-            for crl in broker.trust.crls() {
-                let check = if crl.verified_at_load {
-                    "signature verified against the bundle"
-                } else {
-                    "issuer not in the bundle: signature checked per request against the intermediate clients send"
-                };
-                let next_update = crl.next_update.map_or("none".into(), clock::rfc3339);
-                println!(
-                    "# CRL {}: issuer {}, number {}, thisUpdate {}, nextUpdate {next_update}, {} revoked, {check}",
-                    crl.source,
-                    crl.issuer,
-                    crl.number,
-                    clock::rfc3339(crl.this_update),
-                    crl.revoked,
-                );
-            }
-            for warning in broker.warnings(token_broker::clock::unix_now()) {
-                println!("# warning: {warning}");
-            }
+            print!("{}", broker.report(clock::unix_now())?);
             Ok(ExitCode::SUCCESS)
         }
         Command::VerifyCert { chain, at } => {
@@ -278,11 +245,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     cli.config.display()
                 )
             })?;
-            match (broker.signer.jwks(), broker.signer.jwks_uri()) {
+            match (broker.signer().jwks(), broker.signer().jwks_uri()) {
                 (Some(jwks), _) => println!("{}", serde_json::to_string_pretty(jwks)?),
                 (None, Some(uri)) => anyhow::bail!(
                     "the {} signer's keys are published by Google at {uri}",
-                    broker.signer.kind()
+                    broker.signer().kind()
                 ),
                 (None, None) => anyhow::bail!("the signer publishes no keys"),
             }
@@ -401,11 +368,11 @@ fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
         let live = Arc::new(Live::new(broker.clone(), Some(config_path.to_path_buf())));
         let server = Server::bind(live)
             .await
-            .with_context(|| format!("cannot listen on {}", broker.config.server.listen))?;
+            .with_context(|| format!("cannot listen on {}", broker.config().server.listen))?;
         tracing::info!(
             listen = %server.local_addr()?,
             admin = ?server.admin_addr(),
-            issuer = %broker.config.issuer.url,
+            issuer = %broker.config().issuer.url,
             "token-broker serving"
         );
         server.run(shutdown_signal()).await;

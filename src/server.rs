@@ -36,8 +36,8 @@ impl Server {
     /// Binds the TLS and admin listeners (port 0 picks a free port, as tests do).
     pub async fn bind(live: Arc<Live>) -> std::io::Result<Server> {
         let broker = live.current();
-        let listener = TcpListener::bind(broker.config.server.listen).await?;
-        let admin = match broker.config.admin.listen.as_str() {
+        let listener = TcpListener::bind(broker.config().server.listen).await?;
+        let admin = match broker.config().admin.listen.as_str() {
             "" => None,
             addr => Some(TcpListener::bind(addr).await?),
         };
@@ -76,7 +76,7 @@ impl Server {
             ))
         };
         let graceful = GracefulShutdown::new();
-        let max_connections = live.current().config.server.max_connections;
+        let max_connections = live.current().config().server.max_connections;
         let slots = Arc::new(Semaphore::new(max_connections));
         tokio::pin!(shutdown);
         loop {
@@ -113,7 +113,7 @@ impl Server {
         }
         live.start_draining();
         drop(listener);
-        let grace = live.current().config.server.shutdown_grace;
+        let grace = live.current().config().server.shutdown_grace;
         tracing::info!(
             grace_seconds = grace.as_secs(),
             "draining: no new connections, finishing in-flight requests"
@@ -140,8 +140,8 @@ async fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let broker = live.current();
-    let metrics = broker.metrics.clone();
-    let peer = match broker.proxy.accept(&mut stream, socket_peer).await {
+    let metrics = broker.metrics().clone();
+    let peer = match broker.proxy().accept(&mut stream, socket_peer).await {
         Ok(client) => client,
         Err(error) => {
             metrics
@@ -152,8 +152,8 @@ async fn serve_connection(
             return;
         }
     };
-    let config = &broker.config.server;
-    let acceptor = TlsAcceptor::from(broker.tls.clone());
+    let config = &broker.config().server;
+    let acceptor = TlsAcceptor::from(broker.tls());
     let tls = match tokio::time::timeout(config.handshake_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
@@ -207,7 +207,7 @@ async fn watch_for_changes(live: Arc<Live>) {
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut seen = fingerprint(&live.current().watched_files());
     loop {
-        let interval = live.current().config.server.reload_interval;
+        let interval = live.current().config().server.reload_interval;
         let tick = async {
             if interval.is_zero() {
                 std::future::pending::<()>().await
@@ -231,7 +231,7 @@ async fn watch_for_changes(live: Arc<Live>) {
             _ = hup => true,
         };
         let broker = live.current();
-        broker.rules.retain_recent();
+        broker.tidy_rate_limits();
         broker.update_gauges();
         let now = fingerprint(&broker.watched_files());
         if forced || now != seen {

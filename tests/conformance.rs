@@ -1548,7 +1548,7 @@ async fn a_reload_with_a_foreign_crl_keeps_the_old_trust() {
 fn pins_match_openssl() {
     let setup = setup_for(None);
     let broker = build(&setup).unwrap();
-    let root = broker.trust.cas.iter().find(|c| c.is_root).unwrap();
+    let root = broker.trust().cas.iter().find(|c| c.is_root).unwrap();
     assert_eq!(root.pin.to_string(), openssl_pin(&setup.root.pem));
 }
 
@@ -1603,7 +1603,7 @@ fn a_cached_verdict_holds_only_for_its_chain_from_its_time_to_the_paths_expiry()
             .map_err(|r| r.reason())
     };
     let counts = || {
-        let text = String::from_utf8(broker.metrics.render()).unwrap();
+        let text = String::from_utf8(broker.metrics().render()).unwrap();
         let count = |result| {
             support::metric_value(
                 &text,

@@ -5,6 +5,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
+use crate::broker::IssueError;
 use crate::flows::FlowError;
 use crate::google::{Api, UpstreamError};
 use crate::signer::SignerError;
@@ -35,6 +36,19 @@ pub enum TokenError {
     RateLimited(u64),
     #[error(transparent)]
     Flow(#[from] FlowError),
+}
+
+impl From<IssueError> for TokenError {
+    fn from(error: IssueError) -> Self {
+        match error {
+            IssueError::WrongClientId(message) => TokenError::InvalidClient(message),
+            IssueError::RateLimited(seconds) => TokenError::RateLimited(seconds),
+            IssueError::NoFlow(message) => TokenError::InvalidRequest(message),
+            IssueError::FlowNotAllowed(message) => TokenError::UnauthorizedClient(message),
+            IssueError::AudienceNotAllowed(message) => TokenError::InvalidTarget(message),
+            IssueError::Flow(error) => TokenError::Flow(error),
+        }
+    }
 }
 
 impl TokenError {

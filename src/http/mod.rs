@@ -39,14 +39,14 @@ pub async fn handle(
         ),
         "/.well-known/openid-configuration" | "/.well-known/oauth-authorization-server" => (
             "discovery",
-            get_only(&method, || public_json(broker.discovery.clone())),
+            get_only(&method, || public_json(broker.public_documents().0.clone())),
         ),
         "/jwks" => (
             "jwks",
-            get_only(&method, || match broker.signer.jwks_uri() {
+            get_only(&method, || match broker.signer().jwks_uri() {
                 // The keys are Google's (IAM signer): send verifiers there.
                 Some(uri) => redirect(uri),
-                None => public_json(broker.jwks.clone()),
+                None => public_json(broker.public_documents().1.clone()),
             }),
         ),
         "/token" => {
@@ -69,7 +69,7 @@ pub async fn handle(
         }
     };
     broker
-        .metrics
+        .metrics()
         .request_duration
         .with_label_values(&[route])
         .observe(started.elapsed().as_secs_f64());

@@ -7,12 +7,9 @@ use hyper::body::Incoming;
 
 use super::conn::ConnInfo;
 use super::error::TokenError;
-use crate::broker::{Authenticated, Broker};
-use crate::cache::CacheKey;
-use crate::claims::Subject;
+use crate::broker::{Broker, Decided};
 use crate::clock::unix_now;
-use crate::flows::{Flow, FlowError, MintContext, Minted, TokenRequest};
-use crate::google::UpstreamError;
+use crate::flows::{Minted, TokenRequest};
 use crate::redact::echo;
 use crate::trust::Refusal;
 use sha2::{Digest, Sha256};
@@ -42,8 +39,8 @@ pub async fn handle(
         request_id: uuid::Uuid::new_v4().to_string(),
         ..Audit::default()
     };
-    let result = issue(broker, conn, request, &mut audit).await;
-    let metrics = &broker.metrics;
+    let result = answer(broker, conn, request, &mut audit).await;
+    let metrics = &broker.metrics();
     match result {
         Ok(minted) => {
             let flow = audit.flow.unwrap_or_default();
@@ -106,13 +103,13 @@ fn log_decision(conn: &ConnInfo, audit: &Audit, result: &str, reason: Option<&st
     );
 }
 
-async fn issue(
+async fn answer(
     broker: &Broker,
     conn: &ConnInfo,
     request: Request<Incoming>,
     audit: &mut Audit,
 ) -> Result<Minted, TokenError> {
-    let server = &broker.config.server;
+    let server = &broker.config().server;
     let body = tokio::time::timeout(
         server.request_header_timeout,
         read_form_body(request, server.max_body_bytes),
@@ -149,106 +146,13 @@ async fn issue(
     audit.sha256 = Some(auth.identity.sha256_hex.clone());
     audit.serial = Some(auth.identity.serial.clone());
 
-    if let Some(client_id) = &params.client_id {
-        if *client_id != auth.rule.client_id {
-            return Err(TokenError::InvalidClient(format!(
-                "client_id {} does not match this certificate's client {:?}",
-                echo(client_id),
-                auth.rule.client_id
-            )));
-        }
-    }
-
-    auth.rule
-        .check_rate(&auth.identity.sha256_hex)
-        .map_err(TokenError::RateLimited)?;
-
-    let flow = broker.flows.select(&params).ok_or_else(|| {
-        TokenError::InvalidRequest(
-            "no enabled flow accepts this combination of parameters (scope, service_account, target_audience)".into(),
-        )
-    })?;
-    audit.flow = Some(flow.name());
-    if !auth.rule.allows_flow(flow.name()) {
-        return Err(TokenError::UnauthorizedClient(format!(
-            "flow {:?} is not allowed for client {:?}",
-            flow.name(),
-            auth.rule.client_id
-        )));
-    }
-
-    let audience = audience_for(broker, flow, &auth, &params)?;
-    audit.audience = Some(audience.clone());
-    let ctx = MintContext {
-        who: Subject {
-            identity: &auth.identity,
-            rule: auth.rule,
-            subject: &auth.subject,
-            audience: &audience,
-        },
-        request: &params,
-        now,
-        metrics: &broker.metrics,
-    };
-    flow.authorize(auth.rule, &params)?;
-    let minted = if flow.calls_upstream() {
-        let key = CacheKey {
-            cert_sha256: auth.identity.sha256_hex.clone(),
-            rule: auth.rule.name.clone(),
-            flow: flow.name(),
-            audience: audience.clone(),
-            scopes: params.scopes(),
-            service_account: params.service_account.clone(),
-            target_audience: params.target_audience.clone(),
-        };
-        // One deadline for the whole request, however many upstream calls it takes.
-        let deadline = broker
-            .config
-            .google
-            .as_ref()
-            .map_or(std::time::Duration::from_secs(10), |g| g.deadline);
-        tokio::time::timeout(deadline, broker.cache.get_or_mint(key, flow.mint(&ctx)))
-            .await
-            .map_err(|_| {
-                FlowError::Upstream(UpstreamError::DeadlineExceeded(deadline.as_secs()))
-            })??
-    } else {
-        flow.mint(&ctx).await?
-    };
+    let mut decided = Decided::default();
+    let result = broker.issue(&auth, &params, now, &mut decided).await;
+    audit.flow = decided.flow;
+    audit.audience = decided.audience;
+    let minted = result?;
     audit.jti = Some(minted.jti.clone());
     Ok(minted)
-}
-
-/// The broker token's `aud`: fixed by Google flows (the provider's audience), else the
-/// requested or default audience, which the client rule must allow.
-fn audience_for(
-    broker: &Broker,
-    flow: &dyn Flow,
-    auth: &Authenticated<'_>,
-    params: &TokenRequest,
-) -> Result<String, TokenError> {
-    let refuse = |audience: &str, allowed: &str| {
-        TokenError::InvalidTarget(format!(
-            "audience {} is not allowed for client {:?} (allowed: {allowed})",
-            echo(audience),
-            auth.rule.client_id,
-        ))
-    };
-    if let Some(fixed) = flow.subject_audience() {
-        return match params.audience.as_deref() {
-            Some(asked) if asked != fixed => Err(refuse(asked, fixed)),
-            _ => Ok(fixed.to_owned()),
-        };
-    }
-    let audience = params
-        .audience
-        .clone()
-        .unwrap_or_else(|| broker.config.issuer.default_audience().to_owned());
-    if auth.rule.audiences.contains(&audience) {
-        Ok(audience)
-    } else {
-        Err(refuse(&audience, &auth.rule.audiences.join(", ")))
-    }
 }
 
 async fn read_form_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, TokenError> {

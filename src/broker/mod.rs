@@ -3,6 +3,11 @@
 //! `serve`, `check-config`, `verify-cert` and `jwks` all go through [`Broker::build`] and
 //! [`Broker::authenticate`], so the CLI can never disagree with the server.
 
+mod issue;
+mod report;
+
+pub use issue::{Decided, IssueError};
+
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
@@ -41,22 +46,21 @@ impl fmt::Display for Problems {
 impl std::error::Error for Problems {}
 
 pub struct Broker {
-    pub config: Config,
+    config: Config,
     /// Chains validated by this build's trust store.
     verified: VerifiedChains,
-    pub google: Option<Arc<Google>>,
     /// Survives reloads: replacing it would cost every device an upstream call.
-    pub cache: Arc<TokenCache>,
-    pub proxy: ProxyPolicy,
-    pub trust: TrustStore,
-    pub rules: ClientRules,
-    pub signer: Arc<dyn Signer>,
-    pub flows: Registry,
-    pub tls: Arc<rustls::ServerConfig>,
-    pub metrics: Arc<Metrics>,
+    cache: Arc<TokenCache>,
+    proxy: ProxyPolicy,
+    trust: TrustStore,
+    rules: ClientRules,
+    signer: Arc<dyn Signer>,
+    flows: Registry,
+    tls: Arc<rustls::ServerConfig>,
+    metrics: Arc<Metrics>,
     /// Pre-rendered public documents: served on every request, never change until reload.
-    pub discovery: Bytes,
-    pub jwks: Bytes,
+    discovery: Bytes,
+    jwks: Bytes,
 }
 
 /// Chains that passed validation in this build, so a device that reconnects (or sends
@@ -243,7 +247,6 @@ impl Broker {
                 let broker = Broker {
                     verified: VerifiedChains::new(config.server.verified_chain_cache),
                     config,
-                    google,
                     cache,
                     proxy,
                     trust,
@@ -260,6 +263,44 @@ impl Broker {
             }
             _ => Err(Problems(problems)),
         }
+    }
+
+    /// The configuration this broker was built from.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The client CA bundle and CRLs of this build.
+    pub fn trust(&self) -> &TrustStore {
+        &self.trust
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The TLS configuration the listener hands new connections.
+    pub fn tls(&self) -> Arc<rustls::ServerConfig> {
+        self.tls.clone()
+    }
+
+    /// Who may send a PROXY header.
+    pub fn proxy(&self) -> &ProxyPolicy {
+        &self.proxy
+    }
+
+    /// The discovery document and the JWKS, rendered once per build.
+    pub fn public_documents(&self) -> (&Bytes, &Bytes) {
+        (&self.discovery, &self.jwks)
+    }
+
+    pub fn signer(&self) -> &dyn Signer {
+        self.signer.as_ref()
+    }
+
+    /// Forgets rate-limit state of certificates not seen for a while.
+    pub fn tidy_rate_limits(&self) {
+        self.rules.retain_recent();
     }
 
     /// Every file whose change should trigger a reload (folders expanded now).
