@@ -1,13 +1,17 @@
-//! Prometheus metrics (prefix `token_broker_`), as listed in DESIGN.md.
+//! Prometheus metrics (prefix `token_broker_`), as listed in docs/reference/metrics.md.
 //!
 //! Label values are bounded: flow names, rule names, refusal reasons, status codes and error
 //! codes, never subjects or serials. One registry per [`Metrics`] so tests can run several
 //! brokers in one process.
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     Opts, Registry, TextEncoder,
 };
+
+/// Prepended (with `_`) to every metric's name by the registry.
+const PREFIX: &str = "token_broker";
 
 pub struct Metrics {
     registry: Registry,
@@ -35,29 +39,17 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let registry = Registry::new_custom(Some("token_broker".into()), None)
+        let registry = Registry::new_custom(Some(PREFIX.into()), None)
             .expect("static registry prefix is valid");
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
+            IntCounterVec::new(Opts::new(name, help), labels).expect("static metric")
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            let g = GaugeVec::new(Opts::new(name, help), labels).expect("static metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
+            GaugeVec::new(Opts::new(name, help), labels).expect("static metric")
         };
         let histogram = |name: &str, help: &str, label: &str, buckets: Vec<f64>| {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[label])
-                .expect("static metric");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
-            h
+            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[label])
+                .expect("static metric")
         };
         let fast = vec![
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -163,18 +155,78 @@ impl Metrics {
             ),
             registry,
         };
-        for g in [
-            Box::new(metrics.open_connections.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(metrics.ca_cert_expiry.clone()),
-            Box::new(metrics.signing_key_expiry.clone()),
-            Box::new(metrics.cache_hits.clone()),
-            Box::new(metrics.cache_misses.clone()),
-            Box::new(metrics.verified_chain_hits.clone()),
-            Box::new(metrics.verified_chain_misses.clone()),
-        ] {
-            metrics.registry.register(g).expect("unique metric");
+        for collector in metrics.collectors() {
+            metrics.registry.register(collector).expect("unique metric");
         }
         metrics
+    }
+
+    /// Every metric, once: what `new` registers and what [`Metrics::catalogue`] lists. The
+    /// exhaustive pattern makes a new field a compile error until it is added here.
+    fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        let Metrics {
+            registry: _,
+            tokens_issued,
+            token_requests,
+            cert_rejections,
+            tls_handshakes,
+            request_duration,
+            signer_duration,
+            upstream_requests,
+            upstream_duration,
+            cache_hits,
+            cache_misses,
+            verified_chain_hits,
+            verified_chain_misses,
+            config_reloads,
+            signing_key_expiry,
+            open_connections,
+            refused_connections,
+            ca_cert_expiry,
+            crl_fetches,
+            crl_this_update,
+            crl_next_update,
+        } = self;
+        vec![
+            Box::new(tokens_issued.clone()),
+            Box::new(token_requests.clone()),
+            Box::new(cert_rejections.clone()),
+            Box::new(tls_handshakes.clone()),
+            Box::new(request_duration.clone()),
+            Box::new(signer_duration.clone()),
+            Box::new(upstream_requests.clone()),
+            Box::new(upstream_duration.clone()),
+            Box::new(cache_hits.clone()),
+            Box::new(cache_misses.clone()),
+            Box::new(verified_chain_hits.clone()),
+            Box::new(verified_chain_misses.clone()),
+            Box::new(config_reloads.clone()),
+            Box::new(signing_key_expiry.clone()),
+            Box::new(open_connections.clone()),
+            Box::new(refused_connections.clone()),
+            Box::new(ca_cert_expiry.clone()),
+            Box::new(crl_fetches.clone()),
+            Box::new(crl_this_update.clone()),
+            Box::new(crl_next_update.clone()),
+        ]
+    }
+
+    /// Every metric's exposed name and label names, including labelled metrics that have no
+    /// sample yet (the exposition leaves those out).
+    pub fn catalogue(&self) -> Vec<(String, Vec<String>)> {
+        self.collectors()
+            .iter()
+            .flat_map(|collector| {
+                collector
+                    .desc()
+                    .into_iter()
+                    .map(|desc| {
+                        let name = format!("{PREFIX}_{}", desc.fq_name);
+                        (name, desc.variable_labels.clone())
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// The Prometheus text exposition of every metric.

@@ -37,7 +37,7 @@ pub trait Signer: Send + Sync {
     async fn sign(&self, payload: &str) -> Result<String, SignerError>;
 }
 
-/// The public JWK of a key, exactly the members DESIGN.md allows, with `kid` set to the
+/// The public JWK of a key, exactly the members docs/reference/http.md allows, with `kid` set to the
 /// RFC 7638 thumbprint. `public` is the key's own JWK (with `kty` and its key members).
 pub(crate) fn public_jwk(alg: &str, public: &Map<String, Value>) -> Result<Value, SignerError> {
     let member = |name: &str| -> Result<&str, SignerError> {
