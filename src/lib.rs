@@ -4,39 +4,33 @@
 //! the chain itself, turns the certificate into an [`identity::Identity`], matches it to a
 //! client rule, and lets a flow from the [`flows`] registry mint a token.
 //!
-//! Crate map (see `ARCHITECTURE.md` for the request's path):
-//! - [`config`]: the TOML contract, with every problem collected rather than the first.
-//! - [`broker`]: the loaded, validated state shared by the server and the CLI.
-//! - [`tls`]: rustls server configuration; the handshake checks proof of possession only.
-//! - [`trust`]: CA bundle + CRLs and chain validation (webpki) with stable refusal reasons.
-//! - [`identity`]: what a certificate says about its holder (x509-parser).
-//! - [`clients`]: `[[clients]]` rules: who may get what.
-//! - [`claims`]: the broker's own ID token claims.
-//! - [`flows`]: the pluggable token flows and their registry.
-//! - [`signer`]: JWT signing keys and the JWKS (local keys or Google IAM `signJwt`).
-//! - [`google`]: STS, IAM Credentials and the broker's own Google credentials, with retries.
-//! - [`cache`]: minted tokens, shared by identical requests (single-flight).
-//! - [`http`]: routing, the token endpoint and the one mapping from errors to RFC 6749 answers.
-//! - [`server`]: listeners, connection handling and shutdown.
-//! - [`metrics`] / [`admin`]: Prometheus metrics and the plain-HTTP admin listener.
-//! - [`logging`]: the JSON log line format and the buffered stderr writer (audit lines are
-//!   on every token's path).
-//! - [`devpki`]: the development PKI made by `init` and the first `serve`.
-//! - [`client`] / [`agent`]: the device side: `token` and the GCE metadata-server emulator.
+//! Crate map, top layer first; a module imports only from layers below it
+//! (`ARCHITECTURE.md` has the request's path, `tests/layers.rs` holds the rule):
+//! - The server edge: [`server`] (listeners, connections, reload, shutdown), [`live`] (the
+//!   broker serving now), [`tls`] (the handshake checks proof of possession only),
+//!   [`proxy`] (PROXY v2), [`http`] (routing, the token endpoint, the one mapping from errors
+//!   to RFC 6749 answers), [`admin`] (metrics and health), [`crl_fetch`] (downloaded CRLs).
+//! - The decision: [`broker`]: everything loaded and checked; `authenticate`, then `issue`.
+//! - The mechanisms below it: [`trust`] (CA bundle, CRLs, chain validation, refusal
+//!   reasons), [`crl`], [`identity`], [`clients`] (`[[clients]]` rules), [`flows`] (one file
+//!   per flow, and their registry), [`claims`], [`signer`], [`google`] (transport, STS, IAM
+//!   Credentials, the broker's own credentials), [`cache`] (minted tokens, single-flight).
+//! - The device side, on its own: [`device`] (`token` and the metadata agent).
+//! - Small bottom modules: [`config`], [`clock`], [`crypto`], [`pem`], [`logging`],
+//!   [`metrics`], [`redact`], [`devpki`].
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod agent;
 pub mod broker;
 pub mod cache;
 pub mod claims;
-pub mod client;
 pub mod clients;
 pub mod clock;
 pub mod config;
 pub mod crl;
 pub mod crl_fetch;
 pub mod crypto;
+pub mod device;
 pub mod devpki;
 pub mod flows;
 pub mod google;

@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use token_broker::agent::AgentConfig;
 use token_broker::broker::{issuer_url, Broker};
-use token_broker::client::{
+use token_broker::config::Config;
+use token_broker::device::agent::AgentConfig;
+use token_broker::device::client::{
     self, BrokerClient, CachingClient, ClientError, TokenCacheFile, TokenParams,
 };
-use token_broker::config::Config;
 use token_broker::live::Live;
 use token_broker::logging::BufferedLines;
 use token_broker::metrics::Metrics;
@@ -303,7 +303,7 @@ fn token(args: TokenArgs) -> ExitCode {
 }
 
 fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
-    token_broker::agent::check_listen(args.listen, args.allow_remote)
+    token_broker::device::agent::check_listen(args.listen, args.allow_remote)
         .map_err(anyhow::Error::msg)?;
     let client = device_client(&args.device)?;
     let config = AgentConfig {
@@ -319,7 +319,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         tracing::info!(listen = %listener.local_addr()?, "metadata agent serving; set GCE_METADATA_HOST to this address");
         tokio::select! {
-            _ = token_broker::agent::serve(listener, config, CachingClient::new(client)) => {}
+            _ = token_broker::device::agent::serve(listener, config, CachingClient::new(client)) => {}
             _ = shutdown_signal() => {}
         }
         anyhow::Ok(())

@@ -11,7 +11,7 @@ use std::process::Command;
 use serde_json::Value;
 use support::fake_google::{FakeGoogle, FakeGoogleConfig};
 use support::{Leaf, LeafSpec, Setup, TestBroker, ISSUER};
-use token_broker::client::{BrokerClient, CachingClient};
+use token_broker::device::client::{BrokerClient, CachingClient};
 
 const RUNNER: &str = "runner@fake-project.iam.gserviceaccount.com";
 const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -266,13 +266,13 @@ async fn start_agent(broker: &TestBroker, device: &Device) -> std::net::SocketAd
         BrokerClient::new(&broker.url(""), &device.cert, &device.key, Some(&device.ca)).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = token_broker::agent::AgentConfig {
+    let config = token_broker::device::agent::AgentConfig {
         service_account: RUNNER.into(),
         scopes: vec![CLOUD_PLATFORM.into()],
         project_id: "fake-project".into(),
         numeric_project_id: "123456789012".into(),
     };
-    tokio::spawn(token_broker::agent::serve(
+    tokio::spawn(token_broker::device::agent::serve(
         listener,
         config,
         CachingClient::new(client),

@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::client::{CachingClient, TokenParams};
+use crate::device::client::{CachingClient, TokenParams};
 
 pub struct AgentConfig {
     pub service_account: String,
@@ -248,7 +248,7 @@ impl Agent {
 }
 
 /// The broker's refusal, passed on so the library's error says why.
-fn upstream_error(error: &crate::client::ClientError) -> Response<Full<Bytes>> {
+fn upstream_error(error: &crate::device::client::ClientError) -> Response<Full<Bytes>> {
     let status = match error.exit_code() {
         2 => StatusCode::FORBIDDEN,
         _ => StatusCode::SERVICE_UNAVAILABLE,

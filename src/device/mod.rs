@@ -1,0 +1,6 @@
+//! The device side: asking a broker for a token over mutual TLS (`token-broker token`) and
+//! serving it to Google's client libraries as a GCE metadata server (`token-broker agent`).
+//! It shares only the bottom modules with the server (time, crypto, PEM files, identity).
+
+pub mod agent;
+pub mod client;
