@@ -433,13 +433,13 @@ fn default_metadata_url() -> String {
 fn default_request_timeout() -> Duration {
     Duration::from_secs(5)
 }
-fn default_upstream_deadline() -> Duration {
+pub(crate) fn default_upstream_deadline() -> Duration {
     Duration::from_secs(10)
 }
-fn default_refresh_margin() -> Duration {
+pub(crate) fn default_refresh_margin() -> Duration {
     Duration::from_secs(300)
 }
-fn default_cache_capacity() -> u64 {
+pub(crate) fn default_cache_capacity() -> u64 {
     10_000
 }
 fn default_access_token_lifetime() -> Duration {

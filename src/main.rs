@@ -148,7 +148,7 @@ struct AgentArgs {
     /// Default scopes (comma-separated).
     #[arg(
         long,
-        default_value = "https://www.googleapis.com/auth/cloud-platform",
+        default_value = token_broker::google::CLOUD_PLATFORM,
         value_delimiter = ','
     )]
     scopes: Vec<String>,

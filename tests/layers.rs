@@ -26,11 +26,7 @@ const LAYERS: &[&[&str]] = &[
 ];
 
 /// Imports within one layer that are part of the design.
-const SAME_LAYER: &[(&str, &str)] = &[
-    ("server", "admin"),
-    ("claims", "clients"),
-    ("crl", "pem"),
-];
+const SAME_LAYER: &[(&str, &str)] = &[("server", "admin"), ("claims", "clients"), ("crl", "pem")];
 
 /// What must never be imported, whatever the layers say (the "absent" invariants of
 /// ARCHITECTURE.md).

@@ -4,6 +4,7 @@
 
 use crate::cache::CacheKey;
 use crate::claims::Subject;
+use crate::config::default_upstream_deadline;
 use crate::flows::{Flow, FlowError, MintContext, Minted, TokenRequest};
 use crate::google::UpstreamError;
 use crate::redact::echo;
@@ -37,10 +38,6 @@ pub struct Decided {
     pub flow: Option<&'static str>,
     pub audience: Option<String>,
 }
-
-/// The deadline of a request that calls upstream when `[google]` sets none (flows that call
-/// upstream need `[google]`, so this only bounds a misbuilt registry).
-const DEFAULT_UPSTREAM_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Broker {
     /// Issues a token for `auth` at `now`: the client id, the per-certificate rate, the
@@ -113,7 +110,7 @@ impl Broker {
             .config
             .google
             .as_ref()
-            .map_or(DEFAULT_UPSTREAM_DEADLINE, |g| g.deadline);
+            .map_or_else(default_upstream_deadline, |g| g.deadline);
         let minted = tokio::time::timeout(deadline, self.cache.get_or_mint(key, flow.mint(&ctx)))
             .await
             .map_err(|_| {

@@ -22,7 +22,10 @@ use crate::cache::TokenCache;
 use crate::claims::{self, Subject};
 use crate::clients::{ClientRule, ClientRules};
 use crate::clock::rfc3339;
-use crate::config::{Config, RevocationPolicy, SignerConfig, MAX_TOKEN_TTL};
+use crate::config::{
+    default_cache_capacity, default_refresh_margin, Config, RevocationPolicy, SignerConfig,
+    MAX_TOKEN_TTL,
+};
 use crate::flows::{self, FlowDeps, Registry};
 use crate::google::Google;
 use crate::identity::Identity;
@@ -237,7 +240,7 @@ impl Broker {
                     let (capacity, margin) = config
                         .google
                         .as_ref()
-                        .map_or((10_000, std::time::Duration::from_secs(300)), |g| {
+                        .map_or((default_cache_capacity(), default_refresh_margin()), |g| {
                             (g.cache_capacity, g.refresh_margin)
                         });
                     Arc::new(TokenCache::new(capacity, margin, metrics.clone()))

@@ -206,4 +206,4 @@ impl GoogleFlowBase {
 }
 
 /// The scope of the federated token when it only serves to call IAM Credentials.
-pub(crate) const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
+pub(crate) use crate::google::CLOUD_PLATFORM;

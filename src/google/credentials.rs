@@ -12,10 +12,10 @@ use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
 use super::transport::{expiry, AccessToken, Api, Transport, UpstreamError};
+use super::CLOUD_PLATFORM;
 use crate::clock::unix_now;
 use crate::config::GoogleConfig;
 
-const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
 const REFRESH_BEFORE_EXPIRY: i64 = 60;
 
 enum Source {

@@ -20,6 +20,9 @@ use credentials::Credentials;
 use transport::{expiry, Transport, MAX_LIFETIME};
 pub use transport::{AccessToken, Api, UpstreamError};
 
+/// The scope of full Google Cloud access (IAM decides what it allows).
+pub const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
+
 pub struct Google {
     transport: Transport,
     credentials: Credentials,
