@@ -1,0 +1,280 @@
+//! The client CA bundle, CRLs, and chain validation.
+//!
+//! Validation is webpki's (the same code rustls uses), run by the broker after the handshake
+//! rather than inside it, so that a refused certificate gets an HTTP answer with a precise
+//! reason instead of a bare TLS alert. On top of webpki the broker adds its own policy:
+//! a `clientAuth` EKU must be present (webpki accepts a leaf without EKU), the leaf key
+//! must be one we accept, a CA certificate on the path must be allowed to sign
+//! certificates by its keyUsage (webpki ignores keyUsage), and a client may send only a
+//! few certificates of bounded size (path building costs grow with them).
+//!
+//! Revocation is checked by the broker, inside webpki's path building (so a revoked path
+//! makes it try the alternatives), by webpki's rules, but with each CRL's signature
+//! verified once per issuer key instead of on every use. CRLs with an
+//! issuingDistributionPoint (partitioned CRLs) turn this off: webpki then checks them all.
+//!
+//! Bundle semantics (as OpenSSL's): self-issued certificates are trust anchors; the others
+//! are intermediates that help build paths but are never trusted on their own. Loading
+//! refuses what could never work or would be trusted by mistake: a non-CA or a CA that may
+//! not sign certificates, a root whose EKU excludes clientAuth, a root not matching
+//! `client_ca_pins` when pins are set, and a CRL that claims a bundle CA as its issuer but
+//! is not validly signed by it. The policy, case by case, is in `docs/validation.md`.
+
+mod limits;
+mod refusal;
+mod verify;
+
+use std::path::{Path, PathBuf};
+
+use rustls_pki_types::{CertificateDer, TrustAnchor};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+pub use limits::{MAX_CERTIFICATE_BYTES, MAX_SENT_CERTIFICATES, MAX_SENT_SAME_SUBJECT};
+pub use refusal::{leaf_parse_refusal, Refusal, Which};
+
+use crate::config::{RevocationPolicy, SpkiPin};
+use crate::crl::{spki_contents, Crl, CrlInfo};
+use crate::pem;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    #[error(transparent)]
+    File(#[from] pem::PemError),
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{origin}: {message}")]
+    Crl { origin: String, message: String },
+}
+
+/// A CA certificate of the bundle, for `/readyz`, metrics and `check-config`.
+#[derive(Debug, Clone)]
+pub struct CaInfo {
+    pub subject: String,
+    pub not_after: i64,
+    pub is_root: bool,
+    /// Its public-key pin, as `client_ca_pins` takes it.
+    pub pin: SpkiPin,
+}
+
+/// What loading keeps of a bundle CA to verify CRLs against it.
+struct BundleCa {
+    subject: String,
+    /// Contents of its subject Name, as webpki and [`Crl`] compare names.
+    subject_raw: Vec<u8>,
+    /// SubjectPublicKeyInfo contents (without the outer SEQUENCE), as webpki keeps keys.
+    spki: Vec<u8>,
+    /// keyUsage absent or including cRLSign.
+    may_sign_crls: bool,
+}
+
+pub struct TrustStore {
+    /// The TLS provider's algorithms: one source of truth for handshake and chain. webpki
+    /// has no SHA-1, and its RSA needs 2048 bits.
+    algorithms: &'static [&'static dyn rustls_pki_types::SignatureVerificationAlgorithm],
+    anchors: Vec<TrustAnchor<'static>>,
+    /// The roots' validity (notBefore, notAfter, subject), in `anchors` order: webpki
+    /// trusts an anchor whatever its dates, the broker does not.
+    anchor_validity: Vec<(i64, i64, String)>,
+    bundle_cas: Vec<BundleCa>,
+    revocation: RevocationPolicy,
+    intermediates: Vec<CertificateDer<'static>>,
+    crls: Vec<Crl>,
+    /// No CRL has an issuingDistributionPoint, so the broker checks revocation itself
+    /// ([`TrustStore::check_revocation`]); partitioned CRLs are left to webpki, whose scope
+    /// rules for them are not repeated here.
+    own_revocation_check: bool,
+    /// The earliest nextUpdate of the CRLs (`i64::MAX` without CRLs).
+    crls_valid_until: i64,
+    /// Subjects of the roots, sent in the CertificateRequest so clients pick the right cert.
+    pub root_subjects: Vec<rustls::DistinguishedName>,
+    pub cas: Vec<CaInfo>,
+}
+
+impl TrustStore {
+    /// Loads the bundle and the CRLs (as read by [`pem::crls`]). `pins`, when not empty,
+    /// must cover every root.
+    pub fn load(
+        bundle: &Path,
+        crls: Vec<pem::CrlBlock>,
+        pins: &[SpkiPin],
+        revocation: RevocationPolicy,
+    ) -> Result<TrustStore, TrustError> {
+        let certs = pem::certificate_bundle(bundle)?;
+        let mut store = TrustStore {
+            algorithms: crate::crypto::provider()
+                .signature_verification_algorithms
+                .all,
+            anchors: Vec::new(),
+            anchor_validity: Vec::new(),
+            bundle_cas: Vec::new(),
+            revocation,
+            intermediates: Vec::new(),
+            crls: Vec::new(),
+            own_revocation_check: true,
+            crls_valid_until: i64::MAX,
+            root_subjects: Vec::new(),
+            cas: Vec::new(),
+        };
+        let mut unpinned = Vec::new();
+        for (index, der) in certs.into_iter().enumerate() {
+            let invalid = |message: String| TrustError::Invalid {
+                path: bundle.to_owned(),
+                message: format!("certificate #{}: {message}", index + 1),
+            };
+            let (_, cert) = X509Certificate::from_der(&der).map_err(|e| invalid(e.to_string()))?;
+            if !cert.is_ca() {
+                return Err(invalid(format!(
+                    "{} is not a CA certificate (basicConstraints CA:TRUE required)",
+                    cert.subject()
+                )));
+            }
+            // webpki ignores keyUsage on CAs; RFC 5280 4.2.1.3 says a CA whose keyUsage
+            // lacks keyCertSign must not sign certificates, so it cannot be one of ours.
+            let key_usage = cert.key_usage().map_err(|e| invalid(e.to_string()))?;
+            if key_usage
+                .as_ref()
+                .is_some_and(|ku| !ku.value.key_cert_sign())
+            {
+                return Err(invalid(format!(
+                    "{} has a keyUsage without keyCertSign: it may not issue certificates",
+                    cert.subject()
+                )));
+            }
+            let is_root = cert.subject().as_raw() == cert.issuer().as_raw();
+            // webpki checks EKU on intermediates but knows nothing of a root's; a root
+            // restricted to other purposes (e.g. serverAuth only) cannot anchor client
+            // certificates, as OpenSSL and Go would also decide.
+            let eku = cert
+                .extended_key_usage()
+                .map_err(|e| invalid(e.to_string()))?;
+            if is_root && eku.is_some_and(|e| !e.value.client_auth && !e.value.any) {
+                return Err(invalid(format!(
+                    "root CA {} has an extendedKeyUsage without clientAuth: it cannot anchor client certificates",
+                    cert.subject()
+                )));
+            }
+            let pin = SpkiPin::of_spki(cert.public_key().raw);
+            if is_root && !pins.is_empty() && !pins.contains(&pin) {
+                unpinned.push(format!("{} (its pin: \"{pin}\")", cert.subject()));
+            }
+            store.cas.push(CaInfo {
+                subject: cert.subject().to_string(),
+                not_after: cert.validity().not_after.timestamp(),
+                is_root,
+                pin,
+            });
+            store.bundle_cas.push(BundleCa {
+                subject: cert.subject().to_string(),
+                subject_raw: crate::crl::name_contents(cert.subject().as_raw()).to_vec(),
+                spki: spki_contents(cert.public_key().raw)
+                    .ok_or_else(|| invalid("malformed subjectPublicKeyInfo".into()))?
+                    .to_vec(),
+                may_sign_crls: key_usage.as_ref().is_none_or(|ku| ku.value.crl_sign()),
+            });
+            if is_root {
+                let anchor = webpki::anchor_from_trusted_cert(&der)
+                    .map_err(|e| invalid(format!("not usable as a trust anchor: {e}")))?
+                    .to_owned();
+                store
+                    .root_subjects
+                    .push(rustls::DistinguishedName::in_sequence(
+                        anchor.subject.as_ref(),
+                    ));
+                store.anchors.push(anchor);
+                store.anchor_validity.push((
+                    cert.validity().not_before.timestamp(),
+                    cert.validity().not_after.timestamp(),
+                    cert.subject().to_string(),
+                ));
+            } else {
+                store.intermediates.push(der);
+            }
+        }
+        if store.anchors.is_empty() {
+            return Err(TrustError::Invalid {
+                path: bundle.to_owned(),
+                message: "no root CA (self-signed certificate) in the bundle; intermediates alone cannot anchor trust".into(),
+            });
+        }
+        if !unpinned.is_empty() {
+            return Err(TrustError::Invalid {
+                path: bundle.to_owned(),
+                message: format!(
+                    "root CA not pinned by server.client_ca_pins: {}; if it is legitimate, add its pin",
+                    unpinned.join(", ")
+                ),
+            });
+        }
+        for block in crls {
+            let crl = store
+                .admit_crl(&block.der, block.source.clone())
+                .map_err(|message| TrustError::Crl {
+                    origin: block.source,
+                    message,
+                })?;
+            store.add_crl(crl);
+        }
+        Ok(store)
+    }
+
+    /// Parses a CRL and checks it as loading does: a CRL naming a bundle CA must be signed
+    /// by it, checked once here, so a wrong or corrupted CRL fails check-config (or a
+    /// refresh, or a reload, keeping the old state) instead of refusing every certificate
+    /// of that CA at request time. A CRL of an intermediate the clients send cannot be
+    /// checked before a client sends it; it is checked against that intermediate's key on
+    /// the first path using it.
+    pub fn admit_crl(&self, der: &[u8], source: String) -> Result<Crl, String> {
+        let mut crl = Crl::parse(der, source)?;
+        let issuer = crl.info.issuer.clone();
+        let named: Vec<&BundleCa> = self
+            .bundle_cas
+            .iter()
+            .filter(|ca| ca.subject_raw == crl.issuer_raw)
+            .collect();
+        if !named.is_empty() {
+            match named
+                .iter()
+                .find(|ca| crl.signed_by(&ca.spki, self.algorithms))
+            {
+                None => return Err(format!(
+                    "CRL of {issuer} is not validly signed by the CA {issuer} of the client CA bundle: a CRL of another CA with the same name, a corrupted file, or a signature algorithm the broker does not accept (SHA-1)"
+                )),
+                Some(ca) if !ca.may_sign_crls => return Err(format!(
+                    "CRL of {issuer}, whose keyUsage does not include cRLSign: it may not issue CRLs"
+                )),
+                Some(_) => crl.info.verified_at_load = true,
+            }
+        }
+        Ok(crl)
+    }
+
+    fn add_crl(&mut self, crl: Crl) {
+        // A CRL without nextUpdate never expires for webpki either.
+        self.crls_valid_until = self.crls_valid_until.min(crl.next_update);
+        self.own_revocation_check &= crl.list.issuing_distribution_point().is_none();
+        self.crls.push(crl);
+    }
+
+    /// The loaded CRLs, in the order they were configured.
+    pub fn crls(&self) -> impl Iterator<Item = &CrlInfo> {
+        self.crls.iter().map(|crl| &crl.info)
+    }
+
+    pub fn revocation(&self) -> RevocationPolicy {
+        self.revocation
+    }
+
+    /// The CAs of the bundle no CRL names: their certificates' revocation is not checked
+    /// (`best-effort`) or they are refused `crl_missing` (`require`).
+    pub fn cas_without_crl(&self) -> Vec<&str> {
+        self.bundle_cas
+            .iter()
+            .filter(|ca| !self.crls.iter().any(|crl| crl.issuer_raw == ca.subject_raw))
+            .map(|ca| ca.subject.as_str())
+            .collect()
+    }
+
+    pub fn crl_count(&self) -> usize {
+        self.crls.len()
+    }
+}
