@@ -533,9 +533,9 @@ fn build_matcher(m: &MatchConfig, problems: &mut Vec<String>) -> Matcher {
 
 #[cfg(test)]
 mod tests_support {
-    pub use super::*;
+    pub(super) use super::*;
 
-    pub fn parse(toml_text: &str) -> Vec<ClientRuleConfig> {
+    pub(super) fn parse(toml_text: &str) -> Vec<ClientRuleConfig> {
         #[derive(serde::Deserialize)]
         struct W {
             clients: Vec<ClientRuleConfig>,
@@ -543,7 +543,7 @@ mod tests_support {
         toml::from_str::<W>(toml_text).unwrap().clients
     }
 
-    pub fn rules(toml_text: &str) -> ClientRules {
+    pub(super) fn rules(toml_text: &str) -> ClientRules {
         ClientRules::build(
             &parse(toml_text),
             "aud",
@@ -553,13 +553,13 @@ mod tests_support {
         .unwrap()
     }
 
-    pub fn matches(rules: &ClientRules, change: impl FnOnce(&mut Identity)) -> bool {
+    pub(super) fn matches(rules: &ClientRules, change: impl FnOnce(&mut Identity)) -> bool {
         let mut id = identity();
         change(&mut id);
         rules.find(&id).is_some()
     }
 
-    pub fn identity() -> Identity {
+    pub(super) fn identity() -> Identity {
         Identity {
             subject: "CN=dev-1, O=Example".into(),
             common_name: Some("dev-1".into()),

@@ -19,6 +19,7 @@
 //! - Small bottom modules: [`config`], [`clock`], [`crypto`], [`pem`], [`logging`],
 //!   [`metrics`], [`redact`], [`devpki`].
 #![forbid(unsafe_code)]
+#![deny(unreachable_pub)]
 
 pub mod admin;
 pub mod broker;

@@ -173,7 +173,7 @@ pub(crate) struct GoogleFlowBase {
 
 impl GoogleFlowBase {
     /// `None` without `[google]`: the flow is then not offered.
-    pub fn new(deps: &FlowDeps) -> Option<GoogleFlowBase> {
+    pub(crate) fn new(deps: &FlowDeps) -> Option<GoogleFlowBase> {
         let google = deps.google.clone()?;
         Some(GoogleFlowBase {
             audience: google.config().subject_token_audience(),
@@ -185,7 +185,7 @@ impl GoogleFlowBase {
 
     /// A federated access token for the client: the broker's ID token for the provider's
     /// audience, exchanged at STS. Returns the token and the broker token's `jti`.
-    pub async fn federate(
+    pub(crate) async fn federate(
         &self,
         ctx: &MintContext<'_>,
         flow: &str,

@@ -170,7 +170,7 @@ impl TokenError {
 }
 
 /// A JSON error answer; `no_store` adds the token endpoint's cache headers.
-pub fn json_error(
+pub(super) fn json_error(
     status: StatusCode,
     code: &str,
     description: &str,
@@ -185,7 +185,7 @@ pub fn json_error(
 }
 
 /// 405 with the `Allow` header listing what the route accepts.
-pub fn method_not_allowed(allow: &'static str, no_store: bool) -> Response<Full<Bytes>> {
+pub(super) fn method_not_allowed(allow: &'static str, no_store: bool) -> Response<Full<Bytes>> {
     let mut response = json_error(
         StatusCode::METHOD_NOT_ALLOWED,
         "invalid_request",

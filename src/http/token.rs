@@ -30,7 +30,7 @@ struct Audit {
     external_credential: bool,
 }
 
-pub async fn handle(
+pub(super) async fn handle(
     broker: &Broker,
     conn: &ConnInfo,
     request: Request<Incoming>,
