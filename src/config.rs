@@ -198,6 +198,11 @@ impl IssuerConfig {
     pub fn default_audience(&self) -> &str {
         self.default_audience.as_deref().unwrap_or(&self.url)
     }
+
+    /// The URL of one of the broker's endpoints (`/token`, `/jwks`) under the issuer.
+    pub fn endpoint(&self, path: &str) -> String {
+        format!("{}{path}", self.url.trim_end_matches('/'))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -185,3 +185,24 @@ fn write(path: &Path, contents: &[u8], secret: bool) -> Result<(), DevPkiError> 
     }
     file.write_all(contents).map_err(error)
 }
+/// `serve`'s start with `[dev] pki_dir` set: the first time, creates the development PKI
+/// there and prints, loudly, that it is for development only and how to try it; every
+/// time, warns that it is in use.
+pub fn prepare(config: &crate::config::Config) -> Result<(), DevPkiError> {
+    let Some(dir) = &config.dev.pki_dir else {
+        return Ok(());
+    };
+    let dir = config.path(dir);
+    if !dir.exists() {
+        let pki = init(&dir, false)?;
+        eprintln!(
+            "\n*** DEVELOPMENT ONLY: created a development PKI and signing key in {} ***\n\
+             *** Its CA key sits next to its certificates. Never use it in production. ***\n\
+             \nTry it:\n  {}\n",
+            dir.display(),
+            pki.curl_command(&config.issuer.endpoint("/token"))
+        );
+    }
+    tracing::warn!(dir = %dir.display(), "development PKI in use ([dev] pki_dir is set): not for production");
+    Ok(())
+}

@@ -238,6 +238,41 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BufferedLines {
     }
 }
 
+/// Log line formats on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Logs go to stderr, through a buffer for the long-running commands (an audit line per
+/// token); the caller flushes it before exiting.
+pub fn init(format: LogFormat, buffered: bool) -> BufferedLines {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOKEN_BROKER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let stderr = Box::new(std::io::stderr());
+    let lines = if buffered {
+        let lines = BufferedLines::new(stderr);
+        if let Err(error) = lines.spawn_flusher() {
+            eprintln!("warning: no log flushing thread ({error}); info lines wait for a warning, a full buffer or the exit");
+        }
+        lines
+    } else {
+        BufferedLines::write_through(stderr)
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(lines.clone())
+        // A closed stderr must not take the server down (the default reports write
+        // failures with eprintln!, which panics on a closed stderr).
+        .log_internal_errors(false);
+    match format {
+        LogFormat::Json => builder.event_format(JsonLines).init(),
+        LogFormat::Text => builder.init(),
+    }
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::{BufferedLines, JsonLines, BUFFER_BYTES, FLUSH_INTERVAL};

@@ -6,15 +6,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
-use token_broker::broker::{issuer_url, Broker};
+use clap::{Parser, Subcommand};
+use token_broker::broker::Broker;
 use token_broker::config::Config;
 use token_broker::device::agent::AgentConfig;
 use token_broker::device::client::{
-    self, BrokerClient, CachingClient, ClientError, TokenCacheFile, TokenParams,
+    self, BrokerClient, CachingClient, ClientError, TokenFormat, TokenParams,
 };
 use token_broker::live::Live;
-use token_broker::logging::BufferedLines;
+use token_broker::logging::LogFormat;
 use token_broker::metrics::Metrics;
 use token_broker::server::Server;
 use token_broker::{clock, devpki, pem};
@@ -40,12 +40,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Json,
-    Text,
 }
 
 #[derive(Subcommand)]
@@ -122,16 +116,6 @@ struct TokenArgs {
     cache: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum TokenFormat {
-    /// The broker's JSON answer.
-    Json,
-    /// The access token alone.
-    Raw,
-    /// AIP-4117 executable-sourced credential response (for Google client libraries).
-    Executable,
-}
-
 #[derive(clap::Args)]
 struct AgentArgs {
     #[command(flatten)]
@@ -167,7 +151,7 @@ fn main() -> ExitCode {
         cli.command,
         None | Some(Command::Serve) | Some(Command::Agent(_))
     );
-    let logs = init_logging(cli.log_format, long_running);
+    let logs = token_broker::logging::init(cli.log_format, long_running);
     let result = {
         let _flush = logs.flush_on_drop();
         run(cli)
@@ -270,36 +254,13 @@ fn token(args: TokenArgs) -> ExitCode {
         service_account: args.service_account,
         target_audience: args.target_audience,
     };
-    let cache = args.cache.as_deref().map(TokenCacheFile::new);
-    let result = match cache.as_ref().and_then(|c| c.load(&params)) {
-        Some(token) => Ok(token),
-        None => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| ClientError::Local(e.to_string()))
-            .and_then(|runtime| {
-                runtime.block_on(async { device_client(&args.device)?.fetch(&params).await })
-            })
-            .and_then(|token| {
-                if let Some(cache) = &cache {
-                    cache.store(&params, &token)?;
-                }
-                Ok(token)
-            }),
-    };
-    match (result, args.format) {
-        (Ok(token), TokenFormat::Json) => println!("{}", token.to_json()),
-        (Ok(token), TokenFormat::Raw) => println!("{}", token.access_token),
-        (Ok(token), TokenFormat::Executable) => println!("{}", token.to_executable()),
-        (Err(error), format) => {
-            if format == TokenFormat::Executable {
-                println!("{}", client::executable_error(&error));
-            }
-            eprintln!("error: {error}");
-            return ExitCode::from(error.exit_code());
-        }
-    }
-    ExitCode::SUCCESS
+    let code = client::token_command(
+        || device_client(&args.device),
+        &params,
+        args.cache.as_deref(),
+        args.format,
+    );
+    ExitCode::from(code)
 }
 
 fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
@@ -320,7 +281,7 @@ fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(listen = %listener.local_addr()?, "metadata agent serving; set GCE_METADATA_HOST to this address");
         tokio::select! {
             _ = token_broker::device::agent::serve(listener, config, CachingClient::new(client)) => {}
-            _ = shutdown_signal() => {}
+            _ = token_broker::server::shutdown_signal() => {}
         }
         anyhow::Ok(())
     })?;
@@ -345,20 +306,7 @@ fn report_problems(config: &Path, problems: &[String]) -> ExitCode {
 
 fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(config_path)?;
-    if let Some(dir) = &config.dev.pki_dir {
-        let dir = config.path(dir);
-        if !dir.exists() {
-            let pki = devpki::init(&dir, false)?;
-            eprintln!(
-                "\n*** DEVELOPMENT ONLY: created a development PKI and signing key in {} ***\n\
-                 *** Its CA key sits next to its certificates. Never use it in production. ***\n\
-                 \nTry it:\n  {}\n",
-                dir.display(),
-                pki.curl_command(&issuer_url(&config, "/token"))
-            );
-        }
-        tracing::warn!(dir = %dir.display(), "development PKI in use ([dev] pki_dir is set): not for production");
-    }
+    devpki::prepare(&config)?;
     let broker = match Broker::build(config, Arc::new(Metrics::new())) {
         Ok(broker) => Arc::new(broker),
         Err(problems) => return Ok(report_problems(config_path, &problems.0)),
@@ -375,63 +323,10 @@ fn serve(config_path: &Path) -> anyhow::Result<ExitCode> {
             issuer = %broker.config().issuer.url,
             "token-broker serving"
         );
-        server.run(shutdown_signal()).await;
+        server.run(token_broker::server::shutdown_signal()).await;
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {},
-                    _ = tokio::signal::ctrl_c() => {},
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
-/// Logs go to stderr, through a buffer for the long-running commands (an audit line per
-/// token); the caller flushes it before exiting.
-fn init_logging(format: LogFormat, buffered: bool) -> BufferedLines {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TOKEN_BROKER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let stderr = Box::new(std::io::stderr());
-    let lines = if buffered {
-        let lines = BufferedLines::new(stderr);
-        if let Err(error) = lines.spawn_flusher() {
-            eprintln!("warning: no log flushing thread ({error}); info lines wait for a warning, a full buffer or the exit");
-        }
-        lines
-    } else {
-        BufferedLines::write_through(stderr)
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(lines.clone())
-        // A closed stderr must not take the server down (the default reports write
-        // failures with eprintln!, which panics on a closed stderr).
-        .log_internal_errors(false);
-    match format {
-        LogFormat::Json => builder
-            .event_format(token_broker::logging::JsonLines)
-            .init(),
-        LogFormat::Text => builder.init(),
-    }
-    lines
 }
 
 #[cfg(test)]

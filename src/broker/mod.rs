@@ -718,15 +718,11 @@ fn check_issuer(config: &Config, problems: &mut Vec<String>) {
 }
 
 /// Joins the issuer URL and a path without doubling the slash.
-pub fn issuer_url(config: &Config, path: &str) -> String {
-    format!("{}{path}", config.issuer.url.trim_end_matches('/'))
-}
-
 fn discovery_document(config: &Config, signer: &dyn Signer, flows: &Registry) -> Bytes {
     let doc = json!({
         "issuer": config.issuer.url,
-        "token_endpoint": issuer_url(config, "/token"),
-        "jwks_uri": signer.jwks_uri().map_or_else(|| issuer_url(config, "/jwks"), str::to_owned),
+        "token_endpoint": config.issuer.endpoint("/token"),
+        "jwks_uri": signer.jwks_uri().map_or_else(|| config.issuer.endpoint("/jwks"), str::to_owned),
         "grant_types_supported": flows.grant_types(),
         "token_endpoint_auth_methods_supported": ["tls_client_auth"],
         "id_token_signing_alg_values_supported": signer.algorithms(),

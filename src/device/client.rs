@@ -454,3 +454,53 @@ mod tests {
         }
     }
 }
+
+/// How `token` prints what it got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TokenFormat {
+    /// The broker's JSON answer.
+    Json,
+    /// The access token alone.
+    Raw,
+    /// AIP-4117 executable-sourced credential response (for Google client libraries).
+    Executable,
+}
+
+/// `token-broker token`: the cached token while it is fresh, else a new one from the broker
+/// (then kept in `cache`), printed in `format`; errors go to stderr, and to stdout as the
+/// executable-source contract's error for libraries. Returns the process's exit code.
+pub fn token_command(
+    client: impl FnOnce() -> Result<BrokerClient, ClientError>,
+    params: &TokenParams,
+    cache: Option<&Path>,
+    format: TokenFormat,
+) -> u8 {
+    let cache = cache.map(TokenCacheFile::new);
+    let result = match cache.as_ref().and_then(|c| c.load(params)) {
+        Some(token) => Ok(token),
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ClientError::Local(e.to_string()))
+            .and_then(|runtime| runtime.block_on(async { client()?.fetch(params).await }))
+            .and_then(|token| {
+                if let Some(cache) = &cache {
+                    cache.store(params, &token)?;
+                }
+                Ok(token)
+            }),
+    };
+    match (result, format) {
+        (Ok(token), TokenFormat::Json) => println!("{}", token.to_json()),
+        (Ok(token), TokenFormat::Raw) => println!("{}", token.access_token),
+        (Ok(token), TokenFormat::Executable) => println!("{}", token.to_executable()),
+        (Err(error), format) => {
+            if format == TokenFormat::Executable {
+                println!("{}", executable_error(&error));
+            }
+            eprintln!("error: {error}");
+            return error.exit_code();
+        }
+    }
+    0
+}
