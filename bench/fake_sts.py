@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A minimal stand-in for Google STS (`POST /v1/token`, token exchange) for the cache-hit
-benchmark in run.sh. It is not the tests' fake Google (tests/support/fake_google.rs), which
+benchmark in run.sh. It is not the tests' fake Google (tests/it/support/fake_google.rs), which
 checks the subject token like Google does: here only the first request of a device/scope
 reaches it (the broker caches the federated token), and the benchmark measures the requests
 served from the broker's cache. `GET /count` returns how many exchanges it answered.

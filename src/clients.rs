@@ -722,7 +722,7 @@ mod matching {
             vec!["ops@mail.example.com".into()]));
     }
 
-    /// Found by tests/properties.rs: with glob escapes, `CN=a\,O=Example` (one CN with a
+    /// Found by tests/it/properties.rs: with glob escapes, `CN=a\,O=Example` (one CN with a
     /// comma) did not match its own certificate but did match the DN `CN=a,O=Example`.
     #[test]
     fn dn_patterns_take_backslashes_literally() {

@@ -1,7 +1,7 @@
 //! The fuzz targets' bodies: one body, two drivers.
 //!
 //! `fuzz_targets/<name>.rs` hands libFuzzer's input to the function of the same name here,
-//! and `tests/fuzz_seeds.rs` (stable toolchain, CI) includes this file as a module and
+//! and `tests/it/fuzz_seeds.rs` (stable toolchain, CI) includes this file as a module and
 //! replays every file of `fuzz/seeds/<name>/` through the same function. So this file may
 //! only use crates that both the fuzz crate and token-broker's tests have, and refers to
 //! the broker as `token_broker::...`.

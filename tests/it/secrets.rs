@@ -1,11 +1,9 @@
 //! Secret hygiene: a credential a client puts in the wrong place is neither sent back nor
 //! logged, and the broker's own log (at `trace`) never carries tokens or key bytes. Every
-//! other test binary also checks its brokers' logs (tests/support/logs.rs); this one makes
-//! sure that check sees real audit lines and drives the paths that handle secrets.
+//! other test also checks its brokers' logs (support/logs.rs); this one makes sure that
+//! check sees real audit lines and drives the paths that handle secrets.
 
-mod support;
-
-use support::{LeafSpec, Setup};
+use crate::support::{self, LeafSpec, Setup};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn credentials_in_the_wrong_parameter_are_not_echoed_or_logged() {

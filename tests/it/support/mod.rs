@@ -1,5 +1,4 @@
 //! Test harness: a real PKI made with rcgen, a real broker on loopback, real TLS clients.
-#![allow(dead_code)]
 
 pub mod fake_google;
 pub mod logs;
@@ -889,10 +888,8 @@ pub fn verify_cert(config: &Path, chain_pem: &str, dir: &Path) -> Value {
     report
 }
 
-/// The path of an external tool the tests drive; installs its Debian package when it is
-/// missing and we may (root with apt-get, as in CI), else fails saying what to install.
 /// `python3` that can `import {imports}`, installing `packages` from PyPI when missing
-/// (once per test binary); panics with the fix if it cannot.
+/// (once: concurrent callers wait for the first); panics with the fix if it cannot.
 pub fn require_python_modules(imports: &str, packages: &[&str]) -> &'static str {
     static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _once = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
@@ -923,6 +920,8 @@ pub fn require_python_modules(imports: &str, packages: &[&str]) -> &'static str 
     "python3"
 }
 
+/// The path of an external tool the tests drive; installs its Debian package when it is
+/// missing and we may (root with apt-get, as in CI), else fails saying what to install.
 pub fn require_tool(tool: &str, package: &str) -> PathBuf {
     let find = || {
         std::env::var_os("PATH").and_then(|paths| {

@@ -1,7 +1,7 @@
 //! Every log line of the test suite is checked for secrets. In-process brokers log (at
-//! `trace` for this crate, in the production JSON format) into one buffer per test binary, which
-//! each `TestBroker` scans when it is dropped; tests that run the binary scan its stderr
-//! with [`assert_no_secrets`]. What counts as a secret: a JWT, a Google access token, a PEM
+//! `trace` for this crate, in the production JSON format) into one buffer for the whole
+//! test crate (one process), which each `TestBroker` scans when it is dropped; tests that
+//! run the binary scan its stderr with [`assert_no_secrets`]. What counts as a secret: a JWT, a Google access token, a PEM
 //! block, base64 DER (certificates and keys start `MI`/`MH`), and the body of any private
 //! key the tests wrote (registered by `Setup::write`).
 
@@ -33,7 +33,7 @@ impl Write for Capture {
     }
 }
 
-/// Sends this test binary's logs to the buffer (once; later calls do nothing).
+/// Sends the test process's logs to the buffer (once; later calls do nothing).
 pub fn install() {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     INSTALLED.get_or_init(|| {

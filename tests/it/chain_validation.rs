@@ -1,9 +1,7 @@
 //! The certificate matrix: every case over real mTLS to a running broker, its reason
 //! checked in the answer and in the metrics, and `verify-cert` agreeing with the server.
 
-mod support;
-
-use support::{Ca, Eku, KeyKind, Leaf, LeafSpec, Setup, TestBroker};
+use crate::support::{self, Ca, Eku, KeyKind, Leaf, LeafSpec, Setup, TestBroker};
 use time::{Duration, OffsetDateTime};
 
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -4,8 +4,6 @@
 //! (root -> intermediate with the constraint -> leaf). Both must give the expected answer
 //! for every case. The policy rows are in `conformance.rs`.
 
-mod support;
-
 use std::process::Command;
 use std::sync::Arc;
 
@@ -17,7 +15,7 @@ use token_broker::broker::Broker;
 use token_broker::config::Config;
 use token_broker::metrics::Metrics;
 
-use support::{raw_san, tlv, uri_name_constraint, Ca, LeafSpec, Setup};
+use crate::support::{self, raw_san, tlv, uri_name_constraint, Ca, LeafSpec, Setup};
 
 /// The constraint of a case's intermediate.
 #[derive(Clone)]

@@ -1,19 +1,17 @@
 //! Operating the broker: metrics (checked by promtool), PROXY protocol v2, hot reload under
 //! load, rate limits, slow and excess connections, readiness.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::support::{self, Leaf, LeafSpec, Setup, TestBroker};
 use serde_json::Value;
-use support::{Leaf, LeafSpec, Setup, TestBroker};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-/// Everything the broker logs in this test binary, as JSON lines.
-/// Whether an in-process broker of this test binary logged `needle` (support::logs).
+/// Whether an in-process broker of the test process logged `needle` (support::logs): the
+/// needles are unique to their test.
 fn logged(needle: &str) -> bool {
     support::logs::captured().contains(needle)
 }

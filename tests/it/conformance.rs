@@ -6,8 +6,6 @@
 //! table holds trust configurations the broker must refuse to load. `docs/validation.md`
 //! is this file as a policy table; keep them together.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -22,8 +20,9 @@ use token_broker::broker::Broker;
 use token_broker::config::Config;
 use token_broker::metrics::Metrics;
 
-use support::{
-    extension, raw_san, rules_accepting_any, tlv, uri_name_constraint, Ca, Leaf, LeafSpec, Setup,
+use crate::support::{
+    self, extension, raw_san, rules_accepting_any, tlv, uri_name_constraint, Ca, Leaf, LeafSpec,
+    Setup,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,14 +1,13 @@
 //! Tests of the Google fake itself, over real HTTP: it must accept what Google accepts and
 //! refuse what Google refuses, or the broker's Google tests prove nothing.
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{json, Value};
-use support::fake_google::{Api, FakeGoogle, FakeGoogleConfig, Fault};
+
+use crate::support::fake_google::{Api, FakeGoogle, FakeGoogleConfig, Fault};
 
 const ISSUER: &str = "https://issuer.test/tenant";
 const RUNNER: &str = "runner@fake-project.iam.gserviceaccount.com";

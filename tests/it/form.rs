@@ -1,10 +1,8 @@
 //! Form handling at the token endpoint: every malformed request gets the right status and
 //! RFC 6749 error code, and the server keeps serving.
 
-mod support;
-
+use crate::support::{self, LeafSpec, Setup};
 use serde_json::Value;
-use support::{LeafSpec, Setup};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,14 +1,12 @@
 //! The command line as a user meets it: first run on the shipped config, `init`,
 //! `check-config` on a broken config, `jwks`.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
-use support::binary;
+use crate::support::{self, binary};
 
 fn run(args: &[&str], dir: &Path) -> Output {
     let out = Command::new(binary())

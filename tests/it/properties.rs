@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 use token_broker::clients::ClientRules;
 use token_broker::config::ClientRuleConfig;
 use token_broker::flows;
@@ -138,7 +139,15 @@ fn flip_case(text: &str, flips: &[bool]) -> String {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    // Failures are kept in properties.proptest-regressions beside this file: with a main.rs
+    // in tests/it/, proptest's default would use tests/proptest-regressions/properties.txt.
+    #![proptest_config(ProptestConfig {
+        cases: 128,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions",
+        ))),
+        ..ProptestConfig::default()
+    })]
 
     /// A pattern without metacharacters matches exactly the value it spells.
     #[test]

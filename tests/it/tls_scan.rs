@@ -3,10 +3,8 @@
 //! requested (optional at the handshake, by design: discovery and JWKS are public), no
 //! renegotiation, none of the classic server-side flaws.
 
-mod support;
-
+use crate::support::{self, Setup};
 use serde_json::Value;
-use support::Setup;
 
 /// The TLS 1.2 suites an up-to-date server may offer: ECDHE key exchange and an AEAD.
 const STRONG_TLS12: &[&str] = &[

@@ -2,13 +2,11 @@
 //! what Google checks): STS exchange, impersonation, Google-signed ID tokens, the IAM signer,
 //! the token cache, upstream failures and the AIP-4117 answer shape.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::fake_google::{Api, FakeGoogle, FakeGoogleConfig, Fault};
+use crate::support::{self, Leaf, LeafSpec, Setup, TestBroker, ISSUER};
 use serde_json::Value;
-use support::fake_google::{Api, FakeGoogle, FakeGoogleConfig, Fault};
-use support::{Leaf, LeafSpec, Setup, TestBroker, ISSUER};
 
 const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
 const STORAGE_READ: &str = "https://www.googleapis.com/auth/devstorage.read_only";

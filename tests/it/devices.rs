@@ -3,14 +3,12 @@
 //! runs `token-broker token --format executable`, and (b) through the metadata agent
 //! (`GCE_METADATA_HOST`), against a broker whose Google is the in-process fake.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::support::fake_google::{FakeGoogle, FakeGoogleConfig};
+use crate::support::{self, Leaf, LeafSpec, Setup, TestBroker, ISSUER};
 use serde_json::Value;
-use support::fake_google::{FakeGoogle, FakeGoogleConfig};
-use support::{Leaf, LeafSpec, Setup, TestBroker, ISSUER};
 use token_broker::device::client::{BrokerClient, CachingClient};
 
 const RUNNER: &str = "runner@fake-project.iam.gserviceaccount.com";

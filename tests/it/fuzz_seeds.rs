@@ -2,7 +2,7 @@
 //! bodies on the stable toolchain, so CI exercises them without nightly or libFuzzer.
 //! The bodies live in `fuzz/src/lib.rs`, shared with the `cargo fuzz` drivers.
 
-#[path = "../fuzz/src/lib.rs"]
+#[path = "../../fuzz/src/lib.rs"]
 mod targets;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -1,12 +1,10 @@
 //! Tokens verified by an independent JWT library against the served JWKS, discovery, and
 //! the HTTP surface (routes, methods, headers).
 
-mod support;
-
+use crate::support::{self, Eku, LeafSpec, Setup, TestBroker, ISSUER};
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
 use serde_json::Value;
-use support::{Eku, LeafSpec, Setup, TestBroker, ISSUER};
 
 async fn get_json(broker: &TestBroker, path: &str) -> (reqwest::header::HeaderMap, Value) {
     let response = broker

@@ -1,16 +1,14 @@
 //! The broker as separate processes: SIGHUP reload, SIGTERM drain, and three replicas behind
 //! HAProxy (PROXY v2, shared keys) losing no request while one of them stops.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::fake_google::{Api, FakeGoogle, FakeGoogleConfig, Fault};
+use crate::support::{self, Leaf, LeafSpec, Setup, ISSUER};
 use serde_json::Value;
-use support::fake_google::{Api, FakeGoogle, FakeGoogleConfig, Fault};
-use support::{Leaf, LeafSpec, Setup, ISSUER};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -1,0 +1,23 @@
+//! The integration tests: one test crate (`cargo test --test it`), so that `support/` (the
+//! PKI, the broker on loopback, the Google fake, the log scanner) compiles once. Each module
+//! is one area; run one with `cargo test --test it <module>::`, e.g. `conformance::`.
+
+mod support;
+
+mod chain_validation;
+mod cli;
+mod conformance;
+mod devices;
+mod fake_google;
+mod form;
+mod fuzz_seeds;
+mod google;
+mod layers;
+mod name_constraints;
+mod operations;
+mod properties;
+mod reference;
+mod replicas;
+mod secrets;
+mod tls_scan;
+mod tokens;
