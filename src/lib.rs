@@ -5,7 +5,7 @@
 //! client rule, and lets a flow from the [`flows`] registry mint a token.
 //!
 //! Crate map, top layer first; a module imports only from layers below it
-//! (`ARCHITECTURE.md` has the request's path, `tests/layers.rs` holds the rule):
+//! (`ARCHITECTURE.md` has the request's path, `tests/it/layers.rs` holds the rule):
 //! - The server edge: [`server`] (listeners, connections, reload, shutdown), [`live`] (the
 //!   broker serving now), [`tls`] (the handshake checks proof of possession only),
 //!   [`proxy`] (PROXY v2), [`http`] (routing, the token endpoint, the one mapping from errors

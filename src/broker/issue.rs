@@ -4,7 +4,7 @@
 
 use crate::cache::CacheKey;
 use crate::claims::Subject;
-use crate::config::default_upstream_deadline;
+use crate::config::defaults;
 use crate::flows::{Flow, FlowError, MintContext, Minted, TokenRequest};
 use crate::google::UpstreamError;
 use crate::redact::echo;
@@ -110,7 +110,7 @@ impl Broker {
             .config
             .google
             .as_ref()
-            .map_or_else(default_upstream_deadline, |g| g.deadline);
+            .map_or_else(defaults::upstream_deadline, |g| g.deadline);
         let minted = tokio::time::timeout(deadline, self.cache.get_or_mint(key, flow.mint(&ctx)))
             .await
             .map_err(|_| {

@@ -22,10 +22,7 @@ use crate::cache::TokenCache;
 use crate::claims::{self, Subject};
 use crate::clients::{ClientRule, ClientRules};
 use crate::clock::rfc3339;
-use crate::config::{
-    default_cache_capacity, default_refresh_margin, Config, RevocationPolicy, SignerConfig,
-    MAX_TOKEN_TTL,
-};
+use crate::config::{defaults, Config, RevocationPolicy, SignerConfig, MAX_TOKEN_TTL};
 use crate::flows::{self, FlowDeps, Registry};
 use crate::google::Google;
 use crate::identity::Identity;
@@ -237,12 +234,10 @@ impl Broker {
                     google: google.clone(),
                 });
                 let cache = cache.unwrap_or_else(|| {
-                    let (capacity, margin) = config
-                        .google
-                        .as_ref()
-                        .map_or((default_cache_capacity(), default_refresh_margin()), |g| {
-                            (g.cache_capacity, g.refresh_margin)
-                        });
+                    let (capacity, margin) = config.google.as_ref().map_or(
+                        (defaults::cache_capacity(), defaults::refresh_margin()),
+                        |g| (g.cache_capacity, g.refresh_margin),
+                    );
                     Arc::new(TokenCache::new(capacity, margin, metrics.clone()))
                 });
                 let discovery = discovery_document(&config, signer.as_ref(), &flows);

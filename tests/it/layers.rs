@@ -112,7 +112,7 @@ fn layer_of(module: &str) -> usize {
     LAYERS
         .iter()
         .position(|layer| layer.contains(&module))
-        .unwrap_or_else(|| panic!("module {module} is in no layer of tests/layers.rs"))
+        .unwrap_or_else(|| panic!("module {module} is in no layer of tests/it/layers.rs"))
 }
 
 #[test]

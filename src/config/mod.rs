@@ -9,7 +9,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize};
+pub(crate) mod defaults;
+mod duration;
+mod pin;
+
+pub use duration::parse_duration;
+pub use pin::SpkiPin;
+
+use serde::{Deserialize, Serialize};
 
 /// Longest token lifetime the broker will issue: Google STS accepts up to 48h, but a
 /// stolen token should be useless soon.
@@ -83,29 +90,29 @@ pub struct ServerConfig {
     /// must match one, so a CA dropped into the bundle is never trusted by accident.
     #[serde(default)]
     pub client_ca_pins: Vec<SpkiPin>,
-    #[serde(default = "default_tls_versions")]
+    #[serde(default = "defaults::tls_versions")]
     pub tls_versions: Vec<String>,
-    #[serde(default = "default_handshake_timeout", with = "duration_text")]
+    #[serde(default = "defaults::handshake_timeout", with = "duration::text")]
     pub handshake_timeout: Duration,
     /// Time a client has to send a request's headers; on a keep-alive connection it runs
     /// from the end of the previous response, so it is also the idle timeout.
-    #[serde(default = "default_header_timeout", with = "duration_text")]
+    #[serde(default = "defaults::header_timeout", with = "duration::text")]
     pub request_header_timeout: Duration,
-    #[serde(default = "default_max_connections")]
+    #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
     /// How many device certificates' chain verdicts to remember (0: validate every request).
-    #[serde(default = "default_verified_chain_cache")]
+    #[serde(default = "defaults::verified_chain_cache")]
     pub verified_chain_cache: usize,
-    #[serde(default = "default_max_body_bytes")]
+    #[serde(default = "defaults::max_body_bytes")]
     pub max_body_bytes: usize,
     /// Largest request head (request line and headers).
-    #[serde(default = "default_max_header_bytes")]
+    #[serde(default = "defaults::max_header_bytes")]
     pub max_header_bytes: usize,
     /// After SIGTERM/SIGINT: in-flight requests get this long before the process exits.
-    #[serde(default = "default_shutdown_grace", with = "duration_text")]
+    #[serde(default = "defaults::shutdown_grace", with = "duration::text")]
     pub shutdown_grace: Duration,
     /// How often watched files are checked for changes; "0s" reloads on SIGHUP only.
-    #[serde(default = "default_reload_interval", with = "duration_text")]
+    #[serde(default = "defaults::reload_interval", with = "duration::text")]
     pub reload_interval: Duration,
     #[serde(default)]
     pub proxy_protocol: ProxyProtocolConfig,
@@ -117,13 +124,13 @@ pub struct CrlSourceConfig {
     /// `http://` or `https://` (public roots) URL of one CRL (DER or PEM).
     pub url: String,
     /// How often to download it again; it is also fetched before its nextUpdate.
-    #[serde(default = "default_crl_refresh", with = "duration_text")]
+    #[serde(default = "defaults::crl_refresh", with = "duration::text")]
     pub refresh: Duration,
     /// Time for one download, connection included.
-    #[serde(default = "default_crl_timeout", with = "duration_text")]
+    #[serde(default = "defaults::crl_timeout", with = "duration::text")]
     pub timeout: Duration,
     /// Largest CRL accepted.
-    #[serde(default = "default_crl_max_bytes")]
+    #[serde(default = "defaults::crl_max_bytes")]
     pub max_bytes: usize,
 }
 
@@ -145,7 +152,7 @@ pub struct ProxyProtocolConfig {
     #[serde(default)]
     pub trusted_cidrs: Vec<String>,
     /// Time a trusted peer has to send the PROXY header.
-    #[serde(default = "default_proxy_header_timeout", with = "duration_text")]
+    #[serde(default = "defaults::proxy_header_timeout", with = "duration::text")]
     pub header_timeout: Duration,
 }
 
@@ -154,7 +161,7 @@ impl Default for ProxyProtocolConfig {
         Self {
             mode: ProxyMode::Off,
             trusted_cidrs: Vec::new(),
-            header_timeout: default_proxy_header_timeout(),
+            header_timeout: defaults::proxy_header_timeout(),
         }
     }
 }
@@ -171,14 +178,14 @@ pub enum ProxyMode {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Plain-HTTP listener for `/metrics`, `/healthz`, `/readyz`; empty string disables it.
-    #[serde(default = "default_admin_listen")]
+    #[serde(default = "defaults::admin_listen")]
     pub listen: String,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
-            listen: default_admin_listen(),
+            listen: defaults::admin_listen(),
         }
     }
 }
@@ -188,7 +195,7 @@ impl Default for AdminConfig {
 pub struct IssuerConfig {
     /// The `iss` claim; published byte-identical in discovery.
     pub url: String,
-    #[serde(default = "default_token_ttl", with = "duration_text")]
+    #[serde(default = "defaults::token_ttl", with = "duration::text")]
     pub token_ttl: Duration,
     /// Audience used when a request names none; defaults to the issuer URL.
     pub default_audience: Option<String>,
@@ -212,7 +219,7 @@ pub enum SignerConfig {
     Local {
         key_dir: PathBuf,
         /// Age after which the active key should be rotated (drives an alerting metric).
-        #[serde(default = "default_rotate_after", with = "duration_text")]
+        #[serde(default = "defaults::rotate_after", with = "duration::text")]
         rotate_after: Duration,
     },
     /// Google IAM Credentials `signJwt` as `service_account` (needs `[google]`).
@@ -230,30 +237,30 @@ pub struct GoogleConfig {
     pub pool_id: String,
     pub provider_id: String,
     /// The broker's own Google credentials: "metadata" or a service-account key file.
-    #[serde(default = "default_credentials")]
+    #[serde(default = "defaults::credentials")]
     pub credentials: String,
     /// `aud` of the broker token exchanged at STS; default: the provider's URL.
     pub subject_token_audience: Option<String>,
-    #[serde(default = "default_sts_url")]
+    #[serde(default = "defaults::sts_url")]
     pub sts_url: String,
-    #[serde(default = "default_iam_credentials_url")]
+    #[serde(default = "defaults::iam_credentials_url")]
     pub iam_credentials_url: String,
-    #[serde(default = "default_metadata_url")]
+    #[serde(default = "defaults::metadata_url")]
     pub metadata_url: String,
     /// Timeout of one upstream HTTP request.
-    #[serde(default = "default_request_timeout", with = "duration_text")]
+    #[serde(default = "defaults::request_timeout", with = "duration::text")]
     pub request_timeout: Duration,
     /// Total time for one upstream call including retries; a device never waits longer.
-    #[serde(default = "default_upstream_deadline", with = "duration_text")]
+    #[serde(default = "defaults::upstream_deadline", with = "duration::text")]
     pub deadline: Duration,
     /// Cached tokens are replaced this long before they expire.
-    #[serde(default = "default_refresh_margin", with = "duration_text")]
+    #[serde(default = "defaults::refresh_margin", with = "duration::text")]
     pub refresh_margin: Duration,
     /// Most tokens kept in the cache.
-    #[serde(default = "default_cache_capacity")]
+    #[serde(default = "defaults::cache_capacity")]
     pub cache_capacity: u64,
     /// Lifetime asked of `generateAccessToken` (at most 1h).
-    #[serde(default = "default_access_token_lifetime", with = "duration_text")]
+    #[serde(default = "defaults::access_token_lifetime", with = "duration::text")]
     pub access_token_lifetime: Duration,
 }
 
@@ -288,7 +295,7 @@ pub struct ClientRuleConfig {
     #[serde(default)]
     pub audiences: Vec<String>,
     /// Flow names this client may use.
-    #[serde(default = "default_flows")]
+    #[serde(default = "defaults::flows")]
     pub flows: Vec<String>,
     /// Google service accounts this client may impersonate (Google flows).
     #[serde(default)]
@@ -303,7 +310,7 @@ pub struct ClientRuleConfig {
     #[serde(default)]
     pub claims: BTreeMap<String, toml::Value>,
     /// Token lifetime for this client, at most the 1h maximum.
-    #[serde(default, with = "optional_duration_text")]
+    #[serde(default, with = "duration::optional_text")]
     pub ttl: Option<Duration>,
     /// Token requests allowed per certificate under this rule.
     pub rate_limit: Option<RateLimitConfig>,
@@ -372,204 +379,6 @@ impl Config {
         } else {
             self.base_dir.join(p)
         }
-    }
-}
-
-fn default_crl_refresh() -> Duration {
-    Duration::from_secs(3600)
-}
-fn default_crl_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_crl_max_bytes() -> usize {
-    64 * 1024 * 1024
-}
-fn default_tls_versions() -> Vec<String> {
-    vec!["1.2".into(), "1.3".into()]
-}
-fn default_handshake_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_header_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_max_connections() -> usize {
-    10_000
-}
-fn default_verified_chain_cache() -> usize {
-    100_000
-}
-fn default_max_body_bytes() -> usize {
-    8 * 1024
-}
-fn default_rotate_after() -> Duration {
-    Duration::from_secs(90 * 24 * 3600)
-}
-fn default_max_header_bytes() -> usize {
-    16 * 1024
-}
-fn default_shutdown_grace() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_reload_interval() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_proxy_header_timeout() -> Duration {
-    Duration::from_secs(3)
-}
-fn default_admin_listen() -> String {
-    "127.0.0.1:9090".into()
-}
-fn default_token_ttl() -> Duration {
-    Duration::from_secs(300)
-}
-fn default_credentials() -> String {
-    "metadata".into()
-}
-fn default_sts_url() -> String {
-    "https://sts.googleapis.com".into()
-}
-fn default_iam_credentials_url() -> String {
-    "https://iamcredentials.googleapis.com".into()
-}
-fn default_metadata_url() -> String {
-    "http://metadata.google.internal".into()
-}
-fn default_request_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-pub(crate) fn default_upstream_deadline() -> Duration {
-    Duration::from_secs(10)
-}
-pub(crate) fn default_refresh_margin() -> Duration {
-    Duration::from_secs(300)
-}
-pub(crate) fn default_cache_capacity() -> u64 {
-    10_000
-}
-fn default_access_token_lifetime() -> Duration {
-    Duration::from_secs(3600)
-}
-fn default_flows() -> Vec<String> {
-    vec!["mtls-client-credentials".into()]
-}
-
-/// A public-key pin: the SHA-256 of a DER SubjectPublicKeyInfo, written
-/// `sha256/<base64>` (the HPKP and `curl --pinnedpubkey` format), so that the usual
-/// `openssl ... | openssl dgst -sha256 -binary | base64` output can be pasted as is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SpkiPin(pub [u8; 32]);
-
-impl SpkiPin {
-    const PREFIX: &'static str = "sha256/";
-
-    /// The pin of a DER SubjectPublicKeyInfo.
-    pub fn of_spki(spki_der: &[u8]) -> SpkiPin {
-        use sha2::Digest;
-        SpkiPin(sha2::Sha256::digest(spki_der).into())
-    }
-}
-
-impl std::fmt::Display for SpkiPin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use base64::Engine;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(self.0);
-        write!(f, "{}{b64}", Self::PREFIX)
-    }
-}
-
-impl std::str::FromStr for SpkiPin {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<SpkiPin, String> {
-        use base64::Engine;
-        let invalid = |why: &str| {
-            format!(
-                "invalid pin {text:?}: {why}; expected \"sha256/\" and the base64 of the SHA-256 of \
-                 the CA's DER public key (see config.toml for the openssl command)"
-            )
-        };
-        let b64 = text
-            .strip_prefix(Self::PREFIX)
-            .ok_or_else(|| invalid("only sha256 pins are supported"))?;
-        // Standard alphabet with padding only: the one encoding `base64` prints.
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|e| invalid(&format!("bad base64 ({e})")))?;
-        let digest = <[u8; 32]>::try_from(bytes.as_slice())
-            .map_err(|_| invalid(&format!("{} bytes, a SHA-256 digest has 32", bytes.len())))?;
-        Ok(SpkiPin(digest))
-    }
-}
-
-impl Serialize for SpkiPin {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for SpkiPin {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<SpkiPin, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-/// Parses human durations such as `"5m"`, `"90s"`, `"1h 30m"` or `"90d"` (jiff's friendly
-/// format; a day is 24 hours here).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let invalid = |e: &dyn std::fmt::Display| {
-        format!("invalid duration {text:?} (use e.g. \"30s\", \"5m\", \"1h\", \"90d\"): {e}")
-    };
-    let signed = match text.parse::<jiff::SignedDuration>() {
-        Ok(d) => d,
-        Err(_) => text
-            .parse::<jiff::Span>()
-            .and_then(|span| span.to_duration(jiff::SpanRelativeTo::days_are_24_hours()))
-            .map_err(|e| invalid(&e))?,
-    };
-    Duration::try_from(signed).map_err(|_| format!("duration {text:?} must not be negative"))
-}
-
-fn format_duration(d: &Duration) -> String {
-    let signed = jiff::SignedDuration::try_from(*d).unwrap_or(jiff::SignedDuration::MAX);
-    format!("{signed:#}")
-}
-
-mod duration_text {
-    use super::*;
-
-    pub(super) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format_duration(d))
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        parse_duration(&text).map_err(serde::de::Error::custom)
-    }
-}
-
-mod optional_duration_text {
-    use super::*;
-
-    pub(super) fn serialize<S: serde::Serializer>(
-        d: &Option<Duration>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_str(&format_duration(d)),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Duration>, D::Error> {
-        let text = String::deserialize(d)?;
-        parse_duration(&text)
-            .map(Some)
-            .map_err(serde::de::Error::custom)
     }
 }
 
