@@ -6,6 +6,7 @@
 //!
 //! Crate map, top layer first; a module imports only from layers below it
 //! (`ARCHITECTURE.md` has the request's path, `tests/it/layers.rs` holds the rule):
+//! - The command line: [`cli`] (the binary only parses and calls it).
 //! - The server edge: [`server`] (listeners, connections, reload, shutdown), [`live`] (the
 //!   broker serving now), [`tls`] (the handshake checks proof of possession only),
 //!   [`proxy`] (PROXY v2), [`http`] (routing, the token endpoint, the one mapping from errors
@@ -25,6 +26,7 @@ pub mod admin;
 pub mod broker;
 pub mod cache;
 pub mod claims;
+pub mod cli;
 pub mod clients;
 pub mod clock;
 pub mod config;

@@ -10,6 +10,7 @@ use std::path::Path;
 /// `SAME_LAYER` says so, and from any layer below.
 const LAYERS: &[&[&str]] = &[
     &["main"],
+    &["cli"],
     &["server", "admin", "device"],
     &["live", "crl_fetch"],
     &["http"],
@@ -158,5 +159,6 @@ fn the_table_sees_real_imports() {
     let imports = imports();
     assert!(imports["broker"].iter().any(|(m, _)| m == "trust"));
     assert!(imports["http"].iter().any(|(m, _)| m == "broker"));
-    assert!(imports["main"].iter().any(|(m, _)| m == "server"));
+    assert!(imports["main"].iter().any(|(m, _)| m == "cli"));
+    assert!(imports["cli"].iter().any(|(m, _)| m == "server"));
 }

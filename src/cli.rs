@@ -1,0 +1,374 @@
+//! The `token-broker` command line: its arguments (clap) and what each command does. The
+//! binary only parses and calls [`run`]; `docs/reference/cli.md` is the reference.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::broker::{Broker, Problems};
+use crate::clock;
+use crate::config::{Config, ConfigError};
+use crate::device::agent::AgentConfig;
+use crate::device::client::{
+    self, BrokerClient, CachingClient, ClientError, TokenFormat, TokenParams,
+};
+use crate::devpki::{self, DevPkiError};
+use crate::live::Live;
+use crate::logging::LogFormat;
+use crate::metrics::Metrics;
+use crate::pem::{self, PemError};
+use crate::server::Server;
+
+/// Why a command could not do its work (exit code 1).
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{}: configuration has problems (run check-config):\n{problems}", path.display())]
+    Problems { path: PathBuf, problems: Problems },
+    #[error(transparent)]
+    Pem(#[from] PemError),
+    #[error(transparent)]
+    DevPki(#[from] DevPkiError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Usage(String),
+}
+
+#[derive(Parser)]
+#[command(
+    name = "token-broker",
+    version,
+    about = "mTLS token server: device certificates in, signed tokens out"
+)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(
+        short,
+        long,
+        global = true,
+        default_value = "config.toml",
+        env = "TOKEN_BROKER_CONFIG"
+    )]
+    pub config: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Create a development PKI and signing key.
+    Init {
+        #[arg(long, default_value = "certs/dev")]
+        dir: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Load and check everything the server would; print the effective config.
+    CheckConfig,
+    /// Run the server's certificate validation and rule matching on a PEM chain.
+    VerifyCert {
+        /// PEM file: the client certificate first, then any intermediates.
+        chain: PathBuf,
+        /// Validate at this time (RFC 3339) instead of now.
+        #[arg(long)]
+        at: Option<String>,
+    },
+    /// Print the public JWKS.
+    Jwks,
+    /// Device side: fetch a token from a broker with this device's certificate.
+    Token(TokenArgs),
+    /// Device side: serve the GCE metadata-server subset Google libraries use, from the broker.
+    Agent(AgentArgs),
+    /// Print the gcloud commands that connect this issuer to Google Workload Identity Federation.
+    WifSetup {
+        /// Project ID for gcloud's --project (the config holds the project number).
+        #[arg(long, default_value = "PROJECT_ID")]
+        project_id: String,
+    },
+}
+
+/// How to reach the broker as this device.
+#[derive(clap::Args)]
+pub struct DeviceArgs {
+    /// Broker URL (its /token endpoint is used).
+    #[arg(long, env = "TOKEN_BROKER_URL")]
+    pub url: String,
+    /// Device certificate (PEM, leaf first, then intermediates).
+    #[arg(long, env = "TOKEN_BROKER_CERT")]
+    pub cert: PathBuf,
+    /// Device private key (PEM; must not be readable by others).
+    #[arg(long, env = "TOKEN_BROKER_KEY")]
+    pub key: PathBuf,
+    /// CA certificate(s) to trust for the broker (default: public roots).
+    #[arg(long, env = "TOKEN_BROKER_CA")]
+    pub ca: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct TokenArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[arg(long)]
+    pub audience: Option<String>,
+    /// Google OAuth scopes (space-separated).
+    #[arg(long)]
+    pub scope: Option<String>,
+    #[arg(long)]
+    pub service_account: Option<String>,
+    /// Audience of a Google-signed ID token (with --service-account).
+    #[arg(long)]
+    pub target_audience: Option<String>,
+    #[arg(long, value_enum, default_value_t = TokenFormat::Json)]
+    pub format: TokenFormat,
+    /// Keep the token in this file (mode 0600) and reuse it until shortly before it expires.
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Address to serve on; point GCE_METADATA_HOST at it.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// Allow a non-loopback --listen address.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// The service account whose tokens the agent serves.
+    #[arg(long)]
+    pub service_account: String,
+    /// Default scopes (comma-separated).
+    #[arg(
+        long,
+        default_value = crate::google::CLOUD_PLATFORM,
+        value_delimiter = ','
+    )]
+    pub scopes: Vec<String>,
+    #[arg(long, default_value = "")]
+    pub project_id: String,
+    #[arg(long, default_value = "")]
+    pub numeric_project_id: String,
+}
+
+impl Cli {
+    /// Serving commands buffer their logs (an audit line per token); others write through.
+    pub fn long_running(&self) -> bool {
+        matches!(
+            self.command,
+            None | Some(Command::Serve) | Some(Command::Agent(_))
+        )
+    }
+}
+
+/// Runs the parsed command; the exit code says how it ended (see `docs/reference/cli.md`).
+pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(&cli.config),
+        Command::Init { dir, force } => {
+            let pki = devpki::init(&dir, force)?;
+            println!("development PKI written to {}", pki.dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig => {
+            let config = Config::load(&cli.config)?;
+            let broker = match Broker::build(config, Arc::new(Metrics::new())) {
+                Ok(broker) => broker,
+                Err(problems) => return Ok(report_problems(&cli.config, &problems.0)),
+            };
+            print!(
+                "{}",
+                broker
+                    .report(clock::unix_now())
+                    .map_err(|e| CliError::Usage(e.to_string()))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::VerifyCert { chain, at } => {
+            let config = Config::load(&cli.config)?;
+            let broker = Broker::build(config, Arc::new(Metrics::new())).map_err(|problems| {
+                CliError::Problems {
+                    path: cli.config.clone(),
+                    problems,
+                }
+            })?;
+            let certs = pem::certificates(&chain)?;
+            let at = match at {
+                Some(text) => text
+                    .parse::<jiff::Timestamp>()
+                    .map_err(|e| {
+                        CliError::Usage(format!("--at {text:?} is not an RFC 3339 time: {e}"))
+                    })?
+                    .as_second(),
+                None => clock::unix_now(),
+            };
+            let decision = broker.explain(&certs, clock::at_unix(at));
+            println!("{}", json(&decision));
+            // Exit 2 for a refusal so scripts can tell it from an error (1).
+            Ok(if decision.accepted {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+        Command::WifSetup { project_id } => wif_setup(&cli.config, &project_id),
+        Command::Token(args) => Ok(token(args)),
+        Command::Agent(args) => agent(args),
+        Command::Jwks => {
+            let config = Config::load(&cli.config)?;
+            let broker = Broker::build(config, Arc::new(Metrics::new())).map_err(|problems| {
+                CliError::Problems {
+                    path: cli.config.clone(),
+                    problems,
+                }
+            })?;
+            match (broker.signer().jwks(), broker.signer().jwks_uri()) {
+                (Some(jwks), _) => println!("{}", json(jwks)),
+                (None, Some(uri)) => {
+                    return Err(CliError::Usage(format!(
+                        "the {} signer's keys are published by Google at {uri}",
+                        broker.signer().kind()
+                    )))
+                }
+                (None, None) => return Err(CliError::Usage("the signer publishes no keys".into())),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn device_client(device: &DeviceArgs) -> Result<BrokerClient, ClientError> {
+    BrokerClient::new(&device.url, &device.cert, &device.key, device.ca.as_deref())
+}
+
+/// `token`: prints the token; errors go to stderr (or stdout as AIP-4117 for libraries).
+fn token(args: TokenArgs) -> ExitCode {
+    let params = TokenParams {
+        audience: args.audience,
+        scope: args.scope,
+        service_account: args.service_account,
+        target_audience: args.target_audience,
+    };
+    let code = client::token_command(
+        || device_client(&args.device),
+        &params,
+        args.cache.as_deref(),
+        args.format,
+    );
+    ExitCode::from(code)
+}
+
+fn agent(args: AgentArgs) -> Result<ExitCode, CliError> {
+    crate::device::agent::check_listen(args.listen, args.allow_remote).map_err(CliError::Usage)?;
+    let client = device_client(&args.device)?;
+    let config = AgentConfig {
+        service_account: args.service_account,
+        scopes: args.scopes,
+        project_id: args.project_id,
+        numeric_project_id: args.numeric_project_id,
+    };
+    runtime()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|source| CliError::Listen { address: args.listen.to_string(), source })?;
+        if let Ok(address) = listener.local_addr() {
+            tracing::info!(listen = %address, "metadata agent serving; set GCE_METADATA_HOST to this address");
+        }
+        tokio::select! {
+            _ = crate::device::agent::serve(listener, config, CachingClient::new(client)) => {}
+            _ = crate::server::shutdown_signal() => {}
+        }
+        Ok::<_, CliError>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn wif_setup(config_path: &Path, project_id: &str) -> Result<ExitCode, CliError> {
+    let config = Config::load(config_path)?;
+    let script = crate::google::setup::script(&config, project_id).ok_or_else(|| {
+        CliError::Usage(format!("{}: no [google] section", config_path.display()))
+    })?;
+    println!("{script}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report_problems(config: &Path, problems: &[String]) -> ExitCode {
+    for problem in problems {
+        eprintln!("error: {}: {problem}", config.display());
+    }
+    eprintln!("{} problem(s) found", problems.len());
+    ExitCode::FAILURE
+}
+
+fn serve(config_path: &Path) -> Result<ExitCode, CliError> {
+    let config = Config::load(config_path)?;
+    devpki::prepare(&config)?;
+    let broker = match Broker::build(config, Arc::new(Metrics::new())) {
+        Ok(broker) => Arc::new(broker),
+        Err(problems) => return Ok(report_problems(config_path, &problems.0)),
+    };
+    runtime()?.block_on(async {
+        let live = Arc::new(Live::new(broker.clone(), Some(config_path.to_path_buf())));
+        let server = Server::bind(live)
+            .await
+            .map_err(|source| CliError::Listen {
+                address: broker.config().server.listen.to_string(),
+                source,
+            })?;
+        if let Ok(address) = server.local_addr() {
+            tracing::info!(
+                listen = %address,
+                admin = ?server.admin_addr(),
+                issuer = %broker.config().issuer.url,
+                "token-broker serving"
+            );
+        }
+        server.run(crate::server::shutdown_signal()).await;
+        Ok::<_, CliError>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Runtime::new().map_err(CliError::Runtime)
+}
+
+/// Pretty JSON of what the broker itself built (serializing it cannot fail).
+fn json(value: &impl serde::Serialize) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_is_the_default_command() {
+        use clap::Parser;
+        let cli = super::Cli::try_parse_from(["token-broker", "-c", "x.toml"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.config, std::path::PathBuf::from("x.toml"));
+    }
+}
