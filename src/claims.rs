@@ -101,7 +101,7 @@ pub struct IdToken {
 }
 
 /// Builds, signs and times one ID token.
-pub async fn issue(
+pub async fn sign_id_token(
     signer: &dyn Signer,
     metrics: &Metrics,
     issuer: &str,

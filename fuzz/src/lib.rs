@@ -602,7 +602,7 @@ fn make_identity(cn: &str, dns: &[&str], uris: &[&str], emails: &[&str]) -> Iden
 }
 
 // ---------------------------------------------------------------------------------------
-// jwt_encode: claims::issue with the local signer, from a line-based description of the
+// jwt_encode: claims::sign_id_token with the local signer, from a line-based description of the
 // identity, the rule (`template=`, `claim=key=<TOML value>`, `ttl=`, `client_id=`) and the
 // request (`aud=`, `iss=`, `flow=`, `now=`, `signer=es256|rs256`). The token must verify
 // with the JWKS and decode to exactly the claims the broker meant.
@@ -690,7 +690,7 @@ pub fn jwt_encode(data: &[u8]) {
         audience: &audience,
     };
     let signer = &signers()[usize::from(rsa)];
-    let token = block_on(claims::issue(
+    let token = block_on(claims::sign_id_token(
         signer.as_ref(),
         metrics(),
         &issuer,

@@ -191,7 +191,7 @@ impl GoogleFlowBase {
         flow: &str,
         scope: &str,
     ) -> Result<(AccessToken, String), FlowError> {
-        let id_token = claims::issue(
+        let id_token = claims::sign_id_token(
             self.signer.as_ref(),
             ctx.metrics,
             &self.issuer,

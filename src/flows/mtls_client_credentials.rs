@@ -42,7 +42,7 @@ impl Flow for MtlsClientCredentials {
     }
 
     async fn mint(&self, ctx: &MintContext<'_>) -> Result<Minted, FlowError> {
-        let token = claims::issue(
+        let token = claims::sign_id_token(
             self.signer.as_ref(),
             ctx.metrics,
             &self.issuer,
