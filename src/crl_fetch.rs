@@ -30,6 +30,8 @@ const ATTEMPTS: u32 = 3;
 const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 /// After a failed refresh, the next one is tried after at most this long.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
+/// After a success, a source is not fetched again sooner than this (unless `refresh` is).
+const SOONEST_AFTER_SUCCESS: Duration = Duration::from_secs(60);
 /// The soonest a source is fetched again, whatever its CRL says.
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -140,10 +142,11 @@ pub async fn run(current: impl Fn() -> Arc<Broker>, reload: impl Fn() + Send + C
                 Err(error) => {
                     *failures += 1;
                     tracing::warn!(source = %source.url, result = label, %error, "CRL source not fetched; the last good CRL stays in use until its nextUpdate");
-                    let backoff = RETRY_AFTER_FAILURE
+                    // Backing off, so that a source that is down (perhaps past its CRL's
+                    // nextUpdate) is not asked every second.
+                    RETRY_AFTER_FAILURE
                         .saturating_mul(1 << (*failures - 1).min(6))
-                        .min(source.refresh);
-                    backoff.min(next_refresh(source, &broker))
+                        .min(source.refresh)
                 }
             };
             *due = Instant::now() + wait.max(MIN_INTERVAL);
@@ -160,7 +163,8 @@ pub async fn run(current: impl Fn() -> Arc<Broker>, reload: impl Fn() + Send + C
 
 /// How long until `source` is fetched again after a success: `refresh`, or sooner so that
 /// a new CRL is in hand before the kept one's nextUpdate (halfway there, so that a failure
-/// leaves time for retries).
+/// leaves time for retries), but not more often than once a minute (or `refresh`, if
+/// shorter) when the source serves a CRL that is already at its nextUpdate.
 fn next_refresh(source: &CrlSourceConfig, broker: &Broker) -> Duration {
     let next_update = broker
         .trust()
@@ -171,7 +175,11 @@ fn next_refresh(source: &CrlSourceConfig, broker: &Broker) -> Duration {
     match next_update {
         Some(next) => {
             let remaining = u64::try_from(next - unix_now()).unwrap_or(0);
-            source.refresh.min(Duration::from_secs(remaining / 2))
+            let soonest = source.refresh.min(SOONEST_AFTER_SUCCESS);
+            source
+                .refresh
+                .min(Duration::from_secs(remaining / 2))
+                .max(soonest)
         }
         None => source.refresh,
     }
@@ -261,6 +269,10 @@ async fn fetch(
             return Err(FetchError::TooLarge(source.max_bytes));
         }
         body.extend_from_slice(&chunk);
+    }
+    if std::fs::read(&crl_path).is_ok_and(|kept| kept == body) {
+        // Served again without validators: nothing to reload.
+        return Ok(Fetched::NotModified);
     }
     admit(&body, source, broker)?;
     keep(&crl_path, &body).map_err(|e| FetchError::Keep(format!("{}: {e}", dir.display())))?;

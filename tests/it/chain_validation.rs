@@ -604,14 +604,19 @@ enum Serve {
     Big(usize),
 }
 
-/// A real HTTP server on loopback serving whatever `serve` holds.
-async fn crl_server(serve: std::sync::Arc<std::sync::Mutex<Serve>>) -> String {
+/// A real HTTP server on loopback serving whatever `serve` holds; counts in `revalidated`
+/// the requests it answered 304 because they named the current ETag.
+async fn crl_server(
+    serve: std::sync::Arc<std::sync::Mutex<Serve>>,
+    revalidated: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/issuing.crl", listener.local_addr().unwrap());
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             let serve = serve.lock().unwrap().clone();
+            let revalidated = revalidated.clone();
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut buf = [0u8; 1024];
@@ -624,6 +629,7 @@ async fn crl_server(serve: std::sync::Arc<std::sync::Mutex<Serve>>) -> String {
                 let head = String::from_utf8_lossy(&head).to_lowercase();
                 let answer: Vec<u8> = match serve {
                     Serve::Crl(_, etag) if head.contains(&format!("if-none-match: {etag}")) => {
+                        revalidated.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         format!("HTTP/1.1 304 Not Modified\r\nETag: {etag}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into()
                     }
                     Serve::Crl(body, etag) => format!(
@@ -672,7 +678,8 @@ async fn fetched_crls_are_refreshed_kept_and_fail_closed() {
         setup.intermediate.crl(&[a.serial]),
         "\"v1\"".into(),
     )));
-    let url = crl_server(serve.clone()).await;
+    let revalidated = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let url = crl_server(serve.clone(), revalidated.clone()).await;
     setup.write("root.crl.pem", &setup.root.crl(&[]));
     setup.crl_paths = Some(vec!["root.crl.pem".into()]);
     setup.extra_server = format!(
@@ -725,6 +732,10 @@ async fn fetched_crls_are_refreshed_kept_and_fail_closed() {
     broker
         .metric_eventually(&fetches("not_modified"), 1.0)
         .await;
+    assert!(
+        revalidated.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the refresh named the kept CRL's ETag"
+    );
     // A revocation between refreshes applies at the next one.
     *serve.lock().unwrap() = Serve::Crl(issuing.crl(&[a.serial, b.serial]), "\"v2\"".into());
     eventually(&b, revoked).await;
