@@ -12,7 +12,7 @@ use webpki::{CertRevocationList, OwnedCertRevocationList};
 use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
 
-use crate::pem;
+use crate::{der, pem};
 
 /// id-ce-cRLNumber (RFC 5280 5.2.3).
 const CRL_NUMBER_OID: &str = "2.5.29.20";
@@ -160,11 +160,8 @@ pub fn kept(dir: &Path, url: &str) -> Result<Vec<pem::CrlBlock>, pem::PemError> 
 
 /// The contents of a DER Name (what is inside its SEQUENCE), the form webpki compares.
 pub(crate) fn name_contents(name: &[u8]) -> &[u8] {
-    der_element(name, SEQUENCE).map_or(name, |(contents, _)| contents)
+    der::element(name, der::SEQUENCE).map_or(name, |(contents, _)| contents)
 }
-
-const SEQUENCE: u8 = 0x30;
-const BIT_STRING: u8 = 0x03;
 
 /// Whether `crl_der` is signed by the key of `issuer_spki` (SubjectPublicKeyInfo contents,
 /// without the outer SEQUENCE, as webpki keeps keys) with one of `algorithms`, the check
@@ -177,13 +174,13 @@ fn crl_signed_by(
 ) -> bool {
     let check = || -> Option<bool> {
         // CertificateList ::= SEQUENCE { tbsCertList, signatureAlgorithm, signatureValue }
-        let (list, _) = der_element(crl_der, SEQUENCE)?;
-        let (_, tbs, rest) = der_element_with_header(list, SEQUENCE)?;
-        let (algorithm, rest) = der_element(rest, SEQUENCE)?;
-        let (signature, _) = der_element(rest, BIT_STRING)?;
+        let (list, _) = der::element(crl_der, der::SEQUENCE)?;
+        let (_, tbs, rest) = der::element_with_header(list, der::SEQUENCE)?;
+        let (algorithm, rest) = der::element(rest, der::SEQUENCE)?;
+        let (signature, _) = der::element(rest, der::BIT_STRING)?;
         // SubjectPublicKeyInfo ::= SEQUENCE { algorithm, subjectPublicKey BIT STRING }
-        let (key_algorithm, rest) = der_element(issuer_spki, SEQUENCE)?;
-        let (key, _) = der_element(rest, BIT_STRING)?;
+        let (key_algorithm, rest) = der::element(issuer_spki, der::SEQUENCE)?;
+        let (key, _) = der::element(rest, der::BIT_STRING)?;
         // Bit strings here have no unused bits.
         let (signature, key) = (signature.strip_prefix(&[0])?, key.strip_prefix(&[0])?);
         Some(
@@ -201,38 +198,5 @@ fn crl_signed_by(
 
 /// The contents of a DER SubjectPublicKeyInfo (what is inside its SEQUENCE).
 pub(crate) fn spki_contents(spki: &[u8]) -> Option<&[u8]> {
-    der_element(spki, SEQUENCE).map(|(contents, _)| contents)
-}
-
-/// The contents of the DER element with `tag` at the start of `input`, and what follows.
-fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-    der_element_with_header(input, tag).map(|(contents, _, rest)| (contents, rest))
-}
-
-/// Like [`der_element`], also returning the whole element (tag and length included).
-fn der_element_with_header(input: &[u8], tag: u8) -> Option<(&[u8], &[u8], &[u8])> {
-    let (&found, after_tag) = input.split_first()?;
-    let (&first, after_length) = after_tag.split_first()?;
-    if found != tag {
-        return None;
-    }
-    let (length, body) = if first < 0x80 {
-        (usize::from(first), after_length)
-    } else {
-        let count = usize::from(first & 0x7f);
-        if count == 0 || count > 4 || after_length.len() < count {
-            return None;
-        }
-        let (bytes, body) = after_length.split_at(count);
-        let length = bytes
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        (length, body)
-    };
-    if body.len() < length {
-        return None;
-    }
-    let (contents, rest) = body.split_at(length);
-    let whole = &input[..input.len() - rest.len()];
-    Some((contents, whole, rest))
+    der::element(spki, der::SEQUENCE).map(|(contents, _)| contents)
 }

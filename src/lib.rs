@@ -18,7 +18,7 @@
 //!   Credentials, the broker's own credentials), [`cache`] (minted tokens, single-flight).
 //! - The device side, on its own: [`device`] (`token` and the metadata agent).
 //! - Small bottom modules: [`config`], [`clock`], [`crypto`], [`pem`], [`logging`],
-//!   [`metrics`], [`redact`], [`devpki`].
+//!   [`metrics`], [`redact`], [`devpki`], and `der` (the few DER elements read by hand).
 #![forbid(unsafe_code)]
 #![deny(unreachable_pub)]
 
@@ -33,6 +33,7 @@ pub mod config;
 pub mod crl;
 pub mod crl_fetch;
 pub mod crypto;
+mod der;
 pub mod device;
 pub mod devpki;
 pub mod flows;

@@ -178,7 +178,7 @@ fn crl_file(path: &Path) -> Result<Vec<CrlBlock>, PemError> {
 
 /// The CRLs of a file's contents (PEM bundle or one DER CRL); an error names the block.
 pub fn crls_in(bytes: &[u8]) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
-    if is_one_der_element(bytes) {
+    if crate::der::is_one_sequence(bytes) {
         return Ok(vec![CertificateRevocationListDer::from(bytes.to_vec())]);
     }
     let mut crls = Vec::new();
@@ -190,26 +190,4 @@ pub fn crls_in(bytes: &[u8]) -> Result<Vec<CertificateRevocationListDer<'static>
         return Err("no CRL found: neither an -----BEGIN X509 CRL----- block nor a DER CRL".into());
     }
     Ok(crls)
-}
-
-/// Whether `bytes` is exactly one DER SEQUENCE (what a DER CRL file is); text never is.
-fn is_one_der_element(bytes: &[u8]) -> bool {
-    let [0x30, first, rest @ ..] = bytes else {
-        return false;
-    };
-    let (length, body) = match *first {
-        short @ 0..=0x7f => (usize::from(short), rest),
-        long @ 0x81..=0x84 => {
-            let count = usize::from(long & 0x7f);
-            let Some((length, body)) = rest.split_at_checked(count) else {
-                return false;
-            };
-            (
-                length.iter().fold(0, |acc, b| (acc << 8) | usize::from(*b)),
-                body,
-            )
-        }
-        _ => return false,
-    };
-    body.len() == length
 }

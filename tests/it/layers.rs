@@ -24,6 +24,7 @@ const LAYERS: &[&[&str]] = &[
     &[
         "config", "clock", "crypto", "pem", "logging", "metrics", "redact",
     ],
+    &["der"],
 ];
 
 /// Imports within one layer that are part of the design.
