@@ -107,12 +107,14 @@ pub async fn run(current: impl Fn() -> Arc<Broker>, reload: impl Fn() + Send + C
     loop {
         let broker = current();
         let server = &broker.config().server;
+        // Without sources (no cache folder either) nothing is due; a reload may add some.
         let Some(dir) = server
             .crl_cache_dir
             .as_ref()
             .map(|d| broker.config().path(d))
         else {
-            return;
+            tokio::time::sleep(MIN_INTERVAL).await;
+            continue;
         };
         let mut updated = false;
         for source in &server.crl_sources {
