@@ -38,8 +38,6 @@ pub struct CrlInfo {
 pub struct Crl {
     pub(crate) list: CertRevocationList<'static>,
     der: Vec<u8>,
-    /// The issuer's name as encoded (contents of the Name SEQUENCE, as webpki compares it).
-    pub(crate) issuer_raw: Vec<u8>,
     /// nextUpdate, Unix seconds (`i64::MAX` without one).
     pub(crate) next_update: i64,
     /// Issuer keys (SPKI contents) this CRL's signature was checked against, and the
@@ -89,13 +87,17 @@ impl Crl {
             verified_at_load: false,
         };
         Ok(Crl {
-            issuer_raw: name_contents(parsed.issuer().as_raw()).to_vec(),
             list: CertRevocationList::Owned(list),
             der: der.to_vec(),
             next_update: next_update.unwrap_or(i64::MAX),
             signers: Mutex::default(),
             info,
         })
+    }
+
+    /// The issuer's name as encoded (contents of the Name SEQUENCE, as webpki compares it).
+    pub(crate) fn issuer(&self) -> &[u8] {
+        self.list.issuer()
     }
 
     /// Whether the key `issuer_spki` (SPKI contents) signed this CRL: webpki verifies this

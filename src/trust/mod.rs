@@ -229,7 +229,7 @@ impl TrustStore {
         let named: Vec<&BundleCa> = self
             .bundle_cas
             .iter()
-            .filter(|ca| ca.subject_raw == crl.issuer_raw)
+            .filter(|ca| ca.subject_raw == crl.issuer())
             .collect();
         if !named.is_empty() {
             match named
@@ -264,12 +264,18 @@ impl TrustStore {
         self.revocation
     }
 
+    /// The first configured CRL naming `issuer` (contents of its Name SEQUENCE): the one
+    /// that decides, as webpki decides.
+    fn crl_of(&self, issuer: &[u8]) -> Option<&Crl> {
+        self.crls.iter().find(|crl| crl.issuer() == issuer)
+    }
+
     /// The CAs of the bundle no CRL names: their certificates' revocation is not checked
     /// (`best-effort`) or they are refused `crl_missing` (`require`).
     pub fn cas_without_crl(&self) -> Vec<&str> {
         self.bundle_cas
             .iter()
-            .filter(|ca| !self.crls.iter().any(|crl| crl.issuer_raw == ca.subject_raw))
+            .filter(|ca| self.crl_of(&ca.subject_raw).is_none())
             .map(|ca| ca.subject.as_str())
             .collect()
     }

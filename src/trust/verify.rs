@@ -190,12 +190,9 @@ impl TrustStore {
     /// The first CA of `path` that issued a certificate of it and that no CRL names.
     fn first_issuer_without_crl(&self, path: &VerifiedPath<'_>) -> Option<String> {
         let certs = std::iter::once(&**path.end_entity()).chain(path.intermediate_certificates());
-        let (index, _) = certs.enumerate().find(|(_, cert)| {
-            !self
-                .crls
-                .iter()
-                .any(|crl| crl.list.issuer() == cert.issuer())
-        })?;
+        let (index, _) = certs
+            .enumerate()
+            .find(|(_, cert)| self.crl_of(cert.issuer()).is_none())?;
         self.issuer_name(path, index)
     }
 
@@ -218,11 +215,7 @@ impl TrustStore {
         let intermediates: Vec<_> = path.intermediate_certificates().collect();
         let certs = std::iter::once(&**path.end_entity()).chain(intermediates.iter().copied());
         for (index, cert) in certs.enumerate() {
-            let Some(crl) = self
-                .crls
-                .iter()
-                .find(|crl| crl.list.issuer() == cert.issuer())
-            else {
+            let Some(crl) = self.crl_of(cert.issuer()) else {
                 if self.revocation == RevocationPolicy::Require && missing.is_none() {
                     missing = Some(index);
                 }
