@@ -190,11 +190,7 @@ fn first_serve_creates_dev_pki_and_its_curl_line_fetches_a_verifiable_token() {
 fn init_never_overwrites_without_force_and_keeps_keys_private() {
     let dir = tempfile::tempdir().unwrap();
     let out = run(&["init", "--dir", "pki"], dir.path());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let key = dir.path().join("pki/device-key.pem");
     let before = std::fs::read(&key).unwrap();
     #[cfg(unix)]
@@ -325,11 +321,7 @@ fn verify_cert_explains_the_dev_device_and_refuses_at_a_later_time() {
         &["-c", config, "verify-cert", "certs/dev/device.pem"],
         dir.path(),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["accepted"], true);
     assert_eq!(report["rule"], "dev-devices");
@@ -404,11 +396,7 @@ scopes = ["https://www.googleapis.com/auth/cloud-platform"]"#,
         ],
         dir.path(),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let script = String::from_utf8_lossy(&out.stdout);
     for needle in [
         "gcloud iam workload-identity-pools create fleet",
@@ -448,11 +436,7 @@ scopes = ["https://www.googleapis.com/auth/cloud-platform"]"#,
         &["-c", config.to_str().unwrap(), "check-config"],
         dir.path(),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     // Without [google], the same rule is a configuration error.
     let text = std::fs::read_to_string(&config).unwrap();
     let without = text.split("\n[google]").next().unwrap().to_owned();
@@ -547,11 +531,7 @@ fn check_config_refuses_a_rule_without_match() {
         &["-c", config.to_str().unwrap(), "check-config"],
         dir.path(),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
 }
 
 #[test]
