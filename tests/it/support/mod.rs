@@ -920,6 +920,27 @@ pub fn require_python_modules(imports: &str, packages: &[&str]) -> &'static str 
     "python3"
 }
 
+/// The folder holding Google's Node.js client library (`tests/node`, pinned in its
+/// package-lock.json), installed with `npm ci` when missing; returns the folder to run
+/// `node` in so that `require("google-auth-library")` finds it.
+pub fn require_node_modules() -> PathBuf {
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _once = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
+    let has = || dir.join("node_modules/google-auth-library/package.json").is_file();
+    if !has() {
+        let _ = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--silent"])
+            .current_dir(&dir)
+            .status();
+    }
+    assert!(
+        has(),
+        "this test needs Node.js 20 and npm: cd tests/node && npm ci (bash .ci/run does)"
+    );
+    dir
+}
+
 /// The path of an external tool the tests drive; installs its Debian package when it is
 /// missing and we may (root with apt-get, as in CI), else fails saying what to install.
 pub fn require_tool(tool: &str, package: &str) -> PathBuf {
