@@ -17,6 +17,8 @@ pub struct Live {
     /// Where the config came from; reloads re-read it. `None`: no reloads.
     config_path: Option<PathBuf>,
     draining: AtomicBool,
+    /// The TLS listener accepts connections (from `Server::run` until the drain closes it).
+    listening: AtomicBool,
 }
 
 impl Live {
@@ -26,6 +28,7 @@ impl Live {
             broker: ArcSwap::from(broker),
             config_path,
             draining: AtomicBool::new(false),
+            listening: AtomicBool::new(false),
         }
     }
 
@@ -42,9 +45,16 @@ impl Live {
         self.draining.store(true, Ordering::Relaxed);
     }
 
-    /// Ready: loaded and not draining.
-    pub fn is_ready(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed)
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_listening(&self, listening: bool) {
+        self.listening.store(listening, Ordering::Relaxed);
+    }
+
+    pub fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::Relaxed)
     }
 
     /// Re-reads the config and every file it names; keeps the old state on any problem.

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub crl_fetches: IntCounterVec,
     pub crl_this_update: GaugeVec,
     pub crl_next_update: GaugeVec,
+    pub readiness: GaugeVec,
 }
 
 impl Metrics {
@@ -153,6 +154,11 @@ impl Metrics {
                 "nextUpdate (Unix time) of each loaded CRL, by source (file or URL); past it, the certificates it covers are refused.",
                 &["source"],
             ),
+            readiness: gauge(
+                "readiness",
+                "1 when the readiness check passes, 0 when it fails, by check (listener, signer, crls, draining), as /readyz or /metrics last ran it.",
+                &["check"],
+            ),
             registry,
         };
         for collector in metrics.collectors() {
@@ -186,6 +192,7 @@ impl Metrics {
             crl_fetches,
             crl_this_update,
             crl_next_update,
+            readiness,
         } = self;
         vec![
             Box::new(tokens_issued.clone()),
@@ -208,6 +215,7 @@ impl Metrics {
             Box::new(crl_fetches.clone()),
             Box::new(crl_this_update.clone()),
             Box::new(crl_next_update.clone()),
+            Box::new(readiness.clone()),
         ]
     }
 

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use ::http::header::CONNECTION;
+use ::http::HeaderValue;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -56,14 +58,17 @@ impl Server {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// Serves until `shutdown` completes, then drains: `/readyz` fails, no new connections,
-    /// in-flight requests get `shutdown_grace`.
+    /// Serves until `shutdown` completes, then drains: `/readyz` fails and answers carry
+    /// `Connection: close` at once; new connections are still accepted for `shutdown_delay`
+    /// (load balancers notice the failing `/readyz` meanwhile, so none is refused), then the
+    /// listener closes and in-flight requests get `shutdown_grace`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Server {
             live,
             listener,
             admin,
         } = self;
+        live.set_listening(true);
         let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, live.clone())));
         let reload_task = tokio::spawn(watch_for_changes(live.clone()));
         let crl_task = {
@@ -78,10 +83,20 @@ impl Server {
         let graceful = GracefulShutdown::new();
         let max_connections = live.current().config().server.max_connections;
         let slots = Arc::new(Semaphore::new(max_connections));
-        tokio::pin!(shutdown);
+        let stop_accepting = async {
+            shutdown.await;
+            live.start_draining();
+            let delay = live.current().config().server.shutdown_delay;
+            tracing::info!(
+                delay_seconds = delay.as_secs_f64(),
+                "draining: /readyz fails; accepting connections until load balancers notice"
+            );
+            tokio::time::sleep(delay).await;
+        };
+        tokio::pin!(stop_accepting);
         loop {
             let (stream, peer) = tokio::select! {
-                _ = &mut shutdown => break,
+                _ = &mut stop_accepting => break,
                 accepted = listener.accept() => match accepted {
                     Ok(pair) => pair,
                     Err(e) => {
@@ -111,12 +126,12 @@ impl Server {
                 metrics.open_connections.dec();
             });
         }
-        live.start_draining();
         drop(listener);
+        live.set_listening(false);
         let grace = live.current().config().server.shutdown_grace;
         tracing::info!(
             grace_seconds = grace.as_secs(),
-            "draining: no new connections, finishing in-flight requests"
+            "draining: listener closed, finishing in-flight requests"
         );
         if tokio::time::timeout(grace, graceful.shutdown())
             .await
@@ -185,10 +200,19 @@ async fn serve_connection(
         .unwrap_or_default();
     let conn = Arc::new(ConnInfo { peer, client_chain });
 
-    let service_live = live.clone();
     let service = service_fn(move |request| {
-        // The current broker, not the one the connection started with: reloads apply.
-        http::handle(service_live.current(), conn.clone(), request)
+        let (live, conn) = (live.clone(), conn.clone());
+        async move {
+            // The current broker, not the one the connection started with: reloads apply.
+            let mut response = http::handle(live.current(), conn, request).await?;
+            if live.is_draining() {
+                // The client reconnects, through the load balancer, to a replica that stays.
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder

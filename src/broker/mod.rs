@@ -373,14 +373,7 @@ impl Broker {
                 ));
             }
         }
-        for crl in trust.crls() {
-            if let Some(next) = crl.next_update.filter(|next| *next <= now) {
-                warnings.push(format!(
-                    "CRL {} of {} expired at {}: certificates it covers are refused (crl_expired) until it is renewed",
-                    crl.source, crl.issuer, rfc3339(next)
-                ));
-            }
-        }
+        warnings.extend(self.expired_crls(now));
         for ca in trust.cas.iter().filter(|ca| ca.is_root) {
             if ca.not_after <= now {
                 warnings.push(format!(
@@ -398,6 +391,21 @@ impl Broker {
             }
         }
         warnings
+    }
+
+    /// Each loaded CRL past its nextUpdate at `now`, said for an operator: under either
+    /// `server.revocation` the certificates it covers are refused until it is renewed.
+    pub fn expired_crls(&self, now: i64) -> Vec<String> {
+        self.trust
+            .crls()
+            .filter_map(|crl| {
+                let next = crl.next_update.filter(|next| *next <= now)?;
+                Some(format!(
+                    "CRL {} of {} expired at {}: certificates it covers are refused (crl_expired) until it is renewed",
+                    crl.source, crl.issuer, rfc3339(next)
+                ))
+            })
+            .collect()
     }
 
     /// Gauges that move with time rather than with requests.
@@ -627,6 +635,9 @@ fn check_limits(server: &crate::config::ServerConfig, problems: &mut Vec<String>
     let proxy_timeout = server.proxy_protocol.header_timeout;
     if proxy_timeout < Duration::from_millis(100) || proxy_timeout > Duration::from_secs(60) {
         problems.push("server.proxy_protocol.header_timeout must be between 100ms and 60s".into());
+    }
+    if server.shutdown_delay > Duration::from_secs(300) {
+        problems.push("server.shutdown_delay must be at most 5m (load balancers notice a failing /readyz within seconds)".into());
     }
     if server.shutdown_grace > hour {
         problems.push("server.shutdown_grace must be at most 1h".into());

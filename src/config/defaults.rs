@@ -36,6 +36,9 @@ pub(crate) fn rotate_after() -> Duration {
 pub(crate) fn max_header_bytes() -> usize {
     16 * 1024
 }
+pub(crate) fn shutdown_delay() -> Duration {
+    Duration::from_secs(5)
+}
 pub(crate) fn shutdown_grace() -> Duration {
     Duration::from_secs(10)
 }

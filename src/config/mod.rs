@@ -108,6 +108,10 @@ pub struct ServerConfig {
     /// Largest request head (request line and headers).
     #[serde(default = "defaults::max_header_bytes")]
     pub max_header_bytes: usize,
+    /// After SIGTERM/SIGINT: `/readyz` fails but new connections are still accepted this
+    /// long, so load balancers stop sending before the listener closes.
+    #[serde(default = "defaults::shutdown_delay", with = "duration::text")]
+    pub shutdown_delay: Duration,
     /// After SIGTERM/SIGINT: in-flight requests get this long before the process exits.
     #[serde(default = "defaults::shutdown_grace", with = "duration::text")]
     pub shutdown_grace: Duration,

@@ -32,6 +32,11 @@ pub trait Signer: Send + Sync {
     fn key_expiry(&self) -> Option<i64> {
         None
     }
+    /// Whether signing works now, as far as the signer can tell without a long wait, for
+    /// `/readyz`; `Err` says what is wrong. A signer holding its keys is ready once loaded.
+    async fn readiness(&self) -> Result<(), String> {
+        Ok(())
+    }
     /// Signs `payload` (a JSON claims set) as a compact JWS with `typ: JWT` and the
     /// signing key's `kid`.
     async fn sign(&self, payload: &str) -> Result<String, SignerError>;

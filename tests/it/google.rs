@@ -535,7 +535,7 @@ fn support_now() -> i64 {
 }
 
 /// The IAM signer: Google signs the broker's tokens; the broker holds no key.
-async fn start_iam(
+pub(crate) async fn start_iam(
     credentials: impl FnOnce(&FakeGoogle, &Setup) -> String,
 ) -> (FakeGoogle, TestBroker, Leaf) {
     let fake = FakeGoogle::start(FakeGoogleConfig::new(ISSUER)).await;

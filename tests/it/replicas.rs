@@ -19,10 +19,10 @@ fn free_port() -> u16 {
 }
 
 /// A broker process on its own ports; killed when dropped.
-struct Replica {
-    child: Child,
-    port: u16,
-    admin: u16,
+pub(crate) struct Replica {
+    pub(crate) child: Child,
+    pub(crate) port: u16,
+    pub(crate) admin: u16,
 }
 
 impl Drop for Replica {
@@ -36,7 +36,7 @@ impl Replica {
     /// Starts `token-broker serve` on the setup's config. It listens on ports the
     /// system picks (`127.0.0.1:0`), read from its "serving" log line: a port picked here and
     /// freed for the broker could be taken by another process meanwhile.
-    async fn start(setup: &Setup, name: &str) -> Replica {
+    pub(crate) async fn start(setup: &Setup, name: &str) -> Replica {
         let config = setup.path("config.toml");
         let log_path = setup.path(&format!("{name}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
@@ -79,14 +79,14 @@ impl Replica {
         replica
     }
 
-    async fn ready(&self) -> Option<u16> {
+    pub(crate) async fn ready(&self) -> Option<u16> {
         reqwest::get(format!("http://127.0.0.1:{}/readyz", self.admin))
             .await
             .ok()
             .map(|r| r.status().as_u16())
     }
 
-    async fn metric(&self, sample: &str) -> f64 {
+    pub(crate) async fn metric(&self, sample: &str) -> f64 {
         let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.admin))
             .await
             .unwrap()
@@ -96,7 +96,7 @@ impl Replica {
         support::metric_value(&text, sample)
     }
 
-    fn signal(&self, name: &str) {
+    pub(crate) fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .args(["-s", name, &self.child.id().to_string()])
             .status()
@@ -105,8 +105,21 @@ impl Replica {
     }
 }
 
-/// A TLS client trusting the test server CA, presenting `leaf`, from `source_ip`.
+/// A TLS client trusting the test server CA, presenting `leaf`, from `source_ip`, opening
+/// one connection per request, so the load balancer spreads them.
 fn client(setup: &Setup, leaf: Option<&Leaf>, source_ip: &str) -> reqwest::Client {
+    client_builder(setup, leaf, source_ip)
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+/// [`client`] before its connection pooling is chosen.
+pub(crate) fn client_builder(
+    setup: &Setup,
+    leaf: Option<&Leaf>,
+    source_ip: &str,
+) -> reqwest::ClientBuilder {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(setup.server_ca.der.clone()).unwrap();
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -124,10 +137,6 @@ fn client(setup: &Setup, leaf: Option<&Leaf>, source_ip: &str) -> reqwest::Clien
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .local_address(source_ip.parse::<std::net::IpAddr>().unwrap())
-        // One connection per request, so the load balancer spreads them.
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap()
 }
 
 async fn post_token(
@@ -236,24 +245,27 @@ async fn sighup_reloads_and_sigterm_drains_in_flight_requests() {
     support::logs::assert_no_secrets(&log, "the drained replica");
 }
 
+/// No retries and no redispatch: a connection HAProxy sends to a replica that refuses it
+/// fails, so only the replicas' drain (`shutdown_delay` outlasting `inter` x `fall`) keeps
+/// clients from seeing a stop.
 fn haproxy_config(frontend: u16, stats: &std::path::Path, replicas: &[&Replica]) -> String {
     let mut config = format!(
         "global\n  maxconn 1000\n  stats socket {stats}\n\
-         defaults\n  mode tcp\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n  retries 3\n  option redispatch 1\n\
+         defaults\n  mode tcp\n  timeout connect 1s\n  timeout client 60s\n  timeout server 60s\n  retries 0\n\
          frontend brokers\n  bind 127.0.0.1:{frontend}\n  default_backend replicas\n\
          backend replicas\n  balance roundrobin\n  option httpchk GET /readyz\n  http-check expect status 200\n",
         stats = stats.display()
     );
     for (i, replica) in replicas.iter().enumerate() {
         config.push_str(&format!(
-            "  server broker{i} 127.0.0.1:{} send-proxy-v2 check port {} inter 300ms fall 1 rise 1\n",
+            "  server broker{i} 127.0.0.1:{} send-proxy-v2 check port {} inter 100ms fall 1 rise 1\n",
             replica.port, replica.admin
         ));
     }
     config
 }
 
-struct Haproxy(Child);
+pub(crate) struct Haproxy(Child);
 
 impl Drop for Haproxy {
     fn drop(&mut self) {
@@ -288,7 +300,7 @@ fn server_statuses(stats: &std::path::Path) -> Option<Vec<String>> {
 /// HAProxy on a free port in front of `replicas`, once its health checks found them all up.
 /// A port picked here and freed for HAProxy could be taken meanwhile: HAProxy then exits,
 /// and another port is tried.
-async fn start_haproxy(setup: &Setup, replicas: &[&Replica]) -> (Haproxy, u16) {
+pub(crate) async fn start_haproxy(setup: &Setup, replicas: &[&Replica]) -> (Haproxy, u16) {
     let haproxy = support::require_tool("haproxy", "haproxy");
     let stats = setup.path("haproxy.sock");
     for _ in 0..5 {
@@ -336,6 +348,7 @@ async fn start_haproxy(setup: &Setup, replicas: &[&Replica]) -> (Haproxy, u16) {
 async fn three_replicas_behind_haproxy_share_keys_and_survive_a_stop() {
     let mut setup = Setup::new();
     // Behind the load balancer: PROXY v2 from it (127.0.0.1); clients come from 127.0.0.2.
+    setup.shutdown_delay = "2s".into();
     setup.extra_server = "shutdown_grace = \"5s\"\n[server.proxy_protocol]\nmode = \"v2\"\ntrusted_cidrs = [\"127.0.0.1/32\"]".into();
     let leaf = setup.intermediate.leaf(&LeafSpec::device("fleet-1"));
     setup.write_config();

@@ -200,6 +200,11 @@ impl FakeGoogle {
         queue.extend(std::iter::repeat_n(fault, times));
     }
 
+    /// Forgets the faults still queued for `api`: Google recovered.
+    pub fn clear_faults(&self, api: Api) {
+        self.state.lock().faults.remove(&api);
+    }
+
     /// Lets every call held by [`Fault::Hold`], now and later, go on.
     pub fn release(&self) {
         self.state.released.send_replace(true);

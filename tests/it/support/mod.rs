@@ -457,6 +457,8 @@ pub struct Setup {
     pub revoked: Vec<u64>,
     pub rules: String,
     pub extra_server: String,
+    /// `server.shutdown_delay`: "0s" unless a test drains, so stopping a broker is quick.
+    pub shutdown_delay: String,
     /// Trust a folder holding the root and the intermediate instead of a root-only file.
     pub bundle_folder: bool,
     /// Write the intermediate's CRL with a nextUpdate in the past.
@@ -490,6 +492,7 @@ impl Setup {
             revoked: Vec::new(),
             rules: RULES.to_owned(),
             extra_server: String::new(),
+            shutdown_delay: "0s".into(),
             bundle_folder: false,
             stale_crl: false,
             signer: None,
@@ -591,6 +594,7 @@ key = "server-key.pem"
 client_ca = "{client_ca}"
 crls = [{crls}]
 max_body_bytes = 1024
+shutdown_delay = "{shutdown_delay}"
 {extra_server}
 
 [admin]
@@ -611,6 +615,7 @@ default_audience = "aud-a"
                 .unwrap_or("[signer]\nkind = \"local\"\nkey_dir = \"keys\""),
             google = self.google.as_deref().unwrap_or_default(),
             extra_server = self.extra_server,
+            shutdown_delay = self.shutdown_delay,
             client_ca = client_ca,
             crls = crl_files.join(", "),
             rules = self.rules,
@@ -794,10 +799,15 @@ impl TestBroker {
         metric_value(&self.metrics().await, sample)
     }
 
-    pub async fn stop(mut self) {
+    /// Signals the server to shut down (as SIGTERM does) without waiting for it.
+    pub fn begin_stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    pub async fn stop(mut self) {
+        self.begin_stop();
         if let Some(task) = self.task.take() {
             task.await.unwrap();
         }
