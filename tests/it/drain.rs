@@ -138,7 +138,10 @@ async fn shutdown_fails_readyz_at_once_keeps_accepting_for_the_delay_and_closes_
     )
     .await
     .unwrap();
-    assert!(stopped_at.elapsed() < DELAY, "connected only after the delay");
+    assert!(
+        stopped_at.elapsed() < DELAY,
+        "connected only after the delay"
+    );
     // Half the body: the request is in flight while the listener closes.
     late.write_all(&form.as_bytes()[..10]).await.unwrap();
     late.flush().await.unwrap();
@@ -155,7 +158,9 @@ async fn shutdown_fails_readyz_at_once_keeps_accepting_for_the_delay_and_closes_
     let (status, body) = readyz(&broker).await;
     assert_eq!(status, 503);
     assert_eq!(
-        body.lines().map(|l| l.split(':').next().unwrap()).collect::<Vec<_>>(),
+        body.lines()
+            .map(|l| l.split(':').next().unwrap())
+            .collect::<Vec<_>>(),
         ["listener", "draining"],
         "{body}"
     );
@@ -184,7 +189,11 @@ async fn readyz_names_a_failing_iam_signer_and_sees_it_recover() {
     for _ in 0..20 {
         assert_eq!(readyz(&broker).await, (200, "ready\n".into()));
     }
-    assert_eq!(fake.calls(Api::SignJwt), 1, "a success is not probed again soon");
+    assert_eq!(
+        fake.calls(Api::SignJwt),
+        1,
+        "a success is not probed again soon"
+    );
 
     // Google stops signing: the failed signJwt of a token request makes /readyz fail at
     // once, naming the signer and what to fix.
@@ -326,7 +335,11 @@ async fn a_replica_drains_behind_haproxy_without_retries_and_no_request_fails() 
     setup.shutdown_delay = "3s".into();
     setup.extra_server = "shutdown_grace = \"10s\"\n[server.proxy_protocol]\nmode = \"v2\"\ntrusted_cidrs = [\"127.0.0.1/32\"]".into();
     let leaves: Vec<Leaf> = (0..5)
-        .map(|i| setup.intermediate.leaf(&LeafSpec::device(&format!("load-{i}"))))
+        .map(|i| {
+            setup
+                .intermediate
+                .leaf(&LeafSpec::device(&format!("load-{i}")))
+        })
         .collect();
     setup.write_config();
     let replicas = vec![
@@ -360,7 +373,8 @@ async fn a_replica_drains_behind_haproxy_without_retries_and_no_request_fails() 
         .map(|client| tokio::spawn(load(client, frontend, stop.clone(), tally.clone())))
         .collect();
 
-    let issued = r#"token_broker_tokens_issued_total{client="devices",flow="mtls-client-credentials"}"#;
+    let issued =
+        r#"token_broker_tokens_issued_total{client="devices",flow="mtls-client-credentials"}"#;
     support::wait_until("the load to reach the replica that will stop", || async {
         replicas[1].metric(issued).await >= 20.0
     })
@@ -383,7 +397,7 @@ async fn a_replica_drains_behind_haproxy_without_retries_and_no_request_fails() 
         worker.await.unwrap();
     }
 
-    let tally = tally.lock().unwrap();
+    let tally = std::mem::take(&mut *tally.lock().unwrap());
     println!(
         "drain took {drain_time:?}; {} tokens ({} during and after the drain), {} answers with Connection: close, {} failed",
         tally.ok,
