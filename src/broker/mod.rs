@@ -742,7 +742,7 @@ fn discovery_document(config: &Config, signer: &dyn Signer, flows: &Registry) ->
 
 #[cfg(test)]
 mod tests {
-    use super::minted_under_changed;
+    use super::{check_settings, minted_under_changed};
     use crate::config::Config;
 
     const CONFIG: &str = r#"
@@ -783,5 +783,34 @@ ttl = "10m"
             let changed = Config::parse(&change).unwrap();
             assert!(minted_under_changed(&config, &changed), "{change}");
         }
+    }
+    #[test]
+    fn shutdown_delay_is_at_most_five_minutes() {
+        let with_delay = |delay: &str| {
+            let text = CONFIG.replace(
+                "[issuer]",
+                &format!("shutdown_delay = \"{delay}\"\n[issuer]"),
+            );
+            check_settings(&Config::parse(&text).unwrap())
+        };
+        assert_eq!(
+            Config::parse(CONFIG)
+                .unwrap()
+                .server
+                .shutdown_delay
+                .as_secs(),
+            5
+        );
+        for fine in ["0s", "5s", "5m"] {
+            assert!(
+                with_delay(fine).is_empty(),
+                "{fine}: {:?}",
+                with_delay(fine)
+            );
+        }
+        assert_eq!(
+            with_delay("301s"),
+            ["server.shutdown_delay must be at most 5m (load balancers notice a failing /readyz within seconds)"]
+        );
     }
 }
