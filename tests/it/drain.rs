@@ -14,7 +14,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::google::start_iam;
-use crate::replicas::{client_builder, start_haproxy, Replica};
+use crate::replicas::{behind_haproxy, client_builder};
 use crate::support::fake_google::{Api, Fault};
 use crate::support::{self, Leaf, LeafSpec, Setup, TestBroker};
 
@@ -333,7 +333,6 @@ async fn a_replica_drains_behind_haproxy_without_retries_and_no_request_fails() 
     // HAProxy checks every 100ms and takes a server out on one failed check: 3s is many
     // checks, even on a loaded machine.
     setup.shutdown_delay = "3s".into();
-    setup.extra_server = "shutdown_grace = \"10s\"\n[server.proxy_protocol]\nmode = \"v2\"\ntrusted_cidrs = [\"127.0.0.1/32\"]".into();
     let leaves: Vec<Leaf> = (0..5)
         .map(|i| {
             setup
@@ -341,13 +340,7 @@ async fn a_replica_drains_behind_haproxy_without_retries_and_no_request_fails() 
                 .leaf(&LeafSpec::device(&format!("load-{i}")))
         })
         .collect();
-    setup.write_config();
-    let replicas = vec![
-        Replica::start(&setup, "r0").await,
-        Replica::start(&setup, "r1").await,
-        Replica::start(&setup, "r2").await,
-    ];
-    let (_lb, frontend) = start_haproxy(&setup, &replicas.iter().collect::<Vec<_>>()).await;
+    let (replicas, _lb, frontend) = behind_haproxy(&mut setup).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Mutex::new(Tally::default()));

@@ -300,7 +300,7 @@ fn server_statuses(stats: &std::path::Path) -> Option<Vec<String>> {
 /// HAProxy on a free port in front of `replicas`, once its health checks found them all up.
 /// A port picked here and freed for HAProxy could be taken meanwhile: HAProxy then exits,
 /// and another port is tried.
-pub(crate) async fn start_haproxy(setup: &Setup, replicas: &[&Replica]) -> (Haproxy, u16) {
+async fn start_haproxy(setup: &Setup, replicas: &[&Replica]) -> (Haproxy, u16) {
     let haproxy = support::require_tool("haproxy", "haproxy");
     let stats = setup.path("haproxy.sock");
     for _ in 0..5 {
@@ -344,20 +344,28 @@ pub(crate) async fn start_haproxy(setup: &Setup, replicas: &[&Replica]) -> (Hapr
     );
 }
 
+/// Writes the setup's config with PROXY v2 from HAProxy (127.0.0.1; clients come from
+/// 127.0.0.2), starts three replicas on it (r0, r1, r2) and HAProxy in front of them.
+pub(crate) async fn behind_haproxy(setup: &mut Setup) -> (Vec<Replica>, Haproxy, u16) {
+    setup
+        .extra_server
+        .push_str("\n[server.proxy_protocol]\nmode = \"v2\"\ntrusted_cidrs = [\"127.0.0.1/32\"]");
+    setup.write_config();
+    let replicas = vec![
+        Replica::start(setup, "r0").await,
+        Replica::start(setup, "r1").await,
+        Replica::start(setup, "r2").await,
+    ];
+    let (lb, frontend) = start_haproxy(setup, &replicas.iter().collect::<Vec<_>>()).await;
+    (replicas, lb, frontend)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn three_replicas_behind_haproxy_share_keys_and_survive_a_stop() {
     let mut setup = Setup::new();
-    // Behind the load balancer: PROXY v2 from it (127.0.0.1); clients come from 127.0.0.2.
     setup.shutdown_delay = "2s".into();
-    setup.extra_server = "shutdown_grace = \"5s\"\n[server.proxy_protocol]\nmode = \"v2\"\ntrusted_cidrs = [\"127.0.0.1/32\"]".into();
     let leaf = setup.intermediate.leaf(&LeafSpec::device("fleet-1"));
-    setup.write_config();
-    let replicas = vec![
-        Replica::start(&setup, "r0").await,
-        Replica::start(&setup, "r1").await,
-        Replica::start(&setup, "r2").await,
-    ];
-    let (_lb, frontend) = start_haproxy(&setup, &replicas.iter().collect::<Vec<_>>()).await;
+    let (replicas, _lb, frontend) = behind_haproxy(&mut setup).await;
 
     // Every replica's JWKS, fetched directly (from an untrusted address: no PROXY header).
     let mut key_sets = Vec::new();
