@@ -309,41 +309,77 @@ fn rename_series(expr: &str, name: &str, to: &str) -> String {
 fn a_wrong_threshold_or_metric_name_fails_the_alert_unit_tests() {
     let rules = yaml(ALERTS);
     let tests = yaml(ALERTS_TEST);
-    let mut mutants: Vec<(String, String, String)> = Vec::new(); // (alert, what, expr)
+    let mut mutants = Vec::new();
     for rule in alert_rules(&rules) {
-        let name = text(rule, "alert");
+        let alert = text(rule, "alert");
         let expr = text(rule, "expr");
+        let mutant = |change: String, expr: String| Mutant {
+            alert: alert.into(),
+            change,
+            expr,
+        };
         for range in number_literals(expr) {
             let value: f64 = expr[range.clone()].parse().unwrap();
             if value == 0.0 {
                 continue;
             }
             for factor in [2.0, 0.5] {
-                let mutated = format!(
-                    "{}{}{}",
-                    &expr[..range.start],
-                    value * factor,
-                    &expr[range.end..]
-                );
-                mutants.push((name.into(), format!("{value} × {factor}"), mutated));
+                let (before, after) = (&expr[..range.start], &expr[range.end..]);
+                let mutated = format!("{before}{}{after}", value * factor);
+                mutants.push(mutant(format!("{value} × {factor}"), mutated));
             }
         }
         for series in selected_series(expr) {
             let mutated = rename_series(expr, &series, &format!("{series}_renamed"));
             assert_ne!(mutated, expr);
-            mutants.push((name.into(), format!("{series} renamed"), mutated));
+            mutants.push(mutant(format!("{series} renamed"), mutated));
         }
     }
     assert!(mutants.len() > 30, "{} mutants only", mutants.len());
 
     let dir = tempfile::tempdir().unwrap();
-    let run = |(i, (alert, what, expr)): (usize, &(String, String, String))| -> Option<String> {
-        // The mutated rules file, and the unit tests that evaluate this alert.
+    // One promtool process per mutant; two at a time keep both cores busy.
+    let survivors: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..2)
+            .map(|worker| {
+                let (mutants, rules, tests, dir) = (&mutants, &rules, &tests, dir.path());
+                scope.spawn(move || {
+                    (worker..mutants.len())
+                        .step_by(2)
+                        .filter_map(|i| mutants[i].survives(i, rules, tests, dir))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    assert!(
+        survivors.is_empty(),
+        "alert unit tests that still pass with a mutated rule (add a case next to the threshold):\n{}",
+        survivors.join("\n")
+    );
+}
+
+/// One alert with a changed expression.
+struct Mutant {
+    alert: String,
+    change: String,
+    expr: String,
+}
+
+impl Mutant {
+    /// Runs the unit tests that evaluate this alert against the rules with this mutant;
+    /// what promtool printed if they did not fail on the alert.
+    fn survives(&self, id: usize, rules: &Yaml, tests: &Yaml, dir: &Path) -> Option<String> {
+        let alert = Some(self.alert.as_str());
         let mut rules = rules.clone();
         for group in rules["groups"].as_mut_vec().unwrap() {
             for rule in group["rules"].as_mut_vec().unwrap() {
-                if rule["alert"].as_str() == Some(alert) {
-                    rule["expr"] = Yaml::String(expr.clone());
+                if rule["alert"].as_str() == alert {
+                    rule["expr"] = Yaml::String(self.expr.clone());
                 }
             }
         }
@@ -353,42 +389,21 @@ fn a_wrong_threshold_or_metric_name_fails_the_alert_unit_tests() {
                 .as_vec()
                 .unwrap()
                 .iter()
-                .any(|case| case["alertname"].as_str() == Some(alert))
+                .any(|case| case["alertname"].as_str() == alert)
         });
-        tests["rule_files"] = Yaml::Array(vec![Yaml::String(format!("rules-{i}.yml"))]);
-        std::fs::write(dir.path().join(format!("rules-{i}.yml")), emit(&rules)).unwrap();
-        let test_file = format!("test-{i}.yml");
-        std::fs::write(dir.path().join(&test_file), emit(&tests)).unwrap();
-        let out = promtool(&["test", "rules", &test_file], dir.path());
+        let rules_file = format!("rules-{id}.yml");
+        tests["rule_files"] = Yaml::Array(vec![Yaml::String(rules_file.clone())]);
+        std::fs::write(dir.join(&rules_file), emit(&rules)).unwrap();
+        let test_file = format!("test-{id}.yml");
+        std::fs::write(dir.join(&test_file), emit(&tests)).unwrap();
+        let out = promtool(&["test", "rules", &test_file], dir);
         let failed_on_alert =
-            !out.status.success() && printed(&out).contains(&format!("alertname: {alert},"));
-        (!failed_on_alert).then(|| format!("{alert} with {what}: {expr}\n{}", printed(&out)))
-    };
-    // promtool runs one process per mutant; two at a time keep both cores busy.
-    let survivors: Vec<String> = std::thread::scope(|scope| {
-        let chunks: Vec<Vec<(usize, &(String, String, String))>> = (0..2)
-            .map(|k| {
-                mutants
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| i % 2 == k)
-                    .collect()
-            })
-            .collect();
-        let handles: Vec<_> = chunks
-            .into_iter()
-            .map(|chunk| scope.spawn(move || chunk.into_iter().filter_map(run).collect::<Vec<_>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
-    });
-    assert!(
-        survivors.is_empty(),
-        "alert unit tests that still pass with a mutated rule (add a case next to the threshold):\n{}",
-        survivors.join("\n")
-    );
+            !out.status.success() && printed(&out).contains(&format!("alertname: {},", self.alert));
+        (!failed_on_alert).then(|| {
+            let (alert, change, expr) = (&self.alert, &self.change, &self.expr);
+            format!("{alert} with {change}: {expr}\n{}", printed(&out))
+        })
+    }
 }
 
 /// The series names the other tests allow are exactly what a running broker exposes: every
