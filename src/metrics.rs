@@ -5,6 +5,7 @@
 //! brokers in one process.
 
 use prometheus::core::Collector;
+use prometheus::proto::MetricType;
 use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     Opts, Registry, TextEncoder,
@@ -233,6 +234,24 @@ impl Metrics {
                         (name, desc.variable_labels.clone())
                     })
                     .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Every series name a query can select: each metric's name, or for a histogram its
+    /// `_bucket`, `_sum` and `_count` series. What dashboards and alert rules may name.
+    pub fn series_names(&self) -> Vec<String> {
+        self.collectors()
+            .iter()
+            .flat_map(|collector| collector.collect())
+            .flat_map(|family| {
+                let name = format!("{PREFIX}_{}", family.name());
+                match family.get_field_type() {
+                    MetricType::HISTOGRAM => ["_bucket", "_sum", "_count"]
+                        .map(|suffix| format!("{name}{suffix}"))
+                        .to_vec(),
+                    _ => vec![name],
+                }
             })
             .collect()
     }

@@ -14,6 +14,7 @@ mod form;
 mod fuzz_seeds;
 mod google;
 mod layers;
+mod monitoring;
 mod name_constraints;
 mod operations;
 mod properties;
