@@ -271,6 +271,7 @@ fn token(args: TokenArgs) -> ExitCode {
         &params,
         args.cache.as_deref(),
         args.format,
+        &crate::device::executable::ExecutableEnv::from_process(),
     );
     ExitCode::from(code)
 }
