@@ -426,7 +426,7 @@ scopes = ["https://www.googleapis.com/auth/cloud-platform"]"#,
     assert!(device["credential_source"]["executable"]["command"]
         .as_str()
         .unwrap()
-        .contains("format=external_credential"));
+        .contains("--format executable"));
 
     // The dev config enables a Google flow now; check-config is satisfied with [google].
     assert!(run(&["init", "--dir", "certs/dev"], dir.path())

@@ -8,6 +8,7 @@ mod chain_validation;
 mod cli;
 mod conformance;
 mod devices;
+mod executable;
 mod fake_google;
 mod form;
 mod fuzz_seeds;
