@@ -165,7 +165,9 @@ gcloud iam workload-identity-pools providers create-oidc {provider} \
          #      install -d -m 700 -o DEVICE_USER {output_dir}\n\
          #    Then this credential configuration (executable-sourced: the library runs the command\n\
          #    and exchanges the broker's ID token itself). The device's client rule must allow\n\
-         #    the flow mtls-client-credentials and the audience {audience}. Use it with\n\
+         #    the flow mtls-client-credentials and the audience\n\
+         #      {audience}\n\
+         #    Use it with\n\
          #      export GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES=1\n\
          #      export GOOGLE_APPLICATION_CREDENTIALS=$PWD/device-credentials.json\n\
          cat > device-credentials.json <<'JSON'\n{}\nJSON\n",
@@ -195,12 +197,12 @@ pub fn reachability_warnings(issuer: &str) -> Vec<String> {
         Ok(url) => url,
         Err(e) => return vec![format!("the issuer URL {issuer} does not parse: {e}")],
     };
-    let upload = "Google cannot fetch its discovery document and keys: upload the keys (below)";
+    let upload = "upload the keys instead (the --jwk-json-path step)";
     let mut warnings = Vec::new();
     if url.scheme() != "https" {
         warnings.push(format!(
-            "the issuer URL {issuer} is not https; Google fetches the discovery document over \
-             HTTPS only: {upload}"
+            "the issuer URL {issuer} is not https, and Google fetches discovery documents \
+             over HTTPS only: {upload}"
         ));
     }
     let unreachable = match url.host() {

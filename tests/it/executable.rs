@@ -5,7 +5,7 @@
 //! sees no request), `--cache` beside or at the same file, refusals as the libraries show
 //! them, and the device configuration `wif-setup` prints.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::{json, Value};
@@ -685,4 +685,35 @@ async fn wif_setup_prints_a_device_configuration_google_auth_uses_as_is() {
     assert_eq!(broker_requests(&broker).await - before, 1.0);
     assert_output_file(&output_file);
     broker.stop().await;
+}
+
+#[test]
+fn the_example_credential_configuration_runs_a_command_the_cli_accepts() {
+    use clap::Parser;
+    use token_broker::cli::{Cli, Command as CliCommand};
+    use token_broker::device::client::{TokenFormat, TokenParams};
+    use token_broker::device::executable::ExecutableEnv;
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/devices/credential-config.json");
+    let example: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let executable = &example["credential_source"]["executable"];
+    assert!(executable["output_file"].is_string());
+    let command = executable["command"].as_str().unwrap();
+    let Some(CliCommand::Token(args)) = Cli::try_parse_from(command.split_whitespace())
+        .unwrap()
+        .command
+    else {
+        panic!("not a token command: {command}");
+    };
+    assert_eq!(args.format, TokenFormat::Executable);
+    assert!(args.device.ca.is_some(), "a private broker CA needs --ca");
+    // Its --audience is the one the library's environment implies.
+    let env = ExecutableEnv {
+        audience: example["audience"].as_str().map(str::to_owned),
+        token_type: example["subject_token_type"].as_str().map(str::to_owned),
+        ..ExecutableEnv::default()
+    };
+    let mut implied = TokenParams::default();
+    env.prepare(&mut implied).unwrap();
+    assert_eq!(implied.audience, args.audience);
 }
