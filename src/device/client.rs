@@ -552,10 +552,8 @@ fn obtain(
     if let Some(cache) = cache.as_ref().filter(|_| fetched) {
         cache.store(&contents)?;
     }
-    // The library's file, unless it is the cache just written.
-    if let Some(path) =
-        output_file.filter(|path| !(fetched && Some(*path) == cache.as_ref().map(|c| c.path())))
-    {
+    // The library's file, unless it is the cache (which holds this token already).
+    if let Some(path) = output_file.filter(|path| Some(*path) != cache.as_ref().map(|c| c.path())) {
         TokenCacheFile::new(path).store(&contents)?;
     }
     Ok((token, response))
