@@ -271,6 +271,7 @@ fn token(args: TokenArgs) -> ExitCode {
         &params,
         args.cache.as_deref(),
         args.format,
+        &crate::device::executable::ExecutableEnv::from_process(),
     );
     ExitCode::from(code)
 }
@@ -302,10 +303,13 @@ fn agent(args: AgentArgs) -> Result<ExitCode, CliError> {
 
 fn wif_setup(config_path: &Path, project_id: &str) -> Result<ExitCode, CliError> {
     let config = Config::load(config_path)?;
-    let script = crate::google::setup::script(&config, project_id).ok_or_else(|| {
+    let setup = crate::google::setup::script(&config, project_id).ok_or_else(|| {
         CliError::Usage(format!("{}: no [google] section", config_path.display()))
     })?;
-    println!("{script}");
+    for warning in &setup.warnings {
+        eprintln!("warning: {warning}");
+    }
+    println!("{}", setup.script);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::clock::unix_now;
+use crate::device::executable::{self, ExecutableEnv};
 use crate::identity::Identity;
 use crate::pem;
 use crate::redact::root_cause;
@@ -22,6 +23,9 @@ pub const REFRESH_MARGIN: i64 = 60;
 pub enum ClientError {
     #[error("{0}")]
     Local(String),
+    /// A request the executable-source contract cannot serve (see `executable`).
+    #[error("{message}")]
+    Contract { code: &'static str, message: String },
     #[error("the broker refused (HTTP {status} {code}): {description}")]
     Refused {
         status: u16,
@@ -35,7 +39,7 @@ pub enum ClientError {
 impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            ClientError::Local(_) => 1,
+            ClientError::Local(_) | ClientError::Contract { .. } => 1,
             ClientError::Refused { .. } => 2,
             ClientError::Unavailable(_) => 3,
         }
@@ -45,6 +49,7 @@ impl ClientError {
     pub fn code(&self) -> &str {
         match self {
             ClientError::Local(_) => "local_error",
+            ClientError::Contract { code, .. } => code,
             ClientError::Refused { code, .. } => code,
             ClientError::Unavailable(_) => "temporarily_unavailable",
         }
@@ -98,22 +103,6 @@ impl Token {
         }
         answer
     }
-
-    /// AIP-4117 executable response (an ID token for STS to exchange).
-    pub fn to_executable(&self) -> Value {
-        json!({
-            "version": 1,
-            "success": true,
-            "token_type": "urn:ietf:params:oauth:token-type:id_token",
-            "id_token": self.id_token.as_deref().unwrap_or(&self.access_token),
-            "expiration_time": self.expires_at,
-        })
-    }
-}
-
-/// AIP-4117 error response.
-pub fn executable_error(error: &ClientError) -> Value {
-    json!({ "version": 1, "success": false, "code": error.code(), "message": error.to_string() })
 }
 
 pub struct BrokerClient {
@@ -246,7 +235,10 @@ fn check_key_permissions(key: &Path) -> Result<(), ClientError> {
 }
 
 /// A token file reused across runs: one broker request per token lifetime, however often
-/// a client library runs the executable.
+/// a client library runs the executable. Its contents are an executable-source response
+/// (AIP-4117) with this cache's own `token_broker` member, so the same file can also be a
+/// credential configuration's `output_file`: the libraries read the response and ignore the
+/// rest, and each file is written whole, atomically.
 pub struct TokenCacheFile {
     path: PathBuf,
 }
@@ -264,18 +256,38 @@ impl TokenCacheFile {
         }
     }
 
-    /// The stored token, if it is for these parameters and still fresh. A file another
-    /// user could have written is ignored with a warning (a new token is fetched).
-    pub fn load(&self, params: &TokenParams) -> Option<Token> {
-        let text = match self.read_trusted() {
-            Ok(text) => text?,
-            Err(reason) => {
-                tracing::warn!(cache = %self.path.display(), reason, "token cache ignored; fetching a new token");
-                return None;
-            }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The stored token, if it is for these parameters and still fresh. `Err` says why a
+    /// file that is there was not trusted (another user could have written it); the caller
+    /// then fetches a new token, whose file replaces it.
+    pub fn load(&self, params: &TokenParams) -> Result<Option<Token>, String> {
+        let Some(text) = self.read_trusted()? else {
+            return Ok(None);
         };
-        let cached: CachedToken = serde_json::from_slice(&text).ok()?;
-        (cached.params == *params && cached.token.is_fresh()).then_some(cached.token)
+        let cached = serde_json::from_slice::<Value>(&text)
+            .ok()
+            .and_then(|mut file| {
+                serde_json::from_value::<CachedToken>(file["token_broker"].take()).ok()
+            });
+        Ok(cached.and_then(|cached| {
+            (cached.params == *params && cached.token.is_fresh()).then_some(cached.token)
+        }))
+    }
+
+    /// The file's contents for `token`: `response` (the executable-source response) with
+    /// what [`TokenCacheFile::load`] needs.
+    pub fn contents(params: &TokenParams, token: &Token, mut response: Value) -> Vec<u8> {
+        if let Some(map) = response.as_object_mut() {
+            map.insert(
+                "token_broker".into(),
+                json!({ "params": params, "token": token }),
+            );
+        }
+        // Serializing a Value cannot fail.
+        serde_json::to_vec(&response).unwrap_or_default()
     }
 
     /// The file's bytes (`None` when there is none), refused unless it is a regular file
@@ -351,16 +363,12 @@ impl TokenCacheFile {
     }
 
     /// Writes atomically (a new temporary file, then rename), readable by the owner only.
-    pub fn store(&self, params: &TokenParams, token: &Token) -> Result<(), ClientError> {
-        let io =
-            |e: std::io::Error| ClientError::Local(format!("cache {}: {e}", self.path.display()));
-        let bytes = serde_json::to_vec(&CachedToken {
-            params: params.clone(),
-            token: token.clone(),
-        })
-        .map_err(|e| ClientError::Local(e.to_string()))?;
+    pub fn store(&self, contents: &[u8]) -> Result<(), ClientError> {
+        let io = |e: std::io::Error| {
+            ClientError::Local(format!("cannot write {}: {e}", self.path.display()))
+        };
         let (temporary, mut file) = self.create_temporary().map_err(io)?;
-        let written = std::io::Write::write_all(&mut file, &bytes)
+        let written = std::io::Write::write_all(&mut file, contents)
             .and_then(|()| std::fs::rename(&temporary, &self.path));
         if written.is_err() {
             let _ = std::fs::remove_file(&temporary);
@@ -411,6 +419,12 @@ mod tests {
         }
     }
 
+    fn contents(params: &TokenParams) -> Vec<u8> {
+        let token = token();
+        let response = executable::response(&token, executable::ID_TOKEN_TYPE);
+        TokenCacheFile::contents(params, &token, response)
+    }
+
     #[test]
     fn a_file_planted_at_the_temporary_path_never_receives_the_token() {
         let dir = tempfile::tempdir().unwrap();
@@ -422,12 +436,15 @@ mod tests {
         std::os::unix::fs::symlink(&victim, &planted).unwrap();
         let cache = TokenCacheFile::new(&path);
         let params = TokenParams::default();
-        cache.store(&params, &token()).unwrap();
+        cache.store(&contents(&params)).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "victim");
         assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert_eq!(cache.load(&params).unwrap().access_token, "cached-token");
+        assert_eq!(
+            cache.load(&params).unwrap().unwrap().access_token,
+            "cached-token"
+        );
     }
 
     #[test]
@@ -436,21 +453,22 @@ mod tests {
         let path = dir.path().join("cache.json");
         let cache = TokenCacheFile::new(&path);
         let params = TokenParams::default();
-        cache.store(&params, &token()).unwrap();
-        assert!(cache.load(&params).is_some());
+        cache.store(&contents(&params)).unwrap();
+        assert!(cache.load(&params).unwrap().is_some());
         for mode in [0o644, 0o620, 0o606] {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-            assert!(cache.load(&params).is_none(), "mode {mode:o}");
+            let reason = cache.load(&params).unwrap_err();
+            assert!(reason.contains("other users"), "mode {mode:o}: {reason}");
         }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let link = dir.path().join("link.json");
         std::os::unix::fs::symlink(&path, &link).unwrap();
-        assert!(TokenCacheFile::new(&link).load(&params).is_none());
-        assert!(cache.load(&params).is_some());
+        assert!(TokenCacheFile::new(&link).load(&params).is_err());
+        assert!(cache.load(&params).unwrap().is_some());
         // Another user's file (only root can make one to test with).
         if cache.current_uid().unwrap() == 0 {
             std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
-            assert!(cache.load(&params).is_none());
+            assert!(cache.load(&params).is_err());
         }
     }
 }
@@ -468,39 +486,75 @@ pub enum TokenFormat {
 
 /// `token-broker token`: the cached token while it is fresh, else a new one from the broker
 /// (then kept in `cache`), printed in `format`; errors go to stderr, and to stdout as the
-/// executable-source contract's error for libraries. Returns the process's exit code.
+/// executable-source contract's error for libraries. With `--format executable`, `env` (the
+/// library's variables) completes the request and names an `output_file` that receives the
+/// response too. Returns the process's exit code.
 pub fn token_command(
     client: impl FnOnce() -> Result<BrokerClient, ClientError>,
     params: &TokenParams,
     cache: Option<&Path>,
     format: TokenFormat,
+    env: &ExecutableEnv,
 ) -> u8 {
-    let cache = cache.map(TokenCacheFile::new);
-    let result = match cache.as_ref().and_then(|c| c.load(params)) {
-        Some(token) => Ok(token),
-        None => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| ClientError::Local(e.to_string()))
-            .and_then(|runtime| runtime.block_on(async { client()?.fetch(params).await }))
-            .and_then(|token| {
-                if let Some(cache) = &cache {
-                    cache.store(params, &token)?;
-                }
-                Ok(token)
-            }),
-    };
-    match (result, format) {
-        (Ok(token), TokenFormat::Json) => println!("{}", token.to_json()),
-        (Ok(token), TokenFormat::Raw) => println!("{}", token.access_token),
-        (Ok(token), TokenFormat::Executable) => println!("{}", token.to_executable()),
-        (Err(error), format) => {
+    match obtain(client, params.clone(), cache, format, env) {
+        Ok((token, response)) => match format {
+            TokenFormat::Json => println!("{}", token.to_json()),
+            TokenFormat::Raw => println!("{}", token.access_token),
+            TokenFormat::Executable => println!("{response}"),
+        },
+        Err(error) => {
             if format == TokenFormat::Executable {
-                println!("{}", executable_error(&error));
+                println!("{}", executable::error_response(&error));
             }
             eprintln!("error: {error}");
             return error.exit_code();
         }
     }
     0
+}
+
+/// The token and its executable-source response, with the files written.
+fn obtain(
+    client: impl FnOnce() -> Result<BrokerClient, ClientError>,
+    mut params: TokenParams,
+    cache: Option<&Path>,
+    format: TokenFormat,
+    env: &ExecutableEnv,
+) -> Result<(Token, Value), ClientError> {
+    let executable = format == TokenFormat::Executable;
+    let token_type = match executable {
+        true => env.prepare(&mut params)?,
+        false => executable::ID_TOKEN_TYPE,
+    };
+    let cache = cache.map(TokenCacheFile::new);
+    let cached = cache.as_ref().and_then(|cache| match cache.load(&params) {
+        Ok(token) => token,
+        Err(reason) => {
+            // Libraries read stderr as part of the response: only other formats warn.
+            if !executable {
+                tracing::warn!(cache = %cache.path().display(), reason, "token cache ignored; fetching a new token");
+            }
+            None
+        }
+    });
+    let fetched = cached.is_none();
+    let token = match cached {
+        Some(token) => token,
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ClientError::Local(e.to_string()))?
+            .block_on(async { client()?.fetch(&params).await })?,
+    };
+    let response = executable::response(&token, token_type);
+    let contents = TokenCacheFile::contents(&params, &token, response.clone());
+    let output_file = env.output_file.as_deref().filter(|_| executable);
+    if let Some(cache) = cache.as_ref().filter(|_| fetched) {
+        cache.store(&contents)?;
+    }
+    // The library's file, unless it is the cache (which holds this token already).
+    if let Some(path) = output_file.filter(|path| Some(*path) != cache.as_ref().map(|c| c.path())) {
+        TokenCacheFile::new(path).store(&contents)?;
+    }
+    Ok((token, response))
 }

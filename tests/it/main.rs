@@ -9,6 +9,7 @@ mod cli;
 mod conformance;
 mod devices;
 mod drain;
+mod executable;
 mod fake_google;
 mod form;
 mod fuzz_seeds;
