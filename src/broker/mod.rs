@@ -142,11 +142,13 @@ impl Broker {
         Self::build_with(config, metrics, None)
     }
 
-    /// A reload: the new config, the running broker's metrics and token cache. Cached
-    /// tokens are dropped when anything they were minted under changed.
+    /// A reload: the new config, the running broker's metrics, token cache and the
+    /// rate-limit state of rules that stay as they were. Cached tokens are dropped when
+    /// anything they were minted under changed.
     pub fn rebuild(config: Config, running: &Broker) -> Result<Broker, Problems> {
-        let broker =
+        let mut broker =
             Self::build_with(config, running.metrics.clone(), Some(running.cache.clone()))?;
+        broker.rules.keep_rate_limits_of(&running.rules);
         if minted_under_changed(&running.config, &broker.config) {
             broker.cache.clear();
         }
