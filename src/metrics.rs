@@ -35,6 +35,7 @@ pub struct Metrics {
     pub crl_fetches: IntCounterVec,
     pub crl_this_update: GaugeVec,
     pub crl_next_update: GaugeVec,
+    pub config_pending_restart: GaugeVec,
 }
 
 impl Metrics {
@@ -153,6 +154,11 @@ impl Metrics {
                 "nextUpdate (Unix time) of each loaded CRL, by source (file or URL); past it, the certificates it covers are refused.",
                 &["source"],
             ),
+            config_pending_restart: gauge(
+                "config_pending_restart",
+                "1 while a setting read only at start differs in the config file from the running value, by setting.",
+                &["setting"],
+            ),
             registry,
         };
         for collector in metrics.collectors() {
@@ -186,6 +192,7 @@ impl Metrics {
             crl_fetches,
             crl_this_update,
             crl_next_update,
+            config_pending_restart,
         } = self;
         vec![
             Box::new(tokens_issued.clone()),
@@ -208,6 +215,7 @@ impl Metrics {
             Box::new(crl_fetches.clone()),
             Box::new(crl_this_update.clone()),
             Box::new(crl_next_update.clone()),
+            Box::new(config_pending_restart.clone()),
         ]
     }
 

@@ -22,7 +22,7 @@ use crate::cache::TokenCache;
 use crate::claims::{self, Subject};
 use crate::clients::{ClientRule, ClientRules};
 use crate::clock::rfc3339;
-use crate::config::{defaults, Config, RevocationPolicy, SignerConfig, MAX_TOKEN_TTL};
+use crate::config::{Config, RevocationPolicy, SignerConfig, MAX_TOKEN_TTL};
 use crate::flows::{self, FlowDeps, Registry};
 use crate::google::Google;
 use crate::identity::Identity;
@@ -236,10 +236,7 @@ impl Broker {
                     google: google.clone(),
                 });
                 let cache = cache.unwrap_or_else(|| {
-                    let (capacity, margin) = config.google.as_ref().map_or(
-                        (defaults::cache_capacity(), defaults::refresh_margin()),
-                        |g| (g.cache_capacity, g.refresh_margin),
-                    );
+                    let (capacity, margin) = config.token_cache();
                     Arc::new(TokenCache::new(capacity, margin, metrics.clone()))
                 });
                 let discovery = discovery_document(&config, signer.as_ref(), &flows);

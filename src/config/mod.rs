@@ -372,6 +372,14 @@ impl Config {
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
     }
 
+    /// The token cache's capacity and refresh margin: `[google]`'s, else the defaults.
+    pub fn token_cache(&self) -> (u64, Duration) {
+        self.google.as_ref().map_or(
+            (defaults::cache_capacity(), defaults::refresh_margin()),
+            |g| (g.cache_capacity, g.refresh_margin),
+        )
+    }
+
     /// Resolves a configured path against the config file's folder.
     pub fn path(&self, p: &Path) -> PathBuf {
         if p.is_absolute() || self.base_dir.as_os_str().is_empty() {
