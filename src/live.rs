@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 
 use crate::broker::{Broker, Problems};
 use crate::config::Config;
+use crate::logging::AuditLog;
 use crate::metrics::Metrics;
 
 /// The broker currently serving, and whether the process is draining.
@@ -19,6 +20,8 @@ pub struct Live {
     draining: AtomicBool,
     /// What the settings read only at start were when the process started.
     started: StartOnly,
+    /// Where audit lines go (`[audit] path`), when this process routes them.
+    audit: Option<Arc<AuditLog>>,
 }
 
 /// The settings the server reads once, at start (listeners, the connection limit, the
@@ -60,6 +63,32 @@ impl Live {
             config_path,
             draining: AtomicBool::new(false),
             started,
+            audit: None,
+        }
+    }
+
+    /// Keeps `audit` at the configured path: moved when a reload changes `[audit] path`,
+    /// reopened by [`Live::reopen_audit_log`].
+    pub fn with_audit_log(mut self, audit: Arc<AuditLog>) -> Live {
+        self.audit = Some(audit);
+        self
+    }
+
+    /// Opens the audit file again at the configured path (SIGHUP: after logrotate renamed
+    /// it, lines go to a new file). On failure the lines keep going to the file open so far.
+    pub fn reopen_audit_log(&self) {
+        if let Some(audit) = &self.audit {
+            let path = self.current().config().audit_path();
+            match audit.open_at(path.as_deref()) {
+                Ok(()) => {
+                    if let Some(path) = path {
+                        tracing::info!(path = %path.display(), "audit log reopened");
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "audit log not reopened; audit lines still go where they went")
+                }
+            }
         }
     }
 
@@ -99,7 +128,12 @@ impl Live {
             Ok(broker) => {
                 log_warnings(&broker);
                 self.note_pending_restart(&broker);
+                let audit_path = broker.config().audit_path();
                 self.broker.store(Arc::new(broker));
+                // Also retries a path that could not be opened before.
+                if self.audit.as_ref().is_some_and(|a| a.path() != audit_path) {
+                    self.reopen_audit_log();
+                }
                 tracing::info!("configuration reloaded");
                 Ok(())
             }

@@ -505,6 +505,28 @@ impl Setup {
         self.dir.path().join(name)
     }
 
+    /// A rustls client config trusting the test server CA, presenting `leaf` if given.
+    pub fn tls_config(
+        &self,
+        leaf: Option<&Leaf>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> rustls::ClientConfig {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.server_ca.der.clone()).unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots);
+        match leaf {
+            Some(leaf) => builder
+                .with_client_auth_cert(leaf.chain(), leaf.key())
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        }
+    }
+
     /// Writes a file readable by its owner only, as a deployment keeps its keys (the
     /// broker refuses key files every user can read).
     pub fn write(&self, name: &str, contents: &str) -> PathBuf {
@@ -681,20 +703,7 @@ impl TestBroker {
         leaf: Option<&Leaf>,
         versions: &[&'static rustls::SupportedProtocolVersion],
     ) -> rustls::ClientConfig {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.setup.server_ca.der.clone()).unwrap();
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_protocol_versions(versions)
-        .unwrap()
-        .with_root_certificates(roots);
-        match leaf {
-            Some(leaf) => builder
-                .with_client_auth_cert(leaf.chain(), leaf.key())
-                .unwrap(),
-            None => builder.with_no_client_auth(),
-        }
+        self.setup.tls_config(leaf, versions)
     }
 
     /// GETs a public document (no client certificate) as JSON.
@@ -927,7 +936,10 @@ pub fn require_node_modules() -> PathBuf {
     static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _once = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
-    let has = || dir.join("node_modules/google-auth-library/package.json").is_file();
+    let has = || {
+        dir.join("node_modules/google-auth-library/package.json")
+            .is_file()
+    };
     if !has() {
         let _ = Command::new("npm")
             .args(["ci", "--no-audit", "--no-fund", "--silent"])
