@@ -524,6 +524,54 @@ mod tests {
         assert!(written(&sink).ends_with("four\n"), "{}", written(&sink));
     }
 
+    /// Audit lines follow the audit file as it is opened, renamed and reopened, and
+    /// closed; every other line, and audit lines without a file, go to the main sink.
+    #[test]
+    fn audit_lines_follow_the_audit_file_and_none_is_lost() {
+        let (main, lines) = buffered();
+        let logs = super::Logs::new(lines);
+        let subscriber = tracing_subscriber::fmt()
+            .event_format(JsonLines)
+            .with_writer(logs.clone())
+            .finish();
+        let dir = tempfile::tempdir().unwrap();
+        let (path, rotated) = (dir.path().join("audit.log"), dir.path().join("audit.log.1"));
+        let audit = logs.audit();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(target: "audit", "zero");
+            audit.open_at(Some(&path)).unwrap();
+            tracing::info!(target: "audit", "one");
+            tracing::info!("other");
+            std::fs::rename(&path, &rotated).unwrap();
+            tracing::info!(target: "audit", "two");
+            audit.open_at(Some(&path)).unwrap();
+            tracing::info!(target: "audit", "three");
+            audit.open_at(None).unwrap();
+            tracing::info!(target: "audit", "four");
+        });
+        logs.flush();
+        let messages = |text: &str| -> Vec<String> {
+            text.lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .map(|l| l["message"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let file = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+        assert_eq!(messages(&file(&rotated)), ["one", "two"]);
+        assert_eq!(messages(&file(&path)), ["three"]);
+        assert_eq!(messages(&written(&main)), ["zero", "other", "four"]);
+        assert_eq!(audit.path(), None);
+        let missing = dir.path().join("no-such-folder/audit.log");
+        let error = audit.open_at(Some(&missing)).unwrap_err().to_string();
+        assert!(error.contains("no-such-folder"), "{error}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o137, 0, "{mode:o}");
+        }
+    }
+
     #[test]
     fn write_through_lines_are_written_at_once() {
         let sink = Buffer::default();

@@ -170,8 +170,11 @@ async fn settings_read_only_at_start_are_named_and_the_rest_of_a_reload_applies(
     }
     let text = broker.metrics().await;
     assert_eq!(
-        support::metric_value(&text, "token_broker_open_connections"),
-        2.0
+        support::metric_value(
+            &text,
+            r#"token_broker_refused_connections_total{cause="max_connections"}"#
+        ),
+        0.0
     );
     for setting in START_ONLY {
         let expected = if matches!(setting, "server.max_connections" | "admin.listen") {
@@ -460,12 +463,13 @@ async fn load(setup: &Setup, leaf: &Leaf, port: u16, tasks: usize, each: usize) 
 
 /// With `[audit] path`, audit lines go to that file only (mode 0640 at most, created at
 /// start). logrotate's rename + SIGHUP: lines of requests answered before the SIGHUP are in
-/// the renamed file (also those after the rename), later ones in a new file, and the two
-/// files hold every request exactly once, each a whole JSON line, also under concurrent
-/// load and with the last lines flushed at exit.
+/// the renamed file (also those after the rename), later ones in a new file; a reload that
+/// changes the path moves to that file. The files hold every request exactly once, each a
+/// whole JSON line, also under concurrent load and with the last lines flushed at exit.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_audit_file_follows_logrotate_and_loses_no_line() {
-    let setup = Setup::new();
+    let mut setup = Setup::new();
+    setup.extra_server = "reload_interval = \"1s\"".into();
     let config = setup.write_config();
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
@@ -474,7 +478,8 @@ async fn the_audit_file_follows_logrotate_and_loses_no_line() {
     )
     .unwrap();
     let (audit, rotated) = (setup.path("audit.log"), setup.path("audit.log.1"));
-    let devices: Vec<Leaf> = ["before", "between", "after"]
+    let moved = setup.path("audit-2.log");
+    let devices: Vec<Leaf> = ["before", "between", "after", "moved"]
         .iter()
         .map(|name| setup.intermediate.leaf(&LeafSpec::device(name)))
         .collect();
@@ -500,6 +505,11 @@ async fn the_audit_file_follows_logrotate_and_loses_no_line() {
     broker.signal("HUP");
     broker.line("audit log reopened").await;
     made.push(load(&setup, &devices[2], port, 4, 15).await);
+    // A reload (the file changed) that moves the audit file.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("audit.log", "audit-2.log")).unwrap();
+    broker.line("audit-2.log").await;
+    made.push(load(&setup, &devices[3], port, 2, 5).await);
     let log = broker.stop().await;
 
     let subject = |line: &Value| line["subject"].as_str().unwrap().to_owned();
@@ -527,9 +537,16 @@ async fn the_audit_file_follows_logrotate_and_loses_no_line() {
         (0, 0, made[2]),
         "the new file"
     );
+    let last = decisions(&moved);
+    assert_eq!(
+        (count(&new, "moved"), count(&last, "moved"), last.len()),
+        (0, made[3], made[3]),
+        "the file a reload moved to"
+    );
     let ids: std::collections::HashSet<&str> = old
         .iter()
         .chain(&new)
+        .chain(&last)
         .map(|l| l["request_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids.len(), made.iter().sum::<usize>(), "each request once");
