@@ -186,19 +186,17 @@ impl BufferedLines {
 
     /// Writes what is buffered to the current sink, then sends what follows to `sink`.
     fn replace_sink(&self, sink: Box<dyn Write + Send>) {
-        let mut held = locked(&self.0.sink);
-        let (batch, out) = &mut *held;
-        std::mem::swap(&mut *locked(&self.0.pending), batch);
-        if !batch.is_empty() {
-            let _ = out.write_all(batch).and_then(|()| out.flush());
-            batch.clear();
-        }
-        *out = sink;
+        self.flush_holding().1 = sink;
     }
 
     /// Writes every buffered line. Write errors are dropped: there is nowhere to report
     /// them, and a closed stderr must not take the server down.
     pub fn flush(&self) {
+        self.flush_holding();
+    }
+
+    /// Flushes, and returns the sink still locked.
+    fn flush_holding(&self) -> MutexGuard<'_, (Vec<u8>, Box<dyn Write + Send>)> {
         let mut sink = locked(&self.0.sink);
         let (batch, out) = &mut *sink;
         std::mem::swap(&mut *locked(&self.0.pending), batch);
@@ -206,6 +204,7 @@ impl BufferedLines {
             let _ = out.write_all(batch).and_then(|()| out.flush());
             batch.clear();
         }
+        sink
     }
 }
 

@@ -3,11 +3,11 @@
 //! `--log-format text`, and the audit file through logrotate's rename + SIGHUP (separate
 //! processes, as deployed).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 
 use serde_json::Value;
 
+use crate::support::process::Process;
 use crate::support::{self, Leaf, LeafSpec, Setup, TestBroker};
 
 const CREDENTIALS: &str = "grant_type=client_credentials";
@@ -213,76 +213,6 @@ async fn settings_read_only_at_start_are_named_and_the_rest_of_a_reload_applies(
     }
     drop((first, second));
     broker.stop().await;
-}
-
-/// A `token-broker` process with its stderr in a file; killed when dropped.
-struct Process {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Process {
-    fn start(args: &[&str], log: PathBuf) -> Process {
-        let child = Command::new(support::binary())
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .spawn()
-            .unwrap();
-        Process { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The first line of the log containing `needle`, once it is there.
-    async fn line(&mut self, needle: &str) -> String {
-        let deadline = std::time::Instant::now() + support::PATIENCE;
-        loop {
-            let log = self.log();
-            if let Some(line) = log.lines().find(|l| l.contains(needle)) {
-                return line.to_owned();
-            }
-            let exited = self.child.try_wait().unwrap();
-            assert!(
-                exited.is_none() && std::time::Instant::now() < deadline,
-                "no {needle:?} in the log ({exited:?}):\n{log}"
-            );
-            tokio::time::sleep(support::POLL).await;
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args(["-s", name, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// SIGTERM, then the exit (which flushes the logs), which must succeed; the whole log.
-    async fn stop(mut self) -> String {
-        self.signal("TERM");
-        let deadline = std::time::Instant::now() + support::PATIENCE;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(std::time::Instant::now() < deadline, "did not exit");
-            tokio::time::sleep(support::POLL).await;
-        };
-        let log = self.log();
-        assert!(status.success(), "{status}:\n{log}");
-        log
-    }
 }
 
 fn client(setup: &Setup, leaf: &Leaf) -> reqwest::Client {

@@ -2,6 +2,7 @@
 
 pub mod fake_google;
 pub mod logs;
+pub mod process;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
