@@ -192,7 +192,7 @@ impl BufferedLines {
     /// Writes every buffered line. Write errors are dropped: there is nowhere to report
     /// them, and a closed stderr must not take the server down.
     pub fn flush(&self) {
-        self.flush_holding();
+        drop(self.flush_holding());
     }
 
     /// Flushes, and returns the sink still locked.

@@ -602,6 +602,18 @@ pub fn check_settings(config: &Config) -> Vec<String> {
             config.admin.listen
         ));
     }
+    if let Some(path) = config.audit_path() {
+        // Opening it is `serve`'s; what can be told from here fails the load (or reload).
+        let folder = path.parent().filter(|p| !p.as_os_str().is_empty());
+        if path.is_dir() {
+            problems.push(format!("audit.path: {} is a folder", path.display()));
+        } else if folder.is_some_and(|f| !f.is_dir()) {
+            problems.push(format!(
+                "audit.path: the folder of {} does not exist",
+                path.display()
+            ));
+        }
+    }
     problems
 }
 

@@ -92,6 +92,32 @@ async fn rate_limit_state_follows_its_rule_across_reloads() {
     broker.stop().await;
 }
 
+/// An audit path that cannot be a file is a load problem: check-config and reloads name it,
+/// and a reload keeps the running state.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_audit_path_that_cannot_be_a_file_fails_the_reload() {
+    let mut setup = Setup::new();
+    setup.extra_server = "reload_interval = \"0s\"".into();
+    let leaf = setup.intermediate.leaf(&LeafSpec::device("audited"));
+    let broker = setup.start().await;
+    let original = std::fs::read_to_string(&broker.config_path).unwrap();
+    for (path, problem) in [("missing/audit.log", "the folder of"), (".", "is a folder")] {
+        let audited = original.replacen(
+            "[issuer]",
+            &format!("[audit]\npath = {path:?}\n\n[issuer]"),
+            1,
+        );
+        std::fs::write(&broker.config_path, audited).unwrap();
+        let problems = broker.live.reload().unwrap_err().to_string();
+        assert!(
+            problems.contains("audit.path: ") && problems.contains(problem),
+            "{problems}"
+        );
+        assert_eq!(status(&broker, &leaf).await, 200);
+    }
+    broker.stop().await;
+}
+
 fn pending_restart(setting: &str) -> String {
     format!("token_broker_config_pending_restart{{setting=\"{setting}\"}}")
 }
