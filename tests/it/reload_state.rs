@@ -284,6 +284,7 @@ fn assert_text_line(line: &str, level: &str, message: &str) {
 }
 
 fn assert_readable_text(log: &str) {
+    support::logs::assert_no_secrets(log, "a text log");
     assert!(!log.contains('\u{1b}'), "colour codes in text logs:\n{log}");
     for line in log.lines() {
         assert!(
