@@ -16,7 +16,7 @@ use crate::device::client::{
 };
 use crate::devpki::{self, DevPkiError};
 use crate::live::Live;
-use crate::logging::LogFormat;
+use crate::logging::{AuditLog, AuditOpenError, LogFormat};
 use crate::metrics::Metrics;
 use crate::pem::{self, PemError};
 use crate::server::Server;
@@ -41,6 +41,8 @@ pub enum CliError {
         address: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Audit(#[from] AuditOpenError),
     #[error("{0}")]
     Usage(String),
 }
@@ -179,9 +181,10 @@ impl Cli {
 }
 
 /// Runs the parsed command; the exit code says how it ended (see `docs/reference/cli.md`).
-pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+/// `audit` is where `serve` sends audit lines when the config names a file.
+pub fn run(cli: Cli, audit: Arc<AuditLog>) -> Result<ExitCode, CliError> {
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(&cli.config),
+        Command::Serve => serve(&cli.config, audit),
         Command::Init { dir, force } => {
             let pki = devpki::init(&dir, force)?;
             println!("development PKI written to {}", pki.dir.display());
@@ -321,15 +324,17 @@ fn report_problems(config: &Path, problems: &[String]) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn serve(config_path: &Path) -> Result<ExitCode, CliError> {
+fn serve(config_path: &Path, audit: Arc<AuditLog>) -> Result<ExitCode, CliError> {
     let config = Config::load(config_path)?;
     devpki::prepare(&config)?;
     let broker = match Broker::build(config, Arc::new(Metrics::new())) {
         Ok(broker) => Arc::new(broker),
         Err(problems) => return Ok(report_problems(config_path, &problems.0)),
     };
+    audit.open_at(broker.config().audit_path().as_deref())?;
     runtime()?.block_on(async {
-        let live = Arc::new(Live::new(broker.clone(), Some(config_path.to_path_buf())));
+        let live = Live::new(broker.clone(), Some(config_path.to_path_buf()));
+        let live = Arc::new(live.with_audit_log(audit));
         let server = Server::bind(live)
             .await
             .map_err(|source| CliError::Listen {

@@ -6,6 +6,7 @@
 //! `issuer` patterns `\` is literal (RFC 4514 escapes with it); `[*]` is a literal `*`.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
@@ -70,8 +71,17 @@ pub struct ClientRule {
     pub target_audiences: Vec<String>,
     pub claims: Map<String, Value>,
     pub ttl: Duration,
-    /// Requests per certificate under this rule (governor's GCRA, keyed by fingerprint).
-    rate_limit: Option<governor::DefaultKeyedRateLimiter<String>>,
+    /// Requests per certificate under this rule.
+    rate_limit: Option<RateLimit>,
+}
+
+/// A rule's per-certificate rate: governor's GCRA buckets keyed by fingerprint, shared
+/// with the next build's rule of the same name and quota, so a reload does not hand every
+/// device a fresh burst.
+#[derive(Debug)]
+struct RateLimit {
+    quota: governor::Quota,
+    buckets: Arc<governor::DefaultKeyedRateLimiter<String>>,
 }
 
 #[derive(Debug, Default)]
@@ -273,10 +283,11 @@ impl ClientRule {
     /// `Err(seconds to wait)` when this certificate is over the rule's rate.
     pub fn check_rate(&self, cert_sha256: &str) -> Result<(), u64> {
         use governor::clock::{Clock, DefaultClock};
-        let Some(limiter) = &self.rate_limit else {
+        let Some(limit) = &self.rate_limit else {
             return Ok(());
         };
-        limiter
+        limit
+            .buckets
             .check_key(&cert_sha256.to_owned())
             .map_err(|not_until| {
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
@@ -319,9 +330,29 @@ impl ClientRules {
     /// Forgets rate-limit state of certificates not seen lately (bounds memory).
     pub fn retain_recent(&self) {
         for rule in &self.0 {
-            if let Some(limiter) = &rule.rate_limit {
-                limiter.retain_recent();
-                limiter.shrink_to_fit();
+            if let Some(limit) = &rule.rate_limit {
+                limit.buckets.retain_recent();
+                limit.buckets.shrink_to_fit();
+            }
+        }
+    }
+
+    /// On reload: each rule takes over the rate-limit buckets of the running rule of the
+    /// same name when the quota (rate and burst) is the same. A changed quota starts with
+    /// empty buckets; the buckets of a rule that is gone go with the running build.
+    pub fn keep_rate_limits_of(&mut self, running: &ClientRules) {
+        for rule in &mut self.0 {
+            let Some(limit) = &mut rule.rate_limit else {
+                continue;
+            };
+            let kept = running
+                .0
+                .iter()
+                .find(|old| old.name == rule.name)
+                .and_then(|old| old.rate_limit.as_ref())
+                .filter(|old| old.quota == limit.quota);
+            if let Some(old) = kept {
+                limit.buckets = old.buckets.clone();
             }
         }
     }
@@ -397,9 +428,13 @@ impl ClientRule {
             let per_minute = std::num::NonZeroU32::new(limit.requests_per_minute);
             let burst = std::num::NonZeroU32::new(limit.burst.unwrap_or(limit.requests_per_minute));
             match (per_minute, burst) {
-                (Some(rate), Some(burst)) => Some(governor::RateLimiter::keyed(
-                    governor::Quota::per_minute(rate).allow_burst(burst),
-                )),
+                (Some(rate), Some(burst)) => {
+                    let quota = governor::Quota::per_minute(rate).allow_burst(burst);
+                    Some(RateLimit {
+                        quota,
+                        buckets: Arc::new(governor::RateLimiter::keyed(quota)),
+                    })
+                }
                 _ => {
                     problems.push(
                         "rate_limit: requests_per_minute and burst must be at least 1".into(),

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 
 use crate::broker::{Broker, Problems};
 use crate::config::Config;
+use crate::logging::AuditLog;
 use crate::metrics::Metrics;
 
 /// The broker currently serving, and whether the process is draining.
@@ -19,16 +20,78 @@ pub struct Live {
     draining: AtomicBool,
     /// The TLS listener accepts connections (from `Server::run` until the drain closes it).
     listening: AtomicBool,
+    /// What the settings read only at start were when the process started.
+    started: StartOnly,
+    /// Where audit lines go (`[audit] path`), when this process routes them.
+    audit: Option<Arc<AuditLog>>,
+}
+
+/// The settings the server reads once, at start (listeners, the connection limit, the
+/// token cache that carries over reloads, the development PKI): name and value as text.
+type StartOnly = [(&'static str, String); 6];
+
+fn start_only(config: &Config) -> StartOnly {
+    let (cache_capacity, refresh_margin) = config.token_cache();
+    let pki_dir = config.dev.pki_dir.as_ref();
+    [
+        ("server.listen", config.server.listen.to_string()),
+        ("admin.listen", format!("{:?}", config.admin.listen)),
+        (
+            "server.max_connections",
+            config.server.max_connections.to_string(),
+        ),
+        ("google.cache_capacity", cache_capacity.to_string()),
+        ("google.refresh_margin", format!("{refresh_margin:?}")),
+        (
+            "dev.pki_dir",
+            pki_dir.map_or("none".into(), |dir| format!("{:?}", config.path(dir))),
+        ),
+    ]
 }
 
 impl Live {
     pub fn new(broker: Arc<Broker>, config_path: Option<PathBuf>) -> Live {
         log_warnings(&broker);
+        let started = start_only(broker.config());
+        for (setting, _) in &started {
+            broker
+                .metrics()
+                .config_pending_restart
+                .with_label_values(&[setting])
+                .set(0.0);
+        }
         Live {
             broker: ArcSwap::from(broker),
             config_path,
             draining: AtomicBool::new(false),
             listening: AtomicBool::new(false),
+            started,
+            audit: None,
+        }
+    }
+
+    /// Keeps `audit` at the configured path: moved when a reload changes `[audit] path`,
+    /// reopened by [`Live::reopen_audit_log`].
+    pub fn with_audit_log(mut self, audit: Arc<AuditLog>) -> Live {
+        self.audit = Some(audit);
+        self
+    }
+
+    /// Opens the audit file again at the configured path (SIGHUP: after logrotate renamed
+    /// it, lines go to a new file). On failure the lines keep going to the file open so far.
+    pub fn reopen_audit_log(&self) {
+        if let Some(audit) = &self.audit {
+            let path = self.current().config().audit_path();
+            match audit.open_at(path.as_deref()) {
+                Ok(()) => {
+                    if let Some(path) = path {
+                        tracing::info!(path = %path.display(), "audit log reopened");
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "audit log not reopened; audit lines still go where they went")
+                }
+            }
         }
     }
 
@@ -65,14 +128,7 @@ impl Live {
         let old = self.current();
         let result = Config::load(path)
             .map_err(|e| Problems(vec![e.to_string()]))
-            .and_then(|config| {
-                if config.server.listen != old.config().server.listen
-                    || config.admin.listen != old.config().admin.listen
-                {
-                    tracing::warn!("listen addresses change only on restart");
-                }
-                Broker::rebuild(config, &old)
-            });
+            .and_then(|config| Broker::rebuild(config, &old));
         let label = if result.is_ok() { "ok" } else { "error" };
         old.metrics()
             .config_reloads
@@ -81,7 +137,13 @@ impl Live {
         match result {
             Ok(broker) => {
                 log_warnings(&broker);
+                self.note_pending_restart(&broker);
+                let audit_path = broker.config().audit_path();
                 self.broker.store(Arc::new(broker));
+                // Also retries a path that could not be opened before.
+                if self.audit.as_ref().is_some_and(|a| a.path() != audit_path) {
+                    self.reopen_audit_log();
+                }
                 tracing::info!("configuration reloaded");
                 Ok(())
             }
@@ -91,6 +153,28 @@ impl Live {
                 }
                 Err(problems)
             }
+        }
+    }
+
+    /// Names each start-only setting whose value in the new config is not the running one
+    /// (a warning per setting, `config_pending_restart` 1), and clears those back in line.
+    fn note_pending_restart(&self, new: &Broker) {
+        let gauge = &new.metrics().config_pending_restart;
+        for ((setting, running), (_, configured)) in
+            self.started.iter().zip(start_only(new.config()))
+        {
+            let pending = *running != configured;
+            if pending {
+                tracing::warn!(
+                    setting,
+                    running = %running,
+                    configured = %configured,
+                    "setting changed in the config file; it applies only after a restart"
+                );
+            }
+            gauge
+                .with_label_values(&[setting])
+                .set(if pending { 1.0 } else { 0.0 });
         }
     }
 }

@@ -11,6 +11,8 @@
 
 use std::fmt;
 use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -109,7 +111,7 @@ impl Visit for JsonObject {
 /// Log lines gathered so that many reach the sink with one `write`. A line at WARN or
 /// above, and a line that fills the buffer, writes everything so far at once; the rest
 /// are written by [`BufferedLines::spawn_flusher`]'s thread within [`FLUSH_INTERVAL`]
-/// (nginx's `access_log ... buffer= flush=`), and by [`BufferedLines::flush`] at exit.
+/// (nginx's `access_log ... buffer= flush=`), and by [`Logs::flush`] at exit.
 /// Lines keep their order. A thread that sleeps between flushes costs no wakeup per line,
 /// which is what made a writer thread fed line by line slower than writing in place.
 #[derive(Clone)]
@@ -169,14 +171,32 @@ impl BufferedLines {
             .map(drop)
     }
 
-    /// A guard that flushes when dropped, also while a panic unwinds.
-    pub fn flush_on_drop(&self) -> FlushOnDrop<'_> {
-        FlushOnDrop(self)
+    /// Adds whole lines (one event's) to the buffer; writes it at once when `urgent`, full
+    /// or write-through.
+    fn append(&self, bytes: &[u8], urgent: bool) {
+        let full = {
+            let mut pending = locked(&self.0.pending);
+            pending.extend_from_slice(bytes);
+            pending.len() >= BUFFER_BYTES
+        };
+        if full || urgent || self.0.write_through {
+            self.flush();
+        }
+    }
+
+    /// Writes what is buffered to the current sink, then sends what follows to `sink`.
+    fn replace_sink(&self, sink: Box<dyn Write + Send>) {
+        self.flush_holding().1 = sink;
     }
 
     /// Writes every buffered line. Write errors are dropped: there is nowhere to report
     /// them, and a closed stderr must not take the server down.
     pub fn flush(&self) {
+        drop(self.flush_holding());
+    }
+
+    /// Flushes, and returns the sink still locked.
+    fn flush_holding(&self) -> MutexGuard<'_, (Vec<u8>, Box<dyn Write + Send>)> {
         let mut sink = locked(&self.0.sink);
         let (batch, out) = &mut *sink;
         std::mem::swap(&mut *locked(&self.0.pending), batch);
@@ -184,15 +204,7 @@ impl BufferedLines {
             let _ = out.write_all(batch).and_then(|()| out.flush());
             batch.clear();
         }
-    }
-}
-
-/// See [`BufferedLines::flush_on_drop`].
-pub struct FlushOnDrop<'a>(&'a BufferedLines);
-
-impl Drop for FlushOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.flush();
+        sink
     }
 }
 
@@ -204,14 +216,7 @@ pub struct LineWriter<'a> {
 
 impl Write for LineWriter<'_> {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        let full = {
-            let mut pending = locked(&self.lines.0.pending);
-            pending.extend_from_slice(bytes);
-            pending.len() >= BUFFER_BYTES
-        };
-        if full || self.urgent || self.lines.0.write_through {
-            self.lines.flush();
-        }
+        self.lines.append(bytes, self.urgent);
         Ok(bytes.len())
     }
 
@@ -238,7 +243,149 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BufferedLines {
     }
 }
 
-/// Log line formats on stderr.
+/// Where the lines go: stderr, except audit lines (target `audit`) while an audit file is
+/// open. Routing happens per line, after formatting: both sinks get the same format.
+#[derive(Clone)]
+pub struct Logs {
+    main: BufferedLines,
+    audit: Arc<AuditLog>,
+}
+
+impl Logs {
+    fn new(main: BufferedLines) -> Self {
+        let audit = AuditLog {
+            lines: BufferedLines::new(Box::new(ToMain(main.clone()))),
+            main: main.clone(),
+            path: Mutex::new(None),
+            open: AtomicBool::new(false),
+        };
+        Self {
+            main,
+            audit: Arc::new(audit),
+        }
+    }
+
+    /// The audit file, for the server to open, reopen and close.
+    pub fn audit(&self) -> Arc<AuditLog> {
+        self.audit.clone()
+    }
+
+    /// Writes every buffered line (audit lines first: they may still be on their way to
+    /// the main buffer).
+    pub fn flush(&self) {
+        self.audit.lines.flush();
+        self.main.flush();
+    }
+
+    /// A guard that flushes when dropped, also while a panic unwinds.
+    pub fn flush_on_drop(&self) -> FlushOnDrop<'_> {
+        FlushOnDrop(self)
+    }
+}
+
+/// See [`Logs::flush_on_drop`].
+pub struct FlushOnDrop<'a>(&'a Logs);
+
+impl Drop for FlushOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.flush();
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = LineWriter<'a>;
+
+    fn make_writer(&'a self) -> LineWriter<'a> {
+        self.main.make_writer()
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> LineWriter<'a> {
+        if meta.target() == "audit" && self.audit.open.load(Ordering::Acquire) {
+            self.audit.lines.make_writer_for(meta)
+        } else {
+            self.main.make_writer_for(meta)
+        }
+    }
+}
+
+/// The audit file (`[audit] path`): appended to, created with mode 0640 when missing,
+/// reopened on SIGHUP so that logrotate's rename is followed. Its lines are buffered like
+/// the others and flushed to the file open when they were written (a line written between
+/// a rename and the reopen lands in the renamed file), so none is lost or cut.
+pub struct AuditLog {
+    /// Writes to the file; with none open, to the main log (a line routed here just
+    /// before a close still reaches a sink).
+    lines: BufferedLines,
+    main: BufferedLines,
+    path: Mutex<Option<PathBuf>>,
+    /// Whether audit lines are routed here.
+    open: AtomicBool,
+}
+
+/// The audit file cannot be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open the audit log {}: {source}", path.display())]
+pub struct AuditOpenError {
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+impl AuditLog {
+    /// Sends audit lines to the file at `path` from now on (opened again if it is the
+    /// same path: a reopen), or, with `None`, back to the main log. On an error nothing
+    /// changes: the lines keep going where they went.
+    pub fn open_at(&self, path: Option<&Path>) -> Result<(), AuditOpenError> {
+        match path {
+            Some(path) => {
+                let file = open_append(path).map_err(|source| AuditOpenError {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                self.lines.replace_sink(Box::new(file));
+                *locked(&self.path) = Some(path.to_owned());
+                self.open.store(true, Ordering::Release);
+            }
+            None => {
+                self.open.store(false, Ordering::Release);
+                self.lines.replace_sink(Box::new(ToMain(self.main.clone())));
+                *locked(&self.path) = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// The file audit lines go to now, if any.
+    pub fn path(&self) -> Option<PathBuf> {
+        locked(&self.path).clone()
+    }
+}
+
+fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o640);
+    }
+    options.open(path)
+}
+
+/// A sink that hands whole batches of lines to the main log's buffer.
+struct ToMain(BufferedLines);
+
+impl Write for ToMain {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.append(bytes, false);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Log line formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Json,
@@ -246,23 +393,27 @@ pub enum LogFormat {
 }
 
 /// Logs go to stderr, through a buffer for the long-running commands (an audit line per
-/// token); the caller flushes it before exiting.
-pub fn init(format: LogFormat, buffered: bool) -> BufferedLines {
+/// token); the caller flushes them before exiting.
+pub fn init(format: LogFormat, buffered: bool) -> Logs {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOKEN_BROKER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let stderr = Box::new(std::io::stderr());
-    let lines = if buffered {
-        let lines = BufferedLines::new(stderr);
-        if let Err(error) = lines.spawn_flusher() {
-            eprintln!("warning: no log flushing thread ({error}); info lines wait for a warning, a full buffer or the exit");
+    let logs = if buffered {
+        let logs = Logs::new(BufferedLines::new(stderr));
+        for lines in [&logs.main, &logs.audit.lines] {
+            if let Err(error) = lines.spawn_flusher() {
+                eprintln!("warning: no log flushing thread ({error}); info lines wait for a warning, a full buffer or the exit");
+            }
         }
-        lines
+        logs
     } else {
-        BufferedLines::write_through(stderr)
+        Logs::new(BufferedLines::write_through(stderr))
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(lines.clone())
+        .with_writer(logs.clone())
+        // Plain text: the same bytes on a terminal, in a file and in a log collector.
+        .with_ansi(false)
         // A closed stderr must not take the server down (the default reports write
         // failures with eprintln!, which panics on a closed stderr).
         .log_internal_errors(false);
@@ -270,7 +421,7 @@ pub fn init(format: LogFormat, buffered: bool) -> BufferedLines {
         LogFormat::Json => builder.event_format(JsonLines).init(),
         LogFormat::Text => builder.init(),
     }
-    lines
+    logs
 }
 
 #[cfg(test)]
@@ -370,6 +521,54 @@ mod tests {
         );
         lines.flush();
         assert!(written(&sink).ends_with("four\n"), "{}", written(&sink));
+    }
+
+    /// Audit lines follow the audit file as it is opened, renamed and reopened, and
+    /// closed; every other line, and audit lines without a file, go to the main sink.
+    #[test]
+    fn audit_lines_follow_the_audit_file_and_none_is_lost() {
+        let (main, lines) = buffered();
+        let logs = super::Logs::new(lines);
+        let subscriber = tracing_subscriber::fmt()
+            .event_format(JsonLines)
+            .with_writer(logs.clone())
+            .finish();
+        let dir = tempfile::tempdir().unwrap();
+        let (path, rotated) = (dir.path().join("audit.log"), dir.path().join("audit.log.1"));
+        let audit = logs.audit();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(target: "audit", "zero");
+            audit.open_at(Some(&path)).unwrap();
+            tracing::info!(target: "audit", "one");
+            tracing::info!("other");
+            std::fs::rename(&path, &rotated).unwrap();
+            tracing::info!(target: "audit", "two");
+            audit.open_at(Some(&path)).unwrap();
+            tracing::info!(target: "audit", "three");
+            audit.open_at(None).unwrap();
+            tracing::info!(target: "audit", "four");
+        });
+        logs.flush();
+        let messages = |text: &str| -> Vec<String> {
+            text.lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .map(|l| l["message"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let file = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+        assert_eq!(messages(&file(&rotated)), ["one", "two"]);
+        assert_eq!(messages(&file(&path)), ["three"]);
+        assert_eq!(messages(&written(&main)), ["zero", "other", "four"]);
+        assert_eq!(audit.path(), None);
+        let missing = dir.path().join("no-such-folder/audit.log");
+        let error = audit.open_at(Some(&missing)).unwrap_err().to_string();
+        assert!(error.contains("no-such-folder"), "{error}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o137, 0, "{mode:o}");
+        }
     }
 
     #[test]

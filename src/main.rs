@@ -14,7 +14,7 @@ fn main() -> ExitCode {
     let logs = token_broker::logging::init(cli.log_format, cli.long_running());
     let result = {
         let _flush = logs.flush_on_drop();
-        cli::run(cli)
+        cli::run(cli, logs.audit())
     };
     match result {
         Ok(code) => code,

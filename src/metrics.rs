@@ -37,6 +37,7 @@ pub struct Metrics {
     pub crl_this_update: GaugeVec,
     pub crl_next_update: GaugeVec,
     pub readiness: GaugeVec,
+    pub config_pending_restart: GaugeVec,
 }
 
 impl Metrics {
@@ -160,6 +161,11 @@ impl Metrics {
                 "1 when the readiness check passes, 0 when it fails, by check (listener, signer, crls, draining), as /readyz or /metrics last ran it.",
                 &["check"],
             ),
+            config_pending_restart: gauge(
+                "config_pending_restart",
+                "1 while a setting read only at start differs in the config file from the running value, by setting.",
+                &["setting"],
+            ),
             registry,
         };
         for collector in metrics.collectors() {
@@ -194,6 +200,7 @@ impl Metrics {
             crl_this_update,
             crl_next_update,
             readiness,
+            config_pending_restart,
         } = self;
         vec![
             Box::new(tokens_issued.clone()),
@@ -217,6 +224,7 @@ impl Metrics {
             Box::new(crl_this_update.clone()),
             Box::new(crl_next_update.clone()),
             Box::new(readiness.clone()),
+            Box::new(config_pending_restart.clone()),
         ]
     }
 

@@ -262,7 +262,15 @@ async fn watch_for_changes(live: Arc<Live>) {
             tracing::info!(signal = forced, "reloading configuration");
             // File reads and parsing stay off the runtime's worker threads.
             let reloading = live.clone();
-            let _ = tokio::task::spawn_blocking(move || reloading.reload()).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = reloading.reload();
+                // logrotate renames the file, then sends SIGHUP: follow it, whatever the
+                // reload's outcome.
+                if forced {
+                    reloading.reopen_audit_log();
+                }
+            })
+            .await;
             // Remember what was tried, so a broken file is not retried every tick.
             seen = now;
         }

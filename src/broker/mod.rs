@@ -22,7 +22,7 @@ use crate::cache::TokenCache;
 use crate::claims::{self, Subject};
 use crate::clients::{ClientRule, ClientRules};
 use crate::clock::rfc3339;
-use crate::config::{defaults, Config, RevocationPolicy, SignerConfig, MAX_TOKEN_TTL};
+use crate::config::{Config, RevocationPolicy, SignerConfig, MAX_TOKEN_TTL};
 use crate::flows::{self, FlowDeps, Registry};
 use crate::google::Google;
 use crate::identity::Identity;
@@ -142,11 +142,13 @@ impl Broker {
         Self::build_with(config, metrics, None)
     }
 
-    /// A reload: the new config, the running broker's metrics and token cache. Cached
-    /// tokens are dropped when anything they were minted under changed.
+    /// A reload: the new config, the running broker's metrics, token cache and the
+    /// rate-limit state of rules that stay as they were. Cached tokens are dropped when
+    /// anything they were minted under changed.
     pub fn rebuild(config: Config, running: &Broker) -> Result<Broker, Problems> {
-        let broker =
+        let mut broker =
             Self::build_with(config, running.metrics.clone(), Some(running.cache.clone()))?;
+        broker.rules.keep_rate_limits_of(&running.rules);
         if minted_under_changed(&running.config, &broker.config) {
             broker.cache.clear();
         }
@@ -234,10 +236,7 @@ impl Broker {
                     google: google.clone(),
                 });
                 let cache = cache.unwrap_or_else(|| {
-                    let (capacity, margin) = config.google.as_ref().map_or(
-                        (defaults::cache_capacity(), defaults::refresh_margin()),
-                        |g| (g.cache_capacity, g.refresh_margin),
-                    );
+                    let (capacity, margin) = config.token_cache();
                     Arc::new(TokenCache::new(capacity, margin, metrics.clone()))
                 });
                 let discovery = discovery_document(&config, signer.as_ref(), &flows);
@@ -610,6 +609,18 @@ pub fn check_settings(config: &Config) -> Vec<String> {
             "admin.listen: {:?} is not an address:port (use \"\" to disable)",
             config.admin.listen
         ));
+    }
+    if let Some(path) = config.audit_path() {
+        // Opening it is `serve`'s; what can be told from here fails the load (or reload).
+        let folder = path.parent().filter(|p| !p.as_os_str().is_empty());
+        if path.is_dir() {
+            problems.push(format!("audit.path: {} is a folder", path.display()));
+        } else if folder.is_some_and(|f| !f.is_dir()) {
+            problems.push(format!(
+                "audit.path: the folder of {} does not exist",
+                path.display()
+            ));
+        }
     }
     problems
 }

@@ -47,6 +47,8 @@ pub struct Config {
     pub google: Option<GoogleConfig>,
     #[serde(default)]
     pub clients: Vec<ClientRuleConfig>,
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Folder of the config file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -192,6 +194,14 @@ impl Default for AdminConfig {
             listen: defaults::admin_listen(),
         }
     }
+}
+
+/// Where audit lines go.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// A file of their own (appended, reopened on SIGHUP); without it they go to stderr.
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -374,6 +384,19 @@ impl Config {
 
     pub fn parse(text: &str) -> Result<Config, String> {
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// The token cache's capacity and refresh margin: `[google]`'s, else the defaults.
+    pub fn token_cache(&self) -> (u64, Duration) {
+        self.google.as_ref().map_or(
+            (defaults::cache_capacity(), defaults::refresh_margin()),
+            |g| (g.cache_capacity, g.refresh_margin),
+        )
+    }
+
+    /// The audit file, resolved, if one is configured.
+    pub fn audit_path(&self) -> Option<PathBuf> {
+        self.audit.path.as_deref().map(|p| self.path(p))
     }
 
     /// Resolves a configured path against the config file's folder.

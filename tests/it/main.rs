@@ -20,6 +20,7 @@ mod name_constraints;
 mod operations;
 mod properties;
 mod reference;
+mod reload_state;
 mod replicas;
 mod secrets;
 mod tls_scan;

@@ -2,6 +2,7 @@
 
 pub mod fake_google;
 pub mod logs;
+pub mod process;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -508,6 +509,28 @@ impl Setup {
         self.dir.path().join(name)
     }
 
+    /// A rustls client config trusting the test server CA, presenting `leaf` if given.
+    pub fn tls_config(
+        &self,
+        leaf: Option<&Leaf>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> rustls::ClientConfig {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.server_ca.der.clone()).unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots);
+        match leaf {
+            Some(leaf) => builder
+                .with_client_auth_cert(leaf.chain(), leaf.key())
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        }
+    }
+
     /// Writes a file readable by its owner only, as a deployment keeps its keys (the
     /// broker refuses key files every user can read).
     pub fn write(&self, name: &str, contents: &str) -> PathBuf {
@@ -686,20 +709,7 @@ impl TestBroker {
         leaf: Option<&Leaf>,
         versions: &[&'static rustls::SupportedProtocolVersion],
     ) -> rustls::ClientConfig {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.setup.server_ca.der.clone()).unwrap();
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_protocol_versions(versions)
-        .unwrap()
-        .with_root_certificates(roots);
-        match leaf {
-            Some(leaf) => builder
-                .with_client_auth_cert(leaf.chain(), leaf.key())
-                .unwrap(),
-            None => builder.with_no_client_auth(),
-        }
+        self.setup.tls_config(leaf, versions)
     }
 
     /// GETs a public document (no client certificate) as JSON.

@@ -1,0 +1,74 @@
+//! `token-broker` as a separate process, as deployed: its log, signals, a clean exit.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+/// A `token-broker` process with its stderr in a file; killed when dropped.
+pub struct Process {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Process {
+    pub fn start(args: &[&str], log: PathBuf) -> Process {
+        let child = Command::new(super::binary())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .spawn()
+            .unwrap();
+        Process { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The first line of the log containing `needle`, once it is there.
+    pub async fn line(&mut self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + super::PATIENCE;
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+                return line.to_owned();
+            }
+            let exited = self.child.try_wait().unwrap();
+            assert!(
+                exited.is_none() && std::time::Instant::now() < deadline,
+                "no {needle:?} in the log ({exited:?}):\n{log}"
+            );
+            tokio::time::sleep(super::POLL).await;
+        }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGTERM, then the exit (which flushes the logs), which must succeed; the whole log.
+    pub async fn stop(mut self) -> String {
+        self.signal("TERM");
+        let deadline = std::time::Instant::now() + super::PATIENCE;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(std::time::Instant::now() < deadline, "did not exit");
+            tokio::time::sleep(super::POLL).await;
+        };
+        let log = self.log();
+        assert!(status.success(), "{status}:\n{log}");
+        log
+    }
+}
