@@ -47,6 +47,9 @@ pub struct AgentConfig {
 /// The universe whose tokens the broker's Google flows mint.
 const UNIVERSE_DOMAIN: &str = "googleapis.com";
 
+const TEXT: &str = "application/text";
+const JSON: &str = "application/json";
+
 /// A node of the metadata tree, as GCE shows it in text and in `?recursive=true` JSON.
 enum Node {
     /// Children by path name, each with its recursive-JSON key (GCE uses camelCase there).
@@ -128,6 +131,8 @@ fn tree(config: &AgentConfig) -> Node {
         ])
     };
     let mut instance = vec![
+        // A device has no metadata attributes: empty, as on a VM without any.
+        ("attributes", "attributes", Node::dir(vec![])),
         ("hostname", "hostname", Node::Text(config.hostname.clone())),
         ("id", "id", Node::Number(config.instance_id)),
         (
@@ -158,7 +163,7 @@ fn tree(config: &AgentConfig) -> Node {
             Node::Text(format!("projects/{number}/zones/{}", config.zone)),
         ));
     }
-    let mut project = Vec::new();
+    let mut project = vec![("attributes", "attributes", Node::dir(vec![]))];
     if let Some(number) = config.numeric_project_id {
         project.push((
             "numeric-project-id",
@@ -467,51 +472,48 @@ impl Agent {
                 .get(name)
                 .is_some_and(|v| v.eq_ignore_ascii_case(value))
         };
-        if is("wait_for_change", "true") {
-            return self.wait_for_change(node, query);
+        let waiting = is("wait_for_change", "true");
+        match node {
+            Node::Token | Node::Identity if waiting => {
+                return bad_request(
+                    "wait_for_change is not served for tokens by this metadata server (token-broker agent): ask for a new token instead",
+                )
+            }
+            Node::Token => return self.token(query).await,
+            Node::Identity => return self.identity(query).await,
+            _ => {}
         }
         let recursive = is("recursive", "true") && matches!(node, Node::Dir(_));
-        let json = match query.get("alt").map(String::as_str) {
-            None => recursive,
-            Some("json") => true,
-            Some("text") if !recursive => false,
+        let body = match query.get("alt").map(String::as_str) {
+            None | Some("text") if !recursive => node.text().map(|text| (TEXT, text)),
+            None | Some("json") if recursive => node.to_json().map(|json| (JSON, json.to_string())),
+            Some("json") if !matches!(node, Node::Dir(_)) => {
+                node.to_json().map(|json| (JSON, json.to_string()))
+            }
             Some(alt) => {
                 return bad_request(&format!(
-                    "alt={} is not served by this metadata server (token-broker agent): ask without alt, or alt=json",
+                    "alt={} is not served here for this path by this metadata server (token-broker agent): ask without alt, alt=json for a value, or recursive=true for a directory's JSON",
                     crate::redact::echo(alt)
                 ))
             }
+            None => None,
         };
-        match node {
-            Node::Token => self.token(query).await,
-            Node::Identity => self.identity(query).await,
-            Node::Dir(_) if json && !recursive => bad_request(
-                "alt=json on a directory needs recursive=true on this metadata server (token-broker agent)",
-            ),
-            _ if json => match node.to_json() {
-                Some(value) => fixed("application/json", value.to_string()),
-                None => not_found(path),
-            },
-            _ => match node.text() {
-                Some(text) => fixed("application/text", text),
-                None => not_found(path),
-            },
-        }
-    }
-
-    /// GCE holds the request until the value's `ETag` differs from `last_etag`. Values here
-    /// change only when the agent restarts, so a request that would wait is refused at once
-    /// rather than held; one whose `last_etag` is already stale gets the value, as on GCE.
-    fn wait_for_change(&self, node: &Node, query: &HashMap<String, String>) -> Answer {
-        match (node.text(), query.get("last_etag")) {
-            (Some(text), Some(last)) if *last != etag(&text) => fixed("application/text", text),
-            (None, _) => bad_request(
-                "wait_for_change is not served for tokens by this metadata server (token-broker agent): ask for a new token instead",
-            ),
-            _ => bad_request(
+        let Some((content_type, body)) = body else {
+            return not_found(path);
+        };
+        // GCE holds a wait_for_change request until the ETag differs from `last_etag`.
+        // Values here change only when the agent restarts, so a request that would wait is
+        // refused at once rather than held; one whose `last_etag` is stale gets the value.
+        if waiting
+            && query
+                .get("last_etag")
+                .is_none_or(|last| *last == etag(&body))
+        {
+            return bad_request(
                 "wait_for_change is not served by this metadata server (token-broker agent): its values change only when it restarts, so the request would wait forever",
-            ),
+            );
         }
+        fixed(content_type, body)
     }
 
     async fn token(&self, query: &HashMap<String, String>) -> Answer {
@@ -548,7 +550,7 @@ impl Agent {
         match self.broker.get(&params).await {
             Ok(token) => reply(
                 StatusCode::OK,
-                "application/json",
+                JSON,
                 json!({ "access_token": token.access_token, "expires_in": token.expires_in(), "token_type": "Bearer" })
                     .to_string(),
             ),
@@ -587,7 +589,7 @@ impl Agent {
         match self.broker.get(&params).await {
             Ok(token) => reply(
                 StatusCode::OK,
-                "application/text",
+                TEXT,
                 token.id_token.unwrap_or(token.access_token),
             ),
             Err(e) => broker_error(&e),

@@ -177,6 +177,7 @@ async fn the_agent_answers_path_by_path_as_gce_does() {
     use Body::*;
     let sa = format!("{V1}/instance/service-accounts");
     let own_address = agent.to_string();
+    let own_evil = format!("evil.example:{}", agent.port());
     let table: Vec<(String, Vec<(&str, &str)>, u16, &str, Body)> = vec![
         // Detection: the root (Go pings it without Metadata-Flavor), and `instance`
         // (gcp-metadata), which GCE redirects to its listing.
@@ -228,7 +229,7 @@ async fn the_agent_answers_path_by_path_as_gce_does() {
             vec![],
             200,
             TEXT,
-            Exact("hostname\nid\nname\nservice-accounts/\nzone\n".into()),
+            Exact("attributes/\nhostname\nid\nname\nservice-accounts/\nzone\n".into()),
         ),
         (
             format!("{V1}/instance/?recursive=true"),
@@ -236,7 +237,7 @@ async fn the_agent_answers_path_by_path_as_gce_does() {
             200,
             JSON,
             Json(json!({
-                "hostname": HOSTNAME, "id": INSTANCE_ID, "name": "sensor-1", "zone": zone,
+                "attributes": {}, "hostname": HOSTNAME, "id": INSTANCE_ID, "name": "sensor-1", "zone": zone,
                 "serviceAccounts": { "default": account, RUNNER: account },
             })),
         ),
@@ -268,6 +269,21 @@ async fn the_agent_answers_path_by_path_as_gce_does() {
             TEXT,
             Exact("sensor-1".into()),
         ),
+        // No metadata attributes on a device: empty directories, and any key undefined.
+        (
+            format!("{V1}/instance/attributes/"),
+            vec![],
+            200,
+            TEXT,
+            Exact(String::new()),
+        ),
+        (
+            format!("{V1}/project/attributes/?recursive=true"),
+            vec![],
+            200,
+            JSON,
+            Json(json!({})),
+        ),
         // Project and universe.
         (
             format!("{V1}/project/project-id"),
@@ -288,14 +304,16 @@ async fn the_agent_answers_path_by_path_as_gce_does() {
             vec![],
             200,
             TEXT,
-            Exact("numeric-project-id\nproject-id\n".into()),
+            Exact("attributes/\nnumeric-project-id\nproject-id\n".into()),
         ),
         (
             format!("{V1}/project/?recursive=true"),
             vec![],
             200,
             JSON,
-            Json(json!({ "numericProjectId": PROJECT_NUMBER, "projectId": PROJECT })),
+            Json(
+                json!({ "attributes": {}, "numericProjectId": PROJECT_NUMBER, "projectId": PROJECT }),
+            ),
         ),
         (
             format!("{V1}/universe/universe-domain"),
@@ -510,6 +528,48 @@ async fn the_agent_answers_path_by_path_as_gce_does() {
         (
             "/".into(),
             vec![("Host", "")],
+            403,
+            HTML,
+            Contains("Host header"),
+        ),
+        (
+            format!("{sa}/default/email"),
+            vec![("Host", "LocalHost")],
+            200,
+            TEXT,
+            Exact(RUNNER.into()),
+        ),
+        (
+            format!("{sa}/default/email"),
+            vec![("Host", "Metadata.Google.Internal:80")],
+            200,
+            TEXT,
+            Exact(RUNNER.into()),
+        ),
+        (
+            format!("{sa}/default/token"),
+            vec![("Host", own_evil.as_str())],
+            403,
+            HTML,
+            Contains("Host header"),
+        ),
+        (
+            format!("{sa}/default/token"),
+            vec![("Host", "localhost.evil.example")],
+            403,
+            HTML,
+            Contains("Host header"),
+        ),
+        (
+            format!("{sa}/default/token"),
+            vec![("Host", "127.0.0.1.nip.io")],
+            403,
+            HTML,
+            Contains("Host header"),
+        ),
+        (
+            format!("{sa}/default/token"),
+            vec![("Host", "[::1]")],
             403,
             HTML,
             Contains("Host header"),
@@ -922,5 +982,97 @@ async fn python_google_auth_errors_carry_the_brokers_reason() {
             "{error}: {message}"
         );
     }
+    world.broker.stop().await;
+}
+
+/// `token-broker agent` as a process: what its flags and their defaults put in the tree.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_command_serves_what_its_flags_say() {
+    let world = start().await;
+    let setup = &world.broker.setup;
+    let cert = setup.write("agent-cert.pem", &world.good.chain_pem);
+    let key = setup.write("agent-key.pem", &world.good.key_pem);
+    let device_args = |extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "agent",
+            "--url",
+            &world.broker.url(""),
+            "--cert",
+            &cert.display().to_string(),
+            "--key",
+            &key.display().to_string(),
+            "--ca",
+            &setup.path("server-ca.pem").display().to_string(),
+            "--service-account",
+            RUNNER,
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        args
+    };
+    // A project number that is not one is refused before anything is served.
+    let out = Command::new(support::binary())
+        .args(device_args(&["--numeric-project-id", "twelve"]))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--numeric-project-id"));
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new(support::binary())
+        .args(device_args(&[
+            "--listen",
+            &listen,
+            "--numeric-project-id",
+            &PROJECT_NUMBER.to_string(),
+            "--zone",
+            "europe-west1-b",
+        ]))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let agent: SocketAddr = listen.parse().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(agent).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never listened"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let instance = raw_get(agent, &format!("{V1}/instance/?recursive=true"), &[]).await;
+    let instance: Value = serde_json::from_str(&instance.body).unwrap();
+    // The id defaults to a number naming the device's SPIFFE ID (stable across renewals).
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(b"spiffe://test.example/device/agent-1");
+    let id = u64::from_be_bytes(digest[..8].try_into().unwrap()) >> 1;
+    assert_eq!(instance["id"], id, "{instance}");
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(instance["hostname"], hostname.trim());
+    assert_eq!(
+        instance["zone"],
+        format!("projects/{PROJECT_NUMBER}/zones/europe-west1-b")
+    );
+    // No --project-id: not defined, as a key GCE lacks.
+    let project = raw_get(agent, &format!("{V1}/project/"), &[]).await;
+    assert_eq!(project.body, "attributes/\nnumeric-project-id\n");
+    let project_id = raw_get(agent, &format!("{V1}/project/project-id"), &[]).await;
+    assert_eq!(project_id.status, 404);
+    let token = raw_get(
+        agent,
+        &format!("{V1}/instance/service-accounts/default/token"),
+        &[],
+    )
+    .await;
+    assert_eq!(token.status, 200, "{}", token.body);
+    child.kill().unwrap();
+    child.wait().unwrap();
     world.broker.stop().await;
 }
