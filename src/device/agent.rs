@@ -600,6 +600,7 @@ impl Agent {
 /// The broker's refusal passed on with its status and RFC 6749 error, so the library's
 /// error carries the broker's reason (every library quotes the body of a failed answer).
 fn broker_error(error: &ClientError) -> Answer {
+    tracing::warn!(%error, "metadata agent: no token for the library");
     let status = match error {
         ClientError::Refused { status, .. } => {
             StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN)
