@@ -727,25 +727,58 @@ fn verify_google_id_token(fake: &FakeGoogle, id_token: &str) -> Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_device_gets_the_brokers_reason_as_the_token_answer() {
     let world = start().await;
-    let agent = start_agent(&world, &world.revoked).await;
     let sa = format!("{V1}/instance/service-accounts/default");
-    for target in [
-        format!("{sa}/token"),
-        format!("{sa}/identity?audience={RUN_URL}&format=full"),
-    ] {
+    let token = format!("{sa}/token");
+    let identity = format!("{sa}/identity?audience={RUN_URL}&format=full");
+    // (device, request, status, error, what the description says): a revoked certificate,
+    // then a rule that does not allow what the library asked for.
+    let cases = [
+        (
+            &world.revoked,
+            token.clone(),
+            401,
+            "invalid_client",
+            "certificate revoked",
+        ),
+        (
+            &world.revoked,
+            identity,
+            401,
+            "invalid_client",
+            "certificate revoked",
+        ),
+        (
+            &world.good,
+            format!("{token}?scopes=https://www.googleapis.com/auth/admin"),
+            400,
+            "invalid_scope",
+            "not allowed",
+        ),
+        (
+            &world.good,
+            format!("{sa}/identity?audience=https://elsewhere.example"),
+            400,
+            "invalid_target",
+            "not allowed",
+        ),
+    ];
+    for (device, target, status, code, reason) in cases {
+        let agent = start_agent(&world, device).await;
         let answer = raw_get(agent, &target, &[]).await;
-        assert_eq!(answer.status, 401, "{}", answer.body);
+        assert_eq!(answer.status, status, "{target}: {}", answer.body);
         assert_eq!(answer.headers["metadata-flavor"], "Google");
+        assert_eq!(answer.headers["content-type"], JSON);
         let error: Value = serde_json::from_str(&answer.body).unwrap();
-        assert_eq!(error["error"], "invalid_client");
+        assert_eq!(error["error"], code, "{error}");
+        let description = error["error_description"].as_str().unwrap();
+        assert!(description.contains(reason), "{error}");
         assert!(
-            error["error_description"]
-                .as_str()
-                .unwrap()
-                .contains("certificate revoked"),
+            description.starts_with("token-broker: the broker refused"),
             "{error}"
         );
     }
+    assert_eq!(world.fake.calls(Api::GenerateAccessToken), 0);
+    assert_eq!(world.fake.calls(Api::GenerateIdToken), 0);
     world.broker.stop().await;
 }
 
