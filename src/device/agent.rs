@@ -598,7 +598,8 @@ impl Agent {
 }
 
 /// The broker's refusal passed on with its status and RFC 6749 error, so the library's
-/// error carries the broker's reason (every library quotes the body of a failed answer).
+/// error carries the broker's reason (Node, Python, Go and Java quote a failed answer's
+/// body; .NET reads only an RFC 6749 JSON one).
 fn broker_error(error: &ClientError) -> Answer {
     tracing::warn!(%error, "metadata agent: no token for the library");
     let status = match error {
