@@ -833,7 +833,7 @@ const message = async (f) => { try { await f(); return null; } catch (e) { retur
   result.projectId = await auth.getProjectId();
   const credentials = await auth.getCredentials();
   result.email = credentials.client_email;
-  result.universe = credentials.universe_domain;
+  result.universe = await auth.getUniverseDomainFromMetadataServer();
   const idClient = await auth.getIdTokenClient(RUN_URL);
   result.idTokenError = await message(async () => {
     const headers = await idClient.getRequestHeaders(RUN_URL);
@@ -909,6 +909,7 @@ try:
     credentials.refresh(request)
     result["token"] = credentials.token
     result["email"] = credentials.service_account_email
+    result["universe"] = credentials.universe_domain
 except Exception as e:
     result["tokenError"] = str(e)
 try:
@@ -937,6 +938,7 @@ async fn python_google_auth_detects_the_agent_and_gets_tokens_and_the_project() 
     );
     assert_eq!(answer["project"], PROJECT);
     assert_eq!(answer["email"], RUNNER, "{answer}");
+    assert_eq!(answer["universe"], "googleapis.com");
     let issued = world
         .fake
         .issued_token(answer["token"].as_str().unwrap())
