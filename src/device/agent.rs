@@ -49,6 +49,8 @@ const UNIVERSE_DOMAIN: &str = "googleapis.com";
 
 const TEXT: &str = "application/text";
 const JSON: &str = "application/json";
+const HTML: &str = "text/html; charset=UTF-8";
+const PLAIN: &str = "text/plain; charset=utf-8";
 
 /// A node of the metadata tree, as GCE shows it in text and in `?recursive=true` JSON.
 enum Node {
@@ -352,7 +354,7 @@ fn error_page(status: StatusCode, path: &str, sentence: &str) -> Answer {
     let reason = status.canonical_reason().unwrap_or_default();
     reply(
         status,
-        "text/html; charset=UTF-8",
+        HTML,
         format!(
             "<!DOCTYPE html>\n<html lang=en>\n  <meta charset=utf-8>\n  <title>Error {code} ({reason})!!1</title>\n  <p><b>{code}.</b> <ins>That’s an error.</ins>\n  <p>{} <ins>That’s all we know.</ins>\n",
             sentence.replace("{path}", &format!("<code>{escaped}</code>"))
@@ -369,11 +371,7 @@ fn not_found(path: &str) -> Answer {
 }
 
 fn bad_request(message: &str) -> Answer {
-    reply(
-        StatusCode::BAD_REQUEST,
-        "text/plain; charset=utf-8",
-        format!("{message}\n"),
-    )
+    reply(StatusCode::BAD_REQUEST, PLAIN, format!("{message}\n"))
 }
 
 impl Agent {
@@ -434,11 +432,7 @@ impl Agent {
                     .query()
                     .map(|q| format!("?{q}"))
                     .unwrap_or_default();
-                let mut redirect = reply(
-                    StatusCode::MOVED_PERMANENTLY,
-                    "text/html; charset=UTF-8",
-                    format!("{path}/\n"),
-                );
+                let mut redirect = reply(StatusCode::MOVED_PERMANENTLY, HTML, format!("{path}/\n"));
                 if let Ok(location) = HeaderValue::from_str(&format!("http://{host}{path}/{query}"))
                 {
                     redirect.headers_mut().insert(header::LOCATION, location);
