@@ -164,10 +164,21 @@ pub struct AgentArgs {
         value_delimiter = ','
     )]
     pub scopes: Vec<String>,
-    #[arg(long, default_value = "")]
-    pub project_id: String,
-    #[arg(long, default_value = "")]
-    pub numeric_project_id: String,
+    /// Served as `project/project-id` (not defined when absent).
+    #[arg(long)]
+    pub project_id: Option<String>,
+    /// Served as `project/numeric-project-id` (not defined when absent).
+    #[arg(long)]
+    pub numeric_project_id: Option<u64>,
+    /// Served as `instance/id` (default: a number derived from the certificate's SPIFFE ID or subject).
+    #[arg(long)]
+    pub instance_id: Option<u64>,
+    /// Served as `instance/hostname` (default: this machine's host name).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Zone name, served as `instance/zone` = projects/NUMBER/zones/ZONE (with --numeric-project-id).
+    #[arg(long, default_value = "on-premises")]
+    pub zone: String,
 }
 
 impl Cli {
@@ -282,11 +293,20 @@ fn token(args: TokenArgs) -> ExitCode {
 fn agent(args: AgentArgs) -> Result<ExitCode, CliError> {
     crate::device::agent::check_listen(args.listen, args.allow_remote).map_err(CliError::Usage)?;
     let client = device_client(&args.device)?;
+    let instance_id = match args.instance_id {
+        Some(id) => id,
+        None => crate::device::agent::instance_id_of(&args.device.cert).map_err(CliError::Usage)?,
+    };
     let config = AgentConfig {
         service_account: args.service_account,
         scopes: args.scopes,
-        project_id: args.project_id,
+        project_id: args.project_id.filter(|id| !id.is_empty()),
         numeric_project_id: args.numeric_project_id,
+        instance_id,
+        hostname: args
+            .hostname
+            .unwrap_or_else(crate::device::agent::system_hostname),
+        zone: args.zone,
     };
     runtime()?.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen)

@@ -1,44 +1,217 @@
-//! `token-broker agent`: the subset of the GCE metadata server that Google client libraries
-//! use, answered with the device's broker tokens, so unmodified libraries work on premises
-//! with `GCE_METADATA_HOST=127.0.0.1:PORT`.
+//! `token-broker agent`: the part of the GCE metadata server that Google client libraries
+//! use to detect it and get credentials, answered with the device's broker tokens, so
+//! unmodified libraries work on premises with `GCE_METADATA_HOST=127.0.0.1:PORT`.
 //!
-//! Like the real server it requires `Metadata-Flavor: Google` and refuses requests carrying
-//! `X-Forwarded-For` (so a proxy or SSRF on the device cannot reach it), and it listens on
-//! loopback unless told otherwise. It also answers only its own host names, so a web page
-//! whose name was rebound to loopback (DNS rebinding) cannot read the device's tokens.
+//! It answers as GCE does (paths, directory listings and `?recursive=true` JSON, redirects of
+//! directories named without their slash, `ETag`s, headers, error statuses), from a fixed
+//! tree: what a device cannot have (GCE claims in ID tokens, licenses, metadata that changes)
+//! is refused or documented in `docs/devices.md`, never invented.
+//!
+//! Like the real server it requires `Metadata-Flavor: Google` (except for the root ping),
+//! refuses requests carrying `X-Forwarded-For` (so a proxy or SSRF on the device cannot reach
+//! it), and it listens on loopback unless told otherwise. It also answers only its own host
+//! names, so a web page whose name was rebound to loopback (DNS rebinding) cannot read the
+//! device's tokens.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use serde_json::json;
+use serde_json::{json, Value};
+use sha2::Digest;
 use tokio::net::TcpListener;
 
-use crate::device::client::{CachingClient, TokenParams};
+use crate::device::client::{CachingClient, ClientError, TokenParams};
 
+/// What the agent says about the machine it stands in for.
 pub struct AgentConfig {
     pub service_account: String,
     pub scopes: Vec<String>,
-    pub project_id: String,
-    pub numeric_project_id: String,
+    /// `None`: not defined (404), as for any metadata key a server lacks.
+    pub project_id: Option<String>,
+    pub numeric_project_id: Option<u64>,
+    pub instance_id: u64,
+    pub hostname: String,
+    /// The zone's name; served as `projects/NUMBER/zones/NAME` when the project number is known.
+    pub zone: String,
+}
+
+/// The universe whose tokens the broker's Google flows mint.
+const UNIVERSE_DOMAIN: &str = "googleapis.com";
+
+const TEXT: &str = "application/text";
+const JSON: &str = "application/json";
+const HTML: &str = "text/html; charset=UTF-8";
+const PLAIN: &str = "text/plain; charset=utf-8";
+
+/// A node of the metadata tree, as GCE shows it in text and in `?recursive=true` JSON.
+enum Node {
+    /// Children by path name, each with its recursive-JSON key (GCE uses camelCase there).
+    Dir(Vec<(String, String, Node)>),
+    Text(String),
+    /// A text value that recursive JSON shows as a number (ids beyond 2^53 included).
+    Number(u64),
+    /// One item a line in text, an array in JSON.
+    Lines(Vec<String>),
+    /// Minted on each request; listed, never part of recursive JSON.
+    Token,
+    Identity,
+}
+
+impl Node {
+    fn dir(children: Vec<(&str, &str, Node)>) -> Node {
+        Node::Dir(
+            children
+                .into_iter()
+                .map(|(name, key, node)| (name.to_owned(), key.to_owned(), node))
+                .collect(),
+        )
+    }
+
+    fn child(&self, name: &str) -> Option<&Node> {
+        match self {
+            Node::Dir(children) => children.iter().find(|(n, ..)| n == name).map(|(.., c)| c),
+            _ => None,
+        }
+    }
+
+    /// GCE's directory listing: one name a line, subdirectories with a trailing slash.
+    fn listing(children: &[(String, String, Node)]) -> String {
+        children
+            .iter()
+            .map(|(name, _, node)| match node {
+                Node::Dir(_) => format!("{name}/\n"),
+                _ => format!("{name}\n"),
+            })
+            .collect()
+    }
+
+    /// `None` for what recursive answers leave out (tokens).
+    fn to_json(&self) -> Option<Value> {
+        match self {
+            Node::Dir(children) => Some(Value::Object(
+                children
+                    .iter()
+                    .filter_map(|(_, key, node)| Some((key.clone(), node.to_json()?)))
+                    .collect(),
+            )),
+            Node::Text(text) => Some(json!(text)),
+            Node::Number(number) => Some(json!(number)),
+            Node::Lines(lines) => Some(json!(lines)),
+            Node::Token | Node::Identity => None,
+        }
+    }
+
+    fn text(&self) -> Option<String> {
+        match self {
+            Node::Dir(children) => Some(Node::listing(children)),
+            Node::Text(text) => Some(text.clone()),
+            Node::Number(number) => Some(number.to_string()),
+            Node::Lines(lines) => Some(lines.iter().map(|line| format!("{line}\n")).collect()),
+            Node::Token | Node::Identity => None,
+        }
+    }
+}
+
+/// The whole tree from `/`, built once from the configuration.
+fn tree(config: &AgentConfig) -> Node {
+    let account = || {
+        Node::dir(vec![
+            ("aliases", "aliases", Node::Lines(vec!["default".into()])),
+            ("email", "email", Node::Text(config.service_account.clone())),
+            ("identity", "identity", Node::Identity),
+            ("scopes", "scopes", Node::Lines(config.scopes.clone())),
+            ("token", "token", Node::Token),
+        ])
+    };
+    let mut instance = vec![
+        // A device has no metadata attributes: empty, as on a VM without any.
+        ("attributes", "attributes", Node::dir(vec![])),
+        ("hostname", "hostname", Node::Text(config.hostname.clone())),
+        ("id", "id", Node::Number(config.instance_id)),
+        (
+            "name",
+            "name",
+            Node::Text(
+                config
+                    .hostname
+                    .split('.')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ),
+        ),
+        (
+            "service-accounts",
+            "serviceAccounts",
+            Node::dir(vec![
+                ("default", "default", account()),
+                (&config.service_account, &config.service_account, account()),
+            ]),
+        ),
+    ];
+    if let Some(number) = config.numeric_project_id {
+        instance.push((
+            "zone",
+            "zone",
+            Node::Text(format!("projects/{number}/zones/{}", config.zone)),
+        ));
+    }
+    let mut project = vec![("attributes", "attributes", Node::dir(vec![]))];
+    if let Some(number) = config.numeric_project_id {
+        project.push((
+            "numeric-project-id",
+            "numericProjectId",
+            Node::Number(number),
+        ));
+    }
+    if let Some(id) = &config.project_id {
+        project.push(("project-id", "projectId", Node::Text(id.clone())));
+    }
+    Node::dir(vec![(
+        "computeMetadata",
+        "computeMetadata",
+        Node::dir(vec![(
+            "v1",
+            "v1",
+            Node::dir(vec![
+                ("instance", "instance", Node::dir(instance)),
+                ("project", "project", Node::dir(project)),
+                (
+                    "universe",
+                    "universe",
+                    Node::dir(vec![(
+                        "universe-domain",
+                        "universeDomain",
+                        Node::Text(UNIVERSE_DOMAIN.into()),
+                    )]),
+                ),
+            ]),
+        )]),
+    )])
 }
 
 struct Agent {
     config: AgentConfig,
+    tree: Node,
     broker: Arc<CachingClient>,
 }
 
-const PREFIX: &str = "/computeMetadata/v1/";
-
 pub async fn serve(listener: TcpListener, config: AgentConfig, broker: Arc<CachingClient>) {
-    let agent = Arc::new(Agent { config, broker });
+    let tree = tree(&config);
+    let agent = Arc::new(Agent {
+        config,
+        tree,
+        broker,
+    });
     let listening = listener.local_addr().ok();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -76,12 +249,40 @@ pub fn check_listen(addr: SocketAddr, allow_remote: bool) -> Result<(), String> 
     }
 }
 
+/// The default `instance/id`: GCE's is a stable 64-bit number naming the machine; the
+/// device's stable name is its certificate's SPIFFE ID (else subject), which survives
+/// renewals, so the number is derived from that.
+pub fn instance_id_of(cert: &Path) -> Result<u64, String> {
+    let chain = crate::pem::certificates(cert).map_err(|e| e.to_string())?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| format!("{}: no certificate", cert.display()))?;
+    let identity = crate::identity::Identity::from_der(leaf)
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let name = identity.spiffe_id.unwrap_or(identity.subject);
+    let digest = sha2::Sha256::digest(name.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    // 63 bits, as GCE's ids fit a signed 64-bit integer.
+    Ok(u64::from_be_bytes(first) >> 1)
+}
+
+/// This machine's host name (Linux), for `instance/hostname` when none is configured.
+pub fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 /// Names the agent answers to besides its own address: those Google libraries use for the
 /// metadata server.
 const HOST_NAMES: &[&str] = &["localhost", "metadata.google.internal", "169.254.169.254"];
 
 /// Whether `host` (a `Host` header) names this agent: its address or one of [`HOST_NAMES`],
-/// any case, with or without a port. Only the name matters: it is what a rebound page
+/// any case, with or without a port, and with or without the root's dot (`gcp-metadata`
+/// asks `metadata.google.internal.`). Only the name matters: it is what a rebound page
 /// cannot choose, as its browser sends the page's own name.
 fn is_own_host(host: &str, local: SocketAddr) -> bool {
     let name = match host.rsplit_once(':') {
@@ -99,13 +300,19 @@ fn is_own_host(host: &str, local: SocketAddr) -> bool {
         std::net::IpAddr::V4(ip) => ip.to_string(),
         std::net::IpAddr::V6(ip) => format!("[{ip}]"),
     };
-    name.eq_ignore_ascii_case(&own)
-        || HOST_NAMES
-            .iter()
-            .any(|allowed| name.eq_ignore_ascii_case(allowed))
+    if name.eq_ignore_ascii_case(&own) {
+        return true;
+    }
+    let name = name.strip_suffix('.').unwrap_or(name);
+    HOST_NAMES
+        .iter()
+        .any(|allowed| name.eq_ignore_ascii_case(allowed))
 }
 
-fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+type Answer = Response<Full<Bytes>>;
+
+/// Every answer carries the headers GCE's metadata server sends, refusals included.
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Answer {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -115,145 +322,296 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
         header::SERVER,
         HeaderValue::from_static("Metadata Server for VM"),
     );
+    headers.insert("x-xss-protection", HeaderValue::from_static("0"));
+    headers.insert("x-frame-options", HeaderValue::from_static("SAMEORIGIN"));
     response
 }
 
-fn text(body: impl Into<String>) -> Response<Full<Bytes>> {
-    reply(StatusCode::OK, "application/text", body.into())
+/// A value that only changes when the agent restarts, with its `ETag` (what
+/// `wait_for_change` clients compare).
+fn fixed(content_type: &'static str, body: String) -> Answer {
+    let tag = etag(&body);
+    let mut response = reply(StatusCode::OK, content_type, body);
+    if let Ok(value) = HeaderValue::from_str(&tag) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    response
 }
 
-fn not_found() -> Response<Full<Bytes>> {
+/// 16 hex digits, the form of GCE's `ETag`s.
+fn etag(body: &str) -> String {
+    crate::identity::hex(&sha2::Sha256::digest(body.as_bytes())[..8])
+}
+
+/// GCE answers errors with an HTML page naming the path and the reason.
+fn error_page(status: StatusCode, path: &str, sentence: &str) -> Answer {
+    let escaped = path
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;");
+    let code = status.as_u16();
+    let reason = status.canonical_reason().unwrap_or_default();
     reply(
-        StatusCode::NOT_FOUND,
-        "text/html; charset=UTF-8",
-        "<p>The requested URL was not found on this server.</p>\n".into(),
+        status,
+        HTML,
+        format!(
+            "<!DOCTYPE html>\n<html lang=en>\n  <meta charset=utf-8>\n  <title>Error {code} ({reason})!!1</title>\n  <p><b>{code}.</b> <ins>That’s an error.</ins>\n  <p>{} <ins>That’s all we know.</ins>\n",
+            sentence.replace("{path}", &format!("<code>{escaped}</code>"))
+        ),
     )
 }
 
+fn not_found(path: &str) -> Answer {
+    error_page(
+        StatusCode::NOT_FOUND,
+        path,
+        "The requested URL {path} was not found on this server.",
+    )
+}
+
+fn bad_request(message: &str) -> Answer {
+    reply(StatusCode::BAD_REQUEST, PLAIN, format!("{message}\n"))
+}
+
 impl Agent {
-    async fn answer(
-        &self,
-        request: &Request<Incoming>,
-        local: SocketAddr,
-    ) -> Response<Full<Bytes>> {
+    async fn answer(&self, request: &Request<Incoming>, local: SocketAddr) -> Answer {
         let headers = request.headers();
+        let path = request.uri().path();
         let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
-        if !host.is_some_and(|host| is_own_host(host, local)) {
-            return reply(
+        let Some(host) = host.filter(|host| is_own_host(host, local)) else {
+            return error_page(
                 StatusCode::FORBIDDEN,
-                "text/plain",
-                format!(
-                    "Request denied: the Host header must name this metadata server ({local}, {})\n",
+                path,
+                &format!(
+                    "Request denied: the Host header must name this metadata server ({local}, {}).",
                     HOST_NAMES.join(", ")
                 ),
             );
-        }
+        };
         if headers.contains_key("x-forwarded-for") {
-            return reply(
+            return error_page(
                 StatusCode::FORBIDDEN,
-                "text/plain",
-                "Request denied: X-Forwarded-For header present\n".into(),
+                path,
+                "Your client does not have permission to get URL {path} from this server. Request denied: X-Forwarded-For header present.",
             );
         }
-        if headers.get("metadata-flavor").and_then(|v| v.to_str().ok()) != Some("Google") {
-            return reply(
+        // The root answers without it, as on GCE (Go's detection pings it bare).
+        let flavor = headers.get("metadata-flavor").and_then(|v| v.to_str().ok());
+        if flavor != Some("Google") && path != "/" {
+            return error_page(
                 StatusCode::FORBIDDEN,
-                "text/plain",
-                "Missing required header \"Metadata-Flavor\": \"Google\"\n".into(),
+                path,
+                "Your client does not have permission to get URL {path} from this server. Missing Metadata-Flavor:Google header.",
             );
         }
-        let path = request.uri().path();
+        if request.method() != Method::GET {
+            let mut refused = error_page(
+                StatusCode::METHOD_NOT_ALLOWED,
+                path,
+                "The request method is not allowed for URL {path}: the metadata server answers GET.",
+            );
+            refused
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET"));
+            return refused;
+        }
         let query: HashMap<String, String> = request
             .uri()
             .query()
             .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
             .unwrap_or_default();
-        if path == "/" {
-            return text("computeMetadata/\n");
-        }
-        let Some(rest) = path.strip_prefix(PREFIX) else {
-            return not_found();
+        let Some((node, slash)) = self.find(path) else {
+            return not_found(path);
         };
-        let config = &self.config;
-        match rest {
-            "project/project-id" => text(config.project_id.clone()),
-            "project/numeric-project-id" => text(config.numeric_project_id.clone()),
-            _ => match rest
-                .strip_prefix("instance/service-accounts/")
-                .and_then(|r| r.split_once('/'))
-            {
-                Some((account, item))
-                    if account == "default" || account == config.service_account =>
+        match (node, slash) {
+            // A directory named without its slash: GCE redirects to the listing.
+            (Node::Dir(_), false) => {
+                let query = request
+                    .uri()
+                    .query()
+                    .map(|q| format!("?{q}"))
+                    .unwrap_or_default();
+                let mut redirect = reply(StatusCode::MOVED_PERMANENTLY, HTML, format!("{path}/\n"));
+                if let Ok(location) = HeaderValue::from_str(&format!("http://{host}{path}/{query}"))
                 {
-                    self.service_account(item, &query).await
+                    redirect.headers_mut().insert(header::LOCATION, location);
                 }
-                _ => not_found(),
-            },
+                redirect
+            }
+            (Node::Dir(_), true) | (_, false) => self.value(node, path, &query).await,
+            (_, true) => not_found(path),
         }
     }
 
-    async fn service_account(
-        &self,
-        item: &str,
-        query: &HashMap<String, String>,
-    ) -> Response<Full<Bytes>> {
+    /// The node a path names, and whether the path ended with a slash.
+    fn find(&self, path: &str) -> Option<(&Node, bool)> {
+        let inside = path.strip_prefix('/')?;
+        let (inside, slash) = match inside.strip_suffix('/') {
+            Some(dir) => (dir, true),
+            None => (inside, inside.is_empty()),
+        };
+        if inside.is_empty() {
+            return Some((&self.tree, true));
+        }
+        inside
+            .split('/')
+            .try_fold(&self.tree, |node, name| node.child(name))
+            .map(|node| (node, slash))
+    }
+
+    async fn value(&self, node: &Node, path: &str, query: &HashMap<String, String>) -> Answer {
+        let is = |name: &str, value: &str| {
+            query
+                .get(name)
+                .is_some_and(|v| v.eq_ignore_ascii_case(value))
+        };
+        let waiting = is("wait_for_change", "true");
+        match node {
+            Node::Token | Node::Identity if waiting => {
+                return bad_request(
+                    "wait_for_change is not served for tokens by this metadata server (token-broker agent): ask for a new token instead",
+                )
+            }
+            Node::Token => return self.token(query).await,
+            Node::Identity => return self.identity(query).await,
+            _ => {}
+        }
+        let recursive = is("recursive", "true") && matches!(node, Node::Dir(_));
+        let body = match query.get("alt").map(String::as_str) {
+            None | Some("text") if !recursive => node.text().map(|text| (TEXT, text)),
+            None | Some("json") if recursive => node.to_json().map(|json| (JSON, json.to_string())),
+            Some("json") if !matches!(node, Node::Dir(_)) => {
+                node.to_json().map(|json| (JSON, json.to_string()))
+            }
+            Some(alt) => {
+                return bad_request(&format!(
+                    "alt={} is not served here for this path by this metadata server (token-broker agent): ask without alt, alt=json for a value, or recursive=true for a directory's JSON",
+                    crate::redact::echo(alt)
+                ))
+            }
+            None => None,
+        };
+        let Some((content_type, body)) = body else {
+            return not_found(path);
+        };
+        // GCE holds a wait_for_change request until the ETag differs from `last_etag`.
+        // Values here change only when the agent restarts, so a request that would wait is
+        // refused at once rather than held; one whose `last_etag` is stale gets the value.
+        if waiting
+            && query
+                .get("last_etag")
+                .is_none_or(|last| *last == etag(&body))
+        {
+            return bad_request(
+                "wait_for_change is not served by this metadata server (token-broker agent): its values change only when it restarts, so the request would wait forever",
+            );
+        }
+        fixed(content_type, body)
+    }
+
+    async fn token(&self, query: &HashMap<String, String>) -> Answer {
+        // Binding a token to a transport or certificate is GCE's doing; an unbound token
+        // in its place would silently weaken what the caller asked for.
+        for binding in [
+            "transport",
+            "binding-enforcement",
+            "bindCertificateFingerprint",
+        ] {
+            if query.contains_key(binding) {
+                return bad_request(&format!(
+                    "{binding}: bound tokens are not available from this metadata server (token-broker agent)"
+                ));
+            }
+        }
         let config = &self.config;
-        match item {
-            "" if query.get("recursive").is_some_and(|v| v == "true") => reply(
+        let scopes = query
+            .get("scopes")
+            .map(|s| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| config.scopes.join(" "));
+        let params = TokenParams {
+            scope: Some(scopes),
+            service_account: Some(config.service_account.clone()),
+            ..TokenParams::default()
+        };
+        match self.broker.get(&params).await {
+            Ok(token) => reply(
                 StatusCode::OK,
-                "application/json",
-                json!({ "aliases": ["default"], "email": config.service_account, "scopes": config.scopes })
+                JSON,
+                json!({ "access_token": token.access_token, "expires_in": token.expires_in(), "token_type": "Bearer" })
                     .to_string(),
             ),
-            "email" => text(config.service_account.clone()),
-            "scopes" => text(config.scopes.join("\n") + "\n"),
-            "token" => {
-                let scopes = query
-                    .get("scopes")
-                    .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" "))
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| config.scopes.join(" "));
-                let params = TokenParams {
-                    scope: Some(scopes),
-                    service_account: Some(config.service_account.clone()),
-                    ..TokenParams::default()
-                };
-                match self.broker.get(&params).await {
-                    Ok(token) => reply(
-                        StatusCode::OK,
-                        "application/json",
-                        json!({ "access_token": token.access_token, "expires_in": token.expires_in(), "token_type": "Bearer" })
-                            .to_string(),
-                    ),
-                    Err(e) => upstream_error(&e),
-                }
+            Err(e) => broker_error(&e),
+        }
+    }
+
+    /// A Google-signed ID token for `audience`. `format=full` and `licenses=TRUE` are
+    /// accepted (the libraries always send `format=full`), but the token is the standard
+    /// one: the claims they add describe a GCE VM, and this device is none.
+    async fn identity(&self, query: &HashMap<String, String>) -> Answer {
+        let Some(audience) = query.get("audience").filter(|a| !a.is_empty()) else {
+            return bad_request("non-empty audience parameter required");
+        };
+        if let Some(format) = query.get("format") {
+            if !["standard", "full"].contains(&format.as_str()) {
+                return bad_request(&format!(
+                    "format={}: must be standard or full",
+                    crate::redact::echo(format)
+                ));
             }
-            "identity" => {
-                let Some(audience) = query.get("audience").filter(|a| !a.is_empty()) else {
-                    return reply(StatusCode::BAD_REQUEST, "text/plain", "non-empty audience parameter required\n".into());
-                };
-                let params = TokenParams {
-                    target_audience: Some(audience.clone()),
-                    service_account: Some(config.service_account.clone()),
-                    ..TokenParams::default()
-                };
-                match self.broker.get(&params).await {
-                    Ok(token) => text(token.id_token.unwrap_or(token.access_token)),
-                    Err(e) => upstream_error(&e),
-                }
+        }
+        if let Some(licenses) = query.get("licenses") {
+            if !["true", "false"].contains(&licenses.to_ascii_lowercase().as_str()) {
+                return bad_request(&format!(
+                    "licenses={}: must be TRUE or FALSE",
+                    crate::redact::echo(licenses)
+                ));
             }
-            _ => not_found(),
+        }
+        let params = TokenParams {
+            target_audience: Some(audience.clone()),
+            service_account: Some(self.config.service_account.clone()),
+            ..TokenParams::default()
+        };
+        match self.broker.get(&params).await {
+            Ok(token) => reply(
+                StatusCode::OK,
+                TEXT,
+                token.id_token.unwrap_or(token.access_token),
+            ),
+            Err(e) => broker_error(&e),
         }
     }
 }
 
-/// The broker's refusal, passed on so the library's error says why.
-fn upstream_error(error: &crate::device::client::ClientError) -> Response<Full<Bytes>> {
-    let status = match error.exit_code() {
-        2 => StatusCode::FORBIDDEN,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
+/// The broker's refusal passed on with its status and RFC 6749 error, so the library's
+/// error carries the broker's reason (Node, Python, Go and Java quote a failed answer's
+/// body; .NET reads only an RFC 6749 JSON one).
+fn broker_error(error: &ClientError) -> Answer {
+    tracing::warn!(%error, "metadata agent: no token for the library");
+    let status = match error {
+        ClientError::Refused { status, .. } => {
+            StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN)
+        }
+        ClientError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ClientError::Local(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    reply(status, "text/plain", format!("token-broker: {error}\n"))
+    let code = match error {
+        ClientError::Local(_) => "server_error",
+        other => other.code(),
+    };
+    reply(
+        status,
+        "application/json",
+        json!({ "error": code, "error_description": format!("token-broker: {error}") }).to_string(),
+    )
 }
 
 #[cfg(test)]
@@ -269,6 +627,7 @@ mod tests {
             "127.0.0.1:8080",
             "LOCALHOST:1",
             "Metadata.Google.Internal",
+            "metadata.google.internal.",
         ] {
             assert!(is_own_host(host, v4), "{host}");
         }
@@ -283,6 +642,7 @@ mod tests {
             "localhost:x",
             "",
             "::1",
+            "metadata.google.internal..",
         ] {
             assert!(!is_own_host(host, v4), "{host}");
         }

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod agent;
 mod chain_validation;
 mod cli;
 mod conformance;
