@@ -601,6 +601,7 @@ fn broker_error(error: &ClientError) -> Answer {
             StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN)
         }
         ClientError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ClientError::Contract { .. } => StatusCode::BAD_REQUEST,
         ClientError::Local(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let code = match error {

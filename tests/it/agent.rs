@@ -920,9 +920,11 @@ print(json.dumps(result))
 "#;
 
 async fn run_python(world: &World, agent: SocketAddr) -> Value {
-    let python =
-        support::require_python_modules("google.auth, requests", &["google-auth", "requests"]);
-    let mut command = library_command(Path::new(python), agent, world.broker.setup.dir.path());
+    let mut command = library_command(
+        Path::new(crate::devices::python()),
+        agent,
+        world.broker.setup.dir.path(),
+    );
     command.args(["-c", PYTHON_SCRIPT, RUN_URL]);
     run_json(command).await
 }

@@ -59,23 +59,6 @@ pub(crate) fn python() -> &'static str {
     support::require_python_modules("google.auth, requests", &["google-auth", "requests"])
 }
 
-fn run_python(script: &str, env: &[(&str, &str)], home: &Path) -> Value {
-    let out = Command::new(python())
-        .args(["-c", script])
-        .envs(env.iter().copied())
-        .env("HOME", home)
-        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "python failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn token_command(broker: &TestBroker, device: &Device, extra: &str) -> String {
     format!(
         "{} token --url https://localhost:{} --cert {} --key {} --ca {} --audience {} {extra}",
