@@ -337,7 +337,7 @@ impl Module {
             }
         }
         let slots = context
-            .get_slots_with_token()
+            .get_slots_with_initialized_token()
             .map_err(module_error("listing the module's tokens"))?;
         let mut present = Vec::new();
         let mut matching = Vec::new();

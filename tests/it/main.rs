@@ -7,6 +7,7 @@ mod support;
 mod chain_validation;
 mod cli;
 mod conformance;
+mod device_keys;
 mod devices;
 mod fake_google;
 mod form;
