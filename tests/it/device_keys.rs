@@ -598,3 +598,229 @@ async fn token_reads_the_current_certificate_and_key_files() {
     assert_token_for(&run_token(flags, Vec::new()).await, &second, "second");
     broker.stop().await;
 }
+
+const TPM2_PKCS11_MODULE: &str = "/usr/lib/x86_64-linux-gnu/libtpm2_pkcs11.so.1";
+
+/// A software TPM (swtpm, socket mode: CI has no /dev/tpm) behind tpm2-abrmd on a private
+/// D-Bus, with a tpm2-pkcs11 store holding token `device` and a P-256 key made in the TPM.
+/// swtpm has no resource manager: without tpm2-abrmd, tpm2-pkcs11's tools run out of
+/// transient object slots (`TPM_RC_OBJECT_MEMORY`) within one `tpm2_ptool addtoken`.
+struct Tpm {
+    dir: tempfile::TempDir,
+    /// swtpm, dbus-daemon, tpm2-abrmd: ended in reverse order when dropped.
+    processes: Vec<std::process::Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Tpm {
+    async fn start() -> Tpm {
+        let swtpm = support::require_tool("swtpm", "swtpm");
+        support::require_tool("tpm2_getcap", "tpm2-tools");
+        support::require_tool("tpm2_ptool", "libtpm2-pkcs11-tools");
+        support::require_tool("pkcs11-tool", "opensc");
+        let dbus = support::require_tool("dbus-daemon", "dbus-daemon");
+        let abrmd = support::require_file("/usr/sbin/tpm2-abrmd", "tpm2-abrmd");
+        support::require_file(TPM2_PKCS11_MODULE, "libtpm2-pkcs11-1");
+        support::require_file(
+            "/usr/lib/x86_64-linux-gnu/libtss2-tcti-swtpm.so.0",
+            "libtss2-tcti-swtpm0",
+        );
+        support::require_file(
+            "/usr/lib/x86_64-linux-gnu/libtss2-tcti-tabrmd.so.0",
+            "libtss2-tcti-tabrmd0",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["state", "store"] {
+            std::fs::create_dir(dir.path().join(sub)).unwrap();
+        }
+        let mut tpm = Tpm {
+            dir,
+            processes: Vec::new(),
+        };
+        // The swtpm TCTI finds the control channel on the next port.
+        let port = free_port();
+        let control = port + 1;
+        let state = format!("dir={}", tpm.dir.path().join("state").display());
+        tpm.spawn(Command::new(swtpm).args([
+            "socket",
+            "--tpm2",
+            "--tpmstate",
+            &state,
+            "--server",
+            &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
+            "--ctrl",
+            &format!("type=tcp,port={control},bindaddr=127.0.0.1"),
+            "--flags",
+            "not-need-init,startup-clear",
+        ]));
+        support::wait_until("swtpm to listen", || async {
+            std::net::TcpStream::connect(("127.0.0.1", control)).is_ok()
+        })
+        .await;
+        let bus = tpm.dir.path().join("bus");
+        tpm.spawn(Command::new(dbus).args([
+            "--session",
+            "--nofork",
+            &format!("--address=unix:path={}", bus.display()),
+        ]));
+        support::wait_until("the private D-Bus", || async { bus.exists() }).await;
+        let mut resource_manager = Command::new(abrmd);
+        resource_manager
+            .args([
+                "--session",
+                "--allow-root",
+                &format!("--tcti=swtpm:host=127.0.0.1,port={port}"),
+            ])
+            .envs(tpm.env());
+        tpm.spawn(&mut resource_manager);
+        let deadline = std::time::Instant::now() + support::PATIENCE;
+        loop {
+            let out = Command::new("tpm2_getcap")
+                .arg("properties-fixed")
+                .envs(tpm.env())
+                .output()
+                .unwrap();
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tpm2-abrmd never reached swtpm: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                tpm.logs()
+            );
+            tokio::time::sleep(support::POLL).await;
+        }
+        let store = tpm.dir.path().join("store").display().to_string();
+        let ptool = |args: &[&str]| tpm.run("tpm2_ptool", args);
+        ptool(&["init", "--path", &store]);
+        ptool(&[
+            "addtoken",
+            "--pid=1",
+            "--label=device",
+            "--sopin=13579111",
+            &format!("--userpin={PIN}"),
+            "--path",
+            &store,
+        ]);
+        ptool(&[
+            "addkey",
+            "--algorithm=ecc256",
+            "--label=device",
+            "--key-label=device-key",
+            &format!("--userpin={PIN}"),
+            "--path",
+            &store,
+        ]);
+        tpm
+    }
+
+    fn spawn(&mut self, command: &mut Command) {
+        let log = self
+            .dir
+            .path()
+            .join(format!("process-{}.log", self.processes.len()));
+        let child = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        self.processes.push(child);
+    }
+
+    /// What swtpm, dbus-daemon and tpm2-abrmd said, for a failure's message.
+    fn logs(&self) -> String {
+        (0..self.processes.len())
+            .map(|i| {
+                std::fs::read_to_string(self.dir.path().join(format!("process-{i}.log")))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn env(&self) -> Vec<(&'static str, PathBuf)> {
+        let tcti = PathBuf::from("tabrmd:bus_type=session");
+        vec![
+            (
+                "DBUS_SESSION_BUS_ADDRESS",
+                PathBuf::from(format!("unix:path={}", self.dir.path().join("bus").display())),
+            ),
+            ("TPM2TOOLS_TCTI", tcti.clone()),
+            ("TPM2_PKCS11_TCTI", tcti),
+            ("TPM2_PKCS11_STORE", self.dir.path().join("store")),
+        ]
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Output {
+        let out = Command::new(program)
+            .args(args)
+            .envs(self.env())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// The TPM key's public half (DER SubjectPublicKeyInfo), as the module gives it.
+    fn public_key(&self) -> Vec<u8> {
+        let file = self.dir.path().join("public.der");
+        self.run(
+            "pkcs11-tool",
+            &[
+                "--module",
+                TPM2_PKCS11_MODULE,
+                "--read-object",
+                "--type",
+                "pubkey",
+                "--label",
+                "device-key",
+                "-o",
+                file.to_str().unwrap(),
+            ],
+        );
+        std::fs::read(file).unwrap()
+    }
+}
+
+impl Drop for Tpm {
+    fn drop(&mut self) {
+        while let Some(mut child) = self.processes.pop() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_p256_key_made_in_a_software_tpm_signs_for_token_and_agent() {
+    let (fake, broker) = start_broker().await;
+    let tpm = Tpm::start().await;
+    let leaf = device_leaf(&broker, "tpm-p256", &tpm.public_key());
+    let cert = broker.setup.write("device.pem", &leaf.chain_pem);
+    let mut flags = device_flags(
+        &broker,
+        cert.to_str().unwrap(),
+        "pkcs11:token=device;object=device-key;type=private",
+    );
+    flags.extend(["--pkcs11-module".into(), TPM2_PKCS11_MODULE.into()]);
+    let mut env = os(tpm.env());
+    env.push(("TOKEN_BROKER_PKCS11_PIN", PIN.into()));
+    assert_token_for(&run_token_env(flags.clone(), env.clone()).await, &leaf, "tpm-p256");
+    let agent = Agent::start(&broker, flags, env).await;
+    let token = agent.token(CLOUD_PLATFORM).await;
+    assert_agent_token_for(&fake, &token, &leaf, "tpm-p256");
+    drop(agent);
+    broker.stop().await;
+}
