@@ -75,7 +75,11 @@ pub(crate) fn ecdsa_signature(raw: &[u8]) -> Option<Vec<u8>> {
             .unwrap_or(value.len() - 1);
         let value = &value[start..];
         // A leading bit of 1 would read as negative: prefix a zero byte.
-        let sign = if value[0] & 0x80 != 0 { &[0u8][..] } else { &[] };
+        let sign = if value[0] & 0x80 != 0 {
+            &[0u8][..]
+        } else {
+            &[]
+        };
         write_element(INTEGER, &[sign, value].concat())
     };
     Some(write_element(SEQUENCE, &[integer(r), integer(s)].concat()))

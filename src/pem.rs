@@ -79,7 +79,10 @@ pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, PemErro
 }
 
 /// All certificates of PEM `bytes` read from `path`, in order; at least one.
-pub fn certificates_in(bytes: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, PemError> {
+pub fn certificates_in(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, PemError> {
     let certs = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid(path, format!("bad PEM certificate: {e}")))?;

@@ -37,7 +37,7 @@ impl Source {
     fn describe(&self) -> String {
         match self {
             Source::File(path) => path.display().to_string(),
-            Source::Token(_) => "the PKCS#11 object".into(),
+            Source::Token(uri) => uri.shown().to_owned(),
         }
     }
 }
@@ -164,10 +164,7 @@ impl DeviceCredentials {
                 (key, None)
             }
             Source::Token(uri) => {
-                let key = self
-                    .token(uri)?
-                    .private_key(uri)
-                    .map_err(local)?;
+                let key = self.token(uri)?.private_key(uri).map_err(local)?;
                 (Arc::new(key.clone()), Some(key))
             }
         };
@@ -243,7 +240,11 @@ impl DeviceCredentials {
                 }
             }
         };
-        let pin = match (self.pkcs11.pin_file.as_deref(), uri.pin_source(), &self.pkcs11.pin_env) {
+        let pin = match (
+            self.pkcs11.pin_file.as_deref(),
+            uri.pin_source(),
+            &self.pkcs11.pin_env,
+        ) {
             (Some(path), _, _) | (None, Some(path), _) => {
                 Some(Pin::from_file(path).map_err(local)?)
             }
@@ -279,27 +280,42 @@ fn check_key_permissions(key: &Path) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// Whether `key` signs for the public key of certificate `leaf`: one signature, made the
-/// way TLS will make it and checked with the certificate. Also proves, before any
+/// Whether `key` signs for the public key of certificate `leaf`: each kind of signature TLS
+/// may ask of it (for RSA both PSS and PKCS#1, which are different operations in a
+/// module) made once and checked with the certificate. Also proves, before any
 /// connection, that a token signs at all (PIN, mechanisms).
 fn check_fit(leaf: &CertificateDer<'_>, key: &dyn SigningKey) -> Result<(), String> {
-    let provider = crate::crypto::provider();
-    let algorithms = provider.signature_verification_algorithms;
-    let signer = key
-        .choose_scheme(&algorithms.supported_schemes())
-        .ok_or("the key can make no signature TLS accepts")?;
-    let message = b"token-broker: does this key belong to the device certificate?";
-    let signature = signer.sign(message).map_err(|e| e.to_string())?;
+    use rustls::SignatureScheme as S;
+    let algorithms = crate::crypto::provider().signature_verification_algorithms;
     let cert = webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("{e:?}"))?;
-    let verifies = algorithms
-        .mapping
-        .iter()
-        .filter(|(scheme, _)| *scheme == signer.scheme())
-        .flat_map(|(_, algs)| algs.iter())
-        .any(|alg| cert.verify_signature(*alg, message, &signature).is_ok());
-    if verifies {
-        Ok(())
-    } else {
-        Err("the key's signature does not verify with the certificate's public key".into())
+    let message = b"token-broker: does this key belong to the device certificate?";
+    let mut checked = 0;
+    for scheme in [
+        S::ECDSA_NISTP256_SHA256,
+        S::ECDSA_NISTP384_SHA384,
+        S::ED25519,
+        S::RSA_PSS_SHA256,
+        S::RSA_PKCS1_SHA256,
+    ] {
+        let Some(signer) = key.choose_scheme(&[scheme]) else {
+            continue;
+        };
+        let signature = signer.sign(message).map_err(|e| e.to_string())?;
+        let verifies = algorithms
+            .mapping
+            .iter()
+            .filter(|(mapped, _)| *mapped == scheme)
+            .flat_map(|(_, algs)| algs.iter())
+            .any(|alg| cert.verify_signature(*alg, message, &signature).is_ok());
+        if !verifies {
+            return Err(format!(
+                "the key's {scheme:?} signature does not verify with the certificate's public key"
+            ));
+        }
+        checked += 1;
     }
+    if checked == 0 {
+        return Err("the key can make no signature TLS accepts".into());
+    }
+    Ok(())
 }

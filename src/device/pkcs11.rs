@@ -81,6 +81,8 @@ pub enum Pkcs11Error {
 /// What an RFC 7512 URI names: attributes to match, and where the module and PIN are.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pkcs11Uri {
+    /// The URI without its query (which may name the PIN's file), for messages.
+    shown: String,
     token: Option<String>,
     manufacturer: Option<String>,
     serial: Option<String>,
@@ -119,7 +121,10 @@ impl Pkcs11Uri {
         }
         let rest = &text[7..];
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let mut uri = Pkcs11Uri::default();
+        let mut uri = Pkcs11Uri {
+            shown: shown(),
+            ..Pkcs11Uri::default()
+        };
         let query_attributes = query.split('&').filter(|a| !a.is_empty());
         for (attribute, in_query) in path
             .split(';')
@@ -191,8 +196,7 @@ impl Pkcs11Uri {
                 ("module-path", true) => uri.module_path = Some(PathBuf::from(text_value()?)),
                 ("module-name", true) => {
                     return Err(bad(
-                        "module-name is not supported: use module-path= or --pkcs11-module"
-                            .into(),
+                        "module-name is not supported: use module-path= or --pkcs11-module".into(),
                     ))
                 }
                 _ => {
@@ -204,6 +208,11 @@ impl Pkcs11Uri {
             }
         }
         Ok(uri)
+    }
+
+    /// The URI as given, without its query.
+    pub fn shown(&self) -> &str {
+        &self.shown
     }
 
     pub fn module_path(&self) -> Option<&Path> {
@@ -380,9 +389,9 @@ impl Module {
             }
             count => return Err(Pkcs11Error::TokenAmbiguous { count, present }),
         };
-        let session = context
-            .open_ro_session(slot)
-            .map_err(module_error(format!("opening a session with token '{label}'")))?;
+        let session = context.open_ro_session(slot).map_err(module_error(format!(
+            "opening a session with token '{label}'"
+        )))?;
         if login_required {
             let pin = pin.ok_or_else(|| Pkcs11Error::PinNeeded {
                 token: label.clone(),
@@ -398,9 +407,20 @@ impl Module {
                 Err(e) => return Err(module_error(format!("logging in to token '{label}'"))(e)),
             }
         }
-        let mechanisms = context
-            .get_mechanism_list(slot)
-            .map_err(module_error(format!("listing the mechanisms of '{label}'")))?;
+        // Asked one by one: listing them all makes cryptoki log every mechanism it does not
+        // know as an error.
+        let mechanisms = [
+            MechanismType::ECDSA,
+            MechanismType::RSA_PKCS_PSS,
+            MechanismType::RSA_PKCS,
+        ]
+        .into_iter()
+        .filter(|mechanism| {
+            context
+                .get_mechanism_info(slot, *mechanism)
+                .is_ok_and(|info| info.sign())
+        })
+        .collect();
         Ok(Token {
             session: Arc::new(Mutex::new(session)),
             label,
@@ -589,7 +609,11 @@ impl Token {
                 let curve = match ec_params.as_deref() {
                     Some(P256_OID) => Curve::P256,
                     Some(P384_OID) => Curve::P384,
-                    _ => return Err(unsupported("an elliptic curve other than P-256 and P-384".into())),
+                    _ => {
+                        return Err(unsupported(
+                            "an elliptic curve other than P-256 and P-384".into(),
+                        ))
+                    }
                 };
                 if !has(MechanismType::ECDSA) {
                     return Err(Pkcs11Error::NoMechanism {
@@ -606,7 +630,10 @@ impl Token {
                 if bits < 2048 {
                     return Err(unsupported(format!("RSA-{bits}")));
                 }
-                let (pss, pkcs1) = (has(MechanismType::RSA_PKCS_PSS), has(MechanismType::RSA_PKCS));
+                let (pss, pkcs1) = (
+                    has(MechanismType::RSA_PKCS_PSS),
+                    has(MechanismType::RSA_PKCS),
+                );
                 if !pss && !pkcs1 {
                     return Err(Pkcs11Error::NoMechanism {
                         token: self.label.clone(),
@@ -617,7 +644,11 @@ impl Token {
                 KeyKind::Rsa { pss, pkcs1 }
             }
             Some(other) => return Err(unsupported(format!("{other}"))),
-            None => return Err(unsupported("the module does not say (no CKA_KEY_TYPE)".into())),
+            None => {
+                return Err(unsupported(
+                    "the module does not say (no CKA_KEY_TYPE)".into(),
+                ))
+            }
         };
         Ok(TokenKey(Arc::new(KeyInToken {
             token: self.clone(),
@@ -652,7 +683,10 @@ enum Curve {
 enum KeyKind {
     Ec(Curve),
     /// Which paddings the module can do.
-    Rsa { pss: bool, pkcs1: bool },
+    Rsa {
+        pss: bool,
+        pkcs1: bool,
+    },
 }
 
 struct KeyInToken {
@@ -689,7 +723,11 @@ impl TokenKey {
                     schemes.extend([S::RSA_PSS_SHA256, S::RSA_PSS_SHA384, S::RSA_PSS_SHA512]);
                 }
                 if pkcs1 {
-                    schemes.extend([S::RSA_PKCS1_SHA256, S::RSA_PKCS1_SHA384, S::RSA_PKCS1_SHA512]);
+                    schemes.extend([
+                        S::RSA_PKCS1_SHA256,
+                        S::RSA_PKCS1_SHA384,
+                        S::RSA_PKCS1_SHA512,
+                    ]);
                 }
                 schemes
             }
@@ -731,16 +769,16 @@ impl std::fmt::Debug for TokenSigner {
 /// DER DigestInfo prefixes (RFC 8017 9.2, note 1) for CKM_RSA_PKCS, which signs what it is
 /// given.
 const SHA256_INFO: &[u8] = &[
-    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01,
-    0x05, 0x00, 0x04, 0x20,
+    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
+    0x00, 0x04, 0x20,
 ];
 const SHA384_INFO: &[u8] = &[
-    0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x02,
-    0x05, 0x00, 0x04, 0x30,
+    0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x02, 0x05,
+    0x00, 0x04, 0x30,
 ];
 const SHA512_INFO: &[u8] = &[
-    0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x03,
-    0x05, 0x00, 0x04, 0x40,
+    0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x03, 0x05,
+    0x00, 0x04, 0x40,
 ];
 
 impl Signer for TokenSigner {

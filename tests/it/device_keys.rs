@@ -198,8 +198,10 @@ fn device_flags(broker: &TestBroker, cert: &str, key: &str) -> Vec<String> {
 
 /// Runs `token-broker token` with these flags and environment (off the runtime's threads).
 async fn run_token(flags: Vec<String>, env: Vec<(&'static str, PathBuf)>) -> Output {
-    let env: Vec<(&str, std::ffi::OsString)> =
-        env.into_iter().map(|(k, v)| (k, v.into_os_string())).collect();
+    let env: Vec<(&str, std::ffi::OsString)> = env
+        .into_iter()
+        .map(|(k, v)| (k, v.into_os_string()))
+        .collect();
     run_token_env(flags, env).await
 }
 
@@ -397,8 +399,8 @@ async fn a_p256_key_made_in_softhsm_signs_for_token_and_agent() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_rsa_2048_key_and_its_certificate_in_softhsm_through_p11_kit_with_renewal_in_the_token(
-) {
+async fn an_rsa_2048_key_and_its_certificate_in_softhsm_through_p11_kit_with_renewal_in_the_token()
+{
     support::require_file(P11_KIT_PROXY, "p11-kit-modules");
     let (fake, broker) = start_broker().await;
     let hsm = SoftHsm::new();
@@ -417,7 +419,11 @@ async fn an_rsa_2048_key_and_its_certificate_in_softhsm_through_p11_kit_with_ren
     flags.extend(["--chain".into(), chain.display().to_string()]);
     let mut env = os(hsm.env());
     env.push(("TOKEN_BROKER_PKCS11_PIN", PIN.into()));
-    assert_token_for(&run_token_env(flags.clone(), env.clone()).await, &leaf, "hsm-rsa");
+    assert_token_for(
+        &run_token_env(flags.clone(), env.clone()).await,
+        &leaf,
+        "hsm-rsa",
+    );
 
     let agent = Agent::start(&broker, flags, env).await;
     let token = agent.token(CLOUD_PLATFORM).await;
@@ -444,6 +450,7 @@ async fn pkcs11_failures_name_their_fix() {
     let hsm = SoftHsm::new();
     let public = hsm.generate("EC:prime256v1", "device-key", "01");
     hsm.generate("EC:secp521r1", "p521", "05");
+    hsm.generate("EC:prime256v1", "other-key", "06");
     let leaf = device_leaf(&broker, "hsm-errors", &public);
     let cert = broker.setup.write("device.pem", &leaf.chain_pem);
     let wrong_pin = broker.setup.write("wrong-pin", "000000\n");
@@ -488,6 +495,12 @@ async fn pkcs11_failures_name_their_fix() {
             "unsupported key type in PKCS#11 token 'device': an elliptic curve other than P-256 and P-384",
         ),
         (
+            "key of another certificate",
+            "pkcs11:token=device;object=other-key",
+            [module(SOFTHSM_MODULE), pin(&pin_file)].concat(),
+            "and key pkcs11:token=device;object=other-key do not fit together: the key's ECDSA_NISTP256_SHA256 signature does not verify",
+        ),
+        (
             "PIN in the URI",
             "pkcs11:token=device;object=device-key?pin-value=246810",
             module(SOFTHSM_MODULE),
@@ -501,7 +514,10 @@ async fn pkcs11_failures_name_their_fix() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{case}: {stderr}");
         assert!(stderr.contains(expected), "{case}: {stderr}");
-        assert!(!stderr.contains(PIN), "{case}: the PIN was repeated: {stderr}");
+        assert!(
+            !stderr.contains(PIN),
+            "{case}: the PIN was repeated: {stderr}"
+        );
     }
     // After the failures, the right PIN still works (a wrong PIN was tried once, not
     // retried until the token locked).
@@ -575,9 +591,7 @@ async fn a_half_written_renewal_keeps_the_agent_on_its_previous_certificate() {
     // Then the key arrives: used from the next request.
     support::logs::register_key(&renewed.key_pem);
     replace(&key, &renewed.key_pem);
-    let token = agent
-        .token(&format!("{CLOUD_PLATFORM},{READ_ONLY}"))
-        .await;
+    let token = agent.token(&format!("{CLOUD_PLATFORM},{READ_ONLY}")).await;
     assert_agent_token_for(&fake, &token, &renewed, "next");
     drop(agent);
     broker.stop().await;
@@ -751,7 +765,10 @@ impl Tpm {
         vec![
             (
                 "DBUS_SESSION_BUS_ADDRESS",
-                PathBuf::from(format!("unix:path={}", self.dir.path().join("bus").display())),
+                PathBuf::from(format!(
+                    "unix:path={}",
+                    self.dir.path().join("bus").display()
+                )),
             ),
             ("TPM2TOOLS_TCTI", tcti.clone()),
             ("TPM2_PKCS11_TCTI", tcti),
@@ -817,7 +834,11 @@ async fn a_p256_key_made_in_a_software_tpm_signs_for_token_and_agent() {
     flags.extend(["--pkcs11-module".into(), TPM2_PKCS11_MODULE.into()]);
     let mut env = os(tpm.env());
     env.push(("TOKEN_BROKER_PKCS11_PIN", PIN.into()));
-    assert_token_for(&run_token_env(flags.clone(), env.clone()).await, &leaf, "tpm-p256");
+    assert_token_for(
+        &run_token_env(flags.clone(), env.clone()).await,
+        &leaf,
+        "tpm-p256",
+    );
     let agent = Agent::start(&broker, flags, env).await;
     let token = agent.token(CLOUD_PLATFORM).await;
     assert_agent_token_for(&fake, &token, &leaf, "tpm-p256");

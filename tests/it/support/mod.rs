@@ -942,7 +942,10 @@ pub fn require_node_modules() -> PathBuf {
     static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _once = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
-    let has = || dir.join("node_modules/google-auth-library/package.json").is_file();
+    let has = || {
+        dir.join("node_modules/google-auth-library/package.json")
+            .is_file()
+    };
     if !has() {
         let _ = Command::new("npm")
             .args(["ci", "--no-audit", "--no-fund", "--silent"])
