@@ -20,7 +20,7 @@ use crate::pem;
 #[derive(Debug, Clone)]
 pub enum Source {
     File(PathBuf),
-    Token(Pkcs11Uri),
+    Token(Box<Pkcs11Uri>),
 }
 
 impl Source {
@@ -28,7 +28,7 @@ impl Source {
     pub fn parse(value: &Path) -> Result<Source, ClientError> {
         match value.to_str().filter(|text| Pkcs11Uri::is_uri(text)) {
             Some(text) => Pkcs11Uri::parse(text)
-                .map(Source::Token)
+                .map(|uri| Source::Token(Box::new(uri)))
                 .map_err(|e| ClientError::Local(e.to_string())),
             None => Ok(Source::File(value.to_owned())),
         }
