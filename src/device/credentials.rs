@@ -155,7 +155,7 @@ impl DeviceCredentials {
         }
         let (key, token_key): (Arc<dyn SigningKey>, Option<TokenKey>) = match &self.key {
             Source::File(path) => {
-                check_key_permissions(path)?;
+                check_private(path, "key")?;
                 let der = pem::private_key(path).map_err(local)?;
                 let key = crate::crypto::provider()
                     .key_provider
@@ -246,6 +246,7 @@ impl DeviceCredentials {
             &self.pkcs11.pin_env,
         ) {
             (Some(path), _, _) | (None, Some(path), _) => {
+                check_private(path, "PIN file")?;
                 Some(Pin::from_file(path).map_err(local)?)
             }
             (None, None, Some(text)) => Some(Pin::from_text(text.clone())),
@@ -265,16 +266,17 @@ impl DeviceCredentials {
     }
 }
 
-/// A private key anyone but its owner can read is refused, stricter than the server (which
-/// allows a group): on a device the key is its whole identity and has one user.
-fn check_key_permissions(key: &Path) -> Result<(), ClientError> {
-    let mode = pem::file_mode(key)
-        .map_err(|e| ClientError::Local(format!("cannot read key {}: {e}", key.display())))?;
+/// A private key (or a token's PIN) anyone but its owner can read is refused, stricter than
+/// the server (which allows a group): on a device the key is its whole identity and has one
+/// user.
+fn check_private(path: &Path, what: &str) -> Result<(), ClientError> {
+    let mode = pem::file_mode(path)
+        .map_err(|e| ClientError::Local(format!("cannot read {what} {}: {e}", path.display())))?;
     if mode & 0o077 != 0 {
         return Err(ClientError::Local(format!(
-            "key {} is readable by others (mode {mode:03o}); run: chmod 600 {}",
-            key.display(),
-            key.display()
+            "{what} {} is readable by others (mode {mode:03o}); run: chmod 600 {}",
+            path.display(),
+            path.display()
         )));
     }
     Ok(())

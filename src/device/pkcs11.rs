@@ -135,7 +135,7 @@ impl Pkcs11Uri {
             let (name, value) = attribute
                 .split_once('=')
                 .ok_or_else(|| bad(format!("attribute {attribute:?} has no '='")))?;
-            if in_query && name == "pin-value" {
+            if name == "pin-value" {
                 return Err(Pkcs11Error::PinInUri);
             }
             let bytes: Vec<u8> = percent_encoding::percent_decode_str(value).collect();
@@ -879,6 +879,8 @@ mod tests {
         assert!(!error.to_string().contains("123456"));
         let bad = Pkcs11Uri::parse("pkcs11:token=t;colour=red?pin-value=123456").unwrap_err();
         assert!(!bad.to_string().contains("123456"), "{bad}");
+        let in_path = Pkcs11Uri::parse("pkcs11:token=t;pin-value=123456").unwrap_err();
+        assert!(matches!(in_path, Pkcs11Error::PinInUri));
     }
 
     #[test]

@@ -454,6 +454,8 @@ async fn pkcs11_failures_name_their_fix() {
     let leaf = device_leaf(&broker, "hsm-errors", &public);
     let cert = broker.setup.write("device.pem", &leaf.chain_pem);
     let wrong_pin = broker.setup.write("wrong-pin", "000000\n");
+    let shared_pin = broker.setup.write("shared-pin", &format!("{PIN}\n"));
+    set_mode(&shared_pin, 0o640);
     let pin_file = hsm.pin_file();
     let module = |path: &str| vec!["--pkcs11-module".to_owned(), path.to_owned()];
     let pin = |path: &Path| vec!["--pkcs11-pin-file".to_owned(), path.display().to_string()];
@@ -481,6 +483,12 @@ async fn pkcs11_failures_name_their_fix() {
             "pkcs11:token=elsewhere;object=device-key",
             [module(SOFTHSM_MODULE), pin(&pin_file)].concat(),
             "PKCS#11 token absent: no token matching token=elsewhere",
+        ),
+        (
+            "PIN file others may read",
+            "pkcs11:token=device;object=device-key",
+            [module(SOFTHSM_MODULE), pin(&shared_pin)].concat(),
+            "is readable by others (mode 640); run: chmod 600",
         ),
         (
             "no PIN",
