@@ -424,6 +424,7 @@ impl Module {
         Ok(Token {
             session: Arc::new(Mutex::new(session)),
             label,
+            login_required,
             mechanisms,
         })
     }
@@ -459,6 +460,7 @@ impl Pin {
 pub struct Token {
     session: Arc<Mutex<Session>>,
     label: String,
+    login_required: bool,
     mechanisms: Vec<MechanismType>,
 }
 
@@ -475,11 +477,11 @@ impl Token {
         self.session()
             .ok()
             .and_then(|s| s.get_session_info().ok())
-            .is_some_and(|info| {
-                matches!(
-                    info.session_state(),
-                    SessionState::RoUser | SessionState::RwUser | SessionState::RoPublic
-                )
+            .is_some_and(|info| match info.session_state() {
+                SessionState::RoUser | SessionState::RwUser => true,
+                // Logged out (the token was reinserted): usable only if no login is needed.
+                SessionState::RoPublic | SessionState::RwPublic => !self.login_required,
+                _ => false,
             })
     }
 

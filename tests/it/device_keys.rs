@@ -84,17 +84,7 @@ impl SoftHsm {
     }
 
     fn run(&self, program: &str, args: &[&str]) -> Output {
-        let out = Command::new(program)
-            .args(args)
-            .envs(self.env())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{program} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        support::run_checked(program, args, self.env())
     }
 
     fn pkcs11_tool(&self, args: &[&str]) -> Output {
@@ -266,12 +256,7 @@ impl Agent {
         flags: Vec<String>,
         env: Vec<(&'static str, std::ffi::OsString)>,
     ) -> Agent {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = format!("127.0.0.1:{}", support::free_port());
         let log = broker
             .setup
             .path(&format!("agent-{}.log", uuid::Uuid::new_v4()));
@@ -633,14 +618,6 @@ struct Tpm {
     processes: Vec<std::process::Child>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Tpm {
     async fn start() -> Tpm {
         let swtpm = support::require_tool("swtpm", "swtpm");
@@ -667,7 +644,7 @@ impl Tpm {
             processes: Vec::new(),
         };
         // The swtpm TCTI finds the control channel on the next port.
-        let port = free_port();
+        let port = support::free_port();
         let control = port + 1;
         let state = format!("dir={}", tpm.dir.path().join("state").display());
         tpm.spawn(Command::new(swtpm).args([
@@ -785,17 +762,7 @@ impl Tpm {
     }
 
     fn run(&self, program: &str, args: &[&str]) -> Output {
-        let out = Command::new(program)
-            .args(args)
-            .envs(self.env())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{program} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        support::run_checked(program, args, self.env())
     }
 
     /// The TPM key's public half (DER SubjectPublicKeyInfo), as the module gives it.

@@ -860,6 +860,34 @@ pub fn metric_value(text: &str, sample: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A loopback port nothing listens on now (for a process that must be told its port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `program` with `env`, which must succeed; the failure message carries its stderr.
+pub fn run_checked<K, V>(
+    program: &str,
+    args: &[&str],
+    env: impl IntoIterator<Item = (K, V)>,
+) -> std::process::Output
+where
+    K: AsRef<std::ffi::OsStr>,
+    V: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(program).args(args).envs(env).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Path of the built binary.
 pub fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_token-broker"))
