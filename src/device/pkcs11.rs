@@ -586,6 +586,7 @@ impl Token {
                     AttributeType::KeyType,
                     AttributeType::EcParams,
                     AttributeType::Modulus,
+                    AttributeType::AlwaysAuthenticate,
                 ],
             )
             .map_err(module_error(format!("reading a key of '{}'", self.label)))?;
@@ -599,6 +600,10 @@ impl Token {
         let mut modulus = None;
         for attribute in attributes {
             match attribute {
+                Attribute::AlwaysAuthenticate(true) => return Err(unsupported(
+                    "a key that needs the PIN again for every signature (CKA_ALWAYS_AUTHENTICATE)"
+                        .into(),
+                )),
                 Attribute::KeyType(t) => key_type = Some(t),
                 Attribute::EcParams(p) => ec_params = Some(p),
                 Attribute::Modulus(m) => modulus = Some(m),

@@ -436,6 +436,16 @@ async fn pkcs11_failures_name_their_fix() {
     let public = hsm.generate("EC:prime256v1", "device-key", "01");
     hsm.generate("EC:secp521r1", "p521", "05");
     hsm.generate("EC:prime256v1", "other-key", "06");
+    hsm.pkcs11_tool(&[
+        "--keypairgen",
+        "--key-type",
+        "EC:prime256v1",
+        "--label",
+        "pin-per-signature",
+        "--id",
+        "07",
+        "--always-auth",
+    ]);
     let leaf = device_leaf(&broker, "hsm-errors", &public);
     let cert = broker.setup.write("device.pem", &leaf.chain_pem);
     let wrong_pin = broker.setup.write("wrong-pin", "000000\n");
@@ -486,6 +496,12 @@ async fn pkcs11_failures_name_their_fix() {
             "pkcs11:token=device;object=p521",
             [module(SOFTHSM_MODULE), pin(&pin_file)].concat(),
             "unsupported key type in PKCS#11 token 'device': an elliptic curve other than P-256 and P-384",
+        ),
+        (
+            "key wanting the PIN per signature",
+            "pkcs11:token=device;object=pin-per-signature",
+            [module(SOFTHSM_MODULE), pin(&pin_file)].concat(),
+            "unsupported key type in PKCS#11 token 'device': a key that needs the PIN again for every signature (CKA_ALWAYS_AUTHENTICATE)",
         ),
         (
             "key of another certificate",
