@@ -384,6 +384,44 @@ async fn a_p256_key_made_in_softhsm_signs_for_token_and_agent() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_p384_key_imported_into_softhsm_signs_for_token() {
+    let (_fake, broker) = start_broker().await;
+    let hsm = SoftHsm::new();
+    // OpenSC 0.23's pkcs11-tool cannot export a P-384 public key ("cannot create
+    // EVP_PKEY"): this key is made outside, imported, and its file deleted.
+    let mut spec = LeafSpec::device("hsm-p384");
+    spec.key = support::KeyKind::P384;
+    let leaf = broker.setup.intermediate.leaf(&spec);
+    let key_file = broker.setup.write("p384-key.pem", &leaf.key_pem);
+    hsm.run(
+        "softhsm2-util",
+        &[
+            "--import",
+            key_file.to_str().unwrap(),
+            "--token",
+            "device",
+            "--label",
+            "device-key",
+            "--id",
+            "04",
+            "--pin",
+            PIN,
+        ],
+    );
+    std::fs::remove_file(&key_file).unwrap();
+    let cert = broker.setup.write("device.pem", &leaf.chain_pem);
+    let mut flags = device_flags(&broker, cert.to_str().unwrap(), "pkcs11:object=device-key");
+    flags.extend([
+        "--pkcs11-module".into(),
+        SOFTHSM_MODULE.into(),
+        "--pkcs11-pin-file".into(),
+        hsm.pin_file().display().to_string(),
+    ]);
+    assert_token_for(&run_token(flags, hsm.env()).await, &leaf, "hsm-p384");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_rsa_2048_key_and_its_certificate_in_softhsm_through_p11_kit_with_renewal_in_the_token()
 {
     support::require_file(P11_KIT_PROXY, "p11-kit-modules");
