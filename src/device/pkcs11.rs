@@ -74,6 +74,12 @@ pub enum Pkcs11Error {
         key: &'static str,
         needed: &'static str,
     },
+    #[error("{flag} names a PKCS#11 object of type={given}; it needs type={wanted} (or no type)")]
+    WrongType {
+        flag: &'static str,
+        given: String,
+        wanted: &'static str,
+    },
     #[error("PKCS#11 {doing}: {error}")]
     Module { doing: String, error: String },
 }
@@ -665,13 +671,18 @@ impl Token {
     }
 }
 
-fn check_type(uri: &Pkcs11Uri, wanted: &str, flag: &str) -> Result<(), Pkcs11Error> {
+fn check_type(
+    uri: &Pkcs11Uri,
+    wanted: &'static str,
+    flag: &'static str,
+) -> Result<(), Pkcs11Error> {
     match uri.object_type.as_deref() {
         None => Ok(()),
         Some(t) if t == wanted => Ok(()),
-        Some(other) => Err(Pkcs11Error::BadUri {
-            uri: flag.into(),
-            reason: format!("type={other}, but {flag} needs type={wanted} (or no type)"),
+        Some(other) => Err(Pkcs11Error::WrongType {
+            flag,
+            given: other.to_owned(),
+            wanted,
         }),
     }
 }

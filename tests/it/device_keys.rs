@@ -548,6 +548,12 @@ async fn pkcs11_failures_name_their_fix() {
             "and key pkcs11:token=device;object=other-key do not fit together: the key's ECDSA_NISTP256_SHA256 signature does not verify",
         ),
         (
+            "a certificate URI given as the key",
+            "pkcs11:token=device;object=device-key;type=cert",
+            [module(SOFTHSM_MODULE), pin(&pin_file)].concat(),
+            "--key names a PKCS#11 object of type=cert; it needs type=private (or no type)",
+        ),
+        (
             "PIN in the URI",
             "pkcs11:token=device;object=device-key?pin-value=246810",
             module(SOFTHSM_MODULE),
