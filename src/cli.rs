@@ -310,7 +310,7 @@ fn agent(args: AgentArgs) -> Result<ExitCode, CliError> {
     let client = device_client(&args.device)?;
     let instance_id = match args.instance_id {
         Some(id) => id,
-        None => crate::device::agent::instance_id_of(&args.device.cert).map_err(CliError::Usage)?,
+        None => crate::device::agent::instance_id_of(&client.identity()?),
     };
     let config = AgentConfig {
         service_account: args.service_account,

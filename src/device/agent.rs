@@ -16,7 +16,6 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -252,19 +251,13 @@ pub fn check_listen(addr: SocketAddr, allow_remote: bool) -> Result<(), String> 
 /// The default `instance/id`: GCE's is a stable 64-bit number naming the machine; the
 /// device's stable name is its certificate's SPIFFE ID (else subject), which survives
 /// renewals, so the number is derived from that.
-pub fn instance_id_of(cert: &Path) -> Result<u64, String> {
-    let chain = crate::pem::certificates(cert).map_err(|e| e.to_string())?;
-    let leaf = chain
-        .first()
-        .ok_or_else(|| format!("{}: no certificate", cert.display()))?;
-    let identity = crate::identity::Identity::from_der(leaf)
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
-    let name = identity.spiffe_id.unwrap_or(identity.subject);
+pub fn instance_id_of(identity: &crate::identity::Identity) -> u64 {
+    let name = identity.spiffe_id.as_ref().unwrap_or(&identity.subject);
     let digest = sha2::Sha256::digest(name.as_bytes());
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     // 63 bits, as GCE's ids fit a signed 64-bit integer.
-    Ok(u64::from_be_bytes(first) >> 1)
+    u64::from_be_bytes(first) >> 1
 }
 
 /// This machine's host name (Linux), for `instance/hostname` when none is configured.

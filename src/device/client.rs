@@ -136,6 +136,15 @@ impl BrokerClient {
         })
     }
 
+    /// The identity of the certificate presented now (files or a token object alike).
+    pub fn identity(&self) -> Result<crate::identity::Identity, ClientError> {
+        let current = self
+            .current
+            .lock()
+            .map_err(|_| ClientError::Local("an earlier request panicked".into()))?;
+        Ok(current.loaded.identity.clone())
+    }
+
     /// The HTTP client for the credentials as they are now: a renewed certificate or key
     /// (files replaced, token object rewritten) is loaded for this request. If the new ones
     /// cannot be used (say, the certificate was written but not yet its key), the previous
