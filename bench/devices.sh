@@ -8,14 +8,16 @@
 #   2. paired rounds, new connections, TLS 1.3 and 1.2, every connection a device not seen
 #      before: a fresh broker vs the floor server (examples/floor.rs) with the same devices.
 #
-#   bench/devices.sh [--quick] [--no-build] [--keep] [--count N] [--rounds R] [--seconds S] [--out DIR]
+#   bench/devices.sh [--quick] [--no-build] [--keep] [--count N] [--pass N] [--rounds R] [--seconds S] [--out DIR]
 #
+# --pass N stops the one pass after N devices (default: all of them; on a loaded machine a
+# pass over 100,000 takes minutes).
 # Defaults: 100,000 devices, passes of 10 s, 5 rounds of 2 s per side; --quick: 1,000
 # devices, 1 round of 0.3 s. Results in DIR (default bench/out/devices). Run it under
 # `flock /work/bench.lock` on a shared machine.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BUILD=1 KEEP=0 COUNT=100000 ROUNDS=5 PAIR_DUR=2 PASS_DUR=10 CONC=32 QUICK=0
+BUILD=1 KEEP=0 COUNT=100000 PASS="" ROUNDS=5 PAIR_DUR=2 PASS_DUR=10 CONC=32 QUICK=0
 OUT="$ROOT/bench/out/devices"
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -23,6 +25,7 @@ while [[ $# -gt 0 ]]; do
         --no-build) BUILD=0 ;;
         --keep) KEEP=1 ;;
         --count) COUNT=$2; shift ;;
+        --pass) PASS=$2; shift ;;
         --rounds) ROUNDS=$2; shift ;;
         --seconds) PAIR_DUR=$2; shift ;;
         --out) OUT=$2; shift ;;
@@ -44,7 +47,7 @@ RESULTS="$WORK/results.jsonl"
 "$PY" "$LIB" add "$RESULTS" "{\"name\":\"machine\",\"mode\":\"$([[ $QUICK == 1 ]] && echo quick || echo full)\",\"devices\":$COUNT,\"date\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\"loadavg_start\":\"$(cut -d' ' -f1-3 /proc/loadavg)\",\"commit\":\"$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo ?)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock examples 2>/dev/null || echo +uncommitted)\",\"nproc\":$(nproc)}"
 
 # --- the devices, made once: their own dev PKI (CA, server certificate, CRL valid a year).
-CACHE="$CARGO_TARGET_DIR/bench-devices/$COUNT"
+CACHE="${BENCH_DEVICES_DIR:-$ROOT/target/bench-devices}/$COUNT"
 if [[ ! -s $CACHE/devices.pem ]]; then
     log "generating $COUNT device certificates into $CACHE (once)"
     rm -rf "$CACHE"
@@ -63,14 +66,15 @@ ONE_DEVICE=(--ca "$PKI/ca.pem" --cert "$PKI/device.pem" --key "$PKI/device-key.p
 metric() { "$PY" "$LIB" metric "http://127.0.0.1:$ADMIN_PORT/metrics" "token_broker_verified_chain_cache_$1_total"; }
 
 # --- 1. one pass over every device, fresh broker (the default verified_chain_cache).
-log "one pass: $COUNT devices, random order, new connections (TLS 1.3)"
+PASS=${PASS:-$COUNT}
+log "one pass: $PASS of $COUNT devices, random order, new connections (TLS 1.3)"
 start_broker broker-pass "$PKI/keys"
 "$LOADGEN" "${ONE_DEVICE[@]}" --addr "127.0.0.1:$BROKER_PORT" --mode new-conn --concurrency 8 --duration 0.3 >/dev/null
 sleep 1
 rss0=$(rss_kb "$BROKER_PID")
 misses0=$(metric misses) hits0=$(metric hits)
 start=0 part=0
-while ((start < COUNT)); do
+while ((start < PASS)); do
     part=$((part + 1))
     measure "pass-$part" "{\"kind\":\"pass\",\"part\":$part}" "$BROKER_PID" --addr "127.0.0.1:$BROKER_PORT" \
         --mode new-conn --concurrency "$CONC" --duration "$PASS_DUR" --device-seed 1 --device-start "$start"
@@ -126,9 +130,10 @@ elapsed = sum(r["loadgen"]["elapsed_s"] for r in passes)
 mem = next(r for r in recs if r["name"] == "pass-memory")
 print("| devices | tokens | errors | tokens/s | server CPU µs/token | p50 ms (per part) | p99 ms (per part) | RSS growth per device (B) |")
 print("|--:|--:|--:|--:|--:|---|---|--:|")
+p50 = ", ".join("%.2f" % r["loadgen"]["latency_ms"]["p50"] for r in passes)
+p99 = ", ".join("%.2f" % r["loadgen"]["latency_ms"]["p99"] for r in passes)
 print(f"| {mem['connections']:,} | {ok:,} | {errors} | {ok / elapsed:,.0f} | {cpu / max(ok, 1) * 1e6:.1f} | "
-      f"{', '.join(f'{r['loadgen']['latency_ms']['p50']:.2f}' for r in passes)} | "
-      f"{', '.join(f'{r['loadgen']['latency_ms']['p99']:.2f}' for r in passes)} | {mem['bytes_per_device']:,} |")
+      f"{p50} | {p99} | {mem['bytes_per_device']:,} |")
 PYEOF
 "$PY" "$LIB" pairs "$RESULTS" floor "$OUT/pairs.md"
 echo "results: $OUT/results.jsonl, $OUT/pass.md, $OUT/pairs.md"

@@ -59,7 +59,10 @@ fn run(args: &Args) -> Result<(), BoxError> {
             .collect();
         workers
             .into_iter()
-            .map(|w| w.join().unwrap_or_else(|_| Err("generator thread panicked".into())))
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err("generator thread panicked".into()))
+            })
             .collect()
     });
     let tmp = args.out.with_extension("partial");

@@ -1,21 +1,19 @@
 //! Memory per entry of the broker's verified-chain cache (`broker::VerifiedChains`, the
-//! real type), for `bench/devices.sh`: fills it with `--entries` verdicts on realistic
-//! device certificates (the identities of a `bench_devices` bundle, cloned so each entry
-//! owns its allocations when there are fewer certificates than entries) and prints, as one
-//! JSON line, the process's RSS growth per entry.
+//! real type), for `bench/devices.sh`: fills it with `--entries` verdicts keyed by the
+//! certificates of a `bench_devices` bundle (each with a counter appended, so entries stay
+//! distinct when there are fewer certificates than entries) and prints, as one JSON line,
+//! the process's RSS growth per entry.
 //!
 //! ```sh
 //! cargo run --release --example chain_cache_memory -- --devices devices.pem --entries 1000000
 //! ```
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::Parser;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use token_broker::broker::{ChainKeys, VerifiedChains};
-use token_broker::identity::Identity;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -44,11 +42,7 @@ fn rss_kb() -> Result<u64, BoxError> {
 fn run(args: &Args) -> Result<serde_json::Value, BoxError> {
     let certs: Vec<CertificateDer<'static>> =
         CertificateDer::pem_file_iter(&args.devices)?.collect::<Result<_, _>>()?;
-    let identities: Vec<Identity> = certs
-        .iter()
-        .map(|c| Identity::from_der(c))
-        .collect::<Result<_, _>>()?;
-    if identities.is_empty() {
+    if certs.is_empty() {
         return Err("no certificate in the bundle".into());
     }
     let cache = VerifiedChains::new(args.entries);
@@ -61,8 +55,7 @@ fn run(args: &Args) -> Result<serde_json::Value, BoxError> {
         leaf.clear();
         leaf.extend_from_slice(cert);
         leaf.extend_from_slice(&(i as u64).to_be_bytes());
-        let identity = Identity::clone(&identities[i % identities.len()]);
-        cache.put(ChainKeys::of(&leaf, &[]), Arc::new(identity), now, now + 3600);
+        cache.put(ChainKeys::of(&leaf, &[]), now, now + 3600);
     }
     let held = cache.settled_len();
     let after = rss_kb()?;

@@ -28,7 +28,10 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyD
 use token_broker::tls;
 
 #[derive(Parser, Debug)]
-#[command(name = "floor", about = "bare rustls + hyper mTLS server answering 200 ok")]
+#[command(
+    name = "floor",
+    about = "bare rustls + hyper mTLS server answering 200 ok"
+)]
 struct Args {
     #[arg(long, default_value = "127.0.0.1:9443")]
     listen: SocketAddr,

@@ -39,9 +39,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use rustls_pki_types::pem::PemObject;
 use rustls::client::ResolvesClientCert;
 use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::pem::SectionKind;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use serde_json::json;
@@ -260,7 +260,11 @@ impl Devices {
             match kind {
                 SectionKind::Certificate => certs.push(CertificateDer::from(der)),
                 SectionKind::PrivateKey => keys.push(PrivatePkcs8KeyDer::from(der)),
-                _ => return Err(format!("{}: unexpected PEM section {kind:?}", path.display()).into()),
+                _ => {
+                    return Err(
+                        format!("{}: unexpected PEM section {kind:?}", path.display()).into(),
+                    )
+                }
             }
         }
         if certs.is_empty() || certs.len() != keys.len() {

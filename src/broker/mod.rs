@@ -12,7 +12,7 @@ pub use verified::{ChainKeys, VerifiedChains};
 
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use rustls_pki_types::{CertificateDer, UnixTime};
@@ -377,25 +377,37 @@ impl Broker {
         chain: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<Authenticated<'_>, Refusal> {
+        self.authenticate_parsed(chain, now, &OnceLock::new())
+    }
+
+    /// [`Broker::authenticate`] with the leaf's identity parsed at most once into `parsed`,
+    /// which a connection keeps for its requests: the identity depends on the leaf's bytes
+    /// alone, the verdict on it is still looked up (or reached) on every request.
+    pub fn authenticate_parsed(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+        parsed: &OnceLock<Arc<Identity>>,
+    ) -> Result<Authenticated<'_>, Refusal> {
         let (leaf, others) = chain.split_first().ok_or(Refusal::NoCertificate)?;
         let seconds = now.as_secs() as i64;
-        let keys = ChainKeys::of(leaf, others);
-        let identity = match self.verified.get(&keys, seconds) {
-            Some(identity) => {
-                self.metrics.verified_chain_hits.inc();
-                identity
-            }
+        let identity = match parsed.get() {
+            Some(identity) => identity.clone(),
             None => {
-                self.metrics.verified_chain_misses.inc();
-                let identity =
-                    Identity::from_der(leaf).map_err(|e| Refusal::Malformed(e.to_string()))?;
-                let valid_until = self.trust.verify(chain, &identity, now)?;
-                let identity = Arc::new(identity);
-                self.verified
-                    .put(keys, identity.clone(), seconds, valid_until);
-                identity
+                let identity = Arc::new(
+                    Identity::from_der(leaf).map_err(|e| Refusal::Malformed(e.to_string()))?,
+                );
+                parsed.get_or_init(|| identity.clone()).clone()
             }
         };
+        let keys = ChainKeys::of(leaf, others);
+        if self.verified.holds(&keys, seconds) {
+            self.metrics.verified_chain_hits.inc();
+        } else {
+            self.metrics.verified_chain_misses.inc();
+            let valid_until = self.trust.verify(chain, &identity, now)?;
+            self.verified.put(keys, seconds, valid_until);
+        }
         let (rule, matched) = self.rules.find(&identity).ok_or(Refusal::NoMatchingRule)?;
         let subject = rule.subject_for(&identity, &matched)?;
         Ok(Authenticated {
