@@ -17,11 +17,12 @@ bench_build() {
     export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
     BIN="$CARGO_TARGET_DIR/release/token-broker"
     LOADGEN="$CARGO_TARGET_DIR/release/examples/loadgen"
+    FLOOR="$CARGO_TARGET_DIR/release/examples/floor"
     if [[ $BUILD == 1 ]]; then
-        log "cargo build --release --locked --example loadgen --bin token-broker"
-        (cd "$ROOT" && cargo build --release --locked --example loadgen --bin token-broker)
+        log "cargo build --release --locked --example loadgen --example floor --bin token-broker"
+        (cd "$ROOT" && cargo build --release --locked --example loadgen --example floor --bin token-broker)
     fi
-    [[ -x $BIN && -x $LOADGEN ]] || die "missing $BIN or $LOADGEN (build first)"
+    [[ -x $BIN && -x $LOADGEN && -x $FLOOR ]] || die "missing $BIN, $LOADGEN or $FLOOR (build first)"
 }
 
 # --- work folder and cleanup on any exit (also INT/TERM): stop what we started, by pid.
@@ -162,4 +163,43 @@ stop_broker() { # stop_broker NAME
 issued() { "$PY" "$LIB" metric "http://127.0.0.1:$ADMIN_PORT/metrics" token_broker_tokens_issued_total; }
 handshakes_ok() {
     "$PY" "$LIB" metric "http://127.0.0.1:$ADMIN_PORT/metrics" 'token_broker_tls_handshakes_total{result="ok"}'
+}
+
+# --- one measured load run (expects RESULTS, CLIENT_ARGS, LOADGEN)
+# Whole-machine busy and steal ticks (/proc/stat): with the server's and the load
+# generator's own CPU they show how much else ran during a measurement (a noisy neighbour,
+# another build) and how much the hypervisor took.
+machine_ticks() { awk '/^cpu / {print $2 + $3 + $4, $9; exit}' /proc/stat; }
+
+# measure NAME TAGS_JSON "PIDS" LOADGEN_ARGS... : one loadgen run, server CPU around it.
+measure() {
+    local name=$1 tags=$2 pids=$3 out before after busy0 steal0 busy1 steal1 t0
+    shift 3
+    t0=${EPOCHREALTIME/./}
+    read -r busy0 steal0 < <(machine_ticks)
+    # shellcheck disable=SC2086 # pids is a list
+    before=$(cpu_ticks $pids)
+    out=$("$LOADGEN" "${CLIENT_ARGS[@]}" --label "$name" "$@") || die "loadgen failed: $name"
+    # shellcheck disable=SC2086
+    after=$(cpu_ticks $pids)
+    read -r busy1 steal1 < <(machine_ticks)
+    printf '%s\n' "$out" | "$PY" "$LIB" record "$RESULTS" "$name" "$tags" "$before" "$after" "$HZ" \
+        "{\"machine_busy_ticks\": $((busy1 - busy0)), \"steal_ticks\": $((steal1 - steal0)), \"window_s\": $((${EPOCHREALTIME/./} - t0))e-6}"
+}
+
+# --- the floor server (examples/floor.rs): rustls' own verifier with the broker's CA bundle
+# and CRLs, the same certificate, provider and TLS versions; hyper answers 200 "ok".
+FLOOR_PID=""
+FLOOR_PORT=""
+start_floor() { # start_floor NAME [FLOOR_ARGS...]
+    local name=$1
+    shift
+    read -r FLOOR_PORT < <("$PY" "$LIB" free-ports 1)
+    "$FLOOR" --listen "127.0.0.1:$FLOOR_PORT" --cert "$PKI/server.pem" --key "$PKI/server-key.pem" \
+        --client-ca "$PKI/ca.pem" --crl "$PKI/ca.crl.pem" --tls-versions 1.2,1.3 "$@" \
+        2>"$WORK/$name.log" &
+    FLOOR_PID=$!
+    PIDS+=("$FLOOR_PID")
+    "$PY" "$LIB" wait-tcp "127.0.0.1:$FLOOR_PORT" 10
+    echo "floor $name: pid $FLOOR_PID, https://127.0.0.1:$FLOOR_PORT"
 }

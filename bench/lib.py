@@ -14,6 +14,8 @@ Standard library only. Subcommands (see run.sh for use):
   half-rate RESULTS NAME       50% of the req/s measured by run NAME (at least 1)
   speed RESULTS FILE           parse `openssl speed` output into RESULTS
   report RESULTS [MARKDOWN_OUT]
+  pairs RESULTS REF [MARKDOWN_OUT]   paired rounds against side REF: per side, median of the
+                               per-round ratios side / REF of server CPU per request
   perf-summary DATA PATH LOAD_JSON OUT_TXT [CPU_SECONDS]   summarize a `perf record` profile
   callgrind-summary FILE PATH LOAD_JSON OUT_TXT            summarize a callgrind dump
 """
@@ -584,6 +586,43 @@ def callgrind_summary(dump, path, load_json, out_txt):
         f.write(text + "\n")
 
 
+def pairs_against(results, ref, markdown_out=None):
+    """Paired rounds with several sides measured against one reference side (bench/floor.sh)."""
+    groups = {}
+    for r in load(results):
+        if r.get("kind") == "pair" and r.get("cpu_per_req_us"):
+            groups.setdefault(r["pair"], {}).setdefault(r["side"], {})[r["round"]] = r
+    out = [
+        f"| comparison | side | server CPU µs/req, median (min-max) | {ref} µs/req, median | "
+        f"side / {ref} per round, median (min-max) | rounds | other load max (cores) |",
+        "|---|---|--:|--:|--:|--:|--:|",
+    ]
+    for pair, sides in groups.items():
+        base = sides.get(ref)
+        if not base:
+            continue
+        for side, by_round in sides.items():
+            if side == ref:
+                continue
+            rounds = sorted(set(by_round) & set(base))
+            if not rounds:
+                continue
+            values = [by_round[i]["cpu_per_req_us"] for i in rounds]
+            refs = [base[i]["cpu_per_req_us"] for i in rounds]
+            ratios = [v / b for v, b in zip(values, refs)]
+            noise = max((s[i].get("other_cores", 0) for s in (by_round, base) for i in rounds), default=0)
+            out.append(
+                f"| {pair} | {side} | {median(values):.1f} ({min(values):.0f}-{max(values):.0f}) | "
+                f"{median(refs):.1f} | **{median(ratios):.2f}** ({min(ratios):.2f}-{max(ratios):.2f}) | "
+                f"{len(rounds)} | {noise:.2f} |"
+            )
+    text = "\n".join(out)
+    print(text)
+    if markdown_out:
+        with open(markdown_out, "w") as f:
+            f.write(text + "\n")
+
+
 def main(argv):
     if len(argv) < 2:
         sys.exit(__doc__)
@@ -600,6 +639,7 @@ def main(argv):
         "half-rate": half_rate,
         "speed": speed,
         "report": report,
+        "pairs": pairs_against,
         "perf-summary": perf_summary,
         "callgrind-summary": callgrind_summary,
     }

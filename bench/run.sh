@@ -129,27 +129,6 @@ log "PKI"
 bench_pki
 ls "$PKI" "$PKI/keys" | tr '\n' ' '; echo
 
-# Whole-machine busy and steal ticks (/proc/stat): with the server's and the load
-# generator's own CPU they show how much else ran during a measurement (a noisy neighbour,
-# another build) and how much the hypervisor took.
-machine_ticks() { awk '/^cpu / {print $2 + $3 + $4, $9; exit}' /proc/stat; }
-
-# measure NAME TAGS_JSON "PIDS" LOADGEN_ARGS... : one loadgen run, server CPU around it.
-measure() {
-    local name=$1 tags=$2 pids=$3 out before after busy0 steal0 busy1 steal1 t0
-    shift 3
-    t0=${EPOCHREALTIME/./}
-    read -r busy0 steal0 < <(machine_ticks)
-    # shellcheck disable=SC2086 # pids is a list
-    before=$(cpu_ticks $pids)
-    out=$("$LOADGEN" "${CLIENT_ARGS[@]}" --label "$name" "$@") || die "loadgen failed: $name"
-    # shellcheck disable=SC2086
-    after=$(cpu_ticks $pids)
-    read -r busy1 steal1 < <(machine_ticks)
-    printf '%s\n' "$out" | "$PY" "$LIB" record "$RESULTS" "$name" "$tags" "$before" "$after" "$HZ" \
-        "{\"machine_busy_ticks\": $((busy1 - busy0)), \"steal_ticks\": $((steal1 - steal0)), \"window_s\": $((${EPOCHREALTIME/./} - t0))e-6}"
-}
-
 # matrix SERVER ALG LOG PORT "PIDS": new-connection and keep-alive paths, TLS 1.3 and 1.2,
 # each at maximum throughput and then at a fixed 50% of that maximum.
 matrix() {

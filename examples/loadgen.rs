@@ -21,6 +21,12 @@
 //! schedule (so server stalls are not hidden: no coordinated omission), and from the actual
 //! send time otherwise (so the 1 ms timer granularity does not add to every sample).
 //!
+//! With `--devices FILE` (a PEM bundle, each device's certificate followed by its key, as
+//! `examples/bench_devices.rs` writes it) every new connection presents another device: the
+//! next one of a random permutation (`--device-seed`, from position `--device-start`), so a
+//! run of fewer connections than devices has every device once; the JSON line says where
+//! the permutation stopped, for the next run to go on from there.
+//!
 //! HTTP/1.1 is written by hand: request with Content-Length, response parsed for its status
 //! line and Content-Length (chunked answers are an error). Non-200 answers count as errors.
 
@@ -28,12 +34,16 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use rustls::client::ResolvesClientCert;
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::pem::SectionKind;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -83,6 +93,16 @@ struct Args {
     /// Client private key (PEM).
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
+    /// Many devices: a PEM bundle of certificates each followed by its PKCS#8 key; each new
+    /// connection presents the next device of a random permutation (instead of --cert).
+    #[arg(long, conflicts_with = "cert")]
+    devices: Option<PathBuf>,
+    /// Seed of the devices' permutation (the same seed gives the same order).
+    #[arg(long, default_value_t = 1)]
+    device_seed: u64,
+    /// Position in the permutation of the first connection's device.
+    #[arg(long, default_value_t = 0)]
+    device_start: usize,
     #[arg(long, value_enum, default_value_t = Mode::KeepAlive)]
     mode: Mode,
     /// Concurrent workers (connections in keep-alive mode; parallel openers in idle mode).
@@ -152,6 +172,7 @@ struct Target {
     addr: SocketAddr,
     name: ServerName<'static>,
     connector: TlsConnector,
+    devices: Option<Devices>,
     request: Vec<u8>,
     timeout: Duration,
 }
@@ -195,6 +216,93 @@ fn tls_config(args: &Args) -> Result<rustls::ClientConfig, BoxError> {
     config.resumption = rustls::client::Resumption::disabled();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// Device certificates and keys (DER), presented one per connection in a random order.
+struct Devices {
+    base: Arc<rustls::ClientConfig>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    certs: Vec<CertificateDer<'static>>,
+    keys: Vec<PrivatePkcs8KeyDer<'static>>,
+    order: Vec<u32>,
+    start: usize,
+    next: AtomicUsize,
+}
+
+/// The one device a connection presents.
+#[derive(Debug)]
+struct OneDevice(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for OneDevice {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl Devices {
+    fn load(
+        path: &std::path::Path,
+        base: rustls::ClientConfig,
+        seed: u64,
+        start: usize,
+    ) -> Result<Self, BoxError> {
+        let pem = std::fs::read(path)?;
+        let mut rest = pem.as_slice();
+        let (mut certs, mut keys) = (Vec::new(), Vec::new());
+        while let Some((kind, der)) = rustls_pki_types::pem::from_buf(&mut rest)? {
+            match kind {
+                SectionKind::Certificate => certs.push(CertificateDer::from(der)),
+                SectionKind::PrivateKey => keys.push(PrivatePkcs8KeyDer::from(der)),
+                _ => {
+                    return Err(
+                        format!("{}: unexpected PEM section {kind:?}", path.display()).into(),
+                    )
+                }
+            }
+        }
+        if certs.is_empty() || certs.len() != keys.len() {
+            return Err(format!(
+                "{}: {} certificates and {} keys; want one key after each certificate",
+                path.display(),
+                certs.len(),
+                keys.len()
+            )
+            .into());
+        }
+        let mut order: Vec<u32> = (0..certs.len() as u32).collect();
+        fastrand::Rng::with_seed(seed).shuffle(&mut order);
+        Ok(Devices {
+            provider: base.crypto_provider().clone(),
+            base: Arc::new(base),
+            certs,
+            keys,
+            order,
+            start,
+            next: AtomicUsize::new(start),
+        })
+    }
+
+    /// A connector presenting the next device (its key parsed now, on the client's time).
+    fn next_connector(&self) -> Result<TlsConnector, Failure> {
+        let position = self.next.fetch_add(1, Ordering::Relaxed);
+        let index = self.order[position % self.order.len()] as usize;
+        let key = self
+            .provider
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(self.keys[index].clone_key()))
+            .map_err(|_| Failure::Malformed("device key not loadable"))?;
+        let certified = CertifiedKey::new(vec![self.certs[index].clone()], key);
+        let mut config = rustls::ClientConfig::clone(&self.base);
+        config.client_auth_cert_resolver = Arc::new(OneDevice(Arc::new(certified)));
+        Ok(TlsConnector::from(Arc::new(config)))
+    }
 }
 
 fn build_request(args: &Args) -> Vec<u8> {
@@ -260,8 +368,11 @@ async fn connect(target: &Target) -> Result<TlsStream<TcpStream>, Failure> {
         .await
         .map_err(Failure::Connect)?;
     let _ = tcp.set_nodelay(true);
-    target
-        .connector
+    let connector = match &target.devices {
+        Some(devices) => &devices.next_connector()?,
+        None => &target.connector,
+    };
+    connector
         .connect(target.name.clone(), tcp)
         .await
         .map_err(Failure::Handshake)
@@ -534,10 +645,20 @@ fn tls_description(stream: &TlsStream<TcpStream>) -> serde_json::Value {
 
 async fn run(args: Args) -> Result<serde_json::Value, BoxError> {
     let config = tls_config(&args)?;
+    let devices = match &args.devices {
+        Some(path) => Some(Devices::load(
+            path,
+            config.clone(),
+            args.device_seed,
+            args.device_start,
+        )?),
+        None => None,
+    };
     let target = Arc::new(Target {
         addr: args.addr,
         name: ServerName::try_from(args.server_name.clone())?,
         connector: TlsConnector::from(Arc::new(config)),
+        devices,
         request: build_request(&args),
         timeout: Duration::from_secs_f64(args.timeout),
     });
@@ -554,12 +675,24 @@ async fn run(args: Args) -> Result<serde_json::Value, BoxError> {
         "mode": format!("{:?}", args.mode),
         "addr": args.addr.to_string(),
         "tls": tls,
-        "client_cert": args.cert.is_some(),
+        "client_cert": args.cert.is_some() || args.devices.is_some(),
     });
-    match args.mode {
-        Mode::Idle => idle(&args, target, common).await,
-        mode => Ok(merge(load(&args, mode, target).await?, &common)),
-    }
+    let line = match args.mode {
+        Mode::Idle => idle(&args, target.clone(), common).await?,
+        mode => merge(load(&args, mode, target.clone()).await?, &common),
+    };
+    Ok(match &target.devices {
+        Some(devices) => merge(
+            line,
+            &json!({"devices": {
+                "count": devices.order.len(),
+                "seed": args.device_seed,
+                "start": devices.start,
+                "next": devices.next.load(Ordering::Relaxed),
+            }}),
+        ),
+        None => line,
+    })
 }
 
 fn merge(mut line: serde_json::Value, common: &serde_json::Value) -> serde_json::Value {

@@ -96,15 +96,7 @@ pub fn init(dir: &Path, force: bool) -> Result<DevPki, DevPkiError> {
         ],
         ExtendedKeyUsagePurpose::ServerAuth,
     )?;
-    let (device_cert, device_key) = issue_leaf(
-        &issuer,
-        "dev-device-1",
-        vec![
-            SanType::DnsName(format!("dev-device-1.devices.{DEV_TRUST_DOMAIN}").try_into()?),
-            SanType::URI(format!("spiffe://{DEV_TRUST_DOMAIN}/device/dev-device-1").try_into()?),
-        ],
-        ExtendedKeyUsagePurpose::ClientAuth,
-    )?;
+    let (device_cert, device_key) = issue_device(&issuer, "dev-device-1")?;
 
     let crl = CertificateRevocationListParams {
         this_update: now - Duration::hours(1),
@@ -136,6 +128,23 @@ pub fn init(dir: &Path, force: bool) -> Result<DevPki, DevPkiError> {
     Ok(DevPki {
         dir: dir.to_path_buf(),
     })
+}
+
+/// A device certificate like `init`'s (DNS and SPIFFE SANs, clientAuth), for `name`; the
+/// benchmarks make many with it (`examples/bench_devices.rs`).
+pub fn issue_device(
+    issuer: &Issuer<'_, KeyPair>,
+    name: &str,
+) -> Result<(rcgen::Certificate, KeyPair), DevPkiError> {
+    issue_leaf(
+        issuer,
+        name,
+        vec![
+            SanType::DnsName(format!("{name}.devices.{DEV_TRUST_DOMAIN}").try_into()?),
+            SanType::URI(format!("spiffe://{DEV_TRUST_DOMAIN}/device/{name}").try_into()?),
+        ],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )
 }
 
 /// A P-256 leaf valid for a year, signed by the development CA.

@@ -198,7 +198,11 @@ async fn serve_connection(
         .peer_certificates()
         .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
         .unwrap_or_default();
-    let conn = Arc::new(ConnInfo { peer, client_chain });
+    let conn = Arc::new(ConnInfo {
+        peer,
+        client_chain,
+        client_identity: Default::default(),
+    });
 
     let service = service_fn(move |request| {
         let (live, conn) = (live.clone(), conn.clone());

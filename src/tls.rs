@@ -31,8 +31,9 @@ pub enum TlsError {
     Certificate(rustls::Error),
 }
 
-/// [`crypto::provider`] with the AES-128-GCM suites first, for the server's choice.
-fn server_provider() -> Arc<CryptoProvider> {
+/// [`crypto::provider`] with the AES-128-GCM suites first, for the server's choice; shared
+/// with the bench floor server (`examples/floor.rs`) so both negotiate the same suites.
+pub fn server_provider() -> Arc<CryptoProvider> {
     use rustls::CipherSuite as S;
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites.sort_by_key(|suite| {

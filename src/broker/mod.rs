@@ -5,18 +5,19 @@
 
 mod issue;
 mod report;
+mod verified;
 
 pub use issue::{Decided, IssueError};
+pub use verified::{ChainKeys, VerifiedChains};
 
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use serde::Serialize;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use crate::cache::TokenCache;
 use crate::claims::{self, Subject};
@@ -61,72 +62,6 @@ pub struct Broker {
     /// Pre-rendered public documents: served on every request, never change until reload.
     discovery: Bytes,
     jwks: Bytes,
-}
-
-/// Chains that passed validation in this build, so a device that reconnects (or sends
-/// another request on its connection) is not validated again. A verdict holds from when it
-/// was reached until the earliest notAfter or CRL nextUpdate it depended on; nothing else in
-/// it depends on the time, and everything else it depends on (bundle, CRLs, policy) belongs
-/// to this build: a reload starts empty. One entry per leaf certificate, holding the verdict
-/// on the chain last sent with it: a client varying what it sends beside its certificate
-/// only replaces its own entry, so only the CA, by issuing certificates, adds entries.
-struct VerifiedChains(Option<moka::sync::Cache<[u8; 32], Arc<Verdict>>>);
-
-struct Verdict {
-    /// [`ChainKeys::chain`] of the chain that was validated.
-    chain: [u8; 32],
-    identity: Arc<Identity>,
-    verified_at: i64,
-    valid_until: i64,
-}
-
-/// What identifies a chain as sent.
-struct ChainKeys {
-    /// SHA-256 of the leaf.
-    leaf: [u8; 32],
-    /// SHA-256 of the leaf's hash and the other certificates, each length-prefixed, in order.
-    chain: [u8; 32],
-}
-
-impl ChainKeys {
-    fn of(leaf: &[u8], others: &[CertificateDer<'_>]) -> Self {
-        let leaf: [u8; 32] = Sha256::digest(leaf).into();
-        let mut chain = Sha256::new();
-        chain.update(leaf);
-        for cert in others {
-            chain.update((cert.len() as u64).to_be_bytes());
-            chain.update(cert);
-        }
-        Self {
-            leaf,
-            chain: chain.finalize().into(),
-        }
-    }
-}
-
-impl VerifiedChains {
-    fn new(capacity: usize) -> Self {
-        Self((capacity > 0).then(|| moka::sync::Cache::new(capacity as u64)))
-    }
-
-    fn get(&self, keys: &ChainKeys, now: i64) -> Option<Arc<Identity>> {
-        let verdict = self.0.as_ref()?.get(&keys.leaf)?;
-        // A clock set back before the verification must not stretch a verdict.
-        (verdict.chain == keys.chain && verdict.verified_at <= now && now < verdict.valid_until)
-            .then(|| verdict.identity.clone())
-    }
-
-    fn put(&self, keys: ChainKeys, identity: Arc<Identity>, verified_at: i64, valid_until: i64) {
-        if let Some(cache) = &self.0 {
-            let verdict = Verdict {
-                chain: keys.chain,
-                identity,
-                verified_at,
-                valid_until,
-            };
-            cache.insert(keys.leaf, Arc::new(verdict));
-        }
-    }
 }
 
 /// A certificate that passed validation and matched a client rule.
@@ -442,25 +377,37 @@ impl Broker {
         chain: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<Authenticated<'_>, Refusal> {
+        self.authenticate_parsed(chain, now, &OnceLock::new())
+    }
+
+    /// [`Broker::authenticate`] with the leaf's identity parsed at most once into `parsed`,
+    /// which a connection keeps for its requests: the identity depends on the leaf's bytes
+    /// alone, the verdict on it is still looked up (or reached) on every request.
+    pub fn authenticate_parsed(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+        parsed: &OnceLock<Arc<Identity>>,
+    ) -> Result<Authenticated<'_>, Refusal> {
         let (leaf, others) = chain.split_first().ok_or(Refusal::NoCertificate)?;
         let seconds = now.as_secs() as i64;
-        let keys = ChainKeys::of(leaf, others);
-        let identity = match self.verified.get(&keys, seconds) {
-            Some(identity) => {
-                self.metrics.verified_chain_hits.inc();
-                identity
-            }
+        let identity = match parsed.get() {
+            Some(identity) => identity.clone(),
             None => {
-                self.metrics.verified_chain_misses.inc();
-                let identity =
-                    Identity::from_der(leaf).map_err(|e| Refusal::Malformed(e.to_string()))?;
-                let valid_until = self.trust.verify(chain, &identity, now)?;
-                let identity = Arc::new(identity);
-                self.verified
-                    .put(keys, identity.clone(), seconds, valid_until);
-                identity
+                let identity = Arc::new(
+                    Identity::from_der(leaf).map_err(|e| Refusal::Malformed(e.to_string()))?,
+                );
+                parsed.get_or_init(|| identity.clone()).clone()
             }
         };
+        let keys = ChainKeys::of(leaf, others);
+        if self.verified.holds(&keys, seconds) {
+            self.metrics.verified_chain_hits.inc();
+        } else {
+            self.metrics.verified_chain_misses.inc();
+            let valid_until = self.trust.verify(chain, &identity, now)?;
+            self.verified.put(keys, seconds, valid_until);
+        }
         let (rule, matched) = self.rules.find(&identity).ok_or(Refusal::NoMatchingRule)?;
         let subject = rule.subject_for(&identity, &matched)?;
         Ok(Authenticated {

@@ -139,7 +139,11 @@ async fn answer(
     };
     let now = unix_now();
     let auth = broker
-        .authenticate(&conn.client_chain, crate::clock::at_unix(now))
+        .authenticate_parsed(
+            &conn.client_chain,
+            crate::clock::at_unix(now),
+            &conn.client_identity,
+        )
         .inspect_err(|_| audit.sha256 = Some(crate::identity::hex(&Sha256::digest(leaf))))?;
     audit.rule = Some(auth.rule.name.clone());
     audit.subject = Some(auth.subject.clone());
