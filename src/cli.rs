@@ -14,6 +14,7 @@ use crate::device::agent::AgentConfig;
 use crate::device::client::{
     self, BrokerClient, CachingClient, ClientError, TokenFormat, TokenParams,
 };
+use crate::device::credentials::{DeviceCredentials, Pkcs11Options, Source};
 use crate::devpki::{self, DevPkiError};
 use crate::live::Live;
 use crate::logging::{AuditLog, AuditOpenError, LogFormat};
@@ -119,12 +120,21 @@ pub struct DeviceArgs {
     /// Broker URL (its /token endpoint is used).
     #[arg(long, env = "TOKEN_BROKER_URL")]
     pub url: String,
-    /// Device certificate (PEM, leaf first, then intermediates).
+    /// Device certificate: PEM file (leaf first, then intermediates) or a pkcs11: URI.
     #[arg(long, env = "TOKEN_BROKER_CERT")]
     pub cert: PathBuf,
-    /// Device private key (PEM; must not be readable by others).
+    /// Intermediate CA certificates (PEM) sent after a --cert read from a PKCS#11 token.
+    #[arg(long, env = "TOKEN_BROKER_CHAIN")]
+    pub chain: Option<PathBuf>,
+    /// Device private key: PEM file (not readable by others) or a pkcs11: URI (RFC 7512).
     #[arg(long, env = "TOKEN_BROKER_KEY")]
     pub key: PathBuf,
+    /// PKCS#11 module for pkcs11: URIs (default: module-path= of the URI, else p11-kit's proxy).
+    #[arg(long, env = "TOKEN_BROKER_PKCS11_MODULE")]
+    pub pkcs11_module: Option<PathBuf>,
+    /// File holding the token's PIN (else pin-source= of the URI, else TOKEN_BROKER_PKCS11_PIN).
+    #[arg(long, env = "TOKEN_BROKER_PKCS11_PIN_FILE")]
+    pub pkcs11_pin_file: Option<PathBuf>,
     /// CA certificate(s) to trust for the broker (default: public roots).
     #[arg(long, env = "TOKEN_BROKER_CA")]
     pub ca: Option<PathBuf>,
@@ -281,7 +291,13 @@ pub fn run(cli: Cli, audit: Arc<AuditLog>) -> Result<ExitCode, CliError> {
 }
 
 fn device_client(device: &DeviceArgs) -> Result<BrokerClient, ClientError> {
-    BrokerClient::new(&device.url, &device.cert, &device.key, device.ca.as_deref())
+    let credentials = DeviceCredentials::new(
+        Source::parse(&device.cert)?,
+        device.chain.clone(),
+        Source::parse(&device.key)?,
+        Pkcs11Options::from_env(device.pkcs11_module.clone(), device.pkcs11_pin_file.clone()),
+    );
+    BrokerClient::with_credentials(&device.url, credentials, device.ca.as_deref())
 }
 
 /// `token`: prints the token; errors go to stderr (or stdout as AIP-4117 for libraries).

@@ -1,6 +1,6 @@
 //! The few DER elements the broker reads itself (a CRL's signed part, a key inside its
 //! SubjectPublicKeyInfo, whether a file is one DER object), where the parsers it uses do not
-//! hand them out.
+//! hand them out; and the one it writes (an ECDSA signature from a PKCS#11 module).
 
 pub(crate) const SEQUENCE: u8 = 0x30;
 pub(crate) const BIT_STRING: u8 = 0x03;
@@ -41,4 +41,67 @@ pub(crate) fn element_with_header(input: &[u8], tag: u8) -> Option<(&[u8], &[u8]
     let (contents, rest) = body.split_at(length);
     let whole = &input[..input.len() - rest.len()];
     Some((contents, whole, rest))
+}
+
+const INTEGER: u8 = 0x02;
+
+/// One DER element: `tag`, definite length, `contents`.
+fn write_element(tag: u8, contents: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let length = contents.len();
+    if length < 0x80 {
+        out.push(length as u8);
+    } else {
+        let bytes = length.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        out.push(0x80 | (bytes.len() - skip) as u8);
+        out.extend_from_slice(&bytes[skip..]);
+    }
+    out.extend_from_slice(contents);
+    out
+}
+
+/// The DER `Ecdsa-Sig-Value` (RFC 3279) TLS wants, from PKCS#11's `r || s` (two
+/// equal-length big-endian numbers); `None` for anything else.
+pub(crate) fn ecdsa_signature(raw: &[u8]) -> Option<Vec<u8>> {
+    if raw.is_empty() || raw.len() % 2 != 0 {
+        return None;
+    }
+    let (r, s) = raw.split_at(raw.len() / 2);
+    let integer = |value: &[u8]| {
+        let start = value
+            .iter()
+            .position(|b| *b != 0)
+            .unwrap_or(value.len() - 1);
+        let value = &value[start..];
+        // A leading bit of 1 would read as negative: prefix a zero byte.
+        let sign = if value[0] & 0x80 != 0 {
+            &[0u8][..]
+        } else {
+            &[]
+        };
+        write_element(INTEGER, &[sign, value].concat())
+    };
+    Some(write_element(SEQUENCE, &[integer(r), integer(s)].concat()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ecdsa_signatures_become_der_integers() {
+        assert_eq!(
+            ecdsa_signature(&[0x00, 0x01, 0x80, 0x02]).unwrap(),
+            [0x30, 0x08, 0x02, 0x01, 0x01, 0x02, 0x03, 0x00, 0x80, 0x02]
+        );
+        assert_eq!(
+            ecdsa_signature(&[0, 0, 0, 0]).unwrap(),
+            [0x30, 0x06, 0x02, 0x01, 0x00, 0x02, 0x01, 0x00]
+        );
+        assert_eq!(ecdsa_signature(&[1, 2, 3]), None);
+        assert_eq!(ecdsa_signature(&[]), None);
+        let long = ecdsa_signature(&[0xff; 132]).unwrap();
+        assert_eq!(&long[..3], [0x30, 0x81, 0x8a]);
+    }
 }

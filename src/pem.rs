@@ -75,7 +75,15 @@ pub fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, PemError> {
 
 /// All certificates of a PEM file, in file order; at least one.
 pub fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, PemError> {
-    let certs = CertificateDer::pem_slice_iter(&read(path)?)
+    certificates_in(&read(path)?, path)
+}
+
+/// All certificates of PEM `bytes` read from `path`, in order; at least one.
+pub fn certificates_in(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, PemError> {
+    let certs = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid(path, format!("bad PEM certificate: {e}")))?;
     if certs.is_empty() {

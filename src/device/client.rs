@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::clock::unix_now;
+use crate::device::credentials::{DeviceCredentials, Loaded};
 use crate::device::executable::{self, ExecutableEnv};
-use crate::identity::Identity;
 use crate::pem;
 use crate::redact::root_cause;
 
@@ -106,33 +106,41 @@ impl Token {
 }
 
 pub struct BrokerClient {
-    http: reqwest::Client,
+    credentials: DeviceCredentials,
+    roots: Arc<rustls::RootCertStore>,
     token_url: String,
+    current: std::sync::Mutex<Current>,
+}
+
+/// The HTTP client for the credentials last loaded. Replaced whole when they change, so no
+/// pooled connection or resumable TLS session of the old certificate is reused.
+struct Current {
+    loaded: Loaded,
+    http: reqwest::Client,
+    /// The stamp of files that changed but failed to load: not retried until they change
+    /// again (a retried login with a wrong PIN would lock the token).
+    rejected: Option<[u8; 32]>,
 }
 
 impl BrokerClient {
-    /// A client presenting `cert` (PEM chain) and `key`, trusting `ca` or the public roots.
+    /// A client presenting `cert` (PEM chain) and `key` (PEM), trusting `ca` or the public
+    /// roots.
     pub fn new(
         url: &str,
         cert: &Path,
         key: &Path,
         ca: Option<&Path>,
     ) -> Result<BrokerClient, ClientError> {
+        BrokerClient::with_credentials(url, DeviceCredentials::files(cert, key), ca)
+    }
+
+    /// A client presenting `credentials` (files or PKCS#11 objects), loaded and checked now.
+    pub fn with_credentials(
+        url: &str,
+        credentials: DeviceCredentials,
+        ca: Option<&Path>,
+    ) -> Result<BrokerClient, ClientError> {
         let local = |e: &dyn std::fmt::Display| ClientError::Local(e.to_string());
-        check_key_permissions(key)?;
-        let chain = pem::certificates(cert).map_err(|e| local(&e))?;
-        if let Some(leaf) = chain.first() {
-            let identity =
-                Identity::from_der(leaf).map_err(|e| local(&format!("{}: {e}", cert.display())))?;
-            if identity.not_after < unix_now() {
-                return Err(ClientError::Local(format!(
-                    "certificate {} expired at {}; renew it with your PKI",
-                    cert.display(),
-                    crate::clock::rfc3339(identity.not_after)
-                )));
-            }
-        }
-        let key = pem::private_key(key).map_err(|e| local(&e))?;
         let mut roots = rustls::RootCertStore::empty();
         match ca {
             Some(ca) => {
@@ -144,25 +152,70 @@ impl BrokerClient {
             }
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
         }
-        let tls = rustls::ClientConfig::builder_with_provider(crate::crypto::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| local(&e))?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key.clone_key())
-            .map_err(|e| local(&format!("certificate and key do not fit together: {e}")))?;
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .timeout(std::time::Duration::from_secs(30))
-            .build()
-            .map_err(|e| local(&e))?;
+        let roots = Arc::new(roots);
+        let loaded = credentials.load()?;
+        let http = http_client(&roots, &loaded)?;
         let base = url.trim_end_matches('/');
         let token_url = if base.ends_with("/token") {
             base.to_owned()
         } else {
             format!("{base}/token")
         };
-        Ok(BrokerClient { http, token_url })
+        Ok(BrokerClient {
+            credentials,
+            roots,
+            token_url,
+            current: std::sync::Mutex::new(Current {
+                loaded,
+                http,
+                rejected: None,
+            }),
+        })
+    }
+
+    /// The HTTP client for the credentials as they are now: a renewed certificate or key
+    /// (files replaced, token object rewritten) is loaded for this request. If the new ones
+    /// cannot be used (say, the certificate was written but not yet its key), the previous
+    /// ones are kept and the problem logged.
+    fn http(&self) -> Result<reqwest::Client, ClientError> {
+        let mut current = self
+            .current
+            .lock()
+            .map_err(|_| ClientError::Local("an earlier request panicked".into()))?;
+        let stamp = match self.credentials.current_stamp(&current.loaded) {
+            Ok(stamp) => stamp,
+            Err(error) => {
+                tracing::warn!(%error, "cannot look at the device certificate for a renewal; using the one loaded");
+                return Ok(current.http.clone());
+            }
+        };
+        let unchanged = stamp == current.loaded.stamp() || Some(stamp) == current.rejected;
+        if unchanged && current.loaded.usable() {
+            return Ok(current.http.clone());
+        }
+        match self
+            .credentials
+            .load()
+            .and_then(|loaded| Ok((http_client(&self.roots, &loaded)?, loaded)))
+        {
+            Ok((http, loaded)) => {
+                tracing::info!(
+                    serial = %loaded.identity.serial,
+                    subject = %loaded.identity.subject,
+                    "device certificate loaded again (renewed or token reopened); used from this request on"
+                );
+                *current = Current {
+                    loaded,
+                    http,
+                    rejected: None,
+                };
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the device certificate or key changed but cannot be used; still using the previous ones");
+                current.rejected = Some(stamp);
+            }
+        }
+        Ok(current.http.clone())
     }
 
     pub async fn fetch(&self, params: &TokenParams) -> Result<Token, ClientError> {
@@ -178,7 +231,7 @@ impl BrokerClient {
             }
         }
         let response = self
-            .http
+            .http()?
             .post(&self.token_url)
             .form(&form)
             .send()
@@ -219,19 +272,25 @@ impl BrokerClient {
     }
 }
 
-/// A private key anyone but its owner can read is refused, stricter than the server (which
-/// allows a group): on a device the key is its whole identity and has one user.
-fn check_key_permissions(key: &Path) -> Result<(), ClientError> {
-    let mode = pem::file_mode(key)
-        .map_err(|e| ClientError::Local(format!("cannot read key {}: {e}", key.display())))?;
-    if mode & 0o077 != 0 {
-        return Err(ClientError::Local(format!(
-            "key {} is readable by others (mode {mode:03o}); run: chmod 600 {}",
-            key.display(),
-            key.display()
+/// TLS and HTTP for one set of loaded credentials.
+fn http_client(
+    roots: &Arc<rustls::RootCertStore>,
+    loaded: &Loaded,
+) -> Result<reqwest::Client, ClientError> {
+    let local = |e: &dyn std::fmt::Display| ClientError::Local(e.to_string());
+    let tls = rustls::ClientConfig::builder_with_provider(crate::crypto::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| local(&e))?
+        .with_root_certificates(roots.clone())
+        .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+            loaded.certified.clone(),
         )));
-    }
-    Ok(())
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(|e| local(&e))
 }
 
 /// A token file reused across runs: one broker request per token lifetime, however often

@@ -28,19 +28,11 @@ fn succeeded(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The shipped config.toml, moved to a free port, in a fresh folder.
 fn shipped_config(dir: &Path) -> (std::path::PathBuf, u16) {
     let shipped =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml")).unwrap();
-    let port = free_port();
+    let port = support::free_port();
     let text = shipped
         .replace("127.0.0.1:8443", &format!("127.0.0.1:{port}"))
         .replace(

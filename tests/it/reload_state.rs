@@ -74,7 +74,10 @@ async fn rate_limit_state_follows_its_rule_across_reloads() {
         .unwrap();
     assert!((1..=60).contains(&wait), "{wait}");
     let (code, body) = broker.token(Some(&other), CREDENTIALS).await;
-    assert_eq!((code, body["expires_in"].as_u64()), (200, Some(540)));
+    // 9 minutes: the new ttl applies (a second may pass between minting and answering).
+    let expires_in = body["expires_in"].as_u64().unwrap_or(0);
+    assert_eq!(code, 200, "{body}");
+    assert!((538..=540).contains(&expires_in), "{body}");
 
     // A changed burst starts afresh: the new burst, then the limit.
     edit_and_reload(&broker, "burst = 2", "burst = 3");

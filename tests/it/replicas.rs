@@ -10,14 +10,6 @@ use crate::support::fake_google::{Api, FakeGoogle, FakeGoogleConfig, Fault};
 use crate::support::{self, Leaf, LeafSpec, Setup, ISSUER};
 use serde_json::Value;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A broker process on its own ports; killed when dropped.
 pub(crate) struct Replica {
     pub(crate) child: Child,
@@ -304,7 +296,7 @@ async fn start_haproxy(setup: &Setup, replicas: &[&Replica]) -> (Haproxy, u16) {
     let haproxy = support::require_tool("haproxy", "haproxy");
     let stats = setup.path("haproxy.sock");
     for _ in 0..5 {
-        let frontend = free_port();
+        let frontend = support::free_port();
         let config = setup.write("haproxy.cfg", &haproxy_config(frontend, &stats, replicas));
         let mut lb = Haproxy(
             Command::new(&haproxy)

@@ -254,6 +254,14 @@ impl FakeGoogle {
         json!({ "keys": [self.state.google_key.jwk] })
     }
 
+    /// A broker's `[google]` section sending every Google API to this fake.
+    pub fn config_section(&self) -> String {
+        format!(
+            "[google]\nproject_number = \"123456789012\"\npool_id = \"devices\"\nprovider_id = \"token-broker\"\nsts_url = \"{0}\"\niam_credentials_url = \"{0}\"\nmetadata_url = \"{0}\"",
+            self.url
+        )
+    }
+
     /// Claims of the last subject token STS accepted.
     pub fn last_subject_claims(&self) -> Option<Value> {
         self.state.lock().last_subject_claims.clone()

@@ -243,6 +243,21 @@ impl Ca {
         }
     }
 
+    /// A leaf for a key the test never holds (one made inside a PKCS#11 token): `spki_der`
+    /// is its public key; `key_pem` is empty.
+    pub fn leaf_for_public_key(&self, spec: &LeafSpec, spki_der: &[u8]) -> Leaf {
+        let public = SubjectPublicKeyInfo::from_der(spki_der).unwrap();
+        let cert = leaf_params(spec).signed_by(&public, &self.issuer).unwrap();
+        Leaf {
+            chain_pem: format!("{}{}", cert.pem(), self.chain_pem),
+            cert_pem: cert.pem(),
+            der: cert.der().clone(),
+            key_pem: String::new(),
+            serial: spec.serial,
+            legacy_key: false,
+        }
+    }
+
     /// A CRL from this CA listing `revoked` serials, valid from `this_update` for a week.
     pub fn crl(&self, revoked: &[u64]) -> String {
         self.crl_from(revoked, OffsetDateTime::now_utc() - Duration::hours(1))
@@ -865,6 +880,34 @@ pub fn metric_value(text: &str, sample: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A loopback port nothing listens on now (for a process that must be told its port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `program` with `env`, which must succeed; the failure message carries its stderr.
+pub fn run_checked<K, V>(
+    program: &str,
+    args: &[&str],
+    env: impl IntoIterator<Item = (K, V)>,
+) -> std::process::Output
+where
+    K: AsRef<std::ffi::OsStr>,
+    V: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(program).args(args).envs(env).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Path of the built binary.
 pub fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_token-broker"))
@@ -974,6 +1017,16 @@ pub fn require_tool(tool: &str, package: &str) -> PathBuf {
                 .find(|candidate| candidate.is_file())
         })
     };
+    require(find, &format!("`{tool}`"), package)
+}
+
+/// A file a Debian package installs (a PKCS#11 module), installed like [`require_tool`].
+pub fn require_file(path: &str, package: &str) -> PathBuf {
+    let find = || Some(PathBuf::from(path)).filter(|p| p.is_file());
+    require(find, path, package)
+}
+
+fn require(find: impl Fn() -> Option<PathBuf>, what: &str, package: &str) -> PathBuf {
     if let Some(path) = find() {
         return path;
     }
@@ -995,8 +1048,6 @@ pub fn require_tool(tool: &str, package: &str) -> PathBuf {
         apt(&["install", "-y", "--no-install-recommends", package]);
     }
     find().unwrap_or_else(|| {
-        panic!(
-            "this test needs `{tool}`: install the Debian package `{package}` (bash .ci/run does)"
-        )
+        panic!("this test needs {what}: install the Debian package `{package}` (bash .ci/run does)")
     })
 }
