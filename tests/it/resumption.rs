@@ -311,3 +311,71 @@ fn a_missing_or_exposed_key_file_is_a_config_error() {
         assert!(report.contains("chmod 600"), "{report}");
     }
 }
+
+/// The metadata agent keeps its TLS sessions in memory: when the broker has closed its idle
+/// connection, the agent's next request opens a new one that resumes.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_resumes_across_connections() {
+    use crate::support::fake_google::{FakeGoogle, FakeGoogleConfig};
+    use token_broker::device::agent::{serve, AgentConfig};
+    use token_broker::device::client::{BrokerClient, CachingClient};
+    const RUNNER: &str = "runner@fake-project.iam.gserviceaccount.com";
+    let fake = FakeGoogle::start(FakeGoogleConfig::new(support::ISSUER)).await;
+    let mut setup = setup_with_tickets();
+    // Idle connections close after a second, so each request below needs a new one.
+    setup.extra_server.push_str("\nrequest_header_timeout = \"1s\"");
+    setup.google = Some(format!(
+        "[google]\nproject_number = \"123456789012\"\npool_id = \"devices\"\nprovider_id = \"token-broker\"\nsts_url = \"{0}\"\niam_credentials_url = \"{0}\"\nmetadata_url = \"{0}\"",
+        fake.url
+    ));
+    setup.rules = format!(
+        "[[clients]]\nname = \"devices\"\nmatch = {{ spiffe = [\"spiffe://test.example/device/*\"] }}\n\
+         flows = [\"google-id-token\"]\nservice_accounts = [\"{RUNNER}\"]\n\
+         target_audiences = [\"https://a.example\", \"https://b.example\", \"https://c.example\"]\n"
+    );
+    let leaf = setup.intermediate.leaf(&LeafSpec::device("agent-resuming"));
+    let broker = setup.start().await;
+    fake.set_provider_jwks(broker.get_json("/jwks").await);
+    let cert = broker.setup.write("agent.pem", &leaf.chain_pem);
+    let key = broker.setup.write("agent-key.pem", &leaf.key_pem);
+    let ca = broker.setup.path("server-ca.pem");
+    let client = BrokerClient::new(&broker.url(""), &cert, &key, Some(&ca)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent = listener.local_addr().unwrap();
+    let config = AgentConfig {
+        service_account: RUNNER.into(),
+        scopes: vec!["https://www.googleapis.com/auth/cloud-platform".into()],
+        project_id: None,
+        numeric_project_id: None,
+        instance_id: 1,
+        hostname: "device".into(),
+        zone: "on-premises".into(),
+    };
+    tokio::spawn(serve(listener, config, CachingClient::new(client)));
+    let http = reqwest::Client::new();
+    let handshakes = r#"token_broker_tls_handshakes_total{result="ok"}"#;
+    // The test's own /jwks request was one handshake.
+    let (handshakes0, resumed0) = (broker.metric(handshakes).await, broker.metric(RESUMED).await);
+    for (n, audience) in ["https://a.example", "https://b.example", "https://c.example"]
+        .iter()
+        .enumerate()
+    {
+        // A new audience each time: the agent's token cache cannot answer.
+        let answer = http
+            .get(format!(
+                "http://{agent}/computeMetadata/v1/instance/service-accounts/default/identity?audience={audience}"
+            ))
+            .header("Metadata-Flavor", "Google")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+        let opened = broker.metric(handshakes).await - handshakes0;
+        assert_eq!(opened, (n + 1) as f64, "one connection per request");
+        let resumed = broker.metric(RESUMED).await - resumed0;
+        assert_eq!(resumed, n as f64, "every connection but the first resumed");
+        // The broker closes the idle connection after request_header_timeout.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    }
+    broker.stop().await;
+}
