@@ -165,7 +165,8 @@ fn invalid(path: &Path, message: impl Into<String>) -> TicketKeyError {
     }
 }
 
-const HEADER_COMMENT: &str = "# token-broker session ticket keys, newest first: the first encrypts new tickets,\n\
+const HEADER_COMMENT: &str =
+    "# token-broker session ticket keys, newest first: the first encrypts new tickets,\n\
 # both open them. Replace with `token-broker rotate-ticket-keys`; as secret as the server key.\n";
 
 /// The keys of a key file: one or two lines of base64 (32 bytes each), `#` comments.
@@ -229,10 +230,7 @@ pub fn rotate(path: &Path) -> Result<(), TicketKeyError> {
 /// a reader (another replica's reload) sees the old file or the new one, never half of one.
 fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let temporary = path.with_file_name(format!(
-        ".{name}.{}.tmp",
-        uuid::Uuid::new_v4().simple()
-    ));
+    let temporary = path.with_file_name(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -274,7 +272,10 @@ mod tests {
         forged[ID_LEN + 7] ^= 1; // the issue time is authenticated
         assert_eq!(first.open(&forged, 1000), None);
         rotate(&path).unwrap();
-        assert_eq!(tickets(dir.path(), 3600).open(&ticket, 1000).as_deref(), Some(&b"session"[..]));
+        assert_eq!(
+            tickets(dir.path(), 3600).open(&ticket, 1000).as_deref(),
+            Some(&b"session"[..])
+        );
         rotate(&path).unwrap();
         assert_eq!(tickets(dir.path(), 3600).open(&ticket, 1000), None);
         assert_eq!(first.open(&ticket[..HEADER_LEN], 1000), None);
@@ -293,7 +294,9 @@ mod tests {
         assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 2);
         let write = |text: &str| {
             std::fs::write(&path, text).unwrap();
-            SharedTickets::load(&path, Duration::from_secs(60)).unwrap_err().to_string()
+            SharedTickets::load(&path, Duration::from_secs(60))
+                .unwrap_err()
+                .to_string()
         };
         assert!(write("").contains("no key"));
         assert!(write("AAAA\n").contains("a key is 32 bytes"));

@@ -12,12 +12,12 @@ use rustls::HandshakeKind;
 use rustls_pki_types::ServerName;
 use serde_json::Value;
 use time::{Duration, OffsetDateTime};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use token_broker::broker::Broker;
 use token_broker::config::Config;
 use token_broker::live::Live;
 use token_broker::metrics::Metrics;
 use token_broker::server::Server;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{self, logs, LeafSpec, Setup, TestBroker};
 
@@ -100,7 +100,10 @@ fn device(
 }
 
 /// One token request on a new connection: how the handshake went, the status and the body.
-async fn token(client: &Arc<rustls::ClientConfig>, addr: SocketAddr) -> (HandshakeKind, u16, Value) {
+async fn token(
+    client: &Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+) -> (HandshakeKind, u16, Value) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = ServerName::try_from("localhost").unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(client.clone())
@@ -140,7 +143,11 @@ async fn a_device_resumes_on_another_replica_sharing_the_key_file() {
         assert_eq!((kind, status), (HandshakeKind::Full, 200), "{name}: {body}");
         let before = second.resumed().await;
         let (kind, status, body) = token(&client, second.addr).await;
-        assert_eq!((kind, status), (HandshakeKind::Resumed, 200), "{name}: {body}");
+        assert_eq!(
+            (kind, status),
+            (HandshakeKind::Resumed, 200),
+            "{name}: {body}"
+        );
         assert_eq!(body["token_type"], "Bearer", "{name}: {body}");
         assert_eq!(second.resumed().await, before + 1.0, "{name}");
     }
@@ -173,10 +180,17 @@ async fn a_certificate_revoked_after_the_first_handshake_is_refused_on_a_resumed
     broker.live.reload().unwrap();
     for (client, (_, name)) in clients.iter().zip(VERSIONS) {
         let (kind, status, body) = token(client, broker.addr).await;
-        assert_eq!((kind, status), (HandshakeKind::Resumed, 401), "{name}: {body}");
+        assert_eq!(
+            (kind, status),
+            (HandshakeKind::Resumed, 401),
+            "{name}: {body}"
+        );
         assert_eq!(body["error"], "invalid_client", "{name}: {body}");
         assert!(
-            body["error_description"].as_str().unwrap().contains("revoked"),
+            body["error_description"]
+                .as_str()
+                .unwrap()
+                .contains("revoked"),
             "{name}: {body}"
         );
     }
@@ -205,7 +219,10 @@ async fn an_expired_chain_is_refused_on_a_resumed_connection() {
     let (kind, status, body) = token(&client, broker.addr).await;
     assert_eq!((kind, status), (HandshakeKind::Resumed, 401), "{body}");
     assert!(
-        body["error_description"].as_str().unwrap().contains("expired"),
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("expired"),
         "{body}"
     );
     broker.stop().await;
@@ -279,7 +296,11 @@ fn refused_config(config: &Path) -> String {
         .arg("check-config")
         .output()
         .unwrap();
-    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -323,7 +344,9 @@ async fn the_agent_resumes_across_connections() {
     let fake = FakeGoogle::start(FakeGoogleConfig::new(support::ISSUER)).await;
     let mut setup = setup_with_tickets();
     // Idle connections close after a second, so each request below needs a new one.
-    setup.extra_server.push_str("\nrequest_header_timeout = \"1s\"");
+    setup
+        .extra_server
+        .push_str("\nrequest_header_timeout = \"1s\"");
     setup.google = Some(format!(
         "[google]\nproject_number = \"123456789012\"\npool_id = \"devices\"\nprovider_id = \"token-broker\"\nsts_url = \"{0}\"\niam_credentials_url = \"{0}\"\nmetadata_url = \"{0}\"",
         fake.url
@@ -355,10 +378,17 @@ async fn the_agent_resumes_across_connections() {
     let http = reqwest::Client::new();
     let handshakes = r#"token_broker_tls_handshakes_total{result="ok"}"#;
     // The test's own /jwks request was one handshake.
-    let (handshakes0, resumed0) = (broker.metric(handshakes).await, broker.metric(RESUMED).await);
-    for (n, audience) in ["https://a.example", "https://b.example", "https://c.example"]
-        .iter()
-        .enumerate()
+    let (handshakes0, resumed0) = (
+        broker.metric(handshakes).await,
+        broker.metric(RESUMED).await,
+    );
+    for (n, audience) in [
+        "https://a.example",
+        "https://b.example",
+        "https://c.example",
+    ]
+    .iter()
+    .enumerate()
     {
         // A new audience each time: the agent's token cache cannot answer.
         let answer = http
