@@ -11,10 +11,9 @@ use crate::broker::{Broker, Problems};
 use crate::clock;
 use crate::config::{Config, ConfigError};
 use crate::device::agent::AgentConfig;
-use crate::device::client::{
-    self, BrokerClient, CachingClient, ClientError, TokenFormat, TokenParams,
-};
+use crate::device::client::{BrokerClient, CachingClient, ClientError, TokenParams};
 use crate::device::credentials::{DeviceCredentials, Pkcs11Options, Source};
+use crate::device::token::{self, TokenFormat};
 use crate::devpki::{self, DevPkiError};
 use crate::live::Live;
 use crate::logging::{AuditLog, AuditOpenError, LogFormat};
@@ -308,7 +307,7 @@ fn token(args: TokenArgs) -> ExitCode {
         service_account: args.service_account,
         target_audience: args.target_audience,
     };
-    let code = client::token_command(
+    let code = token::token_command(
         || device_client(&args.device),
         &params,
         args.cache.as_deref(),

@@ -12,49 +12,12 @@ use serde_json::{json, Value};
 
 use crate::clock::unix_now;
 use crate::device::credentials::{DeviceCredentials, Loaded};
-use crate::device::executable::{self, ExecutableEnv};
+pub use crate::device::error::ClientError;
 use crate::pem;
 use crate::redact::root_cause;
 
 /// A fetched token is reused until this long before it expires.
 pub const REFRESH_MARGIN: i64 = 60;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("{0}")]
-    Local(String),
-    /// A request the executable-source contract cannot serve (see `executable`).
-    #[error("{message}")]
-    Contract { code: &'static str, message: String },
-    #[error("the broker refused (HTTP {status} {code}): {description}")]
-    Refused {
-        status: u16,
-        code: String,
-        description: String,
-    },
-    #[error("the broker is unavailable: {0}")]
-    Unavailable(String),
-}
-
-impl ClientError {
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            ClientError::Local(_) | ClientError::Contract { .. } => 1,
-            ClientError::Refused { .. } => 2,
-            ClientError::Unavailable(_) => 3,
-        }
-    }
-
-    /// The AIP-4117 error code for executable-sourced credentials.
-    pub fn code(&self) -> &str {
-        match self {
-            ClientError::Local(_) => "local_error",
-            ClientError::Contract { code, .. } => code,
-            ClientError::Refused { code, .. } => code,
-            ClientError::Unavailable(_) => "temporarily_unavailable",
-        }
-    }
-}
 
 /// What to ask the broker for.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -484,7 +447,8 @@ mod tests {
 
     fn contents(params: &TokenParams) -> Vec<u8> {
         let token = token();
-        let response = executable::response(&token, executable::ID_TOKEN_TYPE);
+        // The executable-source response the cache file also is (its shape is executable.rs's).
+        let response = json!({ "version": 1, "success": true });
         TokenCacheFile::contents(params, &token, response)
     }
 
@@ -534,90 +498,4 @@ mod tests {
             assert!(cache.load(&params).is_err());
         }
     }
-}
-
-/// How `token` prints what it got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum TokenFormat {
-    /// The broker's JSON answer.
-    Json,
-    /// The access token alone.
-    Raw,
-    /// AIP-4117 executable-sourced credential response (for Google client libraries).
-    Executable,
-}
-
-/// `token-broker token`: the cached token while it is fresh, else a new one from the broker
-/// (then kept in `cache`), printed in `format`; errors go to stderr, and to stdout as the
-/// executable-source contract's error for libraries. With `--format executable`, `env` (the
-/// library's variables) completes the request and names an `output_file` that receives the
-/// response too. Returns the process's exit code.
-pub fn token_command(
-    client: impl FnOnce() -> Result<BrokerClient, ClientError>,
-    params: &TokenParams,
-    cache: Option<&Path>,
-    format: TokenFormat,
-    env: &ExecutableEnv,
-) -> u8 {
-    match obtain(client, params.clone(), cache, format, env) {
-        Ok((token, response)) => match format {
-            TokenFormat::Json => println!("{}", token.to_json()),
-            TokenFormat::Raw => println!("{}", token.access_token),
-            TokenFormat::Executable => println!("{response}"),
-        },
-        Err(error) => {
-            if format == TokenFormat::Executable {
-                println!("{}", executable::error_response(&error));
-            }
-            eprintln!("error: {error}");
-            return error.exit_code();
-        }
-    }
-    0
-}
-
-/// The token and its executable-source response, with the files written.
-fn obtain(
-    client: impl FnOnce() -> Result<BrokerClient, ClientError>,
-    mut params: TokenParams,
-    cache: Option<&Path>,
-    format: TokenFormat,
-    env: &ExecutableEnv,
-) -> Result<(Token, Value), ClientError> {
-    let executable = format == TokenFormat::Executable;
-    let token_type = match executable {
-        true => env.prepare(&mut params)?,
-        false => executable::ID_TOKEN_TYPE,
-    };
-    let cache = cache.map(TokenCacheFile::new);
-    let cached = cache.as_ref().and_then(|cache| match cache.load(&params) {
-        Ok(token) => token,
-        Err(reason) => {
-            // Libraries read stderr as part of the response: only other formats warn.
-            if !executable {
-                tracing::warn!(cache = %cache.path().display(), reason, "token cache ignored; fetching a new token");
-            }
-            None
-        }
-    });
-    let fetched = cached.is_none();
-    let token = match cached {
-        Some(token) => token,
-        None => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| ClientError::Local(e.to_string()))?
-            .block_on(async { client()?.fetch(&params).await })?,
-    };
-    let response = executable::response(&token, token_type);
-    let contents = TokenCacheFile::contents(&params, &token, response.clone());
-    let output_file = env.output_file.as_deref().filter(|_| executable);
-    if let Some(cache) = cache.as_ref().filter(|_| fetched) {
-        cache.store(&contents)?;
-    }
-    // The library's file, unless it is the cache (which holds this token already).
-    if let Some(path) = output_file.filter(|path| Some(*path) != cache.as_ref().map(|c| c.path())) {
-        TokenCacheFile::new(path).store(&contents)?;
-    }
-    Ok((token, response))
 }

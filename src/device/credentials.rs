@@ -11,7 +11,7 @@ use sha2::Digest;
 use zeroize::Zeroizing;
 
 use crate::clock::unix_now;
-use crate::device::client::ClientError;
+use crate::device::error::ClientError;
 use crate::device::pkcs11::{Module, Pin, Pkcs11Uri, Token, TokenKey, PIN_ENV};
 use crate::identity::Identity;
 use crate::pem;

@@ -7,5 +7,7 @@
 pub mod agent;
 pub mod client;
 pub mod credentials;
+pub mod error;
 pub mod executable;
 pub mod pkcs11;
+pub mod token;

@@ -691,8 +691,9 @@ async fn wif_setup_prints_a_device_configuration_google_auth_uses_as_is() {
 fn the_example_credential_configuration_runs_a_command_the_cli_accepts() {
     use clap::Parser;
     use token_broker::cli::{Cli, Command as CliCommand};
-    use token_broker::device::client::{TokenFormat, TokenParams};
+    use token_broker::device::client::TokenParams;
     use token_broker::device::executable::ExecutableEnv;
+    use token_broker::device::token::TokenFormat;
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/devices/credential-config.json");
     let example: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();

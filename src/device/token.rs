@@ -1,0 +1,96 @@
+//! The `token` command: a token from the cache file while it is fresh, else from the broker,
+//! printed as JSON, raw, or as Google's executable-source response (with its `output_file`).
+//! It sits above `client` (the broker and the cache file) and `executable` (the contract).
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::device::client::{BrokerClient, ClientError, Token, TokenCacheFile, TokenParams};
+use crate::device::executable::{self, ExecutableEnv};
+
+/// How `token` prints what it got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TokenFormat {
+    /// The broker's JSON answer.
+    Json,
+    /// The access token alone.
+    Raw,
+    /// AIP-4117 executable-sourced credential response (for Google client libraries).
+    Executable,
+}
+
+/// `token-broker token`: the cached token while it is fresh, else a new one from the broker
+/// (then kept in `cache`), printed in `format`; errors go to stderr, and to stdout as the
+/// executable-source contract's error for libraries. With `--format executable`, `env` (the
+/// library's variables) completes the request and names an `output_file` that receives the
+/// response too. Returns the process's exit code.
+pub fn token_command(
+    client: impl FnOnce() -> Result<BrokerClient, ClientError>,
+    params: &TokenParams,
+    cache: Option<&Path>,
+    format: TokenFormat,
+    env: &ExecutableEnv,
+) -> u8 {
+    match obtain(client, params.clone(), cache, format, env) {
+        Ok((token, response)) => match format {
+            TokenFormat::Json => println!("{}", token.to_json()),
+            TokenFormat::Raw => println!("{}", token.access_token),
+            TokenFormat::Executable => println!("{response}"),
+        },
+        Err(error) => {
+            if format == TokenFormat::Executable {
+                println!("{}", executable::error_response(&error));
+            }
+            eprintln!("error: {error}");
+            return error.exit_code();
+        }
+    }
+    0
+}
+
+/// The token and its executable-source response, with the files written.
+fn obtain(
+    client: impl FnOnce() -> Result<BrokerClient, ClientError>,
+    mut params: TokenParams,
+    cache: Option<&Path>,
+    format: TokenFormat,
+    env: &ExecutableEnv,
+) -> Result<(Token, Value), ClientError> {
+    let executable = format == TokenFormat::Executable;
+    let token_type = match executable {
+        true => env.prepare(&mut params)?,
+        false => executable::ID_TOKEN_TYPE,
+    };
+    let cache = cache.map(TokenCacheFile::new);
+    let cached = cache.as_ref().and_then(|cache| match cache.load(&params) {
+        Ok(token) => token,
+        Err(reason) => {
+            // Libraries read stderr as part of the response: only other formats warn.
+            if !executable {
+                tracing::warn!(cache = %cache.path().display(), reason, "token cache ignored; fetching a new token");
+            }
+            None
+        }
+    });
+    let fetched = cached.is_none();
+    let token = match cached {
+        Some(token) => token,
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ClientError::Local(e.to_string()))?
+            .block_on(async { client()?.fetch(&params).await })?,
+    };
+    let response = executable::response(&token, token_type);
+    let contents = TokenCacheFile::contents(&params, &token, response.clone());
+    let output_file = env.output_file.as_deref().filter(|_| executable);
+    if let Some(cache) = cache.as_ref().filter(|_| fetched) {
+        cache.store(&contents)?;
+    }
+    // The library's file, unless it is the cache (which holds this token already).
+    if let Some(path) = output_file.filter(|path| Some(*path) != cache.as_ref().map(|c| c.path())) {
+        TokenCacheFile::new(path).store(&contents)?;
+    }
+    Ok((token, response))
+}
