@@ -9,7 +9,10 @@
 //!
 //! Modes:
 //! - `new-conn`: per request a new TCP connection, a full TLS handshake (no resumption) with
-//!   the client certificate, one `POST`, then close_notify and close.
+//!   the client certificate, one `POST`, then close_notify and close. With `--resume`, the
+//!   connections resume TLS sessions from one session store (one device reconnecting); with
+//!   `--addr2`, they alternate between two servers (two replicas sharing ticket keys). The
+//!   JSON line counts `resumed_handshakes`.
 //! - `keep-alive`: one persistent connection per worker, requests back to back.
 //! - `idle`: open `--connections` connections, complete the handshakes (and with
 //!   `--idle-request` one request each), print the JSON line, then hold them until SIGTERM,
@@ -81,6 +84,12 @@ struct Args {
     /// Server address.
     #[arg(long, default_value = "127.0.0.1:8443")]
     addr: SocketAddr,
+    /// A second server: connections alternate between --addr and this one.
+    #[arg(long)]
+    addr2: Option<SocketAddr>,
+    /// Resume TLS sessions across new connections (one session store for every worker).
+    #[arg(long)]
+    resume: bool,
     /// TLS server name (SNI and certificate check) and Host header.
     #[arg(long, default_value = "localhost")]
     server_name: String,
@@ -169,7 +178,10 @@ fn main() {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 struct Target {
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
+    /// Connections opened so far: picks the next address, round robin.
+    opened: std::sync::atomic::AtomicUsize,
+    resumed: std::sync::atomic::AtomicU64,
     name: ServerName<'static>,
     connector: TlsConnector,
     devices: Option<Devices>,
@@ -212,8 +224,10 @@ fn tls_config(args: &Args) -> Result<rustls::ClientConfig, BoxError> {
         }
         _ => builder.with_no_client_auth(),
     };
-    // Every new connection is a full handshake.
-    config.resumption = rustls::client::Resumption::disabled();
+    if !args.resume {
+        // Every new connection is a full handshake.
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
@@ -364,7 +378,9 @@ struct Response {
 }
 
 async fn connect(target: &Target) -> Result<TlsStream<TcpStream>, Failure> {
-    let tcp = TcpStream::connect(target.addr)
+    use std::sync::atomic::Ordering::Relaxed;
+    let n = target.opened.fetch_add(1, Relaxed);
+    let tcp = TcpStream::connect(target.addrs[n % target.addrs.len()])
         .await
         .map_err(Failure::Connect)?;
     let _ = tcp.set_nodelay(true);
@@ -372,10 +388,14 @@ async fn connect(target: &Target) -> Result<TlsStream<TcpStream>, Failure> {
         Some(devices) => &devices.next_connector()?,
         None => &target.connector,
     };
-    connector
+    let tls = connector
         .connect(target.name.clone(), tcp)
         .await
-        .map_err(Failure::Handshake)
+        .map_err(Failure::Handshake)?;
+    if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        target.resumed.fetch_add(1, Relaxed);
+    }
+    Ok(tls)
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -655,7 +675,9 @@ async fn run(args: Args) -> Result<serde_json::Value, BoxError> {
         None => None,
     };
     let target = Arc::new(Target {
-        addr: args.addr,
+        addrs: std::iter::once(args.addr).chain(args.addr2).collect(),
+        opened: Default::default(),
+        resumed: Default::default(),
         name: ServerName::try_from(args.server_name.clone())?,
         connector: TlsConnector::from(Arc::new(config)),
         devices,
@@ -726,11 +748,12 @@ async fn load(args: &Args, mode: Mode, target: Arc<Target>) -> Result<serde_json
         }
         conns.push(conn);
     }
+    let resumed_before = target.resumed.load(std::sync::atomic::Ordering::Relaxed);
     let cpu_before = process_cpu_seconds();
     let start = Instant::now() + Duration::from_millis(20);
     let deadline = start + Duration::from_secs_f64(args.duration);
     let plan = Arc::new(Plan {
-        target,
+        target: target.clone(),
         mode,
         workers,
         rate: args.rate,
@@ -784,6 +807,7 @@ async fn load(args: &Args, mode: Mode, target: Arc<Target>) -> Result<serde_json
         "first_error": first_error,
         "setup_errors": setup_errors,
         "connections_opened": connections,
+        "resumed_handshakes": target.resumed.load(std::sync::atomic::Ordering::Relaxed) - resumed_before,
         "late_starts": late,
         "client_cpu_s": client_cpu,
         "client_process_cpu_s": cpu_now,

@@ -33,6 +33,8 @@ pub enum CliError {
     #[error(transparent)]
     DevPki(#[from] DevPkiError),
     #[error(transparent)]
+    TicketKeys(#[from] crate::tickets::TicketKeyError),
+    #[error(transparent)]
     Client(#[from] ClientError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
@@ -94,6 +96,11 @@ pub enum Command {
     },
     /// Print the public JWKS.
     Jwks,
+    /// Put a new session ticket key first in FILE, keeping the one it replaces (creates FILE).
+    RotateTicketKeys {
+        /// The file `server.session_ticket_keys` names.
+        file: PathBuf,
+    },
     /// Device side: fetch a token from a broker with this device's certificate.
     Token(TokenArgs),
     /// Device side: serve the GCE metadata-server subset Google libraries use, from the broker.
@@ -205,6 +212,11 @@ impl Cli {
 pub fn run(cli: Cli, audit: Arc<AuditLog>) -> Result<ExitCode, CliError> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.config, audit),
+        Command::RotateTicketKeys { file } => {
+            crate::tickets::rotate(&file)?;
+            println!("rotated session ticket keys in {}", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Init { dir, force } => {
             let pki = devpki::init(&dir, force)?;
             println!("development PKI written to {}", pki.dir.display());

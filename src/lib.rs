@@ -18,7 +18,7 @@
 //!   Credentials, the broker's own credentials), [`cache`] (minted tokens, single-flight).
 //! - The device side, on its own: [`device`] (`token` and the metadata agent).
 //! - Small bottom modules: [`config`], [`clock`], [`crypto`], [`pem`], [`logging`],
-//!   [`metrics`], [`redact`], [`devpki`], and `der` (the few DER elements read by hand).
+//!   [`metrics`], [`redact`], [`devpki`], [`tickets`] (TLS session tickets under shared keys), and `der` (the few DER elements read by hand).
 #![forbid(unsafe_code)]
 #![deny(unreachable_pub)]
 
@@ -48,5 +48,6 @@ pub mod proxy;
 pub mod redact;
 pub mod server;
 pub mod signer;
+pub mod tickets;
 pub mod tls;
 pub mod trust;

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub token_requests: IntCounterVec,
     pub cert_rejections: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
+    pub tls_resumed_handshakes: IntCounter,
     pub request_duration: HistogramVec,
     pub signer_duration: HistogramVec,
     pub upstream_requests: IntCounterVec,
@@ -79,6 +80,11 @@ impl Metrics {
                 "TLS handshakes, by result.",
                 &["result"],
             ),
+            tls_resumed_handshakes: IntCounter::new(
+                "tls_resumed_handshakes_total",
+                "Successful TLS handshakes that resumed a session (also counted as ok).",
+            )
+            .expect("static metric"),
             refused_connections: counter(
                 "refused_connections_total",
                 "Connections closed before the handshake, by cause.",
@@ -183,6 +189,7 @@ impl Metrics {
             token_requests,
             cert_rejections,
             tls_handshakes,
+            tls_resumed_handshakes,
             request_duration,
             signer_duration,
             upstream_requests,
@@ -207,6 +214,7 @@ impl Metrics {
             Box::new(token_requests.clone()),
             Box::new(cert_rejections.clone()),
             Box::new(tls_handshakes.clone()),
+            Box::new(tls_resumed_handshakes.clone()),
             Box::new(request_duration.clone()),
             Box::new(signer_duration.clone()),
             Box::new(upstream_requests.clone()),

@@ -192,6 +192,9 @@ async fn serve_connection(
         }
     };
     metrics.tls_handshakes.with_label_values(&["ok"]).inc();
+    if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        metrics.tls_resumed_handshakes.inc();
+    }
     let client_chain = tls
         .get_ref()
         .1

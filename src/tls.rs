@@ -70,12 +70,14 @@ pub fn protocol_versions(
     Ok(versions)
 }
 
-/// The TLS listener's configuration: server chain from PEM, optional client certificates.
+/// The TLS listener's configuration: server chain from PEM, optional client certificates,
+/// and session tickets under keys shared by every replica when `tickets` is given.
 pub fn server_config(
     cert: &Path,
     key: &Path,
     versions: &[&'static rustls::SupportedProtocolVersion],
     root_subjects: Vec<DistinguishedName>,
+    tickets: Option<Arc<dyn rustls::server::ProducesTickets>>,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let chain = pem::certificates(cert)?;
     let key = pem::private_key(key)?;
@@ -100,6 +102,12 @@ pub fn server_config(
     // hash SHA-256, which CPUs accelerate, instead of the SHA-384 that most clients'
     // first choice, AES-256-GCM, brings; every offered suite stays strong.
     config.ignore_client_order = true;
+    if let Some(tickets) = tickets {
+        // Tickets only (TLS 1.3, and TLS 1.2 clients that offer them): every replica opens
+        // them, within their lifetime. Session ids would resume on this replica alone.
+        config.ticketer = tickets;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    }
     Ok(config)
 }
 

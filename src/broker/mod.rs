@@ -108,6 +108,12 @@ impl Broker {
         let versions = tls::protocol_versions(&server.tls_versions)
             .map_err(|e| problems.push(format!("server.{e}")))
             .ok();
+        let tickets = server.session_ticket_keys.as_ref().and_then(|keys| {
+            crate::tickets::SharedTickets::load(&config.path(keys), server.session_ticket_lifetime)
+                .map(|t| Arc::new(t) as Arc<dyn rustls::server::ProducesTickets>)
+                .map_err(|e| problems.push(format!("server.session_ticket_keys: {e}")))
+                .ok()
+        });
         let tls = tls::server_config(
             &config.path(&server.cert),
             &config.path(&server.key),
@@ -117,6 +123,7 @@ impl Broker {
                 .as_ref()
                 .map(|t| t.root_subjects.clone())
                 .unwrap_or_default(),
+            tickets,
         )
         .map_err(|e| problems.push(format!("server: {e}")))
         .ok();
@@ -245,6 +252,7 @@ impl Broker {
             config.path(&server.key),
         ];
         files.extend(server.crls.iter().map(|p| config.path(p)));
+        files.extend(server.session_ticket_keys.iter().map(|p| config.path(p)));
         let mut folders = vec![config.path(&server.client_ca)];
         if let SignerConfig::Local { key_dir, .. } = &config.signer {
             folders.push(config.path(key_dir));
@@ -583,6 +591,11 @@ fn check_limits(server: &crate::config::ServerConfig, problems: &mut Vec<String>
         if value < second || value > hour {
             problems.push(format!("server.{name} must be between 1s and 1h"));
         }
+    }
+    // RFC 8446 4.6.1: a ticket lifetime is at most 7 days.
+    let lifetime = server.session_ticket_lifetime;
+    if lifetime < Duration::from_secs(60) || lifetime > Duration::from_secs(7 * 86_400) {
+        problems.push("server.session_ticket_lifetime must be between 1m and 7d".into());
     }
     if !(1..=1_000_000).contains(&server.max_connections) {
         problems.push("server.max_connections must be between 1 and 1000000".into());

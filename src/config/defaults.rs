@@ -27,6 +27,9 @@ pub(crate) fn max_connections() -> usize {
 pub(crate) fn verified_chain_cache() -> usize {
     100_000
 }
+pub(crate) fn session_ticket_lifetime() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
 pub(crate) fn max_body_bytes() -> usize {
     8 * 1024
 }

@@ -120,6 +120,13 @@ pub struct ServerConfig {
     /// How often watched files are checked for changes; "0s" reloads on SIGHUP only.
     #[serde(default = "defaults::reload_interval", with = "duration::text")]
     pub reload_interval: Duration,
+    /// Keys of the TLS session tickets, shared by every replica (`tickets`); without it a
+    /// replica resumes only sessions it remembers itself.
+    pub session_ticket_keys: Option<PathBuf>,
+    /// Longest a session ticket is accepted after it was issued; rotate the key file at
+    /// least this often.
+    #[serde(default = "defaults::session_ticket_lifetime", with = "duration::text")]
+    pub session_ticket_lifetime: Duration,
     #[serde(default)]
     pub proxy_protocol: ProxyProtocolConfig,
 }

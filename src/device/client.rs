@@ -250,13 +250,17 @@ fn http_client(
     loaded: &Loaded,
 ) -> Result<reqwest::Client, ClientError> {
     let local = |e: &dyn std::fmt::Display| ClientError::Local(e.to_string());
-    let tls = rustls::ClientConfig::builder_with_provider(crate::crypto::provider())
+    let mut tls = rustls::ClientConfig::builder_with_provider(crate::crypto::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| local(&e))?
         .with_root_certificates(roots.clone())
         .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
             loaded.certified.clone(),
         )));
+    // New connections resume from the broker's tickets (kept in memory, with this client
+    // only: new credentials start empty). rustls cannot write them to a file for `token`'s
+    // next run (docs/devices.md).
+    tls.resumption = rustls::client::Resumption::in_memory_sessions(256);
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .connect_timeout(std::time::Duration::from_secs(10))

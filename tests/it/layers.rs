@@ -20,7 +20,7 @@ const LAYERS: &[&[&str]] = &[
     &["claims", "clients"],
     &["signer"],
     &["google", "trust"],
-    &["crl", "identity", "proxy", "devpki"],
+    &["crl", "identity", "proxy", "devpki", "tickets"],
     &[
         "config", "clock", "crypto", "pem", "logging", "metrics", "redact",
     ],

@@ -24,6 +24,7 @@ mod properties;
 mod reference;
 mod reload_state;
 mod replicas;
+mod resumption;
 mod secrets;
 mod tls_scan;
 mod tokens;
