@@ -8,7 +8,7 @@ use std::sync::{Mutex, PoisonError};
 use sha2::{Digest, Sha256};
 
 use rustls_pki_types::SignatureVerificationAlgorithm;
-use webpki::{CertRevocationList, OwnedCertRevocationList};
+use webpki::{BorrowedCertRevocationList, CertRevocationList, OwnedCertRevocationList};
 use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
 
@@ -36,7 +36,17 @@ pub struct CrlInfo {
 
 /// A loaded CRL.
 pub struct Crl {
-    pub(crate) list: CertRevocationList<'static>,
+    /// The serials it revokes: what the broker's own check reads.
+    revoked: RevokedSerials,
+    /// webpki's parse of it (every entry again, owned, in a map, and the signed part
+    /// copied), kept only when webpki checks revocation (a store with a partitioned CRL):
+    /// a 1M-entry CRL would hold about 190 MB in it (`bench/crl.sh`).
+    pub(crate) webpki: Option<CertRevocationList<'static>>,
+    /// Contents of the issuer's Name SEQUENCE, as webpki compares names.
+    issuer: Vec<u8>,
+    /// It has an issuingDistributionPoint: its scope is webpki's to decide.
+    pub(crate) partitioned: bool,
+    /// The file's bytes: a CRL of an intermediate clients send is verified on first use.
     der: Vec<u8>,
     /// nextUpdate, Unix seconds (`i64::MAX` without one).
     pub(crate) next_update: i64,
@@ -56,8 +66,21 @@ impl Crl {
     /// CRL no conforming issuer makes.
     pub fn parse(der: &[u8], source: String) -> Result<Crl, String> {
         let not_valid = |e: &dyn std::fmt::Display| format!("not a valid CRL: {e}");
-        let list = OwnedCertRevocationList::from_der(der).map_err(|e| not_valid(&e))?;
-        let (_, parsed) = CertificateRevocationList::from_der(der).map_err(|e| not_valid(&e))?;
+        // webpki's parse decides what is a valid CRL, as before; its entries are read
+        // once, into the broker's table, and not kept in webpki's map.
+        let list = BorrowedCertRevocationList::from_der(der).map_err(|e| not_valid(&e))?;
+        let mut serials = Vec::new();
+        for entry in &list {
+            serials.push(entry.map_err(|e| not_valid(&e))?.serial_number);
+        }
+        let revoked_count = serials.len();
+        let revoked = RevokedSerials::new(serials);
+        // x509-parser reads the facts shown (issuer, cRLNumber, dates) from the CRL without
+        // its entries: parsing a million of them into its structures took seconds and
+        // hundreds of MB.
+        let summary = without_entries(der).ok_or_else(|| not_valid(&"malformed DER"))?;
+        let (_, parsed) =
+            CertificateRevocationList::from_der(&summary).map_err(|e| not_valid(&e))?;
         let issuer = parsed.issuer().to_string();
         let number = parsed
             .extensions()
@@ -83,11 +106,22 @@ impl Crl {
             number,
             this_update: parsed.last_update().timestamp(),
             next_update,
-            revoked: parsed.iter_revoked_certificates().count(),
+            revoked: revoked_count,
             verified_at_load: false,
         };
+        let list = CertRevocationList::Borrowed(list);
+        let partitioned = list.issuing_distribution_point().is_some();
+        let webpki = match &list {
+            CertRevocationList::Borrowed(borrowed) if partitioned => Some(
+                CertRevocationList::Owned(borrowed.to_owned().map_err(|e| not_valid(&e))?),
+            ),
+            _ => None,
+        };
         Ok(Crl {
-            list: CertRevocationList::Owned(list),
+            revoked,
+            webpki,
+            issuer: list.issuer().to_vec(),
+            partitioned,
             der: der.to_vec(),
             next_update: next_update.unwrap_or(i64::MAX),
             signers: Mutex::default(),
@@ -97,7 +131,24 @@ impl Crl {
 
     /// The issuer's name as encoded (contents of the Name SEQUENCE, as webpki compares it).
     pub(crate) fn issuer(&self) -> &[u8] {
-        self.list.issuer()
+        &self.issuer
+    }
+
+    /// Whether it revokes the certificate with `serial` (its INTEGER's contents as
+    /// encoded, as webpki compares serials).
+    pub fn is_revoked(&self, serial: &[u8]) -> bool {
+        self.revoked.contains(serial)
+    }
+
+    /// Keeps webpki's parse beside the broker's table, for a store where webpki checks
+    /// revocation (one of its CRLs is partitioned).
+    pub(crate) fn keep_webpki_list(&mut self) -> Result<(), String> {
+        if self.webpki.is_none() {
+            let list = OwnedCertRevocationList::from_der(&self.der)
+                .map_err(|e| format!("not a valid CRL: {e}"))?;
+            self.webpki = Some(CertRevocationList::Owned(list));
+        }
+        Ok(())
     }
 
     /// Whether the key `issuer_spki` (SPKI contents) signed this CRL: webpki verifies this
@@ -201,4 +252,100 @@ fn crl_signed_by(
 /// The contents of a DER SubjectPublicKeyInfo (what is inside its SEQUENCE).
 pub(crate) fn spki_contents(spki: &[u8]) -> Option<&[u8]> {
     der::element(spki, der::SEQUENCE).map(|(contents, _)| contents)
+}
+
+/// The serial numbers a CRL revokes (INTEGER contents as encoded, as webpki compares them),
+/// grouped by length, each group sorted in one buffer: no allocation and no pointer per
+/// entry (a million 17-byte serials take 17 MB), and a lookup is a binary search.
+#[derive(Default)]
+struct RevokedSerials {
+    /// (serial length, the serials of that length back to back, sorted), by length.
+    groups: Vec<(usize, Vec<u8>)>,
+}
+
+impl RevokedSerials {
+    fn new(mut serials: Vec<&[u8]>) -> RevokedSerials {
+        serials.sort_unstable_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+        serials.dedup();
+        let groups = serials
+            .chunk_by(|a, b| a.len() == b.len())
+            .map(|group| {
+                let width = group.first().map_or(0, |serial| serial.len());
+                let mut bytes = Vec::with_capacity(width * group.len());
+                group
+                    .iter()
+                    .for_each(|serial| bytes.extend_from_slice(serial));
+                (width, bytes)
+            })
+            .collect();
+        RevokedSerials { groups }
+    }
+
+    fn contains(&self, serial: &[u8]) -> bool {
+        let Some((width, bytes)) = self.groups.iter().find(|(width, _)| *width == serial.len())
+        else {
+            return false;
+        };
+        // An empty serial (which webpki does not accept) would be a group of width 0.
+        let Some(count) = bytes.len().checked_div(*width) else {
+            return true;
+        };
+        let (mut low, mut high) = (0, count);
+        while low < high {
+            let middle = low + (high - low) / 2;
+            match bytes[middle * width..(middle + 1) * width].cmp(serial) {
+                std::cmp::Ordering::Less => low = middle + 1,
+                std::cmp::Ordering::Greater => high = middle,
+                std::cmp::Ordering::Equal => return true,
+            }
+        }
+        false
+    }
+}
+
+/// The CRL `der` without its revokedCertificates (the third SEQUENCE of tbsCertList, after
+/// signature and issuer), for a parser that would otherwise build a structure per entry.
+/// The signature no longer matches; only the other fields are read from it.
+fn without_entries(crl_der: &[u8]) -> Option<Vec<u8>> {
+    let (list, _) = der::element(crl_der, der::SEQUENCE)?;
+    let (mut tbs, _, after_tbs) = der::element_with_header(list, der::SEQUENCE)?;
+    let mut kept_tbs = Vec::new();
+    let mut sequences = 0;
+    while let Some(&tag) = tbs.first() {
+        let (_, whole, rest) = der::element_with_header(tbs, tag)?;
+        if tag == der::SEQUENCE {
+            sequences += 1;
+        }
+        if !(tag == der::SEQUENCE && sequences == 3) {
+            kept_tbs.extend_from_slice(whole);
+        }
+        tbs = rest;
+    }
+    let mut list = der::tlv(der::SEQUENCE, &kept_tbs);
+    list.extend_from_slice(after_tbs);
+    Some(der::tlv(der::SEQUENCE, &list))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::RevokedSerials;
+
+    proptest! {
+        /// The table answers as a set of the serials would (webpki's map, by key).
+        #[test]
+        fn revoked_serials_answer_as_a_set(
+            revoked in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..4), 0..200),
+            probes in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..4), 0..200),
+        ) {
+            let table = RevokedSerials::new(revoked.iter().map(Vec::as_slice).collect());
+            let set: BTreeSet<&[u8]> = revoked.iter().map(Vec::as_slice).collect();
+            for serial in revoked.iter().chain(&probes) {
+                prop_assert_eq!(table.contains(serial), set.contains(serial.as_slice()));
+            }
+        }
+    }
 }

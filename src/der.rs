@@ -42,3 +42,20 @@ pub(crate) fn element_with_header(input: &[u8], tag: u8) -> Option<(&[u8], &[u8]
     let whole = &input[..input.len() - rest.len()];
     Some((contents, whole, rest))
 }
+
+/// The DER element with `tag` and `contents`.
+pub(crate) fn tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(contents.len() + 6);
+    out.push(tag);
+    let length = contents.len();
+    if length < 0x80 {
+        out.push(length as u8);
+    } else {
+        let bytes = length.to_be_bytes();
+        let significant = &bytes[bytes.iter().take_while(|b| **b == 0).count()..];
+        out.push(0x80 | significant.len() as u8);
+        out.extend_from_slice(significant);
+    }
+    out.extend_from_slice(contents);
+    out
+}
