@@ -238,13 +238,27 @@ fn lookup(dir: &Path, count: usize) -> Result<(), Error> {
     let crl = token_broker::crl::Crl::parse(&der, "bench".into())?;
     let (broker_ns, broker_hits) = timed(&|serial: &[u8]| crl.is_revoked(serial));
     drop(crl);
+    // What the broker held before beside the DER, and parsed at each load: webpki's
+    // owned list (a map of owned entries and a copy of the signed part) and x509-parser's
+    // structures (dropped after the load).
+    let (rss_before, _) = memory()?;
+    let started = Instant::now();
     let webpki_list = webpki::OwnedCertRevocationList::from_der(&der)?;
+    let webpki_parse_s = started.elapsed().as_secs_f64();
+    let (rss_webpki, _) = memory()?;
+    let started = Instant::now();
+    let parsed = x509_parser::parse_x509_crl(&der).map_err(|e| e.to_string())?;
+    let x509_parse_s = started.elapsed().as_secs_f64();
+    let (rss_x509, _) = memory()?;
+    drop(parsed);
     let webpki_list = webpki::CertRevocationList::from(webpki_list);
     let webpki_lookup = |serial: &[u8]| matches!(webpki_list.find_serial(serial), Ok(Some(_)));
     let (webpki_ns, webpki_hits) = timed(&webpki_lookup);
     println!(
-        "{{\"count\":{count},\"lookups\":{},\"broker_ns\":{broker_ns:.1},\"broker_hits\":{broker_hits},\"webpki_ns\":{webpki_ns:.1},\"webpki_hits\":{webpki_hits}}}",
-        probes.len()
+        "{{\"count\":{count},\"lookups\":{},\"broker_ns\":{broker_ns:.1},\"broker_hits\":{broker_hits},\"webpki_ns\":{webpki_ns:.1},\"webpki_hits\":{webpki_hits},\"webpki_owned_parse_s\":{webpki_parse_s:.4},\"webpki_owned_held_bytes_per_entry\":{:.1},\"x509_parser_parse_s\":{x509_parse_s:.4},\"x509_parser_bytes_per_entry\":{:.1}}}",
+        probes.len(),
+        (rss_webpki as f64 - rss_before as f64) * 1024.0 / count as f64,
+        (rss_x509 as f64 - rss_webpki as f64) * 1024.0 / count as f64,
     );
     Ok(())
 }

@@ -256,12 +256,27 @@ pub(crate) fn spki_contents(spki: &[u8]) -> Option<&[u8]> {
 
 /// The serial numbers a CRL revokes (INTEGER contents as encoded, as webpki compares them),
 /// grouped by length, each group sorted in one buffer: no allocation and no pointer per
-/// entry (a million 17-byte serials take 17 MB), and a lookup is a binary search.
+/// entry (a million 17-byte serials take 17 MB). A big group also has an index of where
+/// each value of the 16 bits after the group's common prefix starts, so a lookup reads the
+/// index and a few neighbouring entries instead of a binary search's scattered cache lines.
 #[derive(Default)]
 struct RevokedSerials {
-    /// (serial length, the serials of that length back to back, sorted), by length.
-    groups: Vec<(usize, Vec<u8>)>,
+    groups: Vec<SerialGroup>,
 }
+
+struct SerialGroup {
+    width: usize,
+    /// The serials of this length back to back, sorted.
+    bytes: Vec<u8>,
+    /// Leading bytes every serial of the group shares.
+    prefix: usize,
+    /// `index[k]..index[k + 1]`: the entries whose 16 bits after the prefix are `k`
+    /// (empty for small groups).
+    index: Vec<u32>,
+}
+
+/// Groups smaller than this are searched without an index (it would outweigh them).
+const INDEXED_GROUP: usize = 4096;
 
 impl RevokedSerials {
     fn new(mut serials: Vec<&[u8]>) -> RevokedSerials {
@@ -269,31 +284,79 @@ impl RevokedSerials {
         serials.dedup();
         let groups = serials
             .chunk_by(|a, b| a.len() == b.len())
-            .map(|group| {
-                let width = group.first().map_or(0, |serial| serial.len());
-                let mut bytes = Vec::with_capacity(width * group.len());
-                group
-                    .iter()
-                    .for_each(|serial| bytes.extend_from_slice(serial));
-                (width, bytes)
-            })
+            .map(SerialGroup::new)
             .collect();
         RevokedSerials { groups }
     }
 
     fn contains(&self, serial: &[u8]) -> bool {
-        let Some((width, bytes)) = self.groups.iter().find(|(width, _)| *width == serial.len())
-        else {
-            return false;
+        self.groups
+            .iter()
+            .find(|group| group.width == serial.len())
+            .is_some_and(|group| group.contains(serial))
+    }
+}
+
+impl SerialGroup {
+    /// `serials`: sorted, distinct, all of one length.
+    fn new(serials: &[&[u8]]) -> SerialGroup {
+        let width = serials.first().map_or(0, |serial| serial.len());
+        let mut bytes = Vec::with_capacity(width * serials.len());
+        serials
+            .iter()
+            .for_each(|serial| bytes.extend_from_slice(serial));
+        let prefix = match (serials.first(), serials.last()) {
+            (Some(first), Some(last)) => {
+                first.iter().zip(*last).take_while(|(a, b)| a == b).count()
+            }
+            _ => 0,
         };
+        let mut group = SerialGroup {
+            width,
+            bytes,
+            prefix,
+            index: Vec::new(),
+        };
+        if serials.len() >= INDEXED_GROUP && serials.len() < u32::MAX as usize {
+            let mut index = vec![0u32; (1 << 16) + 1];
+            // index[k] = number of entries whose key is below k.
+            for serial in serials {
+                index[usize::from(group.key(serial)) + 1] += 1;
+            }
+            for k in 1..index.len() {
+                index[k] += index[k - 1];
+            }
+            group.index = index;
+        }
+        group
+    }
+
+    /// The 16 bits after the common prefix (zero-padded past the end).
+    fn key(&self, serial: &[u8]) -> u16 {
+        let byte = |i: usize| serial.get(self.prefix + i).copied().unwrap_or(0);
+        u16::from_be_bytes([byte(0), byte(1)])
+    }
+
+    fn contains(&self, serial: &[u8]) -> bool {
         // An empty serial (which webpki does not accept) would be a group of width 0.
-        let Some(count) = bytes.len().checked_div(*width) else {
+        let Some(count) = self.bytes.len().checked_div(self.width) else {
             return true;
         };
         let (mut low, mut high) = (0, count);
+        if !self.index.is_empty() {
+            if serial.get(..self.prefix) != self.bytes.get(..self.prefix) {
+                return false;
+            }
+            let key = usize::from(self.key(serial));
+            match (self.index.get(key), self.index.get(key + 1)) {
+                (Some(&start), Some(&end)) => (low, high) = (start as usize, end as usize),
+                _ => return false,
+            }
+        }
+        let width = self.width;
         while low < high {
             let middle = low + (high - low) / 2;
-            match bytes[middle * width..(middle + 1) * width].cmp(serial) {
+            match self.bytes[middle * width..(middle + 1) * width].cmp(serial) {
                 std::cmp::Ordering::Less => low = middle + 1,
                 std::cmp::Ordering::Greater => high = middle,
                 std::cmp::Ordering::Equal => return true,
@@ -345,6 +408,34 @@ mod tests {
             let set: BTreeSet<&[u8]> = revoked.iter().map(Vec::as_slice).collect();
             for serial in revoked.iter().chain(&probes) {
                 prop_assert_eq!(table.contains(serial), set.contains(serial.as_slice()));
+            }
+        }
+
+        /// The same with a group big enough to be indexed, whose serials share leading
+        /// bytes (`lead`, and more when `shift` narrows their spread).
+        #[test]
+        fn indexed_groups_answer_as_a_set(
+            seeds in proptest::collection::vec(any::<u32>(), 5000..6000),
+            probes in proptest::collection::vec(any::<u32>(), 0..500),
+            lead in any::<u8>(),
+            shift in 0u32..16,
+        ) {
+            let encode = |seed: &u32| {
+                let mut serial = vec![lead];
+                serial.extend_from_slice(&(seed >> shift).to_be_bytes());
+                serial
+            };
+            let revoked: Vec<Vec<u8>> = seeds.iter().map(encode).collect();
+            let table = RevokedSerials::new(revoked.iter().map(Vec::as_slice).collect());
+            prop_assert!(table.groups.iter().any(|group| !group.index.is_empty()));
+            let set: BTreeSet<&[u8]> = revoked.iter().map(Vec::as_slice).collect();
+            let others = probes
+                .iter()
+                .map(encode)
+                .chain(probes.iter().map(|p| p.to_be_bytes().to_vec()))
+                .chain(probes.iter().map(|p| [&[!lead][..], &p.to_be_bytes()].concat()));
+            for serial in revoked.iter().cloned().chain(others) {
+                prop_assert_eq!(table.contains(&serial), set.contains(serial.as_slice()));
             }
         }
     }

@@ -985,25 +985,25 @@ fn own_trust_rows(now: OffsetDateTime) -> Vec<Row> {
     );
 
     // A big CRL (the broker keeps its serials in a table of its own, grouped by length):
-    // serials of every encoded length from 1 to 9 bytes, the leaf's among them or not.
+    // serials of every encoded length from 1 to 9 bytes (the bigger groups indexed), the leaf's among them or not.
     let big_root = Ca::root("Big CRL Root");
     let listed = big_root.leaf(&LeafSpec::device("big-crl-listed"));
     let absent = big_root.leaf(&LeafSpec::device("big-crl-absent"));
-    let mut serials: Vec<u64> = (0..20_000u64)
+    let mut serials: Vec<u64> = (0..50_000u64)
         .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (i % 64))
         .filter(|serial| *serial != absent.serial)
         .collect();
     serials.push(listed.serial);
     let big = crl_trust(&big_root, big_root.crl(&serials));
     row(
-        "leaf listed in a CRL of 20,000 entries",
+        "leaf listed in a CRL of 50,000 entries",
         listed,
         &big,
         Refuse("revoked"),
         false,
     );
     row(
-        "leaf absent from a CRL of 20,000 entries",
+        "leaf absent from a CRL of 50,000 entries",
         absent,
         &big,
         Accept,
