@@ -8,7 +8,8 @@
 #
 # Options: --no-build, --keep (keep the work folder), --out DIR (default bench/out/crl),
 #          --before BIN (a crl_scale built from an older commit: its load runs alternate
-#          with this build's, round after round, for a paired comparison).
+#          with this build's, round after round, for a paired comparison),
+#          --reload-only (only the reloads under load).
 # Generated CRLs are cached in $CARGO_TARGET_DIR/bench-crl/ (1M entries: ~46 MB, ~1 min).
 set -euo pipefail
 
@@ -18,6 +19,7 @@ BUILD=1
 KEEP=0
 OUT="$ROOT/bench/out/crl"
 BEFORE=""
+RELOAD_ONLY=0
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick) QUICK=1 ;;
@@ -25,7 +27,8 @@ while [[ $# -gt 0 ]]; do
         --keep) KEEP=1 ;;
         --out) OUT=$2; shift ;;
         --before) BEFORE=$2; shift ;;
-        -h | --help) sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --reload-only) RELOAD_ONLY=1 ;;
+        -h | --help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -57,6 +60,7 @@ done
 "$SCALE" gen --dir "$CACHE" --count "$RELOAD_COUNT" --version 2 >/dev/null
 uptime | tee "$OUT/uptime-start.txt"
 
+if [[ $RELOAD_ONLY == 0 ]]; then
 log "load: time, RSS held, verify cost against an empty CRL (paired rounds in-process)"
 : >"$OUT/load.jsonl"
 for count in "${COUNTS[@]}"; do
@@ -76,6 +80,8 @@ log "lookup: revocation lookups alone, random order, half hits"
 for count in "${COUNTS[@]}"; do
     "$SCALE" lookup --dir "$CACHE" --count "$count" | tee -a "$OUT/lookup.jsonl"
 done
+
+fi
 
 log "reload of the $RELOAD_COUNT-entry CRL under load ($RELOADS times)"
 PKI="$CACHE/pki"
