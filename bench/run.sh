@@ -395,6 +395,15 @@ log "openssl speed -seconds $SPEED_SECONDS ecdsap256 rsa2048"
 openssl speed -seconds "$SPEED_SECONDS" ecdsap256 rsa2048 >"$WORK/speed.txt" 2>/dev/null
 "$PY" "$LIB" speed "$RESULTS" "$WORK/speed.txt"
 
+# --- a huge CRL: the quick form of bench/crl.sh (10k entries, two reloads under load); the
+# full one (up to 1M entries) runs on its own.
+if [[ $QUICK == 1 ]]; then
+    log "bash bench/crl.sh --quick"
+    crl_options=(--quick --out "$OUT/crl")
+    [[ $BUILD == 1 ]] || crl_options+=(--no-build)
+    bash "$ROOT/bench/crl.sh" "${crl_options[@]}"
+fi
+
 # --- report
 log "report"
 "$PY" "$LIB" add "$RESULTS" "{\"name\":\"end\",\"loadavg\":\"$(cut -d' ' -f1-3 /proc/loadavg)\",\"date\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\"}"

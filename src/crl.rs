@@ -8,7 +8,7 @@ use std::sync::{Mutex, PoisonError};
 use sha2::{Digest, Sha256};
 
 use rustls_pki_types::SignatureVerificationAlgorithm;
-use webpki::{CertRevocationList, OwnedCertRevocationList};
+use webpki::{BorrowedCertRevocationList, CertRevocationList, OwnedCertRevocationList};
 use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
 
@@ -36,7 +36,17 @@ pub struct CrlInfo {
 
 /// A loaded CRL.
 pub struct Crl {
-    pub(crate) list: CertRevocationList<'static>,
+    /// The serials it revokes: what the broker's own check reads.
+    revoked: RevokedSerials,
+    /// webpki's parse of it (every entry again, owned, in a map, and the signed part
+    /// copied), kept only when webpki checks revocation (a store with a partitioned CRL):
+    /// a 1M-entry CRL would hold about 190 MB in it (`bench/crl.sh`).
+    pub(crate) webpki: Option<CertRevocationList<'static>>,
+    /// Contents of the issuer's Name SEQUENCE, as webpki compares names.
+    issuer: Vec<u8>,
+    /// It has an issuingDistributionPoint: its scope is webpki's to decide.
+    pub(crate) partitioned: bool,
+    /// The file's bytes: a CRL of an intermediate clients send is verified on first use.
     der: Vec<u8>,
     /// nextUpdate, Unix seconds (`i64::MAX` without one).
     pub(crate) next_update: i64,
@@ -56,8 +66,21 @@ impl Crl {
     /// CRL no conforming issuer makes.
     pub fn parse(der: &[u8], source: String) -> Result<Crl, String> {
         let not_valid = |e: &dyn std::fmt::Display| format!("not a valid CRL: {e}");
-        let list = OwnedCertRevocationList::from_der(der).map_err(|e| not_valid(&e))?;
-        let (_, parsed) = CertificateRevocationList::from_der(der).map_err(|e| not_valid(&e))?;
+        // webpki's parse decides what is a valid CRL, as before; its entries are read
+        // once, into the broker's table, and not kept in webpki's map.
+        let list = BorrowedCertRevocationList::from_der(der).map_err(|e| not_valid(&e))?;
+        let mut serials = Vec::new();
+        for entry in &list {
+            serials.push(entry.map_err(|e| not_valid(&e))?.serial_number);
+        }
+        let revoked_count = serials.len();
+        let revoked = RevokedSerials::new(serials);
+        // x509-parser reads the facts shown (issuer, cRLNumber, dates) from the CRL without
+        // its entries: parsing a million of them into its structures took seconds and
+        // hundreds of MB.
+        let summary = without_entries(der).ok_or_else(|| not_valid(&"malformed DER"))?;
+        let (_, parsed) =
+            CertificateRevocationList::from_der(&summary).map_err(|e| not_valid(&e))?;
         let issuer = parsed.issuer().to_string();
         let number = parsed
             .extensions()
@@ -83,11 +106,22 @@ impl Crl {
             number,
             this_update: parsed.last_update().timestamp(),
             next_update,
-            revoked: parsed.iter_revoked_certificates().count(),
+            revoked: revoked_count,
             verified_at_load: false,
         };
+        let list = CertRevocationList::Borrowed(list);
+        let partitioned = list.issuing_distribution_point().is_some();
+        let webpki = match &list {
+            CertRevocationList::Borrowed(borrowed) if partitioned => Some(
+                CertRevocationList::Owned(borrowed.to_owned().map_err(|e| not_valid(&e))?),
+            ),
+            _ => None,
+        };
         Ok(Crl {
-            list: CertRevocationList::Owned(list),
+            revoked,
+            webpki,
+            issuer: list.issuer().to_vec(),
+            partitioned,
             der: der.to_vec(),
             next_update: next_update.unwrap_or(i64::MAX),
             signers: Mutex::default(),
@@ -97,7 +131,24 @@ impl Crl {
 
     /// The issuer's name as encoded (contents of the Name SEQUENCE, as webpki compares it).
     pub(crate) fn issuer(&self) -> &[u8] {
-        self.list.issuer()
+        &self.issuer
+    }
+
+    /// Whether it revokes the certificate with `serial` (its INTEGER's contents as
+    /// encoded, as webpki compares serials).
+    pub fn is_revoked(&self, serial: &[u8]) -> bool {
+        self.revoked.contains(serial)
+    }
+
+    /// Keeps webpki's parse beside the broker's table, for a store where webpki checks
+    /// revocation (one of its CRLs is partitioned).
+    pub(crate) fn keep_webpki_list(&mut self) -> Result<(), String> {
+        if self.webpki.is_none() {
+            let list = OwnedCertRevocationList::from_der(&self.der)
+                .map_err(|e| format!("not a valid CRL: {e}"))?;
+            self.webpki = Some(CertRevocationList::Owned(list));
+        }
+        Ok(())
     }
 
     /// Whether the key `issuer_spki` (SPKI contents) signed this CRL: webpki verifies this
@@ -201,4 +252,191 @@ fn crl_signed_by(
 /// The contents of a DER SubjectPublicKeyInfo (what is inside its SEQUENCE).
 pub(crate) fn spki_contents(spki: &[u8]) -> Option<&[u8]> {
     der::element(spki, der::SEQUENCE).map(|(contents, _)| contents)
+}
+
+/// The serial numbers a CRL revokes (INTEGER contents as encoded, as webpki compares them),
+/// grouped by length, each group sorted in one buffer: no allocation and no pointer per
+/// entry (a million 17-byte serials take 17 MB). A big group also has an index of where
+/// each value of the 16 bits after the group's common prefix starts, so a lookup reads the
+/// index and a few neighbouring entries instead of a binary search's scattered cache lines.
+#[derive(Default)]
+struct RevokedSerials {
+    groups: Vec<SerialGroup>,
+}
+
+struct SerialGroup {
+    width: usize,
+    /// The serials of this length back to back, sorted.
+    bytes: Vec<u8>,
+    /// Leading bytes every serial of the group shares.
+    prefix: usize,
+    /// `index[k]..index[k + 1]`: the entries whose 16 bits after the prefix are `k`
+    /// (empty for small groups).
+    index: Vec<u32>,
+}
+
+/// Groups smaller than this are searched without an index (it would outweigh them).
+const INDEXED_GROUP: usize = 4096;
+
+impl RevokedSerials {
+    fn new(mut serials: Vec<&[u8]>) -> RevokedSerials {
+        serials.sort_unstable_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+        serials.dedup();
+        let groups = serials
+            .chunk_by(|a, b| a.len() == b.len())
+            .map(SerialGroup::new)
+            .collect();
+        RevokedSerials { groups }
+    }
+
+    fn contains(&self, serial: &[u8]) -> bool {
+        self.groups
+            .iter()
+            .find(|group| group.width == serial.len())
+            .is_some_and(|group| group.contains(serial))
+    }
+}
+
+impl SerialGroup {
+    /// `serials`: sorted, distinct, all of one length.
+    fn new(serials: &[&[u8]]) -> SerialGroup {
+        let width = serials.first().map_or(0, |serial| serial.len());
+        let mut bytes = Vec::with_capacity(width * serials.len());
+        serials
+            .iter()
+            .for_each(|serial| bytes.extend_from_slice(serial));
+        let prefix = match (serials.first(), serials.last()) {
+            (Some(first), Some(last)) => {
+                first.iter().zip(*last).take_while(|(a, b)| a == b).count()
+            }
+            _ => 0,
+        };
+        let mut group = SerialGroup {
+            width,
+            bytes,
+            prefix,
+            index: Vec::new(),
+        };
+        if serials.len() >= INDEXED_GROUP && serials.len() < u32::MAX as usize {
+            let mut index = vec![0u32; (1 << 16) + 1];
+            // index[k] = number of entries whose key is below k.
+            for serial in serials {
+                index[usize::from(group.key(serial)) + 1] += 1;
+            }
+            for k in 1..index.len() {
+                index[k] += index[k - 1];
+            }
+            group.index = index;
+        }
+        group
+    }
+
+    /// The 16 bits after the common prefix (zero-padded past the end).
+    fn key(&self, serial: &[u8]) -> u16 {
+        let byte = |i: usize| serial.get(self.prefix + i).copied().unwrap_or(0);
+        u16::from_be_bytes([byte(0), byte(1)])
+    }
+
+    fn contains(&self, serial: &[u8]) -> bool {
+        // An empty serial (which webpki does not accept) would be a group of width 0.
+        let Some(count) = self.bytes.len().checked_div(self.width) else {
+            return true;
+        };
+        let (mut low, mut high) = (0, count);
+        if !self.index.is_empty() {
+            if serial.get(..self.prefix) != self.bytes.get(..self.prefix) {
+                return false;
+            }
+            let key = usize::from(self.key(serial));
+            match (self.index.get(key), self.index.get(key + 1)) {
+                (Some(&start), Some(&end)) => (low, high) = (start as usize, end as usize),
+                _ => return false,
+            }
+        }
+        let width = self.width;
+        while low < high {
+            let middle = low + (high - low) / 2;
+            match self.bytes[middle * width..(middle + 1) * width].cmp(serial) {
+                std::cmp::Ordering::Less => low = middle + 1,
+                std::cmp::Ordering::Greater => high = middle,
+                std::cmp::Ordering::Equal => return true,
+            }
+        }
+        false
+    }
+}
+
+/// The CRL `der` without its revokedCertificates (the third SEQUENCE of tbsCertList, after
+/// signature and issuer), for a parser that would otherwise build a structure per entry.
+/// The signature no longer matches; only the other fields are read from it.
+fn without_entries(crl_der: &[u8]) -> Option<Vec<u8>> {
+    let (list, _) = der::element(crl_der, der::SEQUENCE)?;
+    let (mut tbs, _, after_tbs) = der::element_with_header(list, der::SEQUENCE)?;
+    let mut kept_tbs = Vec::new();
+    let mut sequences = 0;
+    while let Some(&tag) = tbs.first() {
+        let (_, whole, rest) = der::element_with_header(tbs, tag)?;
+        if tag == der::SEQUENCE {
+            sequences += 1;
+        }
+        if !(tag == der::SEQUENCE && sequences == 3) {
+            kept_tbs.extend_from_slice(whole);
+        }
+        tbs = rest;
+    }
+    let mut list = der::tlv(der::SEQUENCE, &kept_tbs);
+    list.extend_from_slice(after_tbs);
+    Some(der::tlv(der::SEQUENCE, &list))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::RevokedSerials;
+
+    proptest! {
+        /// The table answers as a set of the serials would (webpki's map, by key).
+        #[test]
+        fn revoked_serials_answer_as_a_set(
+            revoked in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..4), 0..200),
+            probes in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..4), 0..200),
+        ) {
+            let table = RevokedSerials::new(revoked.iter().map(Vec::as_slice).collect());
+            let set: BTreeSet<&[u8]> = revoked.iter().map(Vec::as_slice).collect();
+            for serial in revoked.iter().chain(&probes) {
+                prop_assert_eq!(table.contains(serial), set.contains(serial.as_slice()));
+            }
+        }
+
+        /// The same with a group big enough to be indexed, whose serials share leading
+        /// bytes (`lead`, and more when `shift` narrows their spread).
+        #[test]
+        fn indexed_groups_answer_as_a_set(
+            seeds in proptest::collection::vec(any::<u32>(), 5000..6000),
+            probes in proptest::collection::vec(any::<u32>(), 0..500),
+            lead in any::<u8>(),
+            shift in 0u32..16,
+        ) {
+            let encode = |seed: &u32| {
+                let mut serial = vec![lead];
+                serial.extend_from_slice(&(seed >> shift).to_be_bytes());
+                serial
+            };
+            let revoked: Vec<Vec<u8>> = seeds.iter().map(encode).collect();
+            let table = RevokedSerials::new(revoked.iter().map(Vec::as_slice).collect());
+            prop_assert!(table.groups.iter().any(|group| !group.index.is_empty()));
+            let set: BTreeSet<&[u8]> = revoked.iter().map(Vec::as_slice).collect();
+            let others = probes
+                .iter()
+                .map(encode)
+                .chain(probes.iter().map(|p| p.to_be_bytes().to_vec()))
+                .chain(probes.iter().map(|p| [&[!lead][..], &p.to_be_bytes()].concat()));
+            for serial in revoked.iter().cloned().chain(others) {
+                prop_assert_eq!(table.contains(&serial), set.contains(serial.as_slice()));
+            }
+        }
+    }
 }

@@ -45,17 +45,18 @@ pub(crate) fn element_with_header(input: &[u8], tag: u8) -> Option<(&[u8], &[u8]
 
 const INTEGER: u8 = 0x02;
 
-/// One DER element: `tag`, definite length, `contents`.
-fn write_element(tag: u8, contents: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
+/// The DER element with `tag` and `contents`.
+pub(crate) fn tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(contents.len() + 6);
+    out.push(tag);
     let length = contents.len();
     if length < 0x80 {
         out.push(length as u8);
     } else {
         let bytes = length.to_be_bytes();
-        let skip = bytes.iter().take_while(|b| **b == 0).count();
-        out.push(0x80 | (bytes.len() - skip) as u8);
-        out.extend_from_slice(&bytes[skip..]);
+        let significant = &bytes[bytes.iter().take_while(|b| **b == 0).count()..];
+        out.push(0x80 | significant.len() as u8);
+        out.extend_from_slice(significant);
     }
     out.extend_from_slice(contents);
     out
@@ -80,9 +81,9 @@ pub(crate) fn ecdsa_signature(raw: &[u8]) -> Option<Vec<u8>> {
         } else {
             &[]
         };
-        write_element(INTEGER, &[sign, value].concat())
+        tlv(INTEGER, &[sign, value].concat())
     };
-    Some(write_element(SEQUENCE, &[integer(r), integer(s)].concat()))
+    Some(tlv(SEQUENCE, &[integer(r), integer(s)].concat()))
 }
 
 #[cfg(test)]

@@ -214,6 +214,14 @@ impl TrustStore {
                 })?;
             store.add_crl(crl);
         }
+        if !store.own_revocation_check {
+            for crl in &mut store.crls {
+                crl.keep_webpki_list().map_err(|message| TrustError::Crl {
+                    origin: crl.info.source.clone(),
+                    message,
+                })?;
+            }
+        }
         Ok(store)
     }
 
@@ -251,7 +259,7 @@ impl TrustStore {
     fn add_crl(&mut self, crl: Crl) {
         // A CRL without nextUpdate never expires for webpki either.
         self.crls_valid_until = self.crls_valid_until.min(crl.next_update);
-        self.own_revocation_check &= crl.list.issuing_distribution_point().is_none();
+        self.own_revocation_check &= !crl.partitioned;
         self.crls.push(crl);
     }
 

@@ -61,7 +61,11 @@ impl TrustStore {
         let crl_refs: Vec<&CertRevocationList<'static>> = if self.own_revocation_check {
             Vec::new()
         } else {
-            self.crls.iter().map(|crl| &crl.list).collect()
+            // Every CRL keeps webpki's parse in such a store (see `TrustStore::load`).
+            self.crls
+                .iter()
+                .filter_map(|crl| crl.webpki.as_ref())
+                .collect()
         };
         let options = |status_policy| {
             RevocationOptionsBuilder::new(&crl_refs)
@@ -251,7 +255,7 @@ impl TrustStore {
             if !may_sign_crls {
                 return Err(webpki::Error::IssuerNotCrlSigner.into());
             }
-            if crl.list.find_serial(cert.serial())?.is_some() {
+            if crl.is_revoked(cert.serial()) {
                 return Err(webpki::Error::CertRevoked.into());
             }
         }

@@ -984,6 +984,32 @@ fn own_trust_rows(now: OffsetDateTime) -> Vec<Row> {
         true,
     );
 
+    // A big CRL (the broker keeps its serials in a table of its own, grouped by length):
+    // serials of every encoded length from 1 to 9 bytes (the bigger groups indexed), the leaf's among them or not.
+    let big_root = Ca::root("Big CRL Root");
+    let listed = big_root.leaf(&LeafSpec::device("big-crl-listed"));
+    let absent = big_root.leaf(&LeafSpec::device("big-crl-absent"));
+    let mut serials: Vec<u64> = (0..50_000u64)
+        .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (i % 64))
+        .filter(|serial| *serial != absent.serial)
+        .collect();
+    serials.push(listed.serial);
+    let big = crl_trust(&big_root, big_root.crl(&serials));
+    row(
+        "leaf listed in a CRL of 50,000 entries",
+        listed,
+        &big,
+        Refuse("revoked"),
+        false,
+    );
+    row(
+        "leaf absent from a CRL of 50,000 entries",
+        absent,
+        &big,
+        Accept,
+        false,
+    );
+
     // Revocation policy: under `require` every CA that issued a certificate of the path
     // must have a CRL; `require` is the default whenever CRLs are configured.
     let policy_root = Ca::root("Policy Root");
