@@ -119,6 +119,10 @@ struct Args {
     /// Runtime worker threads (default: one per CPU).
     #[arg(long)]
     threads: Option<usize>,
+    /// Spread connections over this many loopback source addresses (127.0.0.1, .2, ...), so
+    /// more connections than the ephemeral port range can be open to one server address.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    source_ips: u8,
     /// Free-form label copied into the JSON line.
     #[arg(long, default_value = "")]
     label: String,
@@ -154,6 +158,8 @@ struct Target {
     connector: TlsConnector,
     request: Vec<u8>,
     timeout: Duration,
+    source_ips: u8,
+    next_source: std::sync::atomic::AtomicUsize,
 }
 
 fn tls_config(args: &Args) -> Result<rustls::ClientConfig, BoxError> {
@@ -256,9 +262,20 @@ struct Response {
 }
 
 async fn connect(target: &Target) -> Result<TlsStream<TcpStream>, Failure> {
-    let tcp = TcpStream::connect(target.addr)
-        .await
-        .map_err(Failure::Connect)?;
+    let tcp = if target.source_ips > 1 {
+        let n = target
+            .next_source
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let host = (n % usize::from(target.source_ips)) as u8 + 1;
+        let socket = tokio::net::TcpSocket::new_v4().map_err(Failure::Connect)?;
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, host], 0)))
+            .map_err(Failure::Connect)?;
+        socket.connect(target.addr).await
+    } else {
+        TcpStream::connect(target.addr).await
+    }
+    .map_err(Failure::Connect)?;
     let _ = tcp.set_nodelay(true);
     target
         .connector
@@ -540,6 +557,8 @@ async fn run(args: Args) -> Result<serde_json::Value, BoxError> {
         connector: TlsConnector::from(Arc::new(config)),
         request: build_request(&args),
         timeout: Duration::from_secs_f64(args.timeout),
+        source_ips: args.source_ips,
+        next_source: std::sync::atomic::AtomicUsize::new(0),
     });
     // One probe connection: fails fast with a clear message if the server is not reachable,
     // and tells what TLS was negotiated.
@@ -659,6 +678,7 @@ async fn load(args: &Args, mode: Mode, target: Arc<Target>) -> Result<serde_json
             "p50": percentile(&latencies, 0.50),
             "p90": percentile(&latencies, 0.90),
             "p99": percentile(&latencies, 0.99),
+            "p999": percentile(&latencies, 0.999),
             "max": percentile(&latencies, 1.0),
             "mean": mean,
         },
