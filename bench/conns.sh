@@ -7,7 +7,9 @@
 #   bench/conns.sh            50,000 idle connections per server (capped to the fd limit)
 #   bench/conns.sh --quick    300 connections, short active runs (smoke test, < 1 minute)
 #
-# Options: --no-build, --keep, --out DIR (default bench/out/conns), --connections N.
+# Options: --no-build, --keep, --out DIR (default bench/out/conns), --connections N,
+#          --compare BIN (also measure this other broker binary, e.g. the build before a
+#          change, in the same run: paired before/after).
 # Needs: the fd hard limit above N + 2000 (root with CAP_SYS_RESOURCE raises it), nginx.
 set -euo pipefail
 
@@ -17,6 +19,7 @@ BUILD=1
 KEEP=0
 OUT="$ROOT/bench/out/conns"
 TOTAL=""
+COMPARE=""
 usage() { sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -25,6 +28,7 @@ while [[ $# -gt 0 ]]; do
         --keep) KEEP=1 ;;
         --out) OUT=$2; shift ;;
         --connections) TOTAL=$2; shift ;;
+        --compare) COMPARE=$(realpath "$2"); shift ;;
         -h | --help) usage; exit 0 ;;
         *) echo "unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -40,7 +44,7 @@ else
     TOTAL=${TOTAL:-50000}
     STEP=10000 # connections per load generator process (each holds that many fds)
     SETTLE=2
-    ACTIVE=(--concurrency 4 --duration 10 --rate 1000)
+    ACTIVE=(--concurrency 4 --duration 5 --rate 1000)
 fi
 IDLE_COUNTS=()
 for ((n = STEP; n < TOTAL; n += STEP)); do IDLE_COUNTS+=("$n"); done
@@ -75,6 +79,17 @@ start_nginx "$IDLE_MAX"
 "$LOADGEN" "${CLIENT_ARGS[@]}" --addr "127.0.0.1:$NGINX_PORT" --mode keep-alive --concurrency 4 --duration 0.3 >/dev/null
 memory_run nginx nginx "$NGINX_PORT" "$NGINX_PIDS" 0 "${IDLE_COUNTS[@]}"
 stop_pid "$NGINX_PID" TERM
+
+if [[ -n $COMPARE ]]; then
+    log "broker $COMPARE (compared) with ${IDLE_COUNTS[*]} idle mTLS connections"
+    CURRENT_BIN=$BIN
+    BIN=$COMPARE
+    start_broker broker-compared "$PKI/keys"
+    "$LOADGEN" "${CLIENT_ARGS[@]}" --addr "127.0.0.1:$BROKER_PORT" --mode keep-alive --concurrency 4 --duration 0.3 >/dev/null
+    memory_run broker-compared broker "$BROKER_PORT" "$BROKER_PID" 0 "${IDLE_COUNTS[@]}"
+    stop_broker broker-compared
+    BIN=$CURRENT_BIN
+fi
 
 log "broker with ${IDLE_COUNTS[*]} idle mTLS connections"
 start_broker broker-conns "$PKI/keys"

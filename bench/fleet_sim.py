@@ -2,8 +2,8 @@
 """Fleet simulation for docs/capacity.md: many distinct devices, each asking for a Google
 token (the sts-exchange flow) every T, against 3 broker replicas behind HAProxy (PROXY v2, as
 in tests/it/replicas.rs), with the fake STS (bench/fake_sts.py) counting the exchanges that
-reach "Google". Time is compressed 60x: one wall-clock second is one fleet minute, so the
-fake STS's 60 s tokens stand for Google's 1 h and `refresh_margin = "5s"` for the default 5 min.
+reach "Google". Time is compressed: the fake STS's tokens live --lifetime seconds and stand
+for Google's 1 h, so a fleet minute is lifetime/60 seconds; rates are reported per fleet minute.
 
 For each HAProxy balance mode the measured exchanges per fleet minute (steady state, after
 the first token lifetime, when every device's first request has missed) are compared with
@@ -15,7 +15,8 @@ the model of docs/capacity.md:
     (computed by a Monte Carlo over the schedule, not measured).
 
 usage: fleet_sim.py --bin target/release/token-broker [--devices 600] [--period 15]
-                    [--lifetime 60] [--margin 5] [--duration 150] [--balance roundrobin,source]
+                    [--lifetime 60] [--margin 5] [--duration 150] [--jitter 0.1]
+                    [--balance source,roundrobin]
                     [--out FILE.json] [--quick]
 Needs: haproxy, python3 with `cryptography` (device certificates).
 """
@@ -148,7 +149,7 @@ def haproxy_config(work, frontend, replicas, balance):
     path = os.path.join(work, f"haproxy-{balance}.cfg")
     lines = [
         "global",
-        "  maxconn 20000",
+        "  maxconn 4000",
         "defaults",
         "  mode tcp",
         "  timeout connect 2s",
@@ -175,12 +176,15 @@ def source_address(i):
 
 
 class Fleet:
-    """Each device asks for a token every PERIOD seconds on a new connection (first request
-    at a random offset within one period), from its own certificate and source address."""
+    """Each device asks for a token every PERIOD seconds (+- JITTER of it, as real devices
+    drift) on a new connection, first request at a random offset within one period, from its
+    own certificate and source address."""
 
-    def __init__(self, certs, ca, frontend, period, duration, workers=24):
+    def __init__(self, certs, ca, frontend, period, jitter, duration, workers=24):
         self.frontend = frontend
         self.period = period
+        self.jitter = jitter
+        self.rnd = random.Random(2)
         self.deadline = time.monotonic() + duration
         self.contexts = []
         for cert, key in certs:
@@ -214,7 +218,8 @@ class Fleet:
                 due, i = heapq.heappop(self.queue)
                 if due >= self.deadline:
                     return
-                heapq.heappush(self.queue, (due + self.period, i))
+                step = self.period * (1 + self.rnd.uniform(-self.jitter, self.jitter))
+                heapq.heappush(self.queue, (due + step, i))
             wait = due - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
@@ -287,7 +292,8 @@ def run(args):
         "refresh_margin_s": args.margin,
         "duration_s": args.duration,
         "replicas": REPLICAS,
-        "compression": "1 wall second = 1 fleet minute",
+        "fleet_minute_s": args.lifetime / 60,
+        "jitter": args.jitter,
         "scenarios": [],
     }
     try:
@@ -305,7 +311,7 @@ def run(args):
             replicas = [(ports[2 + 2 * i], ports[3 + 2 * i]) for i in range(REPLICAS)]
             sts = subprocess.Popen([sys.executable, os.path.join(HERE, "fake_sts.py"), str(sts_port), str(args.lifetime)])
             procs.append(sts)
-            lib.wait_tcp(f"127.0.0.1:{sts_port}", 10)
+            lib.wait_tcp(f"127.0.0.1:{sts_port}", 30)
             brokers = []
             for i, (port, admin) in enumerate(replicas):
                 config = broker_config(work, pki, port, admin, sts_port, args.margin)
@@ -321,7 +327,7 @@ def run(args):
             lib.wait_tcp(f"127.0.0.1:{frontend}", 10)
             time.sleep(2)  # health checks up
             print(f"fleet: balance {balance}: {args.devices} devices every {args.period}s for {args.duration}s", flush=True)
-            fleet = Fleet(certs, os.path.join(pki, "ca.pem"), frontend, args.period, args.duration)
+            fleet = Fleet(certs, os.path.join(pki, "ca.pem"), frontend, args.period, args.jitter, args.duration)
             started = time.monotonic()
             fleet.start()
             counts = []  # (seconds since start, exchanges so far), once a second
@@ -347,19 +353,23 @@ def run(args):
                     "misses": lib.metric_value(url, "token_broker_token_cache_misses_total"),
                 })
             sticky = balance == "source"
-            predicted = (model_sticky if sticky else model_random)(args.devices, args.period, args.lifetime, args.margin)
+            # Per wall second -> per fleet minute (the token lifetime stands for 1 h).
+            minute = args.lifetime / 60
+            predicted = minute * (model_sticky if sticky else model_random)(args.devices, args.period, args.lifetime, args.margin)
+            if measured is not None:
+                measured *= minute
             scenario = {
                 "balance": balance,
                 "requests_ok": fleet.ok,
                 "errors": fleet.errors,
                 "late_starts": fleet.late,
-                "requests_per_fleet_minute": fleet.ok / args.duration,
+                "requests_per_fleet_minute": fleet.ok / args.duration * minute,
                 "exchanges_total": counts[-1][1],
                 "steady_window_s": [window[0][0], window[-1][0]] if len(window) >= 2 else None,
                 "exchanges_per_fleet_minute_measured": measured,
                 "exchanges_per_fleet_minute_model": predicted,
                 "model": "sticky" if sticky else "random replica (Monte Carlo)",
-                "model_sticky": model_sticky(args.devices, args.period, args.lifetime, args.margin),
+                "model_sticky": minute * model_sticky(args.devices, args.period, args.lifetime, args.margin),
                 "replicas": per_replica,
                 "counts": counts,
                 "loadavg": open("/proc/loadavg").read().split()[:3],
@@ -390,11 +400,13 @@ def run(args):
 
 
 def markdown(results):
+    m = results["fleet_minute_s"]
     out = [
-        f"{results['devices']} devices, each asking every {results['period_s']} fleet minutes; tokens live "
-        f"{results['token_lifetime_s']} fleet minutes, refresh_margin {results['refresh_margin_s']}; "
-        f"{results['replicas']} replicas behind HAProxy; {results['duration_s']} fleet minutes "
-        f"({results['compression']}); load at start {' '.join(results['loadavg_start'])}.",
+        f"{results['devices']} devices, each asking every {results['period_s'] / m:.0f} fleet minutes "
+        f"(+-{results['jitter']:.0%}); Google tokens live 60 fleet minutes, refresh_margin "
+        f"{results['refresh_margin_s'] / m:.0f} fleet minutes; {results['replicas']} replicas behind HAProxy; "
+        f"{results['duration_s'] / m:.0f} fleet minutes in {results['duration_s']:.0f} s "
+        f"(a fleet minute is {m:g} s); load at start {' '.join(results['loadavg_start'])}.",
         "",
         "| HAProxy balance | token requests ok | errors | requests per fleet minute | STS exchanges per fleet minute, measured (steady state) | model | measured / model | misses per replica |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
@@ -418,6 +430,7 @@ def main():
     parser.add_argument("--lifetime", type=int, default=60)
     parser.add_argument("--margin", type=int, default=5)
     parser.add_argument("--duration", type=float, default=150)
+    parser.add_argument("--jitter", type=float, default=0.1)
     parser.add_argument("--balance", default="source,roundrobin")
     parser.add_argument("--out", help="write the results (JSON) here and a Markdown table next to it")
     parser.add_argument("--keep", action="store_true")

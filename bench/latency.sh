@@ -7,7 +7,7 @@
 # STS, bench/fake_sts.py, answers the first miss only). The two paths alternate within each
 # round. See BENCHMARKS.md, "Scale: connections and latency".
 #
-#   bench/latency.sh            2 rounds, 5 s maximum runs, 10 s fixed-rate runs (~3 minutes)
+#   bench/latency.sh            2 rounds, 4 s maximum runs, 6 s fixed-rate runs (~2 minutes)
 #   bench/latency.sh --quick    1 round of 0.3 s runs (smoke test)
 #
 # Options: --no-build, --keep, --out DIR (default bench/out/latency), --rounds N.
@@ -39,8 +39,8 @@ if [[ $QUICK == 1 ]]; then
     RATE_DUR=0.3
 else
     ROUNDS=${ROUNDS:-2}
-    MAX_DUR=5
-    RATE_DUR=10
+    MAX_DUR=4
+    RATE_DUR=6
 fi
 CONC=16 # connections of the load generator
 FRACTIONS=(0.25 0.5 0.75)

@@ -617,14 +617,14 @@ def conns_report(results):
         alone = r.get("active_alone") or {}
         lat = alone.get("latency_ms", {})
         if lat:
-            print(f"| {r['server']} | 0 | {r['rss_idle_kb'] / 1024:.1f} | - | {lat['p50']:.2f} | "
+            print(f"| {r['name'][len('memory-'):]} | 0 | {r['rss_idle_kb'] / 1024:.1f} | - | {lat['p50']:.2f} | "
                   f"{lat['p99']:.2f} | {lat['p999']:.2f} | {alone['errors']} | - | - |")
         for point in r["points"]:
             active = point.get("active") or {}
             lat = active.get("latency_ms", {})
             cells = (f"{lat['p50']:.2f} | {lat['p99']:.2f} | {lat['p999']:.2f} | {active['errors']}"
                      if lat else "- | - | - | -")
-            print(f"| {r['server']} | {point['connections']:,} | {point['rss_kb'] / 1024:.1f} | "
+            print(f"| {r['name'][len('memory-'):]} | {point['connections']:,} | {point['rss_kb'] / 1024:.1f} | "
                   f"{point['bytes_per_conn']:,} | {cells} | {point['load']['errors']} | {point.get('loadavg', '-')} |")
 
 
