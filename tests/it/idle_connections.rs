@@ -8,16 +8,14 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{self, LeafSpec, Setup, TestBroker};
+use crate::support::{self, Leaf, LeafSpec, Setup, TestBroker};
 
 async fn handshake(
     broker: &TestBroker,
-    setup: &Setup,
-    name: &str,
+    leaf: &Leaf,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let leaf = setup.intermediate.leaf(&LeafSpec::device(name));
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(
-        broker.tls_config(Some(&leaf), rustls::DEFAULT_VERSIONS),
+        broker.tls_config(Some(leaf), rustls::DEFAULT_VERSIONS),
     ));
     let tcp = tokio::net::TcpStream::connect(broker.addr).await.unwrap();
     connector
@@ -30,8 +28,9 @@ async fn handshake(
 async fn a_request_sent_long_after_the_handshake_is_served() {
     let mut setup = Setup::new();
     setup.extra_server = r#"request_header_timeout = "5s""#.into();
+    let leaf = setup.intermediate.leaf(&LeafSpec::device("late-talker"));
     let broker = setup.start().await;
-    let mut tls = handshake(&broker, &setup, "late-talker").await;
+    let mut tls = handshake(&broker, &leaf).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let body = "grant_type=client_credentials";
     let request = format!(
@@ -54,8 +53,9 @@ async fn a_request_sent_long_after_the_handshake_is_served() {
 async fn a_silent_connection_closes_at_the_header_timeout() {
     let mut setup = Setup::new();
     setup.extra_server = r#"request_header_timeout = "1s""#.into();
+    let leaf = setup.intermediate.leaf(&LeafSpec::device("silent"));
     let broker = setup.start().await;
-    let mut tls = handshake(&broker, &setup, "silent").await;
+    let mut tls = handshake(&broker, &leaf).await;
     let started = Instant::now();
     let mut answer = Vec::new();
     let read = tokio::time::timeout(support::PATIENCE, tls.read_to_end(&mut answer)).await;
@@ -73,8 +73,9 @@ async fn a_silent_connection_closes_at_the_header_timeout() {
 async fn stopping_does_not_wait_for_silent_connections() {
     let mut setup = Setup::new();
     setup.extra_server = "request_header_timeout = \"1h\"\nshutdown_grace = \"30s\"".into();
+    let leaf = setup.intermediate.leaf(&LeafSpec::device("silent-at-stop"));
     let broker = setup.start().await;
-    let mut silent = handshake(&broker, &setup, "silent-at-stop").await;
+    let mut silent = handshake(&broker, &leaf).await;
     let started = Instant::now();
     broker.stop().await;
     let took = started.elapsed();
