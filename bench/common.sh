@@ -107,7 +107,7 @@ start_broker() { # start_broker NAME KEY_DIR [ENV=VALUE...]
     cat >"$config" <<EOF
 # Benchmark config: like the shipped config.toml, without [dev]. Idle connections are
 # kept for an hour (the production default request_header_timeout, 10s, closes them) and
-# up to 20000 connections are accepted.
+# up to ${BROKER_MAX_CONNECTIONS:-20000} connections are accepted.
 [server]
 listen = "127.0.0.1:$BROKER_PORT"
 cert = "$PKI/server.pem"
@@ -117,7 +117,7 @@ crls = ["${BROKER_CRL:-$PKI/ca.crl.pem}"]
 tls_versions = ["1.2", "1.3"]
 handshake_timeout = "10s"
 request_header_timeout = "1h"
-max_connections = 20000
+max_connections = ${BROKER_MAX_CONNECTIONS:-20000}
 shutdown_grace = "1s"
 ${BROKER_SERVER_EXTRA:-}
 
@@ -165,13 +165,40 @@ handshakes_ok() {
     "$PY" "$LIB" metric "http://127.0.0.1:$ADMIN_PORT/metrics" 'token_broker_tls_handshakes_total{result="ok"}'
 }
 
-# --- one measured load run (expects RESULTS, CLIENT_ARGS, LOADGEN)
+# --- Google path: start_google_broker NAME KEY_DIR starts the fake STS (bench/fake_sts.py,
+# plain HTTP on loopback; STS_PID, STS_PORT) and a broker whose client rule also allows the
+# sts-exchange flow; GOOGLE_BODY is a token request for that flow.
+start_google_broker() {
+    read -r STS_PORT < <("$PY" "$LIB" free-ports 1)
+    "$PY" "$ROOT/bench/fake_sts.py" "$STS_PORT" &
+    STS_PID=$!
+    PIDS+=("$STS_PID")
+    "$PY" "$LIB" wait-tcp "127.0.0.1:$STS_PORT" 10
+    local scope=https://www.googleapis.com/auth/cloud-platform
+    BROKER_RULE_FLOWS='["mtls-client-credentials", "sts-exchange"]'
+    BROKER_RULE_EXTRA="scopes = [\"$scope\"]"
+    BROKER_EXTRA_CONFIG="[google]
+project_number = \"123456789012\"
+pool_id = \"devices\"
+provider_id = \"token-broker\"
+sts_url = \"http://127.0.0.1:$STS_PORT\""
+    start_broker "$@"
+    BROKER_RULE_FLOWS='["mtls-client-credentials"]'
+    BROKER_RULE_EXTRA=""
+    BROKER_EXTRA_CONFIG=""
+    GOOGLE_BODY="grant_type=client_credentials&scope=$("$PY" -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$scope")"
+}
+cache_metric() { "$PY" "$LIB" metric "http://127.0.0.1:$ADMIN_PORT/metrics" "token_broker_token_cache_$1_total"; }
+
+# --- measurements
 # Whole-machine busy and steal ticks (/proc/stat): with the server's and the load
 # generator's own CPU they show how much else ran during a measurement (a noisy neighbour,
 # another build) and how much the hypervisor took.
 machine_ticks() { awk '/^cpu / {print $2 + $3 + $4, $9; exit}' /proc/stat; }
 
-# measure NAME TAGS_JSON "PIDS" LOADGEN_ARGS... : one loadgen run, server CPU around it.
+# measure NAME TAGS_JSON "PIDS" LOADGEN_ARGS... : one loadgen run (under LOADGEN_WRAP, e.g.
+# `taskset -c 0`), server CPU around it; the record goes to RESULTS.
+LOADGEN_WRAP=()
 measure() {
     local name=$1 tags=$2 pids=$3 out before after busy0 steal0 busy1 steal1 t0
     shift 3
@@ -179,7 +206,7 @@ measure() {
     read -r busy0 steal0 < <(machine_ticks)
     # shellcheck disable=SC2086 # pids is a list
     before=$(cpu_ticks $pids)
-    out=$("$LOADGEN" "${CLIENT_ARGS[@]}" --label "$name" "$@") || die "loadgen failed: $name"
+    out=$(${LOADGEN_WRAP[@]+"${LOADGEN_WRAP[@]}"} "$LOADGEN" "${CLIENT_ARGS[@]}" --label "$name" "$@") || die "loadgen failed: $name"
     # shellcheck disable=SC2086
     after=$(cpu_ticks $pids)
     read -r busy1 steal1 < <(machine_ticks)
@@ -202,4 +229,164 @@ start_floor() { # start_floor NAME [FLOOR_ARGS...]
     PIDS+=("$FLOOR_PID")
     "$PY" "$LIB" wait-tcp "127.0.0.1:$FLOOR_PORT" 10
     echo "floor $name: pid $FLOOR_PID, https://127.0.0.1:$FLOOR_PORT"
+}
+
+# --- file descriptors: the broker, nginx and each load generator hold up to IDLE_MAX; without
+# the right to raise the hard limit (CAP_SYS_RESOURCE), IDLE_COUNTS are capped to what fits.
+fit_fds() {
+    local want_fds=$((IDLE_MAX + 2000)) hard fit i
+    hard=$(ulimit -Hn)
+    if [[ $hard != unlimited && $hard -lt $want_fds ]]; then
+        ulimit -Hn "$want_fds" 2>/dev/null || true
+        hard=$(ulimit -Hn)
+    fi
+    if [[ $hard == unlimited || $hard -ge $want_fds ]]; then
+        ulimit -n "$want_fds"
+    else
+        ulimit -n "$hard"
+        fit=$((hard - 1000))
+        echo "bench: file descriptor limit $hard < $want_fds; idle connections capped at $fit" >&2
+        for i in "${!IDLE_COUNTS[@]}"; do
+            ((IDLE_COUNTS[i] > fit)) && IDLE_COUNTS[i]=$fit
+        done
+        IDLE_MAX=${IDLE_COUNTS[-1]}
+    fi
+}
+
+# --- nginx (reference): Debian package, installed when missing.
+find_nginx() {
+    NGINX=$(command -v nginx || true)
+    [[ -z $NGINX && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
+    if [[ -z $NGINX ]]; then
+        if command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+            log "installing nginx (apt-get)"
+            apt-get update -qq >/dev/null
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+            NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+        elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+            log "installing nginx (sudo apt-get)"
+            sudo -n apt-get update -qq >/dev/null
+            sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+            NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+        else
+            die "nginx is missing and cannot be installed here (apt-get install nginx)"
+        fi
+    fi
+    [[ -x $NGINX ]] || die "nginx not found after installation"
+}
+
+# start_nginx MAX_CONNECTIONS [WRAP...]: same server certificate, CA bundle and CRL as the
+# broker; static 200 for POST /token. Sets NGINX_PID, NGINX_PORT and NGINX_PIDS (master and
+# workers, summed for CPU and RSS). WRAP, e.g. `taskset -c 1`, runs nginx under a tool.
+start_nginx() {
+    local max=$1 workers
+    shift
+    NGINX_DIR="$WORK/nginx"
+    mkdir -p "$NGINX_DIR/tmp"
+    read -r NGINX_PORT < <("$PY" "$LIB" free-ports 1)
+    cat >"$NGINX_DIR/nginx.conf" <<NGINXCONF
+worker_processes $(nproc);
+worker_rlimit_nofile $(ulimit -n);
+pid $NGINX_DIR/nginx.pid;
+error_log $NGINX_DIR/error.log warn;
+events { worker_connections $((max + 1000)); }
+http {
+    access_log off;
+    client_body_temp_path $NGINX_DIR/tmp/body;
+    proxy_temp_path $NGINX_DIR/tmp/proxy;
+    fastcgi_temp_path $NGINX_DIR/tmp/fastcgi;
+    uwsgi_temp_path $NGINX_DIR/tmp/uwsgi;
+    scgi_temp_path $NGINX_DIR/tmp/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 3600s;
+    server {
+        listen 127.0.0.1:$NGINX_PORT ssl;
+        server_name localhost;
+        ssl_certificate $PKI/server.pem;
+        ssl_certificate_key $PKI/server-key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_verify_client on;
+        ssl_client_certificate $PKI/ca.pem;
+        ssl_crl $PKI/ca.crl.pem;
+        location = /token { return 200 "ok"; }
+        location / { return 404; }
+    }
+}
+NGINXCONF
+    "$NGINX" -t -q -c "$NGINX_DIR/nginx.conf" -p "$NGINX_DIR" -e "$NGINX_DIR/error.log"
+    "$@" "$NGINX" -c "$NGINX_DIR/nginx.conf" -p "$NGINX_DIR" -e "$NGINX_DIR/error.log" \
+        -g 'daemon off;' &
+    NGINX_PID=$!
+    PIDS+=("$NGINX_PID")
+    "$PY" "$LIB" wait-tcp "127.0.0.1:$NGINX_PORT" 10
+    for _ in $(seq 1 100); do
+        (($(children "$NGINX_PID" | wc -l) >= $(nproc))) && break
+        sleep 0.05
+    done
+    workers=$(children "$NGINX_PID" | tr '\n' ' ')
+    [[ -n $workers ]] || die "no nginx worker process"
+    NGINX_PIDS="$NGINX_PID $workers"
+    echo "nginx: master $NGINX_PID, processes $NGINX_PIDS, https://127.0.0.1:$NGINX_PORT ($("$NGINX" -v 2>&1))"
+}
+
+# --- memory: RSS idle, then with COUNTS idle mTLS connections held (cumulative, one load
+# generator per step, connections spread over SOURCE_IPS loopback addresses). With
+# ACTIVE_ARGS set (loadgen arguments, e.g. a fixed keep-alive rate), an active client's
+# latency is measured before the first step and at each step while the connections are held.
+# memory_run NAME SERVER PORT "PIDS" IDLE_REQUEST(0|1) COUNTS...
+SOURCE_IPS=${SOURCE_IPS:-1}
+ACTIVE_ARGS=()
+active_probe() { # active_probe NAME PORT: one JSON line, or null without ACTIVE_ARGS
+    [[ ${#ACTIVE_ARGS[@]} -gt 0 ]] || {
+        echo null
+        return
+    }
+    "$LOADGEN" "${CLIENT_ARGS[@]}" --addr "127.0.0.1:$2" --mode keep-alive --label "$1-active" \
+        "${ACTIVE_ARGS[@]}" || die "active client failed: $1"
+}
+show_active() { # show_active JSON WHAT
+    [[ $1 == null ]] ||
+        "$PY" -c "import json,sys; d=json.loads(sys.argv[1]); l=d['latency_ms']; print('  %s: %.0f req/s, p50 %.2f p99 %.2f p99.9 %.2f ms, %d errors' % (sys.argv[2], d['rps'], l['p50'], l['p99'], l['p999'], d['errors']))" "$1" "$2"
+}
+memory_run() {
+    local name=$1 server=$2 port=$3 pids=$4 idle_request=$5 idle_kb held=0 n add out pid base points=() rss
+    shift 5
+    local loaders=() active baseline extra
+    sleep "$SETTLE"
+    # shellcheck disable=SC2086
+    idle_kb=$(rss_kb $pids)
+    echo "  $name: RSS idle $((idle_kb / 1024)) MiB"
+    baseline=$(active_probe "$name" "$port")
+    show_active "$baseline" "$name: active client, no idle connections"
+    for n in "$@"; do
+        add=$((n - held))
+        out="$WORK/$name-$n.out"
+        [[ $server == broker ]] && base=$(handshakes_ok)
+        extra=()
+        [[ $idle_request == 1 ]] && extra=(--idle-request)
+        "$LOADGEN" "${CLIENT_ARGS[@]}" --addr "127.0.0.1:$port" --mode idle --connections "$add" \
+            --source-ips "$SOURCE_IPS" --concurrency 64 --duration 3600 --label "$name-$n" \
+            "${extra[@]+"${extra[@]}"}" >"$out" &
+        pid=$!
+        PIDS+=("$pid")
+        loaders+=("$pid")
+        "$PY" "$LIB" wait-line "$out" "$pid" 600
+        if [[ $server == broker ]]; then # wait until the server has completed every handshake
+            for _ in $(seq 1 200); do
+                (($(handshakes_ok) >= base + add)) && break
+                sleep 0.1
+            done
+        fi
+        sleep "$SETTLE"
+        held=$n
+        # shellcheck disable=SC2086
+        rss=$(rss_kb $pids)
+        "$PY" -c "import json,sys; d=json.loads(open(sys.argv[1]).read()); print('  %s: %d held (+%d, %d errors, %.0f handshakes/s), RSS %d MiB' % (sys.argv[2], int(sys.argv[3]), d['established'], d['errors'], d['handshakes_per_s'], int(sys.argv[4]) // 1024))" \
+            "$out" "$name" "$n" "$rss"
+        active=$(active_probe "$name" "$port")
+        show_active "$active" "$name: active client, $n idle connections held"
+        points+=("{\"connections\":$n,\"rss_kb\":$rss,\"bytes_per_conn\":$(((rss - idle_kb) * 1024 / n)),\"load\":$(cat "$out"),\"active\":$active,\"loadavg\":\"$(cut -d' ' -f1-3 /proc/loadavg)\"}")
+    done
+    "$PY" "$LIB" add "$RESULTS" "{\"name\":\"memory-$name\",\"server\":\"$server\",\"idle_request\":$([[ $idle_request == 1 ]] && echo true || echo false),\"rss_idle_kb\":$idle_kb,\"active_alone\":$baseline,\"points\":[$(IFS=,; echo "${points[*]}")]}"
+    for pid in "${loaders[@]}"; do stop_pid "$pid" TERM; done
 }

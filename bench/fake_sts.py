@@ -5,7 +5,7 @@ checks the subject token like Google does: here only the first request of a devi
 reaches it (the broker caches the federated token), and the benchmark measures the requests
 served from the broker's cache. `GET /count` returns how many exchanges it answered.
 
-usage: fake_sts.py PORT
+usage: fake_sts.py PORT [EXPIRES_IN_SECONDS]   (default 3600; bench/fleet_sim.py compresses time)
 """
 
 import json
@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs
 
 COUNT = 0
+EXPIRES_IN = 3600
 LOCK = threading.Lock()
 
 
@@ -47,7 +48,7 @@ class Handler(BaseHTTPRequestHandler):
                 "access_token": f"ya29.fake-federated-{n}",
                 "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
                 "token_type": "Bearer",
-                "expires_in": 3600,
+                "expires_in": EXPIRES_IN,
             },
         )
 
@@ -62,5 +63,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2:
+        EXPIRES_IN = int(sys.argv[2])
     server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
     server.serve_forever()

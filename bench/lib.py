@@ -12,10 +12,13 @@ Standard library only. Subcommands (see run.sh for use):
   add RESULTS JSON             append one record
   get RESULTS NAME KEY         print a key of the last record called NAME (dotted path)
   half-rate RESULTS NAME       50% of the req/s measured by run NAME (at least 1)
+  rate-at RESULTS NAME F       F (0-1) of the req/s measured by run NAME (at least 1)
   speed RESULTS FILE           parse `openssl speed` output into RESULTS
   report RESULTS [MARKDOWN_OUT]
   pairs RESULTS REF [MARKDOWN_OUT]   paired rounds against side REF: per side, median of the
                                per-round ratios side / REF of server CPU per request
+  conns-report RESULTS         table of bench/conns.sh (idle connections, active client)
+  latency-report RESULTS       table of bench/latency.sh (pinned, fractions of the maximum)
   perf-summary DATA PATH LOAD_JSON OUT_TXT [CPU_SECONDS]   summarize a `perf record` profile
   callgrind-summary FILE PATH LOAD_JSON OUT_TXT            summarize a callgrind dump
 """
@@ -31,6 +34,10 @@ import urllib.request
 
 
 def free_ports(n):
+    print(" ".join(map(str, free_ports_list(n))))
+
+
+def free_ports_list(n):
     socks, ports = [], []
     for _ in range(int(n)):
         s = socket.socket()
@@ -39,7 +46,7 @@ def free_ports(n):
         ports.append(s.getsockname()[1])
     for s in socks:
         s.close()
-    print(" ".join(map(str, ports)))
+    return ports
 
 
 def wait_http(url, seconds):
@@ -69,6 +76,12 @@ def wait_tcp(addr, seconds):
 
 
 def metric(url, name):
+    total = metric_value(url, name)
+    print(int(total) if total.is_integer() else total)
+
+
+def metric_value(url, name):
+    """The sum of a Prometheus metric's samples (NAME may carry {labels})."""
     with urllib.request.urlopen(url, timeout=5) as r:
         text = r.read().decode()
     base, _, labels = name.partition("{")
@@ -83,7 +96,7 @@ def metric(url, name):
             continue
         if all(w in key for w in wanted):
             total += float(value)
-    print(int(total) if total.is_integer() else total)
+    return total
 
 
 def wait_line(path, pid, seconds):
@@ -163,10 +176,15 @@ def get(results, name, key):
 
 def half_rate(results, name):
     """The fixed rate for the latency run: 50% of the maximum measured in run NAME."""
+    rate_at(results, name, 0.5)
+
+
+def rate_at(results, name, fraction):
+    """FRACTION of the req/s measured in run NAME (at least 1)."""
     recs = [r for r in load(results) if r.get("name") == name]
     if not recs:
         sys.exit(f"no record {name}")
-    print(max(1.0, 0.5 * recs[-1]["loadgen"]["rps"]))
+    print(max(1.0, float(fraction) * recs[-1]["loadgen"]["rps"]))
 
 
 SPEED_PATTERNS = {
@@ -621,6 +639,50 @@ def pairs_against(results, ref, markdown_out=None):
     if markdown_out:
         with open(markdown_out, "w") as f:
             f.write(text + "\n")
+def conns_report(results):
+    """Idle connections (bench/conns.sh): RSS per connection and the active client's latency."""
+    recs = load(results)
+    machine = next((r for r in recs if r.get("name") == "machine"), {})
+    print(f"held {machine.get('held')} of {machine.get('requested')} requested "
+          f"(fd limit {machine.get('fd_limit')}), load {machine.get('loadavg_start')}, "
+          f"active client: {machine.get('active')}\n")
+    print("| server | idle connections | RSS MiB | bytes per connection | active p50 ms | p99 ms | p99.9 ms | active errors | idle open errors | loadavg |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in recs:
+        if not r.get("name", "").startswith("memory-"):
+            continue
+        alone = r.get("active_alone") or {}
+        lat = alone.get("latency_ms", {})
+        if lat:
+            print(f"| {r['name'][len('memory-'):]} | 0 | {r['rss_idle_kb'] / 1024:.1f} | - | {lat['p50']:.2f} | "
+                  f"{lat['p99']:.2f} | {lat['p999']:.2f} | {alone['errors']} | - | - |")
+        for point in r["points"]:
+            active = point.get("active") or {}
+            lat = active.get("latency_ms", {})
+            cells = (f"{lat['p50']:.2f} | {lat['p99']:.2f} | {lat['p999']:.2f} | {active['errors']}"
+                     if lat else "- | - | - | -")
+            print(f"| {r['name'][len('memory-'):]} | {point['connections']:,} | {point['rss_kb'] / 1024:.1f} | "
+                  f"{point['bytes_per_conn']:,} | {cells} | {point['load']['errors']} | {point.get('loadavg', '-')} |")
+
+
+def latency_report(results):
+    """Pinned latency (bench/latency.sh): p50/p99/p99.9 at fractions of the measured maximum."""
+    recs = load(results)
+    machine = next((r for r in recs if r.get("name") == "machine"), {})
+    print(f"load generator: {machine.get('loadgen_cpus')}, server: {machine.get('server_cpus')}, "
+          f"load at start {machine.get('loadavg_start')}\n")
+    print("| path | round | of max | rate req/s | achieved req/s | p50 ms | p99 ms | p99.9 ms | max ms | server CPU us/req | errors | other load (cores) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in recs:
+        if r.get("kind") != "pinned":
+            continue
+        run = r["loadgen"]
+        lat = run["latency_ms"]
+        frac = r["fraction"]
+        print(f"| {r['path']} | {r['round']} | {'max' if frac == 1 else f'{frac:.0%}'} | "
+              f"{fmt(run.get('target_rate'))} | {run['rps']:,.0f} | {lat['p50']:.2f} | {lat['p99']:.2f} | "
+              f"{lat['p999']:.2f} | {lat['max']:.2f} | {fmt(r.get('cpu_per_req_us'), 1)} | {run['errors']} | "
+              f"{r.get('other_cores', 0):.2f} |")
 
 
 def main(argv):
@@ -637,9 +699,12 @@ def main(argv):
         "add": lambda results, rec: append(results, json.loads(rec)),
         "get": get,
         "half-rate": half_rate,
+        "rate-at": rate_at,
+        "latency-report": latency_report,
         "speed": speed,
         "report": report,
         "pairs": pairs_against,
+        "conns-report": conns_report,
         "perf-summary": perf_summary,
         "callgrind-summary": callgrind_summary,
     }

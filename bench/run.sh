@@ -69,44 +69,9 @@ for tool in "${tools[@]}"; do
     command -v "$tool" >/dev/null || die "$tool is required"
 done
 
-# --- file descriptors: the broker, nginx and the load generator each hold up to IDLE_MAX.
-want_fds=$((IDLE_MAX + 2000))
-hard=$(ulimit -Hn)
-if [[ $hard != unlimited && $hard -lt $want_fds ]]; then
-    ulimit -Hn "$want_fds" 2>/dev/null || true
-    hard=$(ulimit -Hn)
-fi
-if [[ $hard == unlimited || $hard -ge $want_fds ]]; then
-    ulimit -n "$want_fds"
-else
-    ulimit -n "$hard"
-    fit=$((hard - 1000))
-    echo "bench: file descriptor limit $hard < $want_fds; idle connections capped at $fit" >&2
-    for i in "${!IDLE_COUNTS[@]}"; do
-        ((IDLE_COUNTS[i] > fit)) && IDLE_COUNTS[i]=$fit
-    done
-    IDLE_MAX=${IDLE_COUNTS[-1]}
-fi
+fit_fds
 
-# --- nginx (reference): Debian package, installed when missing.
-NGINX=$(command -v nginx || true)
-[[ -z $NGINX && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
-if [[ -z $NGINX ]]; then
-    if command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
-        log "installing nginx (apt-get)"
-        apt-get update -qq >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
-        NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-    elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-        log "installing nginx (sudo apt-get)"
-        sudo -n apt-get update -qq >/dev/null
-        sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
-        NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-    else
-        die "nginx is missing and cannot be installed here (apt-get install nginx)"
-    fi
-fi
-[[ -x $NGINX ]] || die "nginx not found after installation"
+find_nginx
 
 # --- build, work folder (cleanup on exit)
 bench_build
@@ -197,25 +162,7 @@ stop_broker broker-rs256
 # A minimal fake STS (bench/fake_sts.py, plain HTTP on loopback) answers the first exchange;
 # every measured request is a cache hit (checked with the cache metrics and the fake's count).
 log "broker, Google sts-exchange flow served from the token cache (fake STS behind the first miss)"
-read -r STS_PORT < <("$PY" "$LIB" free-ports 1)
-"$PY" "$ROOT/bench/fake_sts.py" "$STS_PORT" &
-STS_PID=$!
-PIDS+=("$STS_PID")
-"$PY" "$LIB" wait-tcp "127.0.0.1:$STS_PORT" 10
-SCOPE=https://www.googleapis.com/auth/cloud-platform
-BROKER_RULE_FLOWS='["mtls-client-credentials", "sts-exchange"]'
-BROKER_RULE_EXTRA="scopes = [\"$SCOPE\"]"
-BROKER_EXTRA_CONFIG="[google]
-project_number = \"123456789012\"
-pool_id = \"devices\"
-provider_id = \"token-broker\"
-sts_url = \"http://127.0.0.1:$STS_PORT\""
-start_broker broker-google "$PKI/keys"
-BROKER_RULE_FLOWS='["mtls-client-credentials"]'
-BROKER_RULE_EXTRA=""
-BROKER_EXTRA_CONFIG=""
-GOOGLE_BODY="grant_type=client_credentials&scope=$("$PY" -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$SCOPE")"
-cache_metric() { "$PY" "$LIB" metric "http://127.0.0.1:$ADMIN_PORT/metrics" "token_broker_token_cache_$1_total"; }
+start_google_broker broker-google "$PKI/keys"
 # The first request misses (one exchange at the fake STS); the rest hit.
 "$LOADGEN" "${CLIENT_ARGS[@]}" --addr "127.0.0.1:$BROKER_PORT" --body "$GOOGLE_BODY" --mode keep-alive \
     --concurrency 1 --duration "$WARMUP" >/dev/null
@@ -240,51 +187,7 @@ stop_pid "$STS_PID" TERM
 
 # --- nginx: same server certificate, CA bundle and CRL; static 200 for POST /token.
 log "nginx reference (mTLS, static 200)"
-NGINX_DIR="$WORK/nginx"
-mkdir -p "$NGINX_DIR/tmp"
-read -r NGINX_PORT < <("$PY" "$LIB" free-ports 1)
-cat >"$NGINX_DIR/nginx.conf" <<EOF
-worker_processes $(nproc);
-worker_rlimit_nofile $want_fds;
-pid $NGINX_DIR/nginx.pid;
-error_log $NGINX_DIR/error.log warn;
-events { worker_connections $((IDLE_MAX + 1000)); }
-http {
-    access_log off;
-    client_body_temp_path $NGINX_DIR/tmp/body;
-    proxy_temp_path $NGINX_DIR/tmp/proxy;
-    fastcgi_temp_path $NGINX_DIR/tmp/fastcgi;
-    uwsgi_temp_path $NGINX_DIR/tmp/uwsgi;
-    scgi_temp_path $NGINX_DIR/tmp/scgi;
-    keepalive_requests 100000000;
-    keepalive_timeout 3600s;
-    server {
-        listen 127.0.0.1:$NGINX_PORT ssl;
-        server_name localhost;
-        ssl_certificate $PKI/server.pem;
-        ssl_certificate_key $PKI/server-key.pem;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        ssl_verify_client on;
-        ssl_client_certificate $PKI/ca.pem;
-        ssl_crl $PKI/ca.crl.pem;
-        location = /token { return 200 "ok"; }
-        location / { return 404; }
-    }
-}
-EOF
-"$NGINX" -t -q -c "$NGINX_DIR/nginx.conf" -p "$NGINX_DIR" -e "$NGINX_DIR/error.log"
-"$NGINX" -c "$NGINX_DIR/nginx.conf" -p "$NGINX_DIR" -e "$NGINX_DIR/error.log" -g 'daemon off;' &
-NGINX_PID=$!
-PIDS+=("$NGINX_PID")
-"$PY" "$LIB" wait-tcp "127.0.0.1:$NGINX_PORT" 10
-for _ in $(seq 1 100); do
-    (($(children "$NGINX_PID" | wc -l) >= $(nproc))) && break
-    sleep 0.05
-done
-NGINX_WORKERS=$(children "$NGINX_PID" | tr '\n' ' ')
-[[ -n $NGINX_WORKERS ]] || die "no nginx worker process"
-NGINX_PIDS="$NGINX_PID $NGINX_WORKERS" # CPU and RSS: master and all workers summed
-echo "nginx: master $NGINX_PID, processes $NGINX_PIDS, https://127.0.0.1:$NGINX_PORT ($("$NGINX" -v 2>&1))"
+start_nginx "$IDLE_MAX"
 warmup "$NGINX_PORT"
 matrix nginx - - "$NGINX_PORT" "$NGINX_PIDS"
 low_rate nginx - - "$NGINX_PORT" "$NGINX_PIDS"
@@ -338,45 +241,6 @@ BROKER_PID=$VALIDATE_PID
 stop_broker broker-paired-validate
 
 # --- memory: RSS idle, then with IDLE_COUNTS idle mTLS connections held (cumulative).
-# memory_run NAME SERVER PORT "PIDS" IDLE_REQUEST(0|1) COUNTS...
-memory_run() {
-    local name=$1 server=$2 port=$3 pids=$4 idle_request=$5 idle_kb held=0 n add out pid base points=() rss
-    shift 5
-    local loaders=()
-    sleep "$SETTLE"
-    # shellcheck disable=SC2086
-    idle_kb=$(rss_kb $pids)
-    echo "  $name: RSS idle $((idle_kb / 1024)) MiB"
-    for n in "$@"; do
-        add=$((n - held))
-        out="$WORK/$name-$n.out"
-        [[ $server == broker ]] && base=$(handshakes_ok)
-        extra=()
-        [[ $idle_request == 1 ]] && extra=(--idle-request)
-        "$LOADGEN" "${CLIENT_ARGS[@]}" --addr "127.0.0.1:$port" --mode idle --connections "$add" \
-            --concurrency 64 --duration 3600 --label "$name-$n" "${extra[@]+"${extra[@]}"}" >"$out" &
-        pid=$!
-        PIDS+=("$pid")
-        loaders+=("$pid")
-        "$PY" "$LIB" wait-line "$out" "$pid" 300
-        if [[ $server == broker ]]; then # wait until the server has completed every handshake
-            for _ in $(seq 1 200); do
-                (($(handshakes_ok) >= base + add)) && break
-                sleep 0.1
-            done
-        fi
-        sleep "$SETTLE"
-        held=$n
-        # shellcheck disable=SC2086
-        rss=$(rss_kb $pids)
-        "$PY" -c "import json,sys; d=json.loads(open(sys.argv[1]).read()); print('  %s: %d held (+%d, %d errors, %.0f handshakes/s), RSS %d MiB' % (sys.argv[2], int(sys.argv[3]), d['established'], d['errors'], d['handshakes_per_s'], int(sys.argv[4]) // 1024))" \
-            "$out" "$name" "$n" "$rss"
-        points+=("{\"connections\":$n,\"rss_kb\":$rss,\"bytes_per_conn\":$(((rss - idle_kb) * 1024 / n)),\"load\":$(cat "$out")}")
-    done
-    "$PY" "$LIB" add "$RESULTS" "{\"name\":\"memory-$name\",\"server\":\"$server\",\"idle_request\":$([[ $idle_request == 1 ]] && echo true || echo false),\"rss_idle_kb\":$idle_kb,\"points\":[$(IFS=,; echo "${points[*]}")]}"
-    for pid in "${loaders[@]}"; do stop_pid "$pid" TERM; done
-}
-
 log "memory: nginx with ${IDLE_COUNTS[*]} idle mTLS connections"
 memory_run nginx nginx "$NGINX_PORT" "$NGINX_PIDS" 0 "${IDLE_COUNTS[@]}"
 stop_pid "$NGINX_PID" TERM
@@ -412,3 +276,11 @@ cp "$RESULTS" "$OUT/results.jsonl"
 "$PY" "$LIB" report "$RESULTS" "$OUT/report.md"
 echo
 echo "results: $OUT/results.jsonl, $OUT/report.md"
+
+# --- scale smoke tests: the quick forms of bench/conns.sh and bench/latency.sh (their full
+# runs take minutes each and are run on their own; see BENCHMARKS.md, "Scale").
+if [[ $QUICK == 1 ]]; then
+    log "scale smoke tests: conns.sh --quick, latency.sh --quick"
+    bash "$ROOT/bench/conns.sh" --quick --no-build --out "$OUT/conns"
+    bash "$ROOT/bench/latency.sh" --quick --no-build --out "$OUT/latency"
+fi

@@ -148,6 +148,10 @@ struct Args {
     /// Runtime worker threads (default: one per CPU).
     #[arg(long)]
     threads: Option<usize>,
+    /// Spread connections over this many loopback source addresses (127.0.0.1, .2, ...), so
+    /// more connections than the ephemeral port range can be open to one server address.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    source_ips: u8,
     /// Free-form label copied into the JSON line.
     #[arg(long, default_value = "")]
     label: String,
@@ -187,6 +191,8 @@ struct Target {
     devices: Option<Devices>,
     request: Vec<u8>,
     timeout: Duration,
+    source_ips: u8,
+    next_source: std::sync::atomic::AtomicUsize,
 }
 
 fn tls_config(args: &Args) -> Result<rustls::ClientConfig, BoxError> {
@@ -379,10 +385,19 @@ struct Response {
 
 async fn connect(target: &Target) -> Result<TlsStream<TcpStream>, Failure> {
     use std::sync::atomic::Ordering::Relaxed;
-    let n = target.opened.fetch_add(1, Relaxed);
-    let tcp = TcpStream::connect(target.addrs[n % target.addrs.len()])
-        .await
-        .map_err(Failure::Connect)?;
+    let addr = target.addrs[target.opened.fetch_add(1, Relaxed) % target.addrs.len()];
+    let tcp = if target.source_ips > 1 {
+        let n = target.next_source.fetch_add(1, Relaxed);
+        let host = (n % usize::from(target.source_ips)) as u8 + 1;
+        let socket = tokio::net::TcpSocket::new_v4().map_err(Failure::Connect)?;
+        socket
+            .bind(SocketAddr::from(([127, 0, 0, host], 0)))
+            .map_err(Failure::Connect)?;
+        socket.connect(addr).await
+    } else {
+        TcpStream::connect(addr).await
+    }
+    .map_err(Failure::Connect)?;
     let _ = tcp.set_nodelay(true);
     let connector = match &target.devices {
         Some(devices) => &devices.next_connector()?,
@@ -683,6 +698,8 @@ async fn run(args: Args) -> Result<serde_json::Value, BoxError> {
         devices,
         request: build_request(&args),
         timeout: Duration::from_secs_f64(args.timeout),
+        source_ips: args.source_ips,
+        next_source: std::sync::atomic::AtomicUsize::new(0),
     });
     // One probe connection: fails fast with a clear message if the server is not reachable,
     // and tells what TLS was negotiated.
@@ -816,6 +833,7 @@ async fn load(args: &Args, mode: Mode, target: Arc<Target>) -> Result<serde_json
             "p50": percentile(&latencies, 0.50),
             "p90": percentile(&latencies, 0.90),
             "p99": percentile(&latencies, 0.99),
+            "p999": percentile(&latencies, 0.999),
             "max": percentile(&latencies, 1.0),
             "mean": mean,
         },

@@ -19,7 +19,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin;
@@ -81,6 +82,8 @@ impl Server {
             ))
         };
         let graceful = GracefulShutdown::new();
+        // Connections not yet handed to hyper (see `first_bytes`) close when this turns true.
+        let (closing, closing_seen) = watch::channel(false);
         let max_connections = live.current().config().server.max_connections;
         let slots = Arc::new(Semaphore::new(max_connections));
         let stop_accepting = async {
@@ -117,10 +120,11 @@ impl Server {
             };
             let live = live.clone();
             let watcher = graceful.watcher();
+            let closing = closing_seen.clone();
             tokio::spawn(async move {
                 let metrics = live.metrics();
                 metrics.open_connections.inc();
-                serve_connection(live, stream, peer, watcher).await;
+                serve_connection(live, stream, peer, watcher, closing).await;
                 // The slot first: a connection no longer counted as open has freed its slot.
                 drop(permit);
                 metrics.open_connections.dec();
@@ -133,6 +137,7 @@ impl Server {
             grace_seconds = grace.as_secs(),
             "draining: listener closed, finishing in-flight requests"
         );
+        let _ = closing.send(true);
         if tokio::time::timeout(grace, graceful.shutdown())
             .await
             .is_err()
@@ -152,6 +157,7 @@ async fn serve_connection(
     mut stream: TcpStream,
     socket_peer: SocketAddr,
     watcher: hyper_util::server::graceful::Watcher,
+    closing: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let broker = live.current();
@@ -206,6 +212,12 @@ async fn serve_connection(
         client_chain,
         client_identity: Default::default(),
     });
+    // One limit for the wait for the first bytes and the request's headers together.
+    let header_deadline = tokio::time::Instant::now() + config.request_header_timeout;
+    let mut tls = tls;
+    if !first_bytes(&mut tls, header_deadline, closing).await {
+        return;
+    }
 
     let service = service_fn(move |request| {
         let (live, conn) = (live.clone(), conn.clone());
@@ -224,11 +236,33 @@ async fn serve_connection(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(config.request_header_timeout)
+        .header_read_timeout(header_deadline.saturating_duration_since(tokio::time::Instant::now()))
         .max_buf_size(config.max_header_bytes.max(8192));
     let connection = builder.serve_connection(TokioIo::new(tls), service);
     if let Err(error) = watcher.watch(connection).await {
         tracing::debug!(%peer, %error, "connection ended with an error");
+    }
+}
+
+/// Waits until the client has sent something after its handshake (true), or not by
+/// `deadline`, or the server closes first (false). Hyper allocates its read and write buffers
+/// (8 KiB each) as soon as it is given a connection, so a device that holds its connection
+/// before the first request costs only its TLS state meanwhile.
+async fn first_bytes(
+    tls: &mut TlsStream<TcpStream>,
+    deadline: tokio::time::Instant,
+    mut closing: watch::Receiver<bool>,
+) -> bool {
+    let (tcp, session) = tls.get_mut();
+    // The request may have come with the client's Finished and already be read by rustls.
+    match session.process_new_packets() {
+        Ok(state) if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() => return true,
+        Ok(_) => {}
+        Err(_) => return false,
+    }
+    tokio::select! {
+        ready = tokio::time::timeout_at(deadline, tcp.readable()) => matches!(ready, Ok(Ok(()))),
+        _ = closing.wait_for(|closing| *closing) => false,
     }
 }
 

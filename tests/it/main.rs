@@ -16,6 +16,7 @@ mod fake_google;
 mod form;
 mod fuzz_seeds;
 mod google;
+mod idle_connections;
 mod layers;
 mod monitoring;
 mod name_constraints;
