@@ -9,8 +9,8 @@
 # (loadgen --mode new-conn --addr A --addr2 B): "full" without a session store (every
 # handshake full), "resumed" with one (loadgen --resume: each connection resumes the
 # ticket of an earlier one, usually from the other replica). Server CPU is both brokers'
-# utime+stime; per token = CPU / tokens. With nginx installed (and FLOOR_BIN set to a floor
-# server binary, when there is one), their full handshakes are measured in the same rounds.
+# utime+stime; per token = CPU / tokens. The floor server's (examples/floor.rs) and, with nginx installed, nginx's full
+# handshakes are measured in the same rounds.
 # Prints one JSON line per run (raw data) and a summary of the per-round ratios.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -44,59 +44,13 @@ resumed_count() {
     "$PY" -c 'import sys; print(int(float(sys.argv[1]) + float(sys.argv[2])))' "$a" "$b"
 }
 
+# The references, started as bench/run.sh starts them (common.sh): nginx when it is
+# installed, and the floor server (examples/floor.rs).
 NGINX_PORT="" NGINX_PIDS=""
 NGINX=$(command -v nginx || true)
 [[ -z $NGINX && -x /usr/sbin/nginx ]] && NGINX=/usr/sbin/nginx
-if [[ -n $NGINX ]]; then
-    NGINX_DIR="$WORK/nginx"
-    mkdir -p "$NGINX_DIR/tmp"
-    read -r NGINX_PORT < <("$PY" "$LIB" free-ports 1)
-    cat >"$NGINX_DIR/nginx.conf" <<EOF
-worker_processes $(nproc);
-pid $NGINX_DIR/nginx.pid;
-error_log $NGINX_DIR/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $NGINX_DIR/tmp/body;
-    proxy_temp_path $NGINX_DIR/tmp/proxy;
-    fastcgi_temp_path $NGINX_DIR/tmp/fastcgi;
-    uwsgi_temp_path $NGINX_DIR/tmp/uwsgi;
-    scgi_temp_path $NGINX_DIR/tmp/scgi;
-    server {
-        listen 127.0.0.1:$NGINX_PORT ssl;
-        server_name localhost;
-        ssl_certificate $PKI/server.pem;
-        ssl_certificate_key $PKI/server-key.pem;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        ssl_verify_client on;
-        ssl_client_certificate $PKI/ca.pem;
-        ssl_crl $PKI/ca.crl.pem;
-        location = /token { return 200 "ok"; }
-        location / { return 404; }
-    }
-}
-EOF
-    "$NGINX" -c "$NGINX_DIR/nginx.conf" -p "$NGINX_DIR" -e "$NGINX_DIR/error.log" -g 'daemon off;' &
-    NGINX_PID=$!
-    PIDS+=("$NGINX_PID")
-    "$PY" "$LIB" wait-tcp "127.0.0.1:$NGINX_PORT" 10
-    for _ in $(seq 1 100); do
-        (($(children "$NGINX_PID" | wc -l) >= $(nproc))) && break
-        sleep 0.05
-    done
-    NGINX_PIDS="$NGINX_PID $(children "$NGINX_PID" | tr '\n' ' ')"
-fi
-FLOOR_PORT="" FLOOR_PID=""
-if [[ -n ${FLOOR_BIN:-} ]]; then
-    read -r FLOOR_PORT < <("$PY" "$LIB" free-ports 1)
-    # shellcheck disable=SC2086 # FLOOR_ARGS is a list of words
-    "$FLOOR_BIN" --addr "127.0.0.1:$FLOOR_PORT" --cert "$PKI/server.pem" --key "$PKI/server-key.pem" \
-        --ca "$PKI/ca.pem" --crl "$PKI/ca.crl.pem" ${FLOOR_ARGS:-} 2>"$WORK/floor.log" &
-    FLOOR_PID=$!
-    PIDS+=("$FLOOR_PID")
-    "$PY" "$LIB" wait-tcp "127.0.0.1:$FLOOR_PORT" 10
-fi
+[[ -z $NGINX ]] || start_nginx 4096
+start_floor floor
 
 RAW="$WORK/resumption.jsonl"
 run() { # run ROUND SIDE "PIDS" LOADGEN_ARGS...: one JSON line with server CPU per token
