@@ -377,7 +377,7 @@ async fn a_replica_drains_behind_haproxy_without_retries_and_no_request_fails() 
     replicas[1].signal("TERM");
     let mut replicas = replicas;
     let mut drained = replicas.remove(1);
-    let exit = tokio::task::spawn_blocking(move || drained.child.wait().unwrap())
+    let exit = tokio::task::spawn_blocking(move || drained.process.wait())
         .await
         .unwrap();
     let drain_time = stopped_at.elapsed();

@@ -7,21 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::fake_google::{Api, FakeGoogle, FakeGoogleConfig, Fault};
+use crate::support::process::Process;
 use crate::support::{self, Leaf, LeafSpec, Setup, ISSUER};
 use serde_json::Value;
 
 /// A broker process on its own ports; killed when dropped.
 pub(crate) struct Replica {
-    pub(crate) child: Child,
+    pub(crate) process: Process,
     pub(crate) port: u16,
     pub(crate) admin: u16,
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Replica {
@@ -30,30 +24,14 @@ impl Replica {
     /// freed for the broker could be taken by another process meanwhile.
     pub(crate) async fn start(setup: &Setup, name: &str) -> Replica {
         let config = setup.path("config.toml");
-        let log_path = setup.path(&format!("{name}.log"));
-        let log = std::fs::File::create(&log_path).unwrap();
-        let mut child = Command::new(support::binary())
-            .args(["--log-format", "json", "-c"])
-            .arg(&config)
-            .arg("serve")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
+        let config = config.to_str().unwrap();
+        let mut process = Process::start(
+            &["--log-format", "json", "-c", config, "serve"],
+            setup.path(&format!("{name}.log")),
+        );
         // Logs are flushed every 100 ms: the line shows up a little after the listeners.
-        let deadline = std::time::Instant::now() + support::PATIENCE;
-        let serving = loop {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            if let Some(line) = log.lines().find(|l| l.contains("token-broker serving")) {
-                break serde_json::from_str::<Value>(line).unwrap();
-            }
-            let exited = child.try_wait().unwrap();
-            if exited.is_some() || std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("{name} did not start ({exited:?}): {log}");
-            }
-            tokio::time::sleep(support::POLL).await;
-        };
+        let serving: Value =
+            serde_json::from_str(&process.line("token-broker serving").await).unwrap();
         let port_of = |field: &str| -> u16 {
             let text = serving[field].as_str().unwrap();
             let addr = text.trim_start_matches("Some(").trim_end_matches(')');
@@ -62,7 +40,7 @@ impl Replica {
         let replica = Replica {
             port: port_of("listen"),
             admin: port_of("admin"),
-            child,
+            process,
         };
         support::wait_until(&format!("{name} to be ready"), || async {
             replica.ready().await == Some(200)
@@ -89,11 +67,7 @@ impl Replica {
     }
 
     pub(crate) fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args(["-s", name, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        self.process.signal(name);
     }
 }
 
@@ -229,7 +203,7 @@ async fn sighup_reloads_and_sigterm_drains_in_flight_requests() {
         assert_eq!(status, 200, "{body}");
     }
     let mut replica = replica;
-    let status = tokio::task::spawn_blocking(move || replica.child.wait().unwrap())
+    let status = tokio::task::spawn_blocking(move || replica.process.wait())
         .await
         .unwrap();
     assert!(status.success(), "exit status {status:?}");

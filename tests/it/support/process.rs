@@ -56,6 +56,11 @@ impl Process {
         assert!(status.success());
     }
 
+    /// Waits for the exit, blocking (call it from `spawn_blocking`).
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+
     /// SIGTERM, then the exit (which flushes the logs), which must succeed; the whole log.
     pub async fn stop(mut self) -> String {
         self.signal("TERM");
