@@ -1,19 +1,22 @@
 //! Memory per entry of the broker's verified-chain cache (`broker::VerifiedChains`, the
 //! real type), for `bench/devices.sh`: fills it with `--entries` verdicts keyed by the
 //! certificates of a `bench_devices` bundle (each with a counter appended, so entries stay
-//! distinct when there are fewer certificates than entries) and prints, as one JSON line,
-//! the process's RSS growth per entry.
+//! distinct when there are fewer certificates than entries), each holding its own copy of
+//! the certificate's parsed identity as the broker's entries do, and prints, as one JSON
+//! line, the process's RSS growth per entry.
 //!
 //! ```sh
 //! cargo run --release --example chain_cache_memory -- --devices devices.pem --entries 1000000
 //! ```
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::Parser;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use token_broker::broker::{ChainKeys, VerifiedChains};
+use token_broker::identity::Identity;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -45,6 +48,10 @@ fn run(args: &Args) -> Result<serde_json::Value, BoxError> {
     if certs.is_empty() {
         return Err("no certificate in the bundle".into());
     }
+    let identities = certs
+        .iter()
+        .map(|cert| Identity::from_der(cert))
+        .collect::<Result<Vec<_>, _>>()?;
     let cache = VerifiedChains::new(args.entries);
     let before = rss_kb()?;
     let now = 1_800_000_000;
@@ -55,9 +62,10 @@ fn run(args: &Args) -> Result<serde_json::Value, BoxError> {
         leaf.clear();
         leaf.extend_from_slice(cert);
         leaf.extend_from_slice(&(i as u64).to_be_bytes());
-        cache.put(ChainKeys::of(&leaf, &[]), now, now + 3600);
+        let identity = Arc::new(identities[i % certs.len()].clone());
+        cache.put(ChainKeys::of(&leaf, &[]), identity, now, now + 3600);
     }
-    let held = cache.settled_len();
+    let held = cache.entries();
     let after = rss_kb()?;
     Ok(serde_json::json!({
         "entries": args.entries,

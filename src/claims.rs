@@ -36,7 +36,7 @@ pub struct IdTokenClaims<'a> {
     jti: &'a str,
     client_id: &'a str,
     amr: [&'a str; 1],
-    cnf: Confirmation<'a>,
+    cnf: Confirmation,
     client: CertificateClaims<'a>,
     /// The rule's static claims. Config loading refuses names the broker sets, so a key
     /// never appears twice.
@@ -46,9 +46,9 @@ pub struct IdTokenClaims<'a> {
 
 /// RFC 8705 certificate binding.
 #[derive(Serialize)]
-struct Confirmation<'a> {
+struct Confirmation {
     #[serde(rename = "x5t#S256")]
-    x5t_s256: &'a str,
+    x5t_s256: String,
 }
 
 /// The certificate fields Google's Token Service attribute mappings read (`client.x5_*`).
@@ -57,7 +57,7 @@ struct CertificateClaims<'a> {
     x5_spiffe: &'a str,
     x5_dnssan: String,
     x5_urisan: String,
-    x5_sha256: &'a str,
+    x5_sha256: String,
     x5_serial: &'a str,
 }
 
@@ -80,13 +80,13 @@ pub fn id_token_claims<'a>(
         client_id: &who.rule.client_id,
         amr: [flow],
         cnf: Confirmation {
-            x5t_s256: &id.x5t_s256,
+            x5t_s256: id.sha256.x5t_s256(),
         },
         client: CertificateClaims {
             x5_spiffe: id.spiffe_id.as_deref().unwrap_or_default(),
             x5_dnssan: id.dns_sans.join(","),
             x5_urisan: id.uri_sans.join(","),
-            x5_sha256: &id.sha256_hex,
+            x5_sha256: id.sha256.hex(),
             x5_serial: &id.serial,
         },
         extra: &who.rule.claims,

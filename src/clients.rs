@@ -5,6 +5,7 @@
 //! segments; DNS and email patterns ignore case, as those names do. In `subject` and
 //! `issuer` patterns `\` is literal (RFC 4514 escapes with it); `[*]` is a literal `*`.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -140,7 +141,7 @@ impl Matcher {
         if !(one(&self.spiffe, id.spiffe_id.as_deref())
             && one(&self.subject, Some(&id.subject))
             && one(&self.issuer, Some(&id.issuer))
-            && (self.sha256.is_empty() || self.sha256.contains(&id.sha256_hex)))
+            && (self.sha256.is_empty() || self.sha256.contains(&id.sha256.hex())))
         {
             return None;
         }
@@ -194,20 +195,21 @@ impl Field {
     }
 
     /// The field's value: for SANs, the one the rule matched, else the first.
-    fn value<'a>(self, id: &'a Identity, matched: &'a Matched) -> Option<&'a str> {
+    fn value<'a>(self, id: &'a Identity, matched: &'a Matched) -> Option<Cow<'a, str>> {
         let san = |matched: &'a Option<String>, all: &'a [String]| {
             matched.as_deref().or(all.first().map(String::as_str))
         };
-        match self {
+        let borrowed = match self {
             Field::Spiffe => id.spiffe_id.as_deref(),
             Field::Uri => san(&matched.uri, &id.uri_sans),
             Field::Dns => san(&matched.dns, &id.dns_sans),
             Field::Email => san(&matched.email, &id.email_sans),
             Field::Cn => id.common_name.as_deref(),
-            Field::Subject => Some(&id.subject),
-            Field::Serial => Some(&id.serial),
-            Field::Sha256 => Some(&id.sha256_hex),
-        }
+            Field::Subject => Some(id.subject.as_str()),
+            Field::Serial => Some(id.serial.as_str()),
+            Field::Sha256 => return Some(Cow::Owned(id.sha256.hex())),
+        };
+        borrowed.map(Cow::Borrowed)
     }
 }
 
@@ -249,7 +251,7 @@ impl Template {
             match part {
                 Part::Text(t) => out.push_str(t),
                 Part::Field(f) => out.push_str(
-                    f.value(id, matched)
+                    &f.value(id, matched)
                         .ok_or(Refusal::SubjectUnavailable(f.name()))?,
                 ),
             }
@@ -268,7 +270,7 @@ impl ClientRule {
                 .iter()
                 .find_map(|f| f.value(id, matched))
                 .unwrap_or_default()
-                .to_owned(),
+                .into_owned(),
         };
         if subject.len() > MAX_SUBJECT_BYTES {
             return Err(Refusal::SubjectTooLong(subject.len()));
@@ -567,7 +569,7 @@ fn build_matcher(m: &MatchConfig, problems: &mut Vec<String>) -> Matcher {
 }
 
 #[cfg(test)]
-mod tests_support {
+pub(crate) mod tests_support {
     pub(super) use super::*;
 
     pub(super) fn parse(toml_text: &str) -> Vec<ClientRuleConfig> {
@@ -594,7 +596,7 @@ mod tests_support {
         rules.find(&id).is_some()
     }
 
-    pub(super) fn identity() -> Identity {
+    pub(crate) fn identity() -> Identity {
         Identity {
             subject: "CN=dev-1, O=Example".into(),
             common_name: Some("dev-1".into()),
@@ -608,8 +610,7 @@ mod tests_support {
             ip_sans: vec![],
             spiffe_id: Some("spiffe://example.org/device/dev-1".into()),
             serial: "01".into(),
-            sha256_hex: "ab".repeat(32),
-            x5t_s256: String::new(),
+            sha256: crate::identity::CertDigest([0xab; 32]),
             not_before: 0,
             not_after: 0,
             key: crate::identity::KeyInfo::EcP256,

@@ -34,16 +34,42 @@ pub struct Identity {
     pub spiffe_id: Option<String>,
     /// Serial number, lowercase hex without separators or DER sign padding.
     pub serial: String,
-    /// SHA-256 of the DER certificate, lowercase hex (rules match on this).
-    pub sha256_hex: String,
-    /// SHA-256 of the DER certificate, base64url (`x5t#S256`, RFC 8705).
-    pub x5t_s256: String,
+    /// SHA-256 of the DER certificate; serialized as `sha256_hex` and `x5t_s256`.
+    #[serde(flatten)]
+    pub sha256: CertDigest,
     pub not_before: i64,
     pub not_after: i64,
     #[serde(skip)]
     pub(crate) key: KeyInfo,
     #[serde(skip)]
     pub(crate) has_eku: bool,
+}
+
+/// SHA-256 of a DER certificate. Held as bytes, its text forms made when asked, because the
+/// verified-chain cache keeps an identity per device: 32 bytes instead of about 180.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CertDigest(pub [u8; 32]);
+
+impl CertDigest {
+    /// Lowercase hex: what rules match on and logs show.
+    pub fn hex(&self) -> String {
+        hex(&self.0)
+    }
+
+    /// Base64url without padding: the `x5t#S256` confirmation (RFC 8705).
+    pub fn x5t_s256(&self) -> String {
+        URL_SAFE_NO_PAD.encode(self.0)
+    }
+}
+
+impl Serialize for CertDigest {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(2))?;
+        map.serialize_entry("sha256_hex", &self.hex())?;
+        map.serialize_entry("x5t_s256", &self.x5t_s256())?;
+        map.end()
+    }
 }
 
 /// The leaf's public key, as far as policy needs to know it.
@@ -95,8 +121,7 @@ impl Identity {
             ip_sans: Vec::new(),
             spiffe_id: None,
             serial: serial_hex(cert.raw_serial()),
-            sha256_hex: String::new(),
-            x5t_s256: String::new(),
+            sha256: CertDigest(Sha256::digest(der).into()),
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             key: key_info(&cert),
@@ -136,9 +161,6 @@ impl Identity {
             many => return Err(IdentityError::AmbiguousSpiffeId(many.len())),
         }
 
-        let digest = Sha256::digest(der);
-        identity.sha256_hex = hex(&digest);
-        identity.x5t_s256 = URL_SAFE_NO_PAD.encode(digest);
         Ok(identity)
     }
 

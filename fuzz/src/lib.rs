@@ -207,8 +207,11 @@ pub fn identity(data: &[u8]) {
 /// What every parsed identity guarantees, whatever the certificate.
 fn check_identity(id: &Identity, der: &[u8]) {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
-    assert_eq!(id.sha256_hex, hex(digest.as_ref()));
-    assert_eq!(id.x5t_s256, URL_SAFE_NO_PAD.encode(digest.as_ref()));
+    assert_eq!(id.sha256.hex(), hex(digest.as_ref()));
+    assert_eq!(
+        id.sha256.x5t_s256(),
+        URL_SAFE_NO_PAD.encode(digest.as_ref())
+    );
     let serial = &id.serial;
     assert!(!serial.is_empty() && serial.len() % 2 == 0, "{serial}");
     assert!(serial
@@ -554,7 +557,7 @@ pub fn config(data: &[u8]) {
             if let Ok(subject) = rule.subject_for(id, &matched) {
                 assert!(subject.len() <= MAX_SUBJECT_BYTES);
             }
-            let _ = rule.check_rate(&id.sha256_hex);
+            let _ = rule.check_rate(&id.sha256.hex());
         }
     }
 }
@@ -624,8 +627,12 @@ pub fn jwt_encode(data: &[u8]) {
             "email" => emails.push(value),
             "spiffe" => id.spiffe_id = Some(value),
             "serial" => id.serial = value,
-            "sha256" => id.sha256_hex = value,
-            "x5t" => id.x5t_s256 = value,
+            // The certificate hash is bytes now; both keys of older corpora set it.
+            "sha256" | "x5t" => {
+                let digest =
+                    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, value.as_bytes());
+                id.sha256.0.copy_from_slice(digest.as_ref());
+            }
             "name" => rule.name = value,
             "client_id" => rule.client_id = Some(value),
             "template" => rule.subject = Some(value),

@@ -388,9 +388,11 @@ impl Broker {
         self.authenticate_parsed(chain, now, &OnceLock::new())
     }
 
-    /// [`Broker::authenticate`] with the leaf's identity parsed at most once into `parsed`,
-    /// which a connection keeps for its requests: the identity depends on the leaf's bytes
-    /// alone, the verdict on it is still looked up (or reached) on every request.
+    /// [`Broker::authenticate`] for a connection's requests. A verified-chain hit brings the
+    /// leaf's identity with its verdict; otherwise (a miss, or the cache off) the leaf is
+    /// parsed at most once into `parsed`, which the connection keeps: the identity depends on
+    /// the leaf's bytes alone, the verdict on it is still looked up (or reached) on every
+    /// request.
     pub fn authenticate_parsed(
         &self,
         chain: &[CertificateDer<'_>],
@@ -399,23 +401,26 @@ impl Broker {
     ) -> Result<Authenticated<'_>, Refusal> {
         let (leaf, others) = chain.split_first().ok_or(Refusal::NoCertificate)?;
         let seconds = now.as_secs() as i64;
-        let identity = match parsed.get() {
-            Some(identity) => identity.clone(),
-            None => {
-                let identity = Arc::new(
-                    Identity::from_der(leaf).map_err(|e| Refusal::Malformed(e.to_string()))?,
-                );
-                parsed.get_or_init(|| identity.clone()).clone()
-            }
-        };
         let keys = ChainKeys::of(leaf, others);
-        if self.verified.holds(&keys, seconds) {
+        let identity = if let Some(identity) = self.verified.holds(&keys, seconds) {
             self.metrics.verified_chain_hits.inc();
+            identity
         } else {
             self.metrics.verified_chain_misses.inc();
+            let identity = match parsed.get() {
+                Some(identity) => identity.clone(),
+                None => {
+                    let identity = Arc::new(
+                        Identity::from_der(leaf).map_err(|e| Refusal::Malformed(e.to_string()))?,
+                    );
+                    parsed.get_or_init(|| identity.clone()).clone()
+                }
+            };
             let valid_until = self.trust.verify(chain, &identity, now)?;
-            self.verified.put(keys, seconds, valid_until);
-        }
+            self.verified
+                .put(keys, identity.clone(), seconds, valid_until);
+            identity
+        };
         let (rule, matched) = self.rules.find(&identity).ok_or(Refusal::NoMatchingRule)?;
         let subject = rule.subject_for(&identity, &matched)?;
         Ok(Authenticated {

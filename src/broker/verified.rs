@@ -1,26 +1,33 @@
 //! The verified-chain cache: chains that passed validation in this build, so a device that
-//! reconnects (or sends another request on its connection) is not validated again.
+//! reconnects (or sends another request on its connection) is neither validated nor parsed
+//! again.
+
+use std::sync::Arc;
 
 use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
+
+use crate::identity::Identity;
 
 /// A verdict holds from when it was reached until the earliest notAfter or CRL nextUpdate
 /// it depended on; nothing else in it depends on the time, and everything else it depends
 /// on (bundle, CRLs, policy) belongs to this build: a reload starts empty. One entry per
 /// leaf certificate, holding the verdict on the chain last sent with it: a client varying
 /// what it sends beside its certificate only replaces its own entry, so only the CA, by
-/// issuing certificates, adds entries. An entry is the verdict alone (hashes and times,
-/// no allocation of its own): the identity is parsed again from the leaf, once per
-/// connection, which keeps a cached device at a few hundred bytes (BENCHMARKS.md, "Scale:
-/// the floor and many devices"). Public for `examples/chain_cache_memory.rs`.
-pub struct VerifiedChains(Option<moka::sync::Cache<[u8; 32], Verdict>>);
+/// issuing certificates, adds entries. An entry keeps the leaf's parsed identity, so a
+/// returning device costs a lookup, not a parse; `quick_cache` rather than moka because its
+/// per-entry bookkeeping is tens of bytes, not hundreds, which keeps a cached device under
+/// 1 KB with its identity (BENCHMARKS.md, "Scale: the floor and many devices"). Public for
+/// `examples/chain_cache_memory.rs`.
+pub struct VerifiedChains(Option<quick_cache::sync::Cache<[u8; 32], Verdict>>);
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Verdict {
     /// [`ChainKeys::chain`] of the chain that was validated.
     chain: [u8; 32],
     verified_at: i64,
     valid_until: i64,
+    identity: Arc<Identity>,
 }
 
 /// What identifies a chain as sent.
@@ -49,35 +56,39 @@ impl ChainKeys {
 
 impl VerifiedChains {
     pub fn new(capacity: usize) -> Self {
-        Self((capacity > 0).then(|| moka::sync::Cache::new(capacity as u64)))
+        Self((capacity > 0).then(|| quick_cache::sync::Cache::new(capacity)))
     }
 
-    /// Whether this chain passed validation and its verdict holds at `now`.
-    pub fn holds(&self, keys: &ChainKeys, now: i64) -> bool {
-        let Some(verdict) = self.0.as_ref().and_then(|cache| cache.get(&keys.leaf)) else {
-            return false;
-        };
+    /// The identity of this chain's leaf if the chain passed validation and its verdict
+    /// holds at `now`.
+    pub fn holds(&self, keys: &ChainKeys, now: i64) -> Option<Arc<Identity>> {
+        let verdict = self.0.as_ref()?.get(&keys.leaf)?;
         // A clock set back before the verification must not stretch a verdict.
-        verdict.chain == keys.chain && verdict.verified_at <= now && now < verdict.valid_until
+        (verdict.chain == keys.chain && verdict.verified_at <= now && now < verdict.valid_until)
+            .then_some(verdict.identity)
     }
 
-    pub fn put(&self, keys: ChainKeys, verified_at: i64, valid_until: i64) {
+    pub fn put(
+        &self,
+        keys: ChainKeys,
+        identity: Arc<Identity>,
+        verified_at: i64,
+        valid_until: i64,
+    ) {
         if let Some(cache) = &self.0 {
             let verdict = Verdict {
                 chain: keys.chain,
                 verified_at,
                 valid_until,
+                identity,
             };
             cache.insert(keys.leaf, verdict);
         }
     }
 
-    /// Entries held, once the cache's pending bookkeeping is done.
-    pub fn settled_len(&self) -> u64 {
-        self.0.as_ref().map_or(0, |cache| {
-            cache.run_pending_tasks();
-            cache.entry_count()
-        })
+    /// Entries held.
+    pub fn entries(&self) -> usize {
+        self.0.as_ref().map_or(0, |cache| cache.len())
     }
 }
 
@@ -89,34 +100,57 @@ mod tests {
         ChainKeys::of(leaf, &[CertificateDer::from(other.to_vec())])
     }
 
+    fn identity(serial: &str) -> Arc<Identity> {
+        Arc::new(Identity {
+            serial: serial.into(),
+            ..crate::clients::tests_support::identity()
+        })
+    }
+
     #[test]
     fn a_verdict_holds_for_its_chain_and_time_only() {
         let cache = VerifiedChains::new(10);
-        cache.put(keys(b"leaf", b"ca"), 100, 200);
-        assert!(cache.holds(&keys(b"leaf", b"ca"), 100));
-        assert!(cache.holds(&keys(b"leaf", b"ca"), 199));
-        assert!(!cache.holds(&keys(b"leaf", b"ca"), 200), "past valid_until");
-        assert!(!cache.holds(&keys(b"leaf", b"ca"), 99), "clock set back");
+        cache.put(keys(b"leaf", b"ca"), identity("01"), 100, 200);
+        assert_eq!(
+            cache
+                .holds(&keys(b"leaf", b"ca"), 100)
+                .map(|id| id.serial.clone()),
+            Some("01".into())
+        );
+        assert!(cache.holds(&keys(b"leaf", b"ca"), 199).is_some());
         assert!(
-            !cache.holds(&keys(b"leaf", b"other ca"), 150),
+            cache.holds(&keys(b"leaf", b"ca"), 200).is_none(),
+            "past valid_until"
+        );
+        assert!(
+            cache.holds(&keys(b"leaf", b"ca"), 99).is_none(),
+            "clock set back"
+        );
+        assert!(
+            cache.holds(&keys(b"leaf", b"other ca"), 150).is_none(),
             "another chain"
         );
         assert!(
-            !cache.holds(&keys(b"other leaf", b"ca"), 150),
+            cache.holds(&keys(b"other leaf", b"ca"), 150).is_none(),
             "another leaf"
         );
         // The chain last sent with a leaf replaces its verdict.
-        cache.put(keys(b"leaf", b"other ca"), 100, 200);
-        assert!(!cache.holds(&keys(b"leaf", b"ca"), 150));
-        assert!(cache.holds(&keys(b"leaf", b"other ca"), 150));
-        assert_eq!(cache.settled_len(), 1);
+        cache.put(keys(b"leaf", b"other ca"), identity("02"), 100, 200);
+        assert!(cache.holds(&keys(b"leaf", b"ca"), 150).is_none());
+        assert_eq!(
+            cache
+                .holds(&keys(b"leaf", b"other ca"), 150)
+                .map(|id| id.serial.clone()),
+            Some("02".into())
+        );
+        assert_eq!(cache.entries(), 1);
     }
 
     #[test]
     fn capacity_zero_remembers_nothing() {
         let cache = VerifiedChains::new(0);
-        cache.put(keys(b"leaf", b"ca"), 100, 200);
-        assert!(!cache.holds(&keys(b"leaf", b"ca"), 150));
-        assert_eq!(cache.settled_len(), 0);
+        cache.put(keys(b"leaf", b"ca"), identity("01"), 100, 200);
+        assert!(cache.holds(&keys(b"leaf", b"ca"), 150).is_none());
+        assert_eq!(cache.entries(), 0);
     }
 }

@@ -147,7 +147,7 @@ async fn answer(
         .inspect_err(|_| audit.sha256 = Some(crate::identity::hex(&Sha256::digest(leaf))))?;
     audit.rule = Some(auth.rule.name.clone());
     audit.subject = Some(auth.subject.clone());
-    audit.sha256 = Some(auth.identity.sha256_hex.clone());
+    audit.sha256 = Some(auth.identity.sha256.hex());
     audit.serial = Some(auth.identity.serial.clone());
 
     let mut decided = Decided::default();

@@ -383,7 +383,7 @@ proptest! {
         upper in any::<bool>(),
     ) {
         let id = base();
-        let mut text = id.sha256_hex.clone();
+        let mut text = id.sha256.hex();
         if upper {
             text = text.to_ascii_uppercase();
         }
