@@ -162,7 +162,9 @@ async fn serve_connection(
     let _ = stream.set_nodelay(true);
     let broker = live.current();
     let metrics = broker.metrics().clone();
-    let peer = match broker.proxy().accept(&mut stream, socket_peer).await {
+    // The PROXY header and handshake futures are boxed and gone once done: the task of an
+    // idle connection is sized for its TLS state, not for every step before it.
+    let peer = match Box::pin(broker.proxy().accept(&mut stream, socket_peer)).await {
         Ok(client) => client,
         Err(error) => {
             metrics
@@ -175,7 +177,13 @@ async fn serve_connection(
     };
     let config = &broker.config().server;
     let acceptor = TlsAcceptor::from(broker.tls());
-    let tls = match tokio::time::timeout(config.handshake_timeout, acceptor.accept(stream)).await {
+    let handshake = Box::pin(tokio::time::timeout(
+        config.handshake_timeout,
+        acceptor.accept(stream),
+    ));
+    // Bound once: a rebinding (`let mut tls = tls`) would give the task a second slot of
+    // the TLS state's size.
+    let mut tls = match handshake.await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
             metrics.tls_handshakes.with_label_values(&["error"]).inc();
@@ -201,6 +209,12 @@ async fn serve_connection(
     if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
         metrics.tls_resumed_handshakes.inc();
     }
+    // One limit for the wait for the first bytes and the request's headers together.
+    let header_deadline = tokio::time::Instant::now() + config.request_header_timeout;
+    if !first_bytes(&mut tls, header_deadline, closing).await {
+        return;
+    }
+    // Copied out of rustls only now: an idle connection holds its chain once.
     let client_chain = tls
         .get_ref()
         .1
@@ -212,12 +226,6 @@ async fn serve_connection(
         client_chain,
         client_identity: Default::default(),
     });
-    // One limit for the wait for the first bytes and the request's headers together.
-    let header_deadline = tokio::time::Instant::now() + config.request_header_timeout;
-    let mut tls = tls;
-    if !first_bytes(&mut tls, header_deadline, closing).await {
-        return;
-    }
 
     let service = service_fn(move |request| {
         let (live, conn) = (live.clone(), conn.clone());
@@ -238,8 +246,9 @@ async fn serve_connection(
         .timer(TokioTimer::new())
         .header_read_timeout(header_deadline.saturating_duration_since(tokio::time::Instant::now()))
         .max_buf_size(config.max_header_bytes.max(8192));
-    let connection = builder.serve_connection(TokioIo::new(tls), service);
-    if let Err(error) = watcher.watch(connection).await {
+    // Boxed for the same reason: hyper's connection state exists only once the client sends.
+    let connection = Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(tls), service)));
+    if let Err(error) = connection.await {
         tracing::debug!(%peer, %error, "connection ended with an error");
     }
 }
