@@ -242,6 +242,27 @@ async fn a_corrupt_truncated_or_foreign_session_file_costs_a_full_handshake_and_
     for cut in [1, 3, 9, bytes.len() / 2, bytes.len() - 1] {
         damaged_sessions.push(bytes[..cut].to_vec());
     }
+    // In process, every cut and every byte changed (as the vendored rustls decodes them):
+    // an error or a session, never a panic; the whole encoding decodes.
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    use rustls::client::{Tls12ClientSessionValue, Tls13ClientSessionValue};
+    let decoded = Tls13ClientSessionValue::from_bytes(&bytes, &config).unwrap();
+    assert_eq!(decoded.to_bytes(), bytes);
+    for cut in 0..bytes.len() {
+        assert!(Tls13ClientSessionValue::from_bytes(&bytes[..cut], &config).is_err());
+        assert!(Tls12ClientSessionValue::from_bytes(&bytes[..cut], &config).is_err());
+    }
+    for at in 0..bytes.len() {
+        let mut changed = bytes.clone();
+        changed[at] ^= 0x5a;
+        let _ = Tls13ClientSessionValue::from_bytes(&changed, &config);
+    }
     let mut flipped = bytes.clone();
     flipped[1] ^= 0xff;
     damaged_sessions.push(flipped);
