@@ -69,6 +69,18 @@ impl Replica {
     pub(crate) fn signal(&self, name: &str) {
         self.process.signal(name);
     }
+
+    /// A GET on the TLS listener, without a client certificate.
+    pub(crate) async fn get_json(&self, setup: &Setup, path: &str) -> Value {
+        client(setup, None, "127.0.0.1")
+            .get(format!("https://localhost:{}{path}", self.port))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
 }
 
 /// A TLS client trusting the test server CA, presenting `leaf`, from `source_ip`, opening
@@ -142,15 +154,7 @@ async fn sighup_reloads_and_sigterm_drains_in_flight_requests() {
         .collect();
     setup.write_config();
     let replica = Replica::start(&setup, "single").await;
-    let jwks: Value = client(&setup, None, "127.0.0.1")
-        .get(format!("https://localhost:{}/jwks", replica.port))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    fake.set_provider_jwks(jwks);
+    fake.set_provider_jwks(replica.get_json(&setup, "/jwks").await);
 
     // SIGHUP: a reload, counted.
     replica.signal("HUP");

@@ -24,6 +24,34 @@ fn setup(device_name: &str) -> (Setup, Device, u64) {
     (setup, device, leaf.serial)
 }
 
+/// A broker process, and a device whose first `token` run wrote its session file.
+struct Fixture {
+    setup: Setup,
+    device: Device,
+    serial: u64,
+    replica: Replica,
+    file: PathBuf,
+}
+
+async fn after_a_first_run(device_name: &str) -> Fixture {
+    let (setup, device, serial) = setup(device_name);
+    let replica = Replica::start(&setup, "a").await;
+    let file = session_path(&setup);
+    let out = run(&device, replica.port, &with_file(&file));
+    token_of(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "{stderr}");
+    assert_eq!(replica.metric(RESUMED).await, 0.0);
+    assert_valid_file(&file);
+    Fixture {
+        setup,
+        device,
+        serial,
+        replica,
+        file,
+    }
+}
+
 /// `token` against the broker on `port`, with `extra` arguments.
 fn run(device: &Device, port: u16, extra: &[&str]) -> Output {
     let out = Command::new(support::binary())
@@ -57,16 +85,8 @@ fn token_of(out: &Output) -> String {
 
 /// Verifies `jwt` with the JWKS `replica` publishes: a real token of this broker.
 async fn verify(setup: &Setup, replica: &Replica, jwt: &str) -> Value {
-    let jwks: jsonwebtoken::jwk::JwkSet = crate::replicas::client_builder(setup, None, "127.0.0.1")
-        .build()
-        .unwrap()
-        .get(format!("https://localhost:{}/jwks", replica.port))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_value(replica.get_json(setup, "/jwks").await).unwrap();
     let header = jsonwebtoken::decode_header(jwt).unwrap();
     let key =
         jsonwebtoken::DecodingKey::from_jwk(jwks.find(&header.kid.unwrap()).unwrap()).unwrap();
@@ -140,18 +160,13 @@ fn session_path(setup: &Setup) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_second_run_resumes_from_the_session_file_and_a_run_without_it_does_not() {
-    let (setup, device, _) = setup("resuming-run");
-    let replica = Replica::start(&setup, "a").await;
-    let file = session_path(&setup);
-    let out = run(&device, replica.port, &with_file(&file));
-    token_of(&out);
-    assert!(
-        out.stderr.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(replica.metric(RESUMED).await, 0.0);
-    assert_valid_file(&file);
+    let Fixture {
+        setup,
+        device,
+        replica,
+        file,
+        ..
+    } = after_a_first_run("resuming-run").await;
     assert_resumed(&setup, &replica, &device, &file).await;
     assert_resumed(&setup, &replica, &device, &file).await;
     // Without the file: a full handshake, however recent the last run.
@@ -171,11 +186,14 @@ async fn the_second_run_resumes_from_the_session_file_and_a_run_without_it_does_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_from_one_replica_resumes_on_another_sharing_the_key_file() {
-    let (setup, device, _) = setup("two-replicas");
-    let a = Replica::start(&setup, "a").await;
+    let Fixture {
+        setup,
+        device,
+        replica: a,
+        file,
+        ..
+    } = after_a_first_run("two-replicas").await;
     let b = Replica::start(&setup, "b").await;
-    let file = session_path(&setup);
-    token_of(&run(&device, a.port, &with_file(&file)));
     assert_resumed(&setup, &b, &device, &file).await;
     assert_eq!(a.metric(RESUMED).await, 0.0);
     assert_resumed(&setup, &a, &device, &file).await;
@@ -185,10 +203,13 @@ async fn a_session_from_one_replica_resumes_on_another_sharing_the_key_file() {
 /// since its last run is refused on the resumed connection, with the broker's reason.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_device_revoked_since_the_last_run_is_refused_on_the_resumed_run() {
-    let (setup, device, serial) = setup("revoked-between-runs");
-    let replica = Replica::start(&setup, "a").await;
-    let file = session_path(&setup);
-    token_of(&run(&device, replica.port, &with_file(&file)));
+    let Fixture {
+        setup,
+        device,
+        serial,
+        replica,
+        file,
+    } = after_a_first_run("revoked-between-runs").await;
     setup.write("intermediate.crl.pem", &setup.intermediate.crl(&[serial]));
     reload(&replica, 1.0).await;
     let before = replica.metric(RESUMED).await;
@@ -223,10 +244,13 @@ async fn a_device_revoked_since_the_last_run_is_refused_on_the_resumed_run() {
 /// `--format executable` nothing on stderr (the library reads it as part of the response).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupt_truncated_or_foreign_session_file_costs_a_full_handshake_and_is_replaced() {
-    let (setup, device, _) = setup("damaged-file");
-    let replica = Replica::start(&setup, "a").await;
-    let file = session_path(&setup);
-    token_of(&run(&device, replica.port, &with_file(&file)));
+    let Fixture {
+        setup,
+        device,
+        replica,
+        file,
+        ..
+    } = after_a_first_run("damaged-file").await;
     let valid = std::fs::read(&file).unwrap();
     let mut contents: Value = serde_json::from_slice(&valid).unwrap();
     let ticket = contents["servers"]["localhost"]["tls13"][0]
@@ -319,10 +343,14 @@ async fn a_corrupt_truncated_or_foreign_session_file_costs_a_full_handshake_and_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_session_file_others_can_read_is_refused_and_a_pkcs11_key_may_not_use_one() {
-    let (setup, device, _) = setup("exposed-file");
-    let replica = Replica::start(&setup, "a").await;
-    let file = session_path(&setup);
-    token_of(&run(&device, replica.port, &with_file(&file)));
+    // `_setup` keeps the folder until the end.
+    let Fixture {
+        setup: _setup,
+        device,
+        replica,
+        file,
+        ..
+    } = after_a_first_run("exposed-file").await;
     let valid = std::fs::read(&file).unwrap();
     for loose in [0o640, 0o604, 0o660] {
         set_mode(&file, loose);
@@ -386,10 +414,13 @@ async fn a_symlink_planted_at_the_session_path_is_replaced_not_written_through()
 /// stored ticket does not, and the run still gets its token with a full handshake.
 #[tokio::test(flavor = "multi_thread")]
 async fn after_two_rotations_the_stored_ticket_no_longer_opens() {
-    let (setup, device, _) = setup("rotations");
-    let replica = Replica::start(&setup, "a").await;
-    let file = session_path(&setup);
-    token_of(&run(&device, replica.port, &with_file(&file)));
+    let Fixture {
+        setup,
+        device,
+        replica,
+        file,
+        ..
+    } = after_a_first_run("rotations").await;
     let keys = setup.path("ticket-keys");
     // One rotation: the ticket (under the now previous key) still opens.
     let stale = std::fs::read(&file).unwrap();
