@@ -86,7 +86,7 @@ fn token_of(out: &Output) -> String {
 /// Verifies `jwt` with the JWKS `replica` publishes: a real token of this broker.
 async fn verify(setup: &Setup, replica: &Replica, jwt: &str) -> Value {
     let jwks: jsonwebtoken::jwk::JwkSet =
-        serde_json::from_value(replica.get_json(setup, "/jwks").await).unwrap();
+        serde_json::from_value(replica.get_json(setup, "127.0.0.1", "/jwks").await).unwrap();
     let header = jsonwebtoken::decode_header(jwt).unwrap();
     let key =
         jsonwebtoken::DecodingKey::from_jwk(jwks.find(&header.kid.unwrap()).unwrap()).unwrap();
