@@ -13,6 +13,7 @@ use crate::config::{Config, ConfigError};
 use crate::device::agent::AgentConfig;
 use crate::device::client::{BrokerClient, CachingClient, ClientError, TokenParams};
 use crate::device::credentials::{DeviceCredentials, Pkcs11Options, Source};
+use crate::device::sessions::SessionFile;
 use crate::device::token::{self, TokenFormat};
 use crate::devpki::{self, DevPkiError};
 use crate::live::Live;
@@ -158,6 +159,10 @@ pub struct TokenArgs {
     /// Keep the token in this file (mode 0600) and reuse it until shortly before it expires.
     #[arg(long)]
     pub cache: Option<PathBuf>,
+    /// Keep the broker's TLS session tickets in this file (mode 0600) so the next run resumes
+    /// (no full handshake). Holds resumption secrets; refused with a PKCS#11 key.
+    #[arg(long)]
+    pub session_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -308,7 +313,21 @@ fn token(args: TokenArgs) -> ExitCode {
         target_audience: args.target_audience,
     };
     let code = token::token_command(
-        || device_client(&args.device),
+        || match &args.session_file {
+            None => device_client(&args.device),
+            Some(path) => {
+                if matches!(Source::parse(&args.device.key)?, Source::Token(_)) {
+                    return Err(ClientError::Local(
+                        "--session-file cannot be used with a PKCS#11 key: the file would let \
+                         whoever copies it act as this device without the token until its \
+                         tickets expire; drop --session-file (each run then signs in the token)"
+                            .into(),
+                    ));
+                }
+                device_client(&args.device)?
+                    .with_session_file(SessionFile::open(path, &args.device.url)?)
+            }
+        },
         &params,
         args.cache.as_deref(),
         args.format,

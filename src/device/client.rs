@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use crate::clock::unix_now;
 use crate::device::credentials::{DeviceCredentials, Loaded};
 pub use crate::device::error::ClientError;
+use crate::device::sessions::SessionFile;
 use crate::pem;
 use crate::redact::root_cause;
 
@@ -73,6 +74,8 @@ pub struct BrokerClient {
     roots: Arc<rustls::RootCertStore>,
     token_url: String,
     current: std::sync::Mutex<Current>,
+    /// `token --session-file`: TLS sessions kept between runs (else in memory only).
+    sessions: Option<Arc<SessionFile>>,
 }
 
 /// The HTTP client for the credentials last loaded. Replaced whole when they change, so no
@@ -117,7 +120,7 @@ impl BrokerClient {
         }
         let roots = Arc::new(roots);
         let loaded = credentials.load()?;
-        let http = http_client(&roots, &loaded)?;
+        let http = http_client(&roots, &loaded, None)?;
         let base = url.trim_end_matches('/');
         let token_url = if base.ends_with("/token") {
             base.to_owned()
@@ -133,7 +136,36 @@ impl BrokerClient {
                 http,
                 rejected: None,
             }),
+            sessions: None,
         })
+    }
+
+    /// Resumes from the sessions of `sessions` (read now) and keeps the broker's new ones
+    /// there for [`BrokerClient::save_sessions`].
+    pub fn with_session_file(
+        mut self,
+        sessions: Arc<SessionFile>,
+    ) -> Result<BrokerClient, ClientError> {
+        let current = self
+            .current
+            .get_mut()
+            .map_err(|_| ClientError::Local("an earlier request panicked".into()))?;
+        current.http = http_client(&self.roots, &current.loaded, Some(&sessions))?;
+        self.sessions = Some(sessions);
+        Ok(self)
+    }
+
+    /// The session file, if any: writes the sessions held now over it.
+    pub fn save_sessions(&self) -> Result<(), ClientError> {
+        self.sessions
+            .as_ref()
+            .map_or(Ok(()), |sessions| sessions.save())
+    }
+
+    /// The session file and why it (or some of its sessions) was not used, if so.
+    pub fn sessions_ignored(&self) -> Option<(&Path, String)> {
+        let sessions = self.sessions.as_ref()?;
+        Some((sessions.path(), sessions.ignored()?))
     }
 
     /// The identity of the certificate presented now (files or a token object alike).
@@ -165,11 +197,10 @@ impl BrokerClient {
         if unchanged && current.loaded.usable() {
             return Ok(current.http.clone());
         }
-        match self
-            .credentials
-            .load()
-            .and_then(|loaded| Ok((http_client(&self.roots, &loaded)?, loaded)))
-        {
+        match self.credentials.load().and_then(|loaded| {
+            let http = http_client(&self.roots, &loaded, self.sessions.as_ref())?;
+            Ok((http, loaded))
+        }) {
             Ok((http, loaded)) => {
                 tracing::info!(
                     serial = %loaded.identity.serial,
@@ -248,6 +279,7 @@ impl BrokerClient {
 fn http_client(
     roots: &Arc<rustls::RootCertStore>,
     loaded: &Loaded,
+    sessions: Option<&Arc<SessionFile>>,
 ) -> Result<reqwest::Client, ClientError> {
     let local = |e: &dyn std::fmt::Display| ClientError::Local(e.to_string());
     let mut tls = rustls::ClientConfig::builder_with_provider(crate::crypto::provider())
@@ -257,10 +289,16 @@ fn http_client(
         .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
             loaded.certified.clone(),
         )));
-    // New connections resume from the broker's tickets (kept in memory, with this client
-    // only: new credentials start empty). rustls cannot write them to a file for `token`'s
-    // next run (docs/devices.md).
-    tls.resumption = rustls::client::Resumption::in_memory_sessions(256);
+    // New connections resume from the broker's tickets: kept in memory, with this client
+    // only (new credentials start empty), or in `token`'s session file for its next run,
+    // bound to this config's verifier and certificate as rustls' own sessions are.
+    tls.resumption = match sessions {
+        Some(sessions) => {
+            sessions.load(&tls);
+            rustls::client::Resumption::store(sessions.clone())
+        }
+        None => rustls::client::Resumption::in_memory_sessions(256),
+    };
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .connect_timeout(std::time::Duration::from_secs(10))
@@ -328,7 +366,7 @@ impl TokenCacheFile {
     /// The file's bytes (`None` when there is none), refused unless it is a regular file
     /// of this user that no one else may read or write: its token is handed to whoever runs
     /// the command, so a planted file would choose the device's credentials.
-    fn read_trusted(&self) -> Result<Option<Vec<u8>>, String> {
+    pub(crate) fn read_trusted(&self) -> Result<Option<Vec<u8>>, String> {
         let before = match std::fs::symlink_metadata(&self.path) {
             Ok(meta) => meta,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

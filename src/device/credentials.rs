@@ -269,7 +269,7 @@ impl DeviceCredentials {
 /// A private key (or a token's PIN) anyone but its owner can read is refused, stricter than
 /// the server (which allows a group): on a device the key is its whole identity and has one
 /// user.
-fn check_private(path: &Path, what: &str) -> Result<(), ClientError> {
+pub(crate) fn check_private(path: &Path, what: &str) -> Result<(), ClientError> {
     let mode = pem::file_mode(path)
         .map_err(|e| ClientError::Local(format!("cannot read {what} {}: {e}", path.display())))?;
     if mode & 0o077 != 0 {

@@ -10,4 +10,5 @@ pub mod credentials;
 pub mod error;
 pub mod executable;
 pub mod pkcs11;
+pub mod sessions;
 pub mod token;

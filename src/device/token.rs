@@ -80,7 +80,15 @@ fn obtain(
             .enable_all()
             .build()
             .map_err(|e| ClientError::Local(e.to_string()))?
-            .block_on(async { client()?.fetch(&params).await })?,
+            .block_on(async {
+                let client = client()?;
+                let token = client.fetch(&params).await?;
+                if let Some((path, reason)) = client.sessions_ignored().filter(|_| !executable) {
+                    tracing::warn!(sessions = %path.display(), reason, "session file not used; made a full TLS handshake");
+                }
+                client.save_sessions()?;
+                Ok::<_, ClientError>(token)
+            })?,
     };
     let response = executable::response(&token, token_type);
     let contents = TokenCacheFile::contents(&params, &token, response.clone());

@@ -28,4 +28,5 @@ mod replicas;
 mod resumption;
 mod secrets;
 mod tls_scan;
+mod token_sessions;
 mod tokens;

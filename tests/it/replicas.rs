@@ -69,6 +69,18 @@ impl Replica {
     pub(crate) fn signal(&self, name: &str) {
         self.process.signal(name);
     }
+
+    /// A GET on the TLS listener from `source_ip`, without a client certificate.
+    pub(crate) async fn get_json(&self, setup: &Setup, source_ip: &str, path: &str) -> Value {
+        client(setup, None, source_ip)
+            .get(format!("https://localhost:{}{path}", self.port))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
 }
 
 /// A TLS client trusting the test server CA, presenting `leaf`, from `source_ip`, opening
@@ -142,15 +154,7 @@ async fn sighup_reloads_and_sigterm_drains_in_flight_requests() {
         .collect();
     setup.write_config();
     let replica = Replica::start(&setup, "single").await;
-    let jwks: Value = client(&setup, None, "127.0.0.1")
-        .get(format!("https://localhost:{}/jwks", replica.port))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    fake.set_provider_jwks(jwks);
+    fake.set_provider_jwks(replica.get_json(&setup, "127.0.0.1", "/jwks").await);
 
     // SIGHUP: a reload, counted.
     replica.signal("HUP");
@@ -336,15 +340,8 @@ async fn three_replicas_behind_haproxy_share_keys_and_survive_a_stop() {
     // Every replica's JWKS, fetched directly (from an untrusted address: no PROXY header).
     let mut key_sets = Vec::new();
     for replica in &replicas {
-        let jwks: jsonwebtoken::jwk::JwkSet = client(&setup, None, "127.0.0.2")
-            .get(format!("https://localhost:{}/jwks", replica.port))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        key_sets.push(jwks);
+        let jwks = replica.get_json(&setup, "127.0.0.2", "/jwks").await;
+        key_sets.push(serde_json::from_value::<jsonwebtoken::jwk::JwkSet>(jwks).unwrap());
     }
 
     let through_lb = client(&setup, Some(&leaf), "127.0.0.2");

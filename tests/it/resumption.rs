@@ -21,11 +21,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{self, logs, LeafSpec, Setup, TestBroker};
 
-const RESUMED: &str = "token_broker_tls_resumed_handshakes_total";
+pub(crate) const RESUMED: &str = "token_broker_tls_resumed_handshakes_total";
 
 /// Writes a fresh key file as an operator would (`rotate-ticket-keys`), its keys known to
 /// the log scanner.
-fn rotate(path: &Path) {
+pub(crate) fn rotate(path: &Path) {
     token_broker::tickets::rotate(path).unwrap();
     register_keys(path);
 }
@@ -38,7 +38,7 @@ fn register_keys(path: &Path) {
 }
 
 /// A setup whose broker reads its ticket keys from `ticket-keys`.
-fn setup_with_tickets() -> Setup {
+pub(crate) fn setup_with_tickets() -> Setup {
     let mut setup = Setup::new();
     setup.extra_server = "session_ticket_keys = \"ticket-keys\"\nreload_interval = \"1s\"".into();
     rotate(&setup.path("ticket-keys"));
