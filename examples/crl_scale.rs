@@ -215,7 +215,9 @@ struct Probes {
 impl Probes {
     fn iter(&self) -> impl Iterator<Item = &[u8]> {
         let starts = std::iter::once(0).chain(self.ends.iter().copied());
-        starts.zip(self.ends.iter()).map(|(start, &end)| &self.bytes[start..end])
+        starts
+            .zip(self.ends.iter())
+            .map(|(start, &end)| &self.bytes[start..end])
     }
 
     fn len(&self) -> usize {
