@@ -4,7 +4,7 @@
 //! Failures are sorted by who can fix them: the device's own files (exit 1), the broker's
 //! refusal with its reason (exit 2), the broker or network being unavailable (exit 3).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use crate::clock::unix_now;
 use crate::device::credentials::{DeviceCredentials, Loaded};
 pub use crate::device::error::ClientError;
+use crate::device::private_file::PrivateFile;
 use crate::device::sessions::SessionFile;
 use crate::pem;
 use crate::redact::root_cause;
@@ -313,7 +314,7 @@ fn http_client(
 /// credential configuration's `output_file`: the libraries read the response and ignore the
 /// rest, and each file is written whole, atomically.
 pub struct TokenCacheFile {
-    path: PathBuf,
+    file: PrivateFile,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -325,12 +326,12 @@ struct CachedToken {
 impl TokenCacheFile {
     pub fn new(path: &Path) -> TokenCacheFile {
         TokenCacheFile {
-            path: path.to_owned(),
+            file: PrivateFile::new(path),
         }
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
     }
 
     /// The stored token, if it is for these parameters and still fresh. `Err` says why a
@@ -363,90 +364,14 @@ impl TokenCacheFile {
         serde_json::to_vec(&response).unwrap_or_default()
     }
 
-    /// The file's bytes (`None` when there is none), refused unless it is a regular file
-    /// of this user that no one else may read or write: its token is handed to whoever runs
-    /// the command, so a planted file would choose the device's credentials.
+    /// See [`PrivateFile::read_trusted`].
     pub(crate) fn read_trusted(&self) -> Result<Option<Vec<u8>>, String> {
-        let before = match std::fs::symlink_metadata(&self.path) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e.to_string()),
-        };
-        if !before.file_type().is_file() {
-            return Err("not a regular file (a symbolic link?)".into());
-        }
-        let mut file = std::fs::File::open(&self.path).map_err(|e| e.to_string())?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::MetadataExt;
-            let meta = file.metadata().map_err(|e| e.to_string())?;
-            // The file opened is the one inspected, not one swapped in since.
-            if (meta.dev(), meta.ino()) != (before.dev(), before.ino()) {
-                return Err("replaced while being opened".into());
-            }
-            if meta.mode() & 0o077 != 0 {
-                return Err(format!(
-                    "mode {:03o} lets other users read or change it (the broker writes 600)",
-                    meta.mode() & 0o777
-                ));
-            }
-            let uid = self.current_uid().map_err(|e| e.to_string())?;
-            if meta.uid() != uid {
-                return Err(format!(
-                    "owned by uid {}, not by this user ({uid})",
-                    meta.uid()
-                ));
-            }
-        }
-        let mut text = Vec::new();
-        std::io::Read::read_to_end(&mut file, &mut text).map_err(|e| e.to_string())?;
-        Ok(Some(text))
+        self.file.read_trusted()
     }
 
-    /// This process's user, as the owner of a file it creates (std has no getuid).
-    #[cfg(unix)]
-    fn current_uid(&self) -> std::io::Result<u32> {
-        use std::os::unix::fs::MetadataExt;
-        let (probe, file) = self.create_temporary()?;
-        let uid = file.metadata().map(|meta| meta.uid());
-        let _ = std::fs::remove_file(&probe);
-        uid
-    }
-
-    /// A new file beside the cache, under a fresh random name, readable by the owner only:
-    /// `create_new` never opens what someone planted there (file or symbolic link).
-    fn create_temporary(&self) -> std::io::Result<(PathBuf, std::fs::File)> {
-        let name = self
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let temporary = self
-            .path
-            .with_file_name(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let file = options.open(&temporary)?;
-        Ok((temporary, file))
-    }
-
-    /// Writes atomically (a new temporary file, then rename), readable by the owner only.
+    /// Writes atomically, readable by the owner only.
     pub fn store(&self, contents: &[u8]) -> Result<(), ClientError> {
-        let io = |e: std::io::Error| {
-            ClientError::Local(format!("cannot write {}: {e}", self.path.display()))
-        };
-        let (temporary, mut file) = self.create_temporary().map_err(io)?;
-        let written = std::io::Write::write_all(&mut file, contents)
-            .and_then(|()| std::fs::rename(&temporary, &self.path));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&temporary);
-        }
-        written.map_err(io)
+        self.file.store(contents).map_err(ClientError::Local)
     }
 }
 
@@ -540,7 +465,7 @@ mod tests {
         assert!(TokenCacheFile::new(&link).load(&params).is_err());
         assert!(cache.load(&params).unwrap().is_some());
         // Another user's file (only root can make one to test with).
-        if cache.current_uid().unwrap() == 0 {
+        if PrivateFile::new(&path).current_uid().unwrap() == 0 {
             std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
             assert!(cache.load(&params).is_err());
         }

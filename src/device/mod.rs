@@ -10,5 +10,6 @@ pub mod credentials;
 pub mod error;
 pub mod executable;
 pub mod pkcs11;
+pub mod private_file;
 pub mod sessions;
 pub mod token;

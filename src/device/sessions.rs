@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
-use crate::device::client::{ClientError, TokenCacheFile};
+use crate::device::error::ClientError;
+use crate::device::private_file::PrivateFile;
 
 /// The file's format; another number (an older or newer `token`) is ignored and replaced.
 const VERSION: u32 = 1;
@@ -57,7 +58,7 @@ struct Sessions {
 
 /// The session store of one `token` run, for the broker's server name only.
 pub struct SessionFile {
-    file: TokenCacheFile,
+    file: PrivateFile,
     server: ServerName<'static>,
     /// Other servers' entries, written back as they were read.
     others: Mutex<Map<String, Value>>,
@@ -87,7 +88,7 @@ impl SessionFile {
         let server =
             ServerName::try_from(host).map_err(|e| local(format!("the broker URL's host: {e}")))?;
         Ok(Arc::new(SessionFile {
-            file: TokenCacheFile::new(path),
+            file: PrivateFile::new(path),
             server,
             others: Mutex::default(),
             sessions: Mutex::default(),
@@ -187,7 +188,7 @@ impl SessionFile {
         };
         // Serializing maps of strings cannot fail.
         let bytes = Zeroizing::new(serde_json::to_vec(&contents).unwrap_or_default());
-        self.file.store(&bytes)
+        self.file.store(&bytes).map_err(ClientError::Local)
     }
 
     fn ours(&self, server: &ServerName<'_>) -> bool {
