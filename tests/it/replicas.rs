@@ -72,14 +72,10 @@ impl Replica {
 
     /// A GET on the TLS listener from `source_ip`, without a client certificate.
     pub(crate) async fn get_json(&self, setup: &Setup, source_ip: &str, path: &str) -> Value {
-        client(setup, None, source_ip)
-            .get(format!("https://localhost:{}{path}", self.port))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        support::json_of(
+            client(setup, None, source_ip).get(format!("https://localhost:{}{path}", self.port)),
+        )
+        .await
     }
 }
 

@@ -729,14 +729,7 @@ impl TestBroker {
 
     /// GETs a public document (no client certificate) as JSON.
     pub async fn get_json(&self, path: &str) -> Value {
-        self.client(None)
-            .get(self.url(path))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        json_of(self.client(None).get(self.url(path))).await
     }
 
     /// POSTs a form to /token and returns the raw response (status, headers, body).
@@ -856,6 +849,11 @@ pub const POLL: std::time::Duration = std::time::Duration::from_millis(50);
 /// Polls `condition` until it holds; panics saying `what` was awaited after [`PATIENCE`].
 /// For what a test must wait for (a reload, a flushed log line, a counted event) instead of
 /// sleeping for a guess of how long it takes.
+/// Sends `request` and reads its answer as JSON.
+pub async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
 where
     F: FnMut() -> Fut,
