@@ -14,7 +14,7 @@ use crate::clock::unix_now;
 use crate::device::credentials::{DeviceCredentials, Loaded};
 pub use crate::device::error::ClientError;
 use crate::device::private_file::PrivateFile;
-use crate::device::sessions::SessionFile;
+use crate::device::sessions::{binding, SessionFile};
 use crate::pem;
 use crate::redact::root_cause;
 
@@ -295,7 +295,7 @@ fn http_client(
     // bound to this config's verifier and certificate as rustls' own sessions are.
     tls.resumption = match sessions {
         Some(sessions) => {
-            sessions.load(&tls);
+            sessions.load(&tls, binding(roots, &loaded.certified.cert));
             rustls::client::Resumption::store(sessions.clone())
         }
         None => rustls::client::Resumption::in_memory_sessions(256),

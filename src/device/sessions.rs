@@ -17,10 +17,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use rustls::client::{ClientSessionStore, Tls12ClientSessionValue, Tls13ClientSessionValue};
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, NamedGroup};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::device::error::ClientError;
@@ -47,6 +48,9 @@ struct Stored {
     tls12: Option<String>,
     #[serde(default)]
     kx_hint: Option<u16>,
+    /// [`binding`] of the run that stored them.
+    #[serde(default)]
+    binding: String,
 }
 
 #[derive(Default)]
@@ -65,6 +69,8 @@ pub struct SessionFile {
     sessions: Mutex<Sessions>,
     /// Why the file (or part of it) was not used, for the caller's warning.
     ignored: Mutex<Option<String>>,
+    /// [`binding`] of this run's trust and certificate, once loaded.
+    binding: Mutex<String>,
 }
 
 impl SessionFile {
@@ -93,6 +99,7 @@ impl SessionFile {
             others: Mutex::default(),
             sessions: Mutex::default(),
             ignored: Mutex::default(),
+            binding: Mutex::default(),
         }))
     }
 
@@ -101,8 +108,11 @@ impl SessionFile {
     }
 
     /// Reads the file's sessions for connections made with `config` (sessions are bound to
-    /// its verifier and client certificate). What cannot be used is dropped and noted.
-    pub fn load(&self, config: &ClientConfig) {
+    /// its verifier and client certificate) and `binding` (the [`binding`] of its roots and
+    /// certificate: sessions stored under other ones are not used). What cannot be used is
+    /// dropped and noted.
+    pub fn load(&self, config: &ClientConfig, binding: String) {
+        *lock(&self.binding) = binding;
         let bytes = match self.file.read_trusted() {
             Ok(Some(bytes)) => Zeroizing::new(bytes),
             Ok(None) => return,
@@ -126,6 +136,9 @@ impl SessionFile {
         let Ok(stored) = serde_json::from_value::<Stored>(stored) else {
             return self.ignore("the broker's entry is not a list of sessions".into());
         };
+        if stored.binding != *lock(&self.binding) {
+            return self.ignore("stored under another CA bundle or device certificate".into());
+        }
         let decode = |text: &String| BASE64.decode(text).ok().map(Zeroizing::new);
         let mut unusable = 0;
         let mut sessions = lock(&self.sessions);
@@ -175,6 +188,7 @@ impl SessionFile {
                     .collect(),
                 tls12: sessions.tls12.as_ref().map(|s| encode(s.to_bytes())),
                 kx_hint: sessions.kx_hint.map(u16::from),
+                binding: lock(&self.binding).clone(),
             }
         };
         let mut servers = lock(&self.others).clone();
@@ -194,6 +208,28 @@ impl SessionFile {
     fn ours(&self, server: &ServerName<'_>) -> bool {
         *server == self.server
     }
+}
+
+/// What the stored sessions were made under: the roots that verified the broker and the
+/// certificate chain presented to it. In one process rustls reuses a session only under the
+/// same verifier and certificate; across runs the file keeps that rule by this digest, so
+/// a run with another CA bundle (a broker CA withdrawn) or a renewed certificate does a full
+/// handshake instead of resuming what the old ones made.
+pub fn binding(roots: &rustls::RootCertStore, chain: &[CertificateDer<'_>]) -> String {
+    let mut digest = Sha256::new();
+    let mut part = |bytes: &[u8]| {
+        digest.update((bytes.len() as u64).to_be_bytes());
+        digest.update(bytes);
+    };
+    for root in &roots.roots {
+        part(&root.subject);
+        part(&root.subject_public_key_info);
+        part(root.name_constraints.as_deref().unwrap_or_default());
+    }
+    for cert in chain {
+        part(cert);
+    }
+    crate::identity::hex(&digest.finalize())
 }
 
 /// The lock, even after a panic elsewhere: sessions are plain data.

@@ -438,3 +438,44 @@ async fn after_two_rotations_the_stored_ticket_no_longer_opens() {
     assert_full_then_valid((before, replica.metric(RESUMED).await), &out, &file);
     assert_resumed(&setup, &replica, &device, &file).await;
 }
+
+/// A session is used only under the CA bundle and certificate that made it: a run with
+/// another bundle (a broker CA added or withdrawn) or a renewed certificate does a full
+/// handshake, and the next run under the new ones resumes again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_stored_under_other_roots_or_another_certificate_is_not_resumed() {
+    let Fixture {
+        setup,
+        device,
+        replica,
+        file,
+        ..
+    } = after_a_first_run("bound-session").await;
+    // The same broker CA plus one more root: still trusts the broker, but another bundle.
+    let bundle = format!(
+        "{}{}",
+        std::fs::read_to_string(&device.ca).unwrap(),
+        setup.root.pem
+    );
+    let other_roots = Device {
+        ca: setup.write("other-roots.pem", &bundle),
+        cert: device.cert.clone(),
+        key: device.key.clone(),
+    };
+    let before = replica.metric(RESUMED).await;
+    let out = run(&other_roots, replica.port, &with_file(&file));
+    assert_full_then_valid((before, replica.metric(RESUMED).await), &out, &file);
+    assert_resumed(&setup, &replica, &other_roots, &file).await;
+    // A renewed certificate (new key, same name) under the same bundle.
+    let renewed = setup.intermediate.leaf(&LeafSpec::device("bound-session"));
+    let renewed = Device {
+        cert: setup.write("renewed.pem", &renewed.chain_pem),
+        key: setup.write("renewed-key.pem", &renewed.key_pem),
+        ca: other_roots.ca.clone(),
+    };
+    set_mode(&renewed.key, 0o600);
+    let before = replica.metric(RESUMED).await;
+    let out = run(&renewed, replica.port, &with_file(&file));
+    assert_full_then_valid((before, replica.metric(RESUMED).await), &out, &file);
+    assert_resumed(&setup, &replica, &renewed, &file).await;
+}
