@@ -14,12 +14,13 @@ use moka::Expiry;
 
 use crate::clock::unix_now;
 use crate::flows::{FlowError, Minted};
+use crate::identity::CertDigest;
 use crate::metrics::Metrics;
 
 /// Everything that makes two requests want the same token.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
-    pub cert_sha256: String,
+    pub cert: CertDigest,
     pub rule: String,
     pub flow: &'static str,
     pub audience: String,

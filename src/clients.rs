@@ -14,7 +14,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use serde_json::{Map, Value};
 
 use crate::config::{ClientRuleConfig, MatchConfig, MAX_TOKEN_TTL};
-use crate::identity::Identity;
+use crate::identity::{CertDigest, Identity};
 use crate::trust::Refusal;
 
 /// Google's limit for `google.subject`, which is mapped from `sub`.
@@ -82,7 +82,7 @@ pub struct ClientRule {
 #[derive(Debug)]
 struct RateLimit {
     quota: governor::Quota,
-    buckets: Arc<governor::DefaultKeyedRateLimiter<String>>,
+    buckets: Arc<governor::DefaultKeyedRateLimiter<CertDigest>>,
 }
 
 #[derive(Debug, Default)]
@@ -283,18 +283,15 @@ impl ClientRule {
     }
 
     /// `Err(seconds to wait)` when this certificate is over the rule's rate.
-    pub fn check_rate(&self, cert_sha256: &str) -> Result<(), u64> {
+    pub fn check_rate(&self, cert: &CertDigest) -> Result<(), u64> {
         use governor::clock::{Clock, DefaultClock};
         let Some(limit) = &self.rate_limit else {
             return Ok(());
         };
-        limit
-            .buckets
-            .check_key(&cert_sha256.to_owned())
-            .map_err(|not_until| {
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
-                wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
-            })
+        limit.buckets.check_key(cert).map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+        })
     }
 }
 

@@ -47,7 +47,7 @@ pub struct Identity {
 
 /// SHA-256 of a DER certificate. Held as bytes, its text forms made when asked, because the
 /// verified-chain cache keeps an identity per device: 32 bytes instead of about 180.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CertDigest(pub [u8; 32]);
 
 impl CertDigest {

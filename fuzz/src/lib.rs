@@ -557,7 +557,7 @@ pub fn config(data: &[u8]) {
             if let Ok(subject) = rule.subject_for(id, &matched) {
                 assert!(subject.len() <= MAX_SUBJECT_BYTES);
             }
-            let _ = rule.check_rate(&id.sha256.hex());
+            let _ = rule.check_rate(&id.sha256);
         }
     }
 }

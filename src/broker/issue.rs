@@ -62,7 +62,7 @@ impl Broker {
             }
         }
         auth.rule
-            .check_rate(&auth.identity.sha256.hex())
+            .check_rate(&auth.identity.sha256)
             .map_err(IssueError::RateLimited)?;
 
         let flow = self.flows.select(request).ok_or_else(|| {
@@ -97,7 +97,7 @@ impl Broker {
             return Ok(flow.mint(&ctx).await?);
         }
         let key = CacheKey {
-            cert_sha256: auth.identity.sha256.hex(),
+            cert: auth.identity.sha256,
             rule: auth.rule.name.clone(),
             flow: flow.name(),
             audience: audience.clone(),
