@@ -13,6 +13,7 @@ use serde_json::Value;
 use sha2::Digest;
 
 use crate::support::fake_google::{FakeGoogle, FakeGoogleConfig};
+use crate::support::process::Process;
 use crate::support::{self, Leaf, LeafSpec, Setup, TestBroker, ISSUER};
 
 const RUNNER: &str = "runner@fake-project.iam.gserviceaccount.com";
@@ -245,9 +246,8 @@ fn assert_bound_to(claims: &Value, leaf: &Leaf, name: &str) {
 
 /// `token-broker agent` as a process of its own, killed when dropped.
 struct Agent {
-    child: std::process::Child,
+    process: Process,
     addr: String,
-    log: PathBuf,
 }
 
 impl Agent {
@@ -260,16 +260,17 @@ impl Agent {
         let log = broker
             .setup
             .path(&format!("agent-{}.log", uuid::Uuid::new_v4()));
-        let child = Command::new(support::binary())
+        let mut command = Command::new(support::binary());
+        command
             .args(["--log-format", "text", "agent", "--listen", &addr])
             .args(["--service-account", RUNNER, "--project-id", "fake-project"])
             .args(flags)
             .env_remove("TOKEN_BROKER_PKCS11_PIN")
-            .envs(env)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut agent = Agent { child, addr, log };
+            .envs(env);
+        let mut agent = Agent {
+            process: Process::spawn(command, log),
+            addr,
+        };
         let client = reqwest::Client::new();
         let url = format!("http://{}/", agent.addr);
         let mut tries = 0;
@@ -282,7 +283,7 @@ impl Agent {
             if ping.is_ok_and(|r| r.status() == 200) {
                 break;
             }
-            if let Ok(Some(status)) = agent.child.try_wait() {
+            if let Some(status) = agent.process.exited() {
                 panic!("agent exited ({status}): {}", agent.log_text());
             }
             tries += 1;
@@ -297,7 +298,7 @@ impl Agent {
     }
 
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log()
     }
 
     /// The access token the agent serves for these scopes (a metadata-server request).
@@ -321,8 +322,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
         if !std::thread::panicking() {
             support::logs::assert_no_secrets(&self.log_text(), "agent");
         }

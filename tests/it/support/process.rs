@@ -11,20 +11,36 @@ pub struct Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
 impl Process {
     pub fn start(args: &[&str], log: PathBuf) -> Process {
-        let child = Command::new(super::binary())
-            .args(args)
+        let mut command = Command::new(super::binary());
+        command.args(args);
+        Process::spawn(command, log)
+    }
+
+    /// `command` (the binary with its arguments and environment) with its stderr in `log`.
+    pub fn spawn(mut command: Command, log: PathBuf) -> Process {
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
             .spawn()
             .unwrap();
         Process { child, log }
+    }
+
+    /// The exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// Kills it and waits for the exit (also done when dropped).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn log(&self) -> String {
@@ -39,7 +55,7 @@ impl Process {
             if let Some(line) = log.lines().find(|l| l.contains(needle)) {
                 return line.to_owned();
             }
-            let exited = self.child.try_wait().unwrap();
+            let exited = self.exited();
             assert!(
                 exited.is_none() && std::time::Instant::now() < deadline,
                 "no {needle:?} in the log ({exited:?}):\n{log}"
@@ -66,7 +82,7 @@ impl Process {
         self.signal("TERM");
         let deadline = std::time::Instant::now() + super::PATIENCE;
         let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
+            if let Some(status) = self.exited() {
                 break status;
             }
             assert!(std::time::Instant::now() < deadline, "did not exit");
