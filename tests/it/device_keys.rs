@@ -337,6 +337,24 @@ fn assert_agent_token_for(fake: &FakeGoogle, token: &str, leaf: &Leaf, name: &st
     assert_bound_to(&fake.last_subject_claims().unwrap(), leaf, name);
 }
 
+/// `token`, then the agent, with these flags and the PIN from the environment, each get a
+/// token bound to `leaf`; the agent is left running.
+async fn token_then_agent(
+    broker: &TestBroker,
+    fake: &FakeGoogle,
+    flags: Vec<String>,
+    mut env: Vec<(&'static str, std::ffi::OsString)>,
+    leaf: &Leaf,
+    name: &str,
+) -> Agent {
+    env.push(("TOKEN_BROKER_PKCS11_PIN", PIN.into()));
+    assert_token_for(&run_token_env(flags.clone(), env.clone()).await, leaf, name);
+    let agent = Agent::start(broker, flags, env).await;
+    let token = agent.token(CLOUD_PLATFORM).await;
+    assert_agent_token_for(fake, &token, leaf, name);
+    agent
+}
+
 fn os(env: Vec<(&'static str, PathBuf)>) -> Vec<(&'static str, std::ffi::OsString)> {
     env.into_iter()
         .map(|(k, v)| (k, v.into_os_string()))
@@ -440,17 +458,7 @@ async fn an_rsa_2048_key_and_its_certificate_in_softhsm_through_p11_kit_with_ren
         "pkcs11:token=device;object=device;type=private",
     );
     flags.extend(["--chain".into(), chain.display().to_string()]);
-    let mut env = os(hsm.env());
-    env.push(("TOKEN_BROKER_PKCS11_PIN", PIN.into()));
-    assert_token_for(
-        &run_token_env(flags.clone(), env.clone()).await,
-        &leaf,
-        "hsm-rsa",
-    );
-
-    let agent = Agent::start(&broker, flags, env).await;
-    let token = agent.token(CLOUD_PLATFORM).await;
-    assert_agent_token_for(&fake, &token, &leaf, "hsm-rsa");
+    let agent = token_then_agent(&broker, &fake, flags, os(hsm.env()), &leaf, "hsm-rsa").await;
 
     // Renewal inside the token: a new key and certificate under the same label replace the
     // old ones while the agent runs; its next broker request (other scopes, so not served
@@ -867,16 +875,7 @@ async fn a_p256_key_made_in_a_software_tpm_signs_for_token_and_agent() {
         "pkcs11:token=device;object=device-key;type=private",
     );
     flags.extend(["--pkcs11-module".into(), TPM2_PKCS11_MODULE.into()]);
-    let mut env = os(tpm.env());
-    env.push(("TOKEN_BROKER_PKCS11_PIN", PIN.into()));
-    assert_token_for(
-        &run_token_env(flags.clone(), env.clone()).await,
-        &leaf,
-        "tpm-p256",
-    );
-    let agent = Agent::start(&broker, flags, env).await;
-    let token = agent.token(CLOUD_PLATFORM).await;
-    assert_agent_token_for(&fake, &token, &leaf, "tpm-p256");
+    let agent = token_then_agent(&broker, &fake, flags, os(tpm.env()), &leaf, "tpm-p256").await;
     drop(agent);
     broker.stop().await;
 }
