@@ -4,8 +4,11 @@
 # core. Per round: the maximum rate (closed loop), then p50/p99/p99.9 at 25%, 50% and 75% of
 # that round's maximum, for keep-alive token requests (mtls-client-credentials, ES256) and
 # the cache-hit Google path (sts-exchange answered from the broker's token cache; the fake
-# STS, bench/fake_sts.py, answers the first miss only). The two paths alternate within each
-# round. See BENCHMARKS.md, "Scale: connections and latency".
+# STS, bench/fake_sts.py, answers the first miss only), and as the reference the floor
+# (examples/floor.rs, one runtime thread on the server's core) at the token path's rates:
+# what tail the machine itself gives at those rates. The paths alternate within each round;
+# the report's last column is the time the hypervisor gave our vCPUs to others. See
+# BENCHMARKS.md, "Scale: connections and latency".
 #
 #   bench/latency.sh            2 rounds, 4 s maximum runs, 6 s fixed-rate runs (~2 minutes)
 #   bench/latency.sh --quick    1 round of 0.3 s runs (smoke test)
@@ -20,7 +23,7 @@ BUILD=1
 KEEP=0
 OUT="$ROOT/bench/out/latency"
 ROUNDS=""
-usage() { sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick) QUICK=1 ;;
@@ -44,6 +47,9 @@ else
 fi
 CONC=16 # connections of the load generator
 FRACTIONS=(0.25 0.5 0.75)
+# The floor runs at the token path's rates: the same request rate on the same pinned cores,
+# with less work per request than either broker path.
+PATHS="token google floor"
 LOADGEN_CPUS=0
 SERVER_CPUS=1
 
@@ -71,6 +77,10 @@ GOOGLE_PID=$BROKER_PID
 GOOGLE_PORT=$BROKER_PORT
 # The fake STS answers the Google broker's first miss; keep it off the server's CPU.
 taskset -p -c "$LOADGEN_CPUS" "$STS_PID" >/dev/null
+# The reference: our own TLS stack answering a static 200 on the same pinned core. Whatever
+# tail it shows at a rate belongs to the machine, not to the broker.
+start_floor floor-pinned --threads 1
+taskset -a -p -c "$SERVER_CPUS" "$FLOOR_PID" >/dev/null
 # Warm up; the Google path's first request is the one cache miss.
 "$LOADGEN" "${CLIENT_ARGS[@]}" --addr "127.0.0.1:$TOKEN_PORT" --mode keep-alive --concurrency 4 --duration 0.5 >/dev/null
 "$LOADGEN" "${CLIENT_ARGS[@]}" --addr "127.0.0.1:$GOOGLE_PORT" --body "$GOOGLE_BODY" --mode keep-alive \
@@ -85,6 +95,9 @@ pinned() {
         port=$GOOGLE_PORT
         pid=$GOOGLE_PID
         body=(--body "$GOOGLE_BODY")
+    elif [[ $path == floor ]]; then
+        port=$FLOOR_PORT
+        pid=$FLOOR_PID
     fi
     measure "pinned-$path-$round-$fraction" \
         "{\"kind\":\"pinned\",\"path\":\"$path\",\"round\":$round,\"fraction\":$fraction}" "$pid" \
@@ -93,13 +106,15 @@ pinned() {
 }
 
 for round in $(seq 1 "$ROUNDS"); do
-    log "round $round: maximum, then ${FRACTIONS[*]} of it (token and google alternating)"
-    for path in token google; do
+    log "round $round: maximum, then ${FRACTIONS[*]} of it (token, google and the floor alternating)"
+    for path in $PATHS; do
         pinned "$path" "$round" 1 --duration "$MAX_DUR"
     done
     for fraction in "${FRACTIONS[@]}"; do
-        for path in token google; do
-            rate=$("$PY" "$LIB" rate-at "$RESULTS" "pinned-$path-$round-1" "$fraction")
+        for path in $PATHS; do
+            of=$path
+            [[ $path == floor ]] && of=token
+            rate=$("$PY" "$LIB" rate-at "$RESULTS" "pinned-$of-$round-1" "$fraction")
             pinned "$path" "$round" "$fraction" --duration "$RATE_DUR" --rate "$rate"
         done
     done

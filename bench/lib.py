@@ -671,8 +671,8 @@ def latency_report(results):
     machine = next((r for r in recs if r.get("name") == "machine"), {})
     print(f"load generator: {machine.get('loadgen_cpus')}, server: {machine.get('server_cpus')}, "
           f"load at start {machine.get('loadavg_start')}\n")
-    print("| path | round | of max | rate req/s | achieved req/s | p50 ms | p99 ms | p99.9 ms | max ms | server CPU us/req | errors | other load (cores) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| path | round | of max | rate req/s | achieved req/s | p50 ms | p99 ms | p99.9 ms | max ms | server CPU us/req | errors | other load (cores) | stolen by the host (cores) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in recs:
         if r.get("kind") != "pinned":
             continue
@@ -682,7 +682,13 @@ def latency_report(results):
         print(f"| {r['path']} | {r['round']} | {'max' if frac == 1 else f'{frac:.0%}'} | "
               f"{fmt(run.get('target_rate'))} | {run['rps']:,.0f} | {lat['p50']:.2f} | {lat['p99']:.2f} | "
               f"{lat['p999']:.2f} | {lat['max']:.2f} | {fmt(r.get('cpu_per_req_us'), 1)} | {run['errors']} | "
-              f"{r.get('other_cores', 0):.2f} |")
+              f"{r.get('other_cores', 0):.2f} | {fmt_steal(r)} |")
+
+
+def fmt_steal(r):
+    """Cores' worth of time the hypervisor ran something else while ours were runnable."""
+    window = r.get("window_s")
+    return f"{r['steal_s'] / window:.2f}" if window and "steal_s" in r else "-"
 
 
 def main(argv):
