@@ -17,6 +17,8 @@ Standard library only. Subcommands (see run.sh for use):
   report RESULTS [MARKDOWN_OUT]
   pairs RESULTS REF [MARKDOWN_OUT]   paired rounds against side REF: per side, median of the
                                per-round ratios side / REF of server CPU per request
+  pool REF RESULTS...          the rounds of several such runs together, with a 95% bootstrap
+                               interval of their median ratio
   conns-report RESULTS         table of bench/conns.sh (idle connections, active client)
   latency-report RESULTS       table of bench/latency.sh (pinned, fractions of the maximum)
   perf-summary DATA PATH LOAD_JSON OUT_TXT [CPU_SECONDS]   summarize a `perf record` profile
@@ -604,17 +606,12 @@ def callgrind_summary(dump, path, load_json, out_txt):
         f.write(text + "\n")
 
 
-def pairs_against(results, ref, markdown_out=None):
-    """Paired rounds with several sides measured against one reference side (bench/floor.sh)."""
+def paired_rounds(recs, ref):
+    """(comparison, side, [(side µs, ref µs, other load)] per round) of bench/floor.sh's pairs."""
     groups = {}
-    for r in load(results):
+    for r in recs:
         if r.get("kind") == "pair" and r.get("cpu_per_req_us"):
             groups.setdefault(r["pair"], {}).setdefault(r["side"], {})[r["round"]] = r
-    out = [
-        f"| comparison | side | server CPU µs/req, median (min-max) | {ref} µs/req, median | "
-        f"side / {ref} per round, median (min-max) | rounds | other load max (cores) |",
-        "|---|---|--:|--:|--:|--:|--:|",
-    ]
     for pair, sides in groups.items():
         base = sides.get(ref)
         if not base:
@@ -623,22 +620,58 @@ def pairs_against(results, ref, markdown_out=None):
             if side == ref:
                 continue
             rounds = sorted(set(by_round) & set(base))
-            if not rounds:
-                continue
-            values = [by_round[i]["cpu_per_req_us"] for i in rounds]
-            refs = [base[i]["cpu_per_req_us"] for i in rounds]
-            ratios = [v / b for v, b in zip(values, refs)]
-            noise = max((s[i].get("other_cores", 0) for s in (by_round, base) for i in rounds), default=0)
-            out.append(
-                f"| {pair} | {side} | {median(values):.1f} ({min(values):.0f}-{max(values):.0f}) | "
-                f"{median(refs):.1f} | **{median(ratios):.2f}** ({min(ratios):.2f}-{max(ratios):.2f}) | "
-                f"{len(rounds)} | {noise:.2f} |"
-            )
+            if rounds:
+                yield pair, side, [
+                    (by_round[i]["cpu_per_req_us"], base[i]["cpu_per_req_us"],
+                     max(by_round[i].get("other_cores", 0), base[i].get("other_cores", 0)))
+                    for i in rounds
+                ]
+
+
+def pairs_against(results, ref, markdown_out=None):
+    """Paired rounds with several sides measured against one reference side (bench/floor.sh)."""
+    out = [
+        f"| comparison | side | server CPU µs/req, median (min-max) | {ref} µs/req, median | "
+        f"side / {ref} per round, median (min-max) | rounds | other load max (cores) |",
+        "|---|---|--:|--:|--:|--:|--:|",
+    ]
+    for pair, side, rounds in paired_rounds(load(results), ref):
+        values = [v for v, _, _ in rounds]
+        refs = [b for _, b, _ in rounds]
+        ratios = [v / b for v, b, _ in rounds]
+        noise = max(n for _, _, n in rounds)
+        out.append(
+            f"| {pair} | {side} | {median(values):.1f} ({min(values):.0f}-{max(values):.0f}) | "
+            f"{median(refs):.1f} | **{median(ratios):.2f}** ({min(ratios):.2f}-{max(ratios):.2f}) | "
+            f"{len(rounds)} | {noise:.2f} |"
+        )
     text = "\n".join(out)
     print(text)
     if markdown_out:
         with open(markdown_out, "w") as f:
             f.write(text + "\n")
+
+
+def pool(ref, *results):
+    """The per-round ratios of several bench/floor.sh runs together: their median and a 95%
+    bootstrap interval of that median (10,000 resamples, fixed seed), and the share of rounds at
+    or under 0.9 and 1.0. One run's rounds are too few to tell 0.88 from 0.92 on a noisy machine."""
+    import random
+
+    pooled = {}
+    for path in results:
+        for pair, side, rounds in paired_rounds(load(path), ref):
+            pooled.setdefault((pair, side), []).extend(v / b for v, b, _ in rounds)
+    print(f"| comparison | side | side / {ref}, median of all rounds | 95% interval of the median "
+          f"| rounds at most 0.9 | at most 1.0 | rounds |")
+    print("|---|---|--:|--:|--:|--:|--:|")
+    rng = random.Random(16)
+    for (pair, side), ratios in pooled.items():
+        medians = sorted(median(rng.choices(ratios, k=len(ratios))) for _ in range(10000))
+        print(f"| {pair} | {side} | **{median(ratios):.3f}** | {medians[250]:.3f}-{medians[9749]:.3f} | "
+              f"{sum(x <= 0.9 for x in ratios)} | {sum(x <= 1.0 for x in ratios)} | {len(ratios)} |")
+
+
 def conns_report(results):
     """Idle connections (bench/conns.sh): RSS per connection and the active client's latency."""
     recs = load(results)
@@ -710,6 +743,7 @@ def main(argv):
         "speed": speed,
         "report": report,
         "pairs": pairs_against,
+        "pool": pool,
         "conns-report": conns_report,
         "perf-summary": perf_summary,
         "callgrind-summary": callgrind_summary,
