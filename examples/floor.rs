@@ -137,7 +137,11 @@ fn main() {
     let result = runtime
         .build()
         .map_err(BoxError::from)
-        .and_then(|rt| rt.block_on(run(args)));
+        // The accept loop on a worker thread, as the broker's (`cli::serve`).
+        .and_then(|rt| {
+            rt.block_on(rt.spawn(run(args)))
+                .unwrap_or_else(|join| Err(join.into()))
+        });
     if let Err(error) = result {
         eprintln!("floor: {error}");
         std::process::exit(1);

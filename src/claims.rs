@@ -109,7 +109,7 @@ pub async fn sign_id_token(
     flow: &str,
     now: i64,
 ) -> Result<IdToken, SignerError> {
-    let jti = new_jti();
+    let jti = crate::crypto::random_uuid().simple().to_string();
     let payload = serde_json::to_string(&id_token_claims(issuer, who, flow, now, &jti))
         .map_err(|e| SignerError::Sign(e.to_string()))?;
     let started = Instant::now();
@@ -123,15 +123,4 @@ pub async fn sign_id_token(
         jti,
         expires_at: now + who.rule.ttl.as_secs() as i64,
     })
-}
-
-/// A random (version 4) UUID, from aws-lc's generator: it runs in user space, where
-/// `Uuid::new_v4` asks the kernel for every token.
-fn new_jti() -> String {
-    let mut bytes = [0u8; 16];
-    let uuid = match aws_lc_rs::rand::fill(&mut bytes) {
-        Ok(()) => uuid::Builder::from_random_bytes(bytes).into_uuid(),
-        Err(_) => uuid::Uuid::new_v4(),
-    };
-    uuid.simple().to_string()
 }

@@ -415,7 +415,13 @@ fn serve(config_path: &Path, audit: Arc<AuditLog>) -> Result<ExitCode, CliError>
                 "token-broker serving"
             );
         }
-        server.run(crate::server::shutdown_signal()).await;
+        // On a worker thread, not this one: the accept loop parked here would need a
+        // wakeup from the worker thread that owns the I/O driver for every connection.
+        if let Err(join) = tokio::spawn(server.run(crate::server::shutdown_signal())).await {
+            if join.is_panic() {
+                std::panic::resume_unwind(join.into_panic());
+            }
+        }
         Ok::<_, CliError>(())
     })?;
     Ok(ExitCode::SUCCESS)

@@ -10,6 +10,17 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// A random (version 4) UUID from aws-lc's generator, which runs in user space:
+/// `Uuid::new_v4` makes a `getrandom` system call each time, and every token takes two
+/// (its `jti` and the request's id).
+pub fn random_uuid() -> uuid::Uuid {
+    let mut bytes = [0u8; 16];
+    match aws_lc_rs::rand::fill(&mut bytes) {
+        Ok(()) => uuid::Builder::from_random_bytes(bytes).into_uuid(),
+        Err(_) => uuid::Uuid::new_v4(),
+    }
+}
+
 /// TLS for the broker's own outbound calls (Google, CRL sources): the public web PKI roots,
 /// no client certificate.
 pub fn public_client_config() -> Result<rustls::ClientConfig, rustls::Error> {

@@ -36,7 +36,7 @@ pub(super) async fn handle(
     request: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let mut audit = Audit {
-        request_id: uuid::Uuid::new_v4().to_string(),
+        request_id: crate::crypto::random_uuid().to_string(),
         ..Audit::default()
     };
     let result = answer(broker, conn, request, &mut audit).await;
