@@ -1,5 +1,5 @@
-//! The one crypto provider (aws-lc-rs) for TLS, chain and CRL signatures, and the TLS
-//! client configuration of the broker's own outbound calls.
+//! The one crypto provider (aws-lc-rs) for TLS, chain and CRL signatures and random ids,
+//! and the TLS client configuration of the broker's own outbound calls.
 
 use std::sync::Arc;
 
