@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The machine's own stalls: cyclictest (rt-tests) wakes a thread every 200 us on each core
-# (CPU 0: the load generator's, CPU 1: the server's) while the floor serves 5,000 kept-alive requests/s there, pinned
-# as in bench/latency.sh. Run: flock /work/bench.lock bash THIS_FILE (needs cyclictest).
+# The machine's own stalls: cyclictest (rt-tests) wakes a thread every 200 us on each
+# core (CPU 0: the load generator's, CPU 1: the server's) while the floor serves 5,000
+# kept-alive requests/s, pinned as in bench/latency.sh.
+# Run: flock /work/bench.lock bash THIS_FILE (needs cyclictest).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd) BUILD=0 KEEP=0
 source "$ROOT/bench/common.sh"
