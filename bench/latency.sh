@@ -10,7 +10,7 @@
 # the report's last column is the time the hypervisor gave our vCPUs to others. See
 # BENCHMARKS.md, "Scale: connections and latency".
 #
-#   bench/latency.sh            2 rounds, 4 s maximum runs, 6 s fixed-rate runs (~2 minutes)
+#   bench/latency.sh            2 rounds, 4 s maximum runs, 6 s fixed-rate runs (~3 minutes)
 #   bench/latency.sh --quick    1 round of 0.3 s runs (smoke test)
 #
 # Options: --no-build, --keep, --out DIR (default bench/out/latency), --rounds N.

@@ -31,3 +31,14 @@ pub fn public_client_config() -> Result<rustls::ClientConfig, rustls::Error> {
         .with_root_certificates(roots)
         .with_no_client_auth())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn random_uuids_are_version_4_and_differ() {
+        let (a, b) = (super::random_uuid(), super::random_uuid());
+        assert_eq!(a.get_version_num(), 4);
+        assert_eq!(a.get_variant(), uuid::Variant::RFC4122);
+        assert_ne!(a, b);
+    }
+}
