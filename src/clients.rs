@@ -93,7 +93,8 @@ struct Matcher {
     email: Option<GlobSet>,
     subject: Option<GlobSet>,
     issuer: Option<GlobSet>,
-    sha256: Vec<String>,
+    /// Held as digests, as the identity holds its own: matching compares bytes.
+    sha256: Vec<CertDigest>,
 }
 
 /// The SANs that satisfied a rule's patterns: `sub` is built from these, never from an
@@ -141,7 +142,7 @@ impl Matcher {
         if !(one(&self.spiffe, id.spiffe_id.as_deref())
             && one(&self.subject, Some(&id.subject))
             && one(&self.issuer, Some(&id.issuer))
-            && (self.sha256.is_empty() || self.sha256.contains(&id.sha256.hex())))
+            && (self.sha256.is_empty() || self.sha256.contains(&id.sha256)))
         {
             return None;
         }
@@ -541,13 +542,13 @@ fn build_matcher(m: &MatchConfig, problems: &mut Vec<String>) -> Matcher {
         problems.push("match.sha256 is empty; list fingerprints or remove it".into());
     }
     for fingerprint in m.sha256.iter().flatten() {
-        let hex: String = fingerprint
-            .chars()
-            .filter(|c| *c != ':')
-            .collect::<String>()
-            .to_ascii_lowercase();
-        if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            sha256.push(hex);
+        let hex: String = fingerprint.chars().filter(|c| *c != ':').collect();
+        let digest = data_encoding::HEXLOWER_PERMISSIVE
+            .decode(hex.as_bytes())
+            .ok()
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok());
+        if let Some(digest) = digest {
+            sha256.push(CertDigest(digest));
         } else {
             problems.push(format!(
                 "match.sha256: {fingerprint:?} is not a SHA-256 fingerprint (64 hex digits, colons optional)"
