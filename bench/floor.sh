@@ -6,19 +6,24 @@
 # device seen before (verified-chain cache hit) and one whose chain is validated
 # (`server.verified_chain_cache = 0`). See BENCHMARKS.md, "Scale: the floor and many devices".
 #
-#   bench/floor.sh [--quick] [--no-build] [--keep] [--rounds N] [--seconds S] [--out DIR]
+#   bench/floor.sh [--quick] [--no-build] [--keep] [--pin] [--rounds N] [--seconds S] [--out DIR]
+#
+# --pin: each server on CPU 1 with one runtime thread, the load generator on CPU 0 with one
+# (`taskset`): no server thread competes with the client or migrates, so a round's CPU per
+# request moves far less than unpinned (BENCHMARKS.md, "Scale: the floor pinned").
 #
 # Defaults: 5 rounds of 2 s per side (quick: 1 round of 0.3 s). Results: DIR/results.jsonl
 # and DIR/pairs.md (default bench/out/floor). Run it under `flock /work/bench.lock` on a
 # shared machine. Serving the floor alone for other scripts: `start_floor` in common.sh.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BUILD=1 KEEP=0 ROUNDS=5 PAIR_DUR=2 OUT="$ROOT/bench/out/floor" CONC=32 QUICK=0
+BUILD=1 KEEP=0 ROUNDS=5 PAIR_DUR=2 OUT="$ROOT/bench/out/floor" CONC=32 QUICK=0 PIN=0
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick) QUICK=1 ROUNDS=1 PAIR_DUR=0.3 CONC=16 ;;
         --no-build) BUILD=0 ;;
         --keep) KEEP=1 ;;
+        --pin) PIN=1 ;;
         --rounds) ROUNDS=$2; shift ;;
         --seconds) PAIR_DUR=$2; shift ;;
         --out) OUT=$2; shift ;;
@@ -32,10 +37,19 @@ source "$ROOT/bench/common.sh"
 bench_build
 bench_workdir token-broker-floor
 RESULTS="$WORK/results.jsonl"
-"$PY" "$LIB" add "$RESULTS" "{\"name\":\"machine\",\"mode\":\"$([[ $QUICK == 1 ]] && echo quick || echo full)\",\"date\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\"loadavg_start\":\"$(cut -d' ' -f1-3 /proc/loadavg)\",\"commit\":\"$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo ?)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock examples 2>/dev/null || echo +uncommitted)\",\"nproc\":$(nproc)}"
+"$PY" "$LIB" add "$RESULTS" "{\"name\":\"machine\",\"mode\":\"$([[ $QUICK == 1 ]] && echo quick || echo full)\",\"pinned\":$([[ $PIN == 1 ]] && echo true || echo false),\"date\":\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\",\"loadavg_start\":\"$(cut -d' ' -f1-3 /proc/loadavg)\",\"commit\":\"$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo ?)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock examples 2>/dev/null || echo +uncommitted)\",\"nproc\":$(nproc)}"
 
 bench_pki
-start_floor floor
+FLOOR_ARGS=() LOADGEN_ARGS=()
+if [[ $PIN == 1 ]]; then
+    command -v taskset >/dev/null || die "--pin needs taskset (apt-get install util-linux)"
+    (($(nproc) >= 2)) || die "--pin needs 2 CPUs"
+    # The broker's runtime sizes itself to the CPUs it may use: one thread here.
+    BROKER_WRAP=(taskset -c 1) LOADGEN_WRAP=(taskset -c 0)
+    FLOOR_ARGS=(--threads 1) LOADGEN_ARGS=(--threads 1)
+fi
+start_floor floor "${FLOOR_ARGS[@]+"${FLOOR_ARGS[@]}"}"
+[[ $PIN == 1 ]] && taskset -a -p -c 1 "$FLOOR_PID" >/dev/null
 start_broker broker-cached "$PKI/keys"
 CACHED_PID=$BROKER_PID CACHED_PORT=$BROKER_PORT
 BROKER_SERVER_EXTRA="verified_chain_cache = 0" start_broker broker-validated "$PKI/keys"
@@ -48,7 +62,8 @@ side() { # side PAIR ROUND SIDE PORT PID [LOADGEN_ARGS...]
     local pair=$1 round=$2 name=$3 port=$4 pid=$5
     shift 5
     measure "$pair-$name-$round" "{\"kind\":\"pair\",\"pair\":\"$pair\",\"side\":\"$name\",\"round\":$round}" "$pid" \
-        --addr "127.0.0.1:$port" --mode new-conn --concurrency "$CONC" --duration "$PAIR_DUR" "$@"
+        --addr "127.0.0.1:$port" --mode new-conn --concurrency "$CONC" --duration "$PAIR_DUR" \
+        "${LOADGEN_ARGS[@]+"${LOADGEN_ARGS[@]}"}" "$@"
 }
 log "paired rounds: floor, broker (device seen before), broker (chain validated); $ROUNDS x ${PAIR_DUR}s"
 for round in $(seq 1 "$ROUNDS"); do
