@@ -9,8 +9,9 @@
 //!
 //! Modes:
 //! - `new-conn`: per request a new TCP connection, a full TLS handshake (no resumption) with
-//!   the client certificate, one `POST`, then close_notify and close. With `--resume`, the
-//!   connections resume TLS sessions from one session store (one device reconnecting); with
+//!   the client certificate, one `POST`, then close_notify and close. With `--resume`, each
+//!   worker resumes the TLS session of its previous connection from a session store of its
+//!   own (a device reconnecting, one per worker); with
 //!   `--addr2`, they alternate between two servers (two replicas sharing ticket keys). The
 //!   JSON line counts `resumed_handshakes`.
 //! - `keep-alive`: one persistent connection per worker, requests back to back.
@@ -87,7 +88,8 @@ struct Args {
     /// A second server: connections alternate between --addr and this one.
     #[arg(long)]
     addr2: Option<SocketAddr>,
-    /// Resume TLS sessions across new connections (one session store for every worker).
+    /// Resume TLS sessions across new connections (a session store per worker: a shared one
+    /// keeps at most 8 TLS 1.3 tickets, fewer than 32 workers in flight take).
     #[arg(long)]
     resume: bool,
     /// TLS server name (SNI and certificate check) and Host header.
@@ -188,6 +190,8 @@ struct Target {
     resumed: std::sync::atomic::AtomicU64,
     name: ServerName<'static>,
     connector: TlsConnector,
+    /// `--resume`: each worker gets a connector with a session store of its own.
+    resume: bool,
     devices: Option<Devices>,
     request: Vec<u8>,
     timeout: Duration,
@@ -383,7 +387,22 @@ struct Response {
     close: bool,
 }
 
-async fn connect(target: &Target) -> Result<TlsStream<TcpStream>, Failure> {
+impl Target {
+    /// A worker's own connector under `--resume` (a fresh session store), else none.
+    fn worker_connector(&self) -> Option<TlsConnector> {
+        self.resume.then(|| {
+            let mut config = rustls::ClientConfig::clone(self.connector.config());
+            config.resumption = rustls::client::Resumption::in_memory_sessions(16);
+            TlsConnector::from(Arc::new(config))
+        })
+    }
+}
+
+/// Opens a connection to the next address, through `own` (a worker's connector) if given.
+async fn connect(
+    target: &Target,
+    own: Option<&TlsConnector>,
+) -> Result<TlsStream<TcpStream>, Failure> {
     use std::sync::atomic::Ordering::Relaxed;
     let addr = target.addrs[target.opened.fetch_add(1, Relaxed) % target.addrs.len()];
     let tcp = if target.source_ips > 1 {
@@ -399,9 +418,10 @@ async fn connect(target: &Target) -> Result<TlsStream<TcpStream>, Failure> {
     }
     .map_err(Failure::Connect)?;
     let _ = tcp.set_nodelay(true);
-    let connector = match &target.devices {
-        Some(devices) => &devices.next_connector()?,
-        None => &target.connector,
+    let connector = match (&target.devices, own) {
+        (Some(devices), _) => &devices.next_connector()?,
+        (None, Some(own)) => own,
+        (None, None) => &target.connector,
     };
     let tls = connector
         .connect(target.name.clone(), tcp)
@@ -492,8 +512,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Connect, handshake, one request, close_notify, close.
-async fn one_new_conn(target: &Target) -> Result<(), Failure> {
-    let mut tls = connect(target).await?;
+async fn one_new_conn(target: &Target, own: Option<&TlsConnector>) -> Result<(), Failure> {
+    let mut tls = connect(target, own).await?;
     let mut buf = Vec::with_capacity(4096);
     let response = exchange(&mut tls, &target.request, &mut buf).await?;
     let _ = tls.shutdown().await;
@@ -513,7 +533,7 @@ struct KeepAlive {
 impl KeepAlive {
     async fn request(&mut self, target: &Target) -> Result<(), Failure> {
         if self.stream.is_none() {
-            self.stream = Some(connect(target).await?);
+            self.stream = Some(connect(target, None).await?);
             self.buf.clear();
             self.opened += 1;
         }
@@ -598,6 +618,7 @@ async fn worker(plan: Arc<Plan>, index: usize, mut conn: KeepAlive) -> WorkerSta
     let offset = rate.map(|r| Duration::from_secs_f64(index as f64 / r));
     let mut sequence: u32 = 0;
     let mut previous_end = start;
+    let own = target.worker_connector();
     loop {
         let started = match (interval, offset) {
             (Some(interval), Some(offset)) => {
@@ -626,7 +647,7 @@ async fn worker(plan: Arc<Plan>, index: usize, mut conn: KeepAlive) -> WorkerSta
         let result = match mode {
             Mode::NewConn => {
                 stats.connections += 1;
-                timed(target.timeout, one_new_conn(target)).await
+                timed(target.timeout, one_new_conn(target, own.as_ref())).await
             }
             _ => {
                 let result = timed(target.timeout, conn.request(target)).await;
@@ -695,6 +716,7 @@ async fn run(args: Args) -> Result<serde_json::Value, BoxError> {
         resumed: Default::default(),
         name: ServerName::try_from(args.server_name.clone())?,
         connector: TlsConnector::from(Arc::new(config)),
+        resume: args.resume,
         devices,
         request: build_request(&args),
         timeout: Duration::from_secs_f64(args.timeout),
@@ -703,7 +725,7 @@ async fn run(args: Args) -> Result<serde_json::Value, BoxError> {
     });
     // One probe connection: fails fast with a clear message if the server is not reachable,
     // and tells what TLS was negotiated.
-    let probe = connect(&target)
+    let probe = connect(&target, None)
         .await
         .map_err(|f| format!("probe connection to {}: {}", args.addr, f.detail()))?;
     let tls = tls_description(&probe);
@@ -755,7 +777,7 @@ async fn load(args: &Args, mode: Mode, target: Arc<Target>) -> Result<serde_json
             opened: 0,
         };
         if mode == Mode::KeepAlive {
-            match connect(&target).await {
+            match connect(&target, None).await {
                 Ok(stream) => {
                     conn.stream = Some(stream);
                     conn.opened = 1;
@@ -859,7 +881,7 @@ async fn idle(
             let mut first_error = None;
             for _ in 0..count {
                 let opened = timed(target.timeout, async {
-                    let mut stream = connect(&target).await?;
+                    let mut stream = connect(&target, None).await?;
                     if with_request {
                         let mut buf = Vec::new();
                         let response = exchange(&mut stream, &target.request, &mut buf).await?;
