@@ -7,8 +7,8 @@
 # Two brokers (the bench/run.sh config plus the key file) serve one device certificate. Each
 # round measures, side after side, new connections alternating between the two replicas
 # (loadgen --mode new-conn --addr A --addr2 B): "full" without a session store (every
-# handshake full), "resumed" with one (loadgen --resume: each connection resumes the
-# ticket of an earlier one, usually from the other replica). Server CPU is both brokers'
+# handshake full), "resumed" with one per worker (loadgen --resume: each connection resumes the
+# ticket of the worker's previous one, from the other replica). Server CPU is both brokers'
 # utime+stime; per token = CPU / tokens. The floor server's (examples/floor.rs) and, with nginx installed, nginx's full
 # handshakes are measured in the same rounds. Then the device side between runs: rounds of
 # `token` processes (200 per side; --quick: 20) without and with `--session-file`.

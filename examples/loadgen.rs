@@ -10,10 +10,9 @@
 //! Modes:
 //! - `new-conn`: per request a new TCP connection, a full TLS handshake (no resumption) with
 //!   the client certificate, one `POST`, then close_notify and close. With `--resume`, each
-//!   worker resumes the TLS session of its previous connection from a session store of its
-//!   own (a device reconnecting, one per worker); with
-//!   `--addr2`, they alternate between two servers (two replicas sharing ticket keys). The
-//!   JSON line counts `resumed_handshakes`.
+//!   worker is a device reconnecting: it resumes the TLS session of its previous connection
+//!   from a session store of its own. With `--addr2`, connections alternate between two
+//!   servers (two replicas sharing ticket keys). The JSON line counts `resumed_handshakes`.
 //! - `keep-alive`: one persistent connection per worker, requests back to back.
 //! - `idle`: open `--connections` connections, complete the handshakes (and with
 //!   `--idle-request` one request each), print the JSON line, then hold them until SIGTERM,
@@ -88,8 +87,7 @@ struct Args {
     /// A second server: connections alternate between --addr and this one.
     #[arg(long)]
     addr2: Option<SocketAddr>,
-    /// Resume TLS sessions across new connections (a session store per worker: a shared one
-    /// keeps at most 8 TLS 1.3 tickets, fewer than 32 workers in flight take).
+    /// Resume TLS sessions across new connections, each worker as one device reconnecting.
     #[arg(long)]
     resume: bool,
     /// TLS server name (SNI and certificate check) and Host header.
@@ -190,7 +188,7 @@ struct Target {
     resumed: std::sync::atomic::AtomicU64,
     name: ServerName<'static>,
     connector: TlsConnector,
-    /// `--resume`: each worker gets a connector with a session store of its own.
+    /// `--resume`: each worker reconnects as one device ([`Returning`]).
     resume: bool,
     devices: Option<Devices>,
     request: Vec<u8>,
@@ -387,24 +385,39 @@ struct Response {
     close: bool,
 }
 
+/// A worker under `--resume`: one device reconnecting, with a session store of its own (a
+/// shared store keeps at most 8 TLS 1.3 tickets, fewer than 32 workers in flight take) and
+/// its own turn between the addresses, so with `--addr2` each resumption opens a ticket the
+/// other server issued.
+struct Returning {
+    connector: TlsConnector,
+    opened: usize,
+}
+
 impl Target {
-    /// A worker's own connector under `--resume` (a fresh session store), else none.
-    fn worker_connector(&self) -> Option<TlsConnector> {
+    fn returning(&self) -> Option<Returning> {
         self.resume.then(|| {
             let mut config = rustls::ClientConfig::clone(self.connector.config());
             config.resumption = rustls::client::Resumption::in_memory_sessions(16);
-            TlsConnector::from(Arc::new(config))
+            Returning {
+                connector: TlsConnector::from(Arc::new(config)),
+                opened: 0,
+            }
         })
     }
 }
 
-/// Opens a connection to the next address, through `own` (a worker's connector) if given.
+/// Opens a connection to the next address (the worker's own turn when it is `returning`).
 async fn connect(
     target: &Target,
-    own: Option<&TlsConnector>,
+    returning: Option<&mut Returning>,
 ) -> Result<TlsStream<TcpStream>, Failure> {
     use std::sync::atomic::Ordering::Relaxed;
-    let addr = target.addrs[target.opened.fetch_add(1, Relaxed) % target.addrs.len()];
+    let turn = match &returning {
+        Some(device) => device.opened,
+        None => target.opened.fetch_add(1, Relaxed),
+    };
+    let addr = target.addrs[turn % target.addrs.len()];
     let tcp = if target.source_ips > 1 {
         let n = target.next_source.fetch_add(1, Relaxed);
         let host = (n % usize::from(target.source_ips)) as u8 + 1;
@@ -418,9 +431,12 @@ async fn connect(
     }
     .map_err(Failure::Connect)?;
     let _ = tcp.set_nodelay(true);
-    let connector = match (&target.devices, own) {
+    let connector = match (&target.devices, returning) {
         (Some(devices), _) => &devices.next_connector()?,
-        (None, Some(own)) => own,
+        (None, Some(device)) => {
+            device.opened += 1;
+            &device.connector
+        }
         (None, None) => &target.connector,
     };
     let tls = connector
@@ -512,8 +528,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Connect, handshake, one request, close_notify, close.
-async fn one_new_conn(target: &Target, own: Option<&TlsConnector>) -> Result<(), Failure> {
-    let mut tls = connect(target, own).await?;
+async fn one_new_conn(target: &Target, returning: Option<&mut Returning>) -> Result<(), Failure> {
+    let mut tls = connect(target, returning).await?;
     let mut buf = Vec::with_capacity(4096);
     let response = exchange(&mut tls, &target.request, &mut buf).await?;
     let _ = tls.shutdown().await;
@@ -618,7 +634,7 @@ async fn worker(plan: Arc<Plan>, index: usize, mut conn: KeepAlive) -> WorkerSta
     let offset = rate.map(|r| Duration::from_secs_f64(index as f64 / r));
     let mut sequence: u32 = 0;
     let mut previous_end = start;
-    let own = target.worker_connector();
+    let mut returning = target.returning();
     loop {
         let started = match (interval, offset) {
             (Some(interval), Some(offset)) => {
@@ -647,7 +663,7 @@ async fn worker(plan: Arc<Plan>, index: usize, mut conn: KeepAlive) -> WorkerSta
         let result = match mode {
             Mode::NewConn => {
                 stats.connections += 1;
-                timed(target.timeout, one_new_conn(target, own.as_ref())).await
+                timed(target.timeout, one_new_conn(target, returning.as_mut())).await
             }
             _ => {
                 let result = timed(target.timeout, conn.request(target)).await;
