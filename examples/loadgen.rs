@@ -410,11 +410,14 @@ impl Target {
 /// Opens a connection to the next address (the worker's own turn when it is `returning`).
 async fn connect(
     target: &Target,
-    returning: Option<&mut Returning>,
+    mut returning: Option<&mut Returning>,
 ) -> Result<TlsStream<TcpStream>, Failure> {
     use std::sync::atomic::Ordering::Relaxed;
-    let turn = match &returning {
-        Some(device) => device.opened,
+    let turn = match &mut returning {
+        Some(device) => {
+            device.opened += 1;
+            device.opened - 1
+        }
         None => target.opened.fetch_add(1, Relaxed),
     };
     let addr = target.addrs[turn % target.addrs.len()];
@@ -433,10 +436,7 @@ async fn connect(
     let _ = tcp.set_nodelay(true);
     let connector = match (&target.devices, returning) {
         (Some(devices), _) => &devices.next_connector()?,
-        (None, Some(device)) => {
-            device.opened += 1;
-            &device.connector
-        }
+        (None, Some(device)) => &device.connector,
         (None, None) => &target.connector,
     };
     let tls = connector
