@@ -218,16 +218,18 @@ measure() {
 # and CRLs, the same certificate, provider and TLS versions; hyper answers 200 "ok".
 FLOOR_PID=""
 FLOOR_PORT=""
+FLOOR_WRAP=()          # as BROKER_WRAP: e.g. (taskset -c 1) or (valgrind --tool=callgrind ...)
+FLOOR_READY_SECONDS=10
 start_floor() { # start_floor NAME [FLOOR_ARGS...]
     local name=$1
     shift
     read -r FLOOR_PORT < <("$PY" "$LIB" free-ports 1)
-    "$FLOOR" --listen "127.0.0.1:$FLOOR_PORT" --cert "$PKI/server.pem" --key "$PKI/server-key.pem" \
+    "${FLOOR_WRAP[@]+"${FLOOR_WRAP[@]}"}" "$FLOOR" --listen "127.0.0.1:$FLOOR_PORT" --cert "$PKI/server.pem" --key "$PKI/server-key.pem" \
         --client-ca "$PKI/ca.pem" --crl "$PKI/ca.crl.pem" --tls-versions 1.2,1.3 "$@" \
         2>"$WORK/$name.log" &
     FLOOR_PID=$!
     PIDS+=("$FLOOR_PID")
-    "$PY" "$LIB" wait-tcp "127.0.0.1:$FLOOR_PORT" 10
+    "$PY" "$LIB" wait-tcp "127.0.0.1:$FLOOR_PORT" "$FLOOR_READY_SECONDS"
     echo "floor $name: pid $FLOOR_PID, https://127.0.0.1:$FLOOR_PORT"
 }
 

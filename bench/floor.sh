@@ -45,11 +45,10 @@ if [[ $PIN == 1 ]]; then
     command -v taskset >/dev/null || die "--pin needs taskset (apt-get install util-linux)"
     (($(nproc) >= 2)) || die "--pin needs 2 CPUs"
     # The broker's runtime sizes itself to the CPUs it may use: one thread here.
-    BROKER_WRAP=(taskset -c 1) LOADGEN_WRAP=(taskset -c 0)
+    BROKER_WRAP=(taskset -c 1) FLOOR_WRAP=(taskset -c 1) LOADGEN_WRAP=(taskset -c 0)
     FLOOR_ARGS=(--threads 1) LOADGEN_ARGS=(--threads 1)
 fi
 start_floor floor "${FLOOR_ARGS[@]+"${FLOOR_ARGS[@]}"}"
-[[ $PIN == 1 ]] && taskset -a -p -c 1 "$FLOOR_PID" >/dev/null
 start_broker broker-cached "$PKI/keys"
 CACHED_PID=$BROKER_PID CACHED_PORT=$BROKER_PORT
 BROKER_SERVER_EXTRA="verified_chain_cache = 0" start_broker broker-validated "$PKI/keys"

@@ -79,8 +79,8 @@ GOOGLE_PORT=$BROKER_PORT
 taskset -p -c "$LOADGEN_CPUS" "$STS_PID" >/dev/null
 # The reference: our own TLS stack answering a static 200 on the same pinned core. Whatever
 # tail it shows at a rate belongs to the machine, not to the broker.
+FLOOR_WRAP=(taskset -c "$SERVER_CPUS")
 start_floor floor-pinned --threads 1
-taskset -a -p -c "$SERVER_CPUS" "$FLOOR_PID" >/dev/null
 # Warm up; the Google path's first request is the one cache miss.
 "$LOADGEN" "${CLIENT_ARGS[@]}" --addr "127.0.0.1:$TOKEN_PORT" --mode keep-alive --concurrency 4 --duration 0.5 >/dev/null
 "$LOADGEN" "${CLIENT_ARGS[@]}" --addr "127.0.0.1:$GOOGLE_PORT" --body "$GOOGLE_BODY" --mode keep-alive \

@@ -18,13 +18,9 @@ bench_build
 bench_workdir token-broker-callgrind
 bench_pki
 CG=(valgrind --tool=callgrind --cache-sim=yes --compress-strings=no --compress-pos=no)
-read -r FLOOR_PORT < <("$PY" "$LIB" free-ports 1)
-"${CG[@]}" --callgrind-out-file="$OUT/floor.out" "$FLOOR" --listen "127.0.0.1:$FLOOR_PORT" \
-    --cert "$PKI/server.pem" --key "$PKI/server-key.pem" --client-ca "$PKI/ca.pem" \
-    --crl "$PKI/ca.crl.pem" --tls-versions 1.2,1.3 2>"$WORK/floor.log" &
-FLOOR_PID=$!
-PIDS+=("$FLOOR_PID")
-"$PY" "$LIB" wait-tcp "127.0.0.1:$FLOOR_PORT" 60
+FLOOR_WRAP=("${CG[@]}" --callgrind-out-file="$OUT/floor.out")
+FLOOR_READY_SECONDS=60
+start_floor floor
 BROKER_WRAP=("${CG[@]}" --callgrind-out-file="$OUT/broker.out")
 BROKER_READY_SECONDS=120
 start_broker broker-cached "$PKI/keys"
