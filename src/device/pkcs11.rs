@@ -836,14 +836,14 @@ impl Signer for TokenSigner {
                 module_error("C_Sign")(e)
             ))
         };
-        let signature = {
+        let signature = off_the_runtime(|| {
             let session = token
                 .session()
                 .map_err(|e| rustls::Error::General(e.to_string()))?;
             session
                 .sign(&mechanism, self.key.handle, &input)
-                .map_err(failed)?
-        };
+                .map_err(failed)
+        })?;
         match self.key.kind {
             // PKCS#11 returns r || s; TLS wants the DER Ecdsa-Sig-Value.
             KeyKind::Ec(_) => crate::der::ecdsa_signature(&signature).ok_or_else(|| {
@@ -861,9 +861,50 @@ impl Signer for TokenSigner {
     }
 }
 
+/// Runs `work`, which blocks: a TPM signs in tens to hundreds of milliseconds, and a
+/// token's one session makes concurrent handshakes wait their turn. rustls calls the signer
+/// synchronously inside a handshake's poll, where nothing can be awaited, so on a
+/// multi-threaded runtime (the agent's) the worker hands its other tasks to another thread
+/// meanwhile. On a current-thread runtime (`token`, one request) or none, it just runs.
+fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A signature that waits for another task of a one-worker runtime only completes if
+    /// that task can run meanwhile (without `block_in_place` it times out).
+    #[test]
+    fn a_blocking_signature_leaves_the_runtime_to_other_tasks() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let waited = runtime.block_on(async {
+            tokio::spawn(async {
+                let (done, other_ran) = std::sync::mpsc::channel();
+                // Spawned from the worker: queued behind the blocking task, on its worker.
+                tokio::spawn(async move { done.send(()) });
+                off_the_runtime(|| other_ran.recv_timeout(std::time::Duration::from_secs(10)))
+            })
+            .await
+        });
+        assert_eq!(waited.unwrap(), Ok(()));
+        // Where there is no worker to hand over (`token`'s runtime, or none), it just runs.
+        let current = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(current.block_on(async { off_the_runtime(|| 7) }), 7);
+        assert_eq!(off_the_runtime(|| 7), 7);
+    }
 
     #[test]
     fn uris_parse_as_rfc_7512_says() {
