@@ -73,6 +73,7 @@ impl Live {
     /// Keeps `audit` at the configured path: moved when a reload changes `[audit] path`,
     /// reopened by [`Live::reopen_audit_log`].
     pub fn with_audit_log(mut self, audit: Arc<AuditLog>) -> Live {
+        audit.count_failures_in(self.metrics().audit_file_write_failures.clone());
         self.audit = Some(audit);
         self
     }

@@ -13,8 +13,10 @@ use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
+
+use prometheus::IntCounter;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -159,14 +161,16 @@ impl BufferedLines {
         }))
     }
 
-    /// Writes what is buffered every [`FLUSH_INTERVAL`], for the life of the process.
-    pub fn spawn_flusher(&self) -> std::io::Result<()> {
+    /// Writes what is buffered every [`FLUSH_INTERVAL`], for the life of the process, then
+    /// runs `after_flush` (outside any event: it may log).
+    pub fn spawn_flusher(&self, after_flush: impl Fn() + Send + 'static) -> std::io::Result<()> {
         let lines = self.clone();
         std::thread::Builder::new()
             .name("log-flush".into())
             .spawn(move || loop {
                 std::thread::sleep(FLUSH_INTERVAL);
                 lines.flush();
+                after_flush();
             })
             .map(drop)
     }
@@ -258,6 +262,7 @@ impl Logs {
             main: main.clone(),
             path: Mutex::new(None),
             open: AtomicBool::new(false),
+            failures: Arc::default(),
         };
         Self {
             main,
@@ -320,6 +325,50 @@ pub struct AuditLog {
     path: Mutex<Option<PathBuf>>,
     /// Whether audit lines are routed here.
     open: AtomicBool,
+    failures: Arc<AuditFailures>,
+}
+
+/// Writes the audit file refused, for the metric and the error line.
+#[derive(Default)]
+struct AuditFailures {
+    /// `audit_file_write_failures_total`, once the server has metrics.
+    counter: OnceLock<IntCounter>,
+    /// The first refusal of a run of them, not yet logged: the writer cannot log (it runs
+    /// inside an event), so the flusher's thread does.
+    unreported: Mutex<Option<(PathBuf, std::io::Error)>>,
+}
+
+/// The audit file as the sink of audit lines. A batch the file refuses (disk full, an I/O
+/// error) goes to the main log instead, so no decision goes unrecorded, and is counted.
+struct AuditFile {
+    file: std::fs::File,
+    path: PathBuf,
+    main: BufferedLines,
+    failures: Arc<AuditFailures>,
+    /// The last write failed: only the first failure of a run is logged.
+    failing: bool,
+}
+
+impl Write for AuditFile {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        match self.file.write_all(bytes) {
+            Ok(()) => self.failing = false,
+            Err(error) => {
+                self.main.append(bytes, false);
+                if let Some(counter) = self.failures.counter.get() {
+                    counter.inc();
+                }
+                if !std::mem::replace(&mut self.failing, true) {
+                    *locked(&self.failures.unreported) = Some((self.path.clone(), error));
+                }
+            }
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The audit file cannot be opened.
@@ -341,7 +390,13 @@ impl AuditLog {
                     path: path.to_owned(),
                     source,
                 })?;
-                self.lines.replace_sink(Box::new(file));
+                self.lines.replace_sink(Box::new(AuditFile {
+                    file,
+                    path: path.to_owned(),
+                    main: self.main.clone(),
+                    failures: self.failures.clone(),
+                    failing: false,
+                }));
                 *locked(&self.path) = Some(path.to_owned());
                 self.open.store(true, Ordering::Release);
             }
@@ -357,6 +412,24 @@ impl AuditLog {
     /// The file audit lines go to now, if any.
     pub fn path(&self) -> Option<PathBuf> {
         locked(&self.path).clone()
+    }
+
+    /// Counts the audit file's refused writes in `counter` from now on (the server's
+    /// `audit_file_write_failures_total`; the first call wins).
+    pub fn count_failures_in(&self, counter: IntCounter) {
+        let _ = self.failures.counter.set(counter);
+    }
+
+    /// Logs the audit file's first refused write since it last accepted one, if not yet
+    /// logged.
+    fn report_failure(&self) {
+        if let Some((path, error)) = locked(&self.failures.unreported).take() {
+            tracing::error!(
+                path = %path.display(),
+                %error,
+                "the audit file refuses writes; audit lines go to the main log until it takes them again (metric audit_file_write_failures_total)"
+            );
+        }
     }
 }
 
@@ -400,8 +473,14 @@ pub fn init(format: LogFormat, buffered: bool) -> Logs {
     let stderr = Box::new(std::io::stderr());
     let logs = if buffered {
         let logs = Logs::new(BufferedLines::new(stderr));
-        for lines in [&logs.main, &logs.audit.lines] {
-            if let Err(error) = lines.spawn_flusher() {
+        let audit = logs.audit();
+        for started in [
+            logs.main.spawn_flusher(|| ()),
+            logs.audit
+                .lines
+                .spawn_flusher(move || audit.report_failure()),
+        ] {
+            if let Err(error) = started {
                 eprintln!("warning: no log flushing thread ({error}); info lines wait for a warning, a full buffer or the exit");
             }
         }
@@ -599,7 +678,7 @@ mod tests {
         );
         std::io::Write::write_all(&mut writer, b"tail").unwrap();
         assert_eq!(written(&sink).len(), sent);
-        lines.spawn_flusher().unwrap();
+        lines.spawn_flusher(|| ()).unwrap();
         // Generous: only a flusher that never writes may run out of it, not a busy machine.
         let deadline = std::time::Instant::now() + 600 * FLUSH_INTERVAL;
         while !written(&sink).ends_with("tail") {

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub crl_next_update: GaugeVec,
     pub readiness: GaugeVec,
     pub config_pending_restart: GaugeVec,
+    pub audit_file_write_failures: IntCounter,
 }
 
 impl Metrics {
@@ -172,6 +173,11 @@ impl Metrics {
                 "1 while a setting read only at start differs in the config file from the running value, by setting.",
                 &["setting"],
             ),
+            audit_file_write_failures: IntCounter::new(
+                "audit_file_write_failures_total",
+                "Batches of audit lines the audit file refused (disk full, I/O error); each went to the main log instead.",
+            )
+            .expect("static metric"),
             registry,
         };
         for collector in metrics.collectors() {
@@ -208,6 +214,7 @@ impl Metrics {
             crl_next_update,
             readiness,
             config_pending_restart,
+            audit_file_write_failures,
         } = self;
         vec![
             Box::new(tokens_issued.clone()),
@@ -233,6 +240,7 @@ impl Metrics {
             Box::new(crl_next_update.clone()),
             Box::new(readiness.clone()),
             Box::new(config_pending_restart.clone()),
+            Box::new(audit_file_write_failures.clone()),
         ]
     }
 

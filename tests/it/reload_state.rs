@@ -516,3 +516,67 @@ async fn the_audit_file_follows_logrotate_and_loses_no_line() {
         "audit lines in the main log:\n{log}"
     );
 }
+
+/// An audit file that refuses writes (`/dev/full`: no space left on device) loses no audit
+/// line: each goes to the main log instead, `audit_file_write_failures_total` counts the
+/// refused batches, and one ERROR line (for the whole run of failures) names the file and
+/// the error.
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_lines_the_audit_file_refuses_go_to_the_main_log_and_are_counted() {
+    let setup = Setup::new();
+    let config = setup.write_config();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("[issuer]", "[audit]\npath = \"/dev/full\"\n\n[issuer]", 1),
+    )
+    .unwrap();
+    let device = setup.intermediate.leaf(&LeafSpec::device("unaudited"));
+    let mut broker = Process::start(
+        &["-c", config.to_str().unwrap(), "serve"],
+        setup.path("serve.log"),
+    );
+    let serving: Value = serde_json::from_str(&broker.line("token-broker serving").await).unwrap();
+    let port = port_of(serving["listen"].as_str().unwrap());
+    let admin = serving["admin"].as_str().unwrap();
+    let admin = admin.trim_start_matches("Some(").trim_end_matches(')');
+
+    let made = load(&setup, &device, port, 2, 5).await;
+    let refused: Value =
+        serde_json::from_str(&broker.line("the audit file refuses writes").await).unwrap();
+    assert_eq!(refused["level"], "ERROR", "{refused}");
+    assert_eq!(refused["path"], "/dev/full", "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("No space left on device"),
+        "{refused}"
+    );
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let failures: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("token_broker_audit_file_write_failures_total "))
+        .unwrap_or_else(|| panic!("no failure counter in\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(failures >= 1.0, "{failures}");
+    let log = broker.stop().await;
+
+    let audited = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["target"] == "audit" && line["message"] == "token decision")
+        .count();
+    assert_eq!(audited, made, "every decision, in the main log:\n{log}");
+    let reports = log
+        .lines()
+        .filter(|l| l.contains("the audit file refuses writes"))
+        .count();
+    assert_eq!(reports, 1, "one ERROR line for the run of failures:\n{log}");
+}
