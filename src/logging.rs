@@ -340,8 +340,10 @@ struct AuditFailures {
 
 /// The audit file as the sink of audit lines. A batch the file refuses (disk full, an I/O
 /// error) goes to the main log instead, so no decision goes unrecorded, and is counted.
-struct AuditFile {
-    file: std::fs::File,
+/// The file keeps whole lines only: a line a full disk cut is taken back and goes to the
+/// main log whole.
+struct AuditFile<F = std::fs::File> {
+    file: F,
     path: PathBuf,
     main: BufferedLines,
     failures: Arc<AuditFailures>,
@@ -349,19 +351,53 @@ struct AuditFile {
     failing: bool,
 }
 
-impl Write for AuditFile {
+/// What [`AuditFile`] needs of its file: appending, and taking back the end of what it
+/// appended.
+trait AppendOnly: Write {
+    fn take_back(&mut self, bytes: u64) -> std::io::Result<()>;
+}
+
+impl AppendOnly for std::fs::File {
+    fn take_back(&mut self, bytes: u64) -> std::io::Result<()> {
+        let length = self.metadata()?.len();
+        self.set_len(length.saturating_sub(bytes))
+    }
+}
+
+impl<F: AppendOnly> Write for AuditFile<F> {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        match self.file.write_all(bytes) {
-            Ok(()) => self.failing = false,
-            Err(error) => {
-                self.main.append(bytes, false);
-                if let Some(counter) = self.failures.counter.get() {
-                    counter.inc();
-                }
-                if !std::mem::replace(&mut self.failing, true) {
-                    *locked(&self.failures.unreported) = Some((self.path.clone(), error));
-                }
+        let mut written = 0;
+        let refused = loop {
+            if written == bytes.len() {
+                break None;
             }
+            match self.file.write(&bytes[written..]) {
+                Ok(0) => break Some(std::io::ErrorKind::WriteZero.into()),
+                Ok(count) => written += count,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) => break Some(error),
+            }
+        };
+        let Some(error) = refused else {
+            self.failing = false;
+            return Ok(bytes.len());
+        };
+        let whole = bytes[..written]
+            .iter()
+            .rposition(|&byte| byte == b'\n')
+            .map_or(0, |newline| newline + 1);
+        let cut = (written - whole) as u64;
+        let kept = if cut == 0 || self.file.take_back(cut).is_ok() {
+            whole
+        } else {
+            written
+        };
+        self.main.append(&bytes[kept..], false);
+        if let Some(counter) = self.failures.counter.get() {
+            counter.inc();
+        }
+        if !std::mem::replace(&mut self.failing, true) {
+            *locked(&self.failures.unreported) = Some((self.path.clone(), error));
         }
         Ok(bytes.len())
     }
@@ -505,7 +541,13 @@ pub fn init(format: LogFormat, buffered: bool) -> Logs {
 
 #[cfg(test)]
 mod tests {
-    use super::{BufferedLines, JsonLines, BUFFER_BYTES, FLUSH_INTERVAL};
+    use super::{
+        locked, AppendOnly, AuditFailures, AuditFile, BufferedLines, JsonLines, BUFFER_BYTES,
+        FLUSH_INTERVAL,
+    };
+    use prometheus::IntCounter;
+    use std::io::Write;
+    use std::path::PathBuf;
     use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]
@@ -648,6 +690,79 @@ mod tests {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o137, 0, "{mode:o}");
         }
+    }
+
+    /// A disk with `room` bytes left: a write gets what fits, then "no space left".
+    #[derive(Default)]
+    struct Disk {
+        data: Vec<u8>,
+        room: usize,
+    }
+
+    impl Write for Disk {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            let count = bytes.len().min(self.room);
+            if count == 0 && !bytes.is_empty() {
+                return Err(std::io::ErrorKind::StorageFull.into());
+            }
+            self.data.extend_from_slice(&bytes[..count]);
+            self.room -= count;
+            Ok(count)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl AppendOnly for Disk {
+        fn take_back(&mut self, bytes: u64) -> std::io::Result<()> {
+            let bytes = bytes as usize;
+            self.data.truncate(self.data.len() - bytes);
+            self.room += bytes;
+            Ok(())
+        }
+    }
+
+    /// A full disk cuts a batch mid-line: the file keeps the whole lines before the cut, the
+    /// main log gets the rest whole, once; the failure is counted and reported once per run
+    /// of failures; with room again, the file takes lines where it stopped.
+    #[test]
+    fn an_audit_file_on_a_full_disk_keeps_whole_lines_and_the_main_log_gets_the_rest() {
+        let (main_sink, main) = buffered();
+        let failures = Arc::new(AuditFailures::default());
+        let counter = IntCounter::new("failures", "test").unwrap();
+        failures.counter.set(counter.clone()).unwrap();
+        let mut file = AuditFile {
+            file: Disk {
+                data: Vec::new(),
+                room: 6,
+            },
+            path: PathBuf::from("audit.log"),
+            main: main.clone(),
+            failures: failures.clone(),
+            failing: false,
+        };
+        file.write_all(b"one\ntwo\nthree\n").unwrap();
+        assert_eq!(file.file.data, b"one\n", "the cut \"two\" taken back");
+        file.write_all(b"four\n").unwrap();
+        main.flush();
+        assert_eq!(written(&main_sink), "two\nthree\nfour\n");
+        assert_eq!(counter.get(), 2);
+        let (path, error) = locked(&failures.unreported).take().unwrap();
+        assert_eq!(path, PathBuf::from("audit.log"));
+        assert_eq!(error.kind(), std::io::ErrorKind::StorageFull);
+
+        file.file.room = 100;
+        file.write_all(b"five\n").unwrap();
+        assert_eq!(file.file.data, b"one\nfive\n");
+        file.file.room = 0;
+        file.write_all(b"six\n").unwrap();
+        assert!(
+            locked(&failures.unreported).is_some(),
+            "a new run of failures is reported again"
+        );
+        assert_eq!(counter.get(), 3);
     }
 
     #[test]
