@@ -421,6 +421,21 @@ async fn load(setup: &Setup, leaf: &Leaf, port: u16, tasks: usize, each: usize) 
     tasks * each
 }
 
+/// `serve` in a child process, its config with `[audit] path = path`: the process, its
+/// config file and its "token-broker serving" line.
+async fn serve_audited(setup: &Setup, path: &str) -> (Process, std::path::PathBuf, Value) {
+    let config = setup.write_config();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let audited = format!("[audit]\npath = {path:?}\n\n[issuer]");
+    std::fs::write(&config, text.replacen("[issuer]", &audited, 1)).unwrap();
+    let mut broker = Process::start(
+        &["-c", config.to_str().unwrap(), "serve"],
+        setup.path("serve.log"),
+    );
+    let serving = serde_json::from_str(&broker.line("token-broker serving").await).unwrap();
+    (broker, config, serving)
+}
+
 /// With `[audit] path`, audit lines go to that file only (mode 0640 at most, created at
 /// start). logrotate's rename + SIGHUP: lines of requests answered before the SIGHUP are in
 /// the renamed file (also those after the rename), later ones in a new file; a reload that
@@ -430,13 +445,6 @@ async fn load(setup: &Setup, leaf: &Leaf, port: u16, tasks: usize, each: usize) 
 async fn the_audit_file_follows_logrotate_and_loses_no_line() {
     let mut setup = Setup::new();
     setup.extra_server = "reload_interval = \"1s\"".into();
-    let config = setup.write_config();
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replacen("[issuer]", "[audit]\npath = \"audit.log\"\n\n[issuer]", 1),
-    )
-    .unwrap();
     let (audit, rotated) = (setup.path("audit.log"), setup.path("audit.log.1"));
     let moved = setup.path("audit-2.log");
     let devices: Vec<Leaf> = ["before", "between", "after", "moved"]
@@ -444,11 +452,7 @@ async fn the_audit_file_follows_logrotate_and_loses_no_line() {
         .map(|name| setup.intermediate.leaf(&LeafSpec::device(name)))
         .collect();
 
-    let mut broker = Process::start(
-        &["-c", config.to_str().unwrap(), "serve"],
-        setup.path("serve.log"),
-    );
-    let serving: Value = serde_json::from_str(&broker.line("token-broker serving").await).unwrap();
+    let (mut broker, config, serving) = serve_audited(&setup, "audit.log").await;
     let port = port_of(serving["listen"].as_str().unwrap());
     {
         use std::os::unix::fs::PermissionsExt;
@@ -524,19 +528,8 @@ async fn the_audit_file_follows_logrotate_and_loses_no_line() {
 #[tokio::test(flavor = "multi_thread")]
 async fn audit_lines_the_audit_file_refuses_go_to_the_main_log_and_are_counted() {
     let setup = Setup::new();
-    let config = setup.write_config();
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replacen("[issuer]", "[audit]\npath = \"/dev/full\"\n\n[issuer]", 1),
-    )
-    .unwrap();
     let device = setup.intermediate.leaf(&LeafSpec::device("unaudited"));
-    let mut broker = Process::start(
-        &["-c", config.to_str().unwrap(), "serve"],
-        setup.path("serve.log"),
-    );
-    let serving: Value = serde_json::from_str(&broker.line("token-broker serving").await).unwrap();
+    let (mut broker, _, serving) = serve_audited(&setup, "/dev/full").await;
     let port = port_of(serving["listen"].as_str().unwrap());
     let admin = serving["admin"].as_str().unwrap();
     let admin = admin.trim_start_matches("Some(").trim_end_matches(')');
