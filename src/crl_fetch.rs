@@ -200,7 +200,7 @@ async fn fetch_with_retries(
     http: &reqwest::Client,
     source: &CrlSourceConfig,
     dir: &Path,
-    broker: &Broker,
+    broker: &Arc<Broker>,
 ) -> Result<Fetched, FetchError> {
     let mut attempt = 1;
     loop {
@@ -219,7 +219,7 @@ async fn fetch(
     http: &reqwest::Client,
     source: &CrlSourceConfig,
     dir: &Path,
-    broker: &Broker,
+    broker: &Arc<Broker>,
 ) -> Result<Fetched, FetchError> {
     let (crl_path, validators_path) = crl::kept_paths(dir, &source.url);
     let validators: Validators = match (crl_path.exists(), std::fs::read(&validators_path)) {
@@ -272,17 +272,24 @@ async fn fetch(
         }
         body.extend_from_slice(&chunk);
     }
-    if std::fs::read(&crl_path).is_ok_and(|kept| kept == body) {
-        // Served again without validators: nothing to reload.
-        return Ok(Fetched::NotModified);
-    }
-    admit(&body, source, broker)?;
-    keep(&crl_path, &body).map_err(|e| FetchError::Keep(format!("{}: {e}", dir.display())))?;
-    if let Ok(json) = serde_json::to_vec(&fetched_validators) {
-        // Without validators the next download is unconditional: no harm done.
-        let _ = keep(&validators_path, &json);
-    }
-    Ok(Fetched::Updated)
+    // Reading the kept copy, parsing the download (a million entries take about a second)
+    // and writing it stay off the runtime's worker threads, which serve tokens meanwhile.
+    let (source, dir, broker) = (source.clone(), dir.to_owned(), broker.clone());
+    tokio::task::spawn_blocking(move || {
+        if std::fs::read(&crl_path).is_ok_and(|kept| kept == body) {
+            // Served again without validators: nothing to reload.
+            return Ok(Fetched::NotModified);
+        }
+        admit(&body, &source, &broker)?;
+        keep(&crl_path, &body).map_err(|e| FetchError::Keep(format!("{}: {e}", dir.display())))?;
+        if let Ok(json) = serde_json::to_vec(&fetched_validators) {
+            // Without validators the next download is unconditional: no harm done.
+            let _ = keep(&validators_path, &json);
+        }
+        Ok(Fetched::Updated)
+    })
+    .await
+    .unwrap_or_else(|stopped| Err(FetchError::Invalid(format!("its check stopped: {stopped}"))))
 }
 
 /// The checks a configured CRL file passes, and no rollback: a fetched CRL older than the
