@@ -711,26 +711,40 @@ impl Tpm {
             dir,
             processes: Vec::new(),
         };
-        // The swtpm TCTI finds the control channel on the next port.
-        let port = support::free_port();
-        let control = port + 1;
+        // The swtpm TCTI finds the control channel on the port after the server's. Either
+        // port may be taken (by another test's connection) by the time swtpm binds it; swtpm
+        // then exits, and starts again on other ports.
         let state = format!("dir={}", tpm.dir.path().join("state").display());
-        tpm.spawn(Command::new(swtpm).args([
-            "socket",
-            "--tpm2",
-            "--tpmstate",
-            &state,
-            "--server",
-            &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
-            "--ctrl",
-            &format!("type=tcp,port={control},bindaddr=127.0.0.1"),
-            "--flags",
-            "not-need-init,startup-clear",
-        ]));
-        support::wait_until("swtpm to listen", || async {
-            std::net::TcpStream::connect(("127.0.0.1", control)).is_ok()
-        })
-        .await;
+        let mut attempts = 0;
+        let port = loop {
+            let port = support::free_port();
+            let control = port + 1;
+            tpm.spawn(Command::new(&swtpm).args([
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                &state,
+                "--server",
+                &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
+                "--ctrl",
+                &format!("type=tcp,port={control},bindaddr=127.0.0.1"),
+                "--flags",
+                "not-need-init,startup-clear",
+            ]));
+            let exited = tpm.listening_or_exit([port, control]).await;
+            attempts += 1;
+            match exited {
+                None => break port,
+                Some(status) if attempts < 5 => {
+                    eprintln!(
+                        "swtpm on ports {port}, {control} exited ({status}); again\n{}",
+                        tpm.logs()
+                    );
+                    tpm.processes.pop();
+                }
+                Some(status) => panic!("swtpm exited ({status}) {attempts} times:\n{}", tpm.logs()),
+            }
+        };
         let bus = tpm.dir.path().join("bus");
         tpm.spawn(Command::new(dbus).args([
             "--session",
@@ -800,6 +814,31 @@ impl Tpm {
             .spawn()
             .unwrap();
         self.processes.push(child);
+    }
+
+    /// Waits until the last process started accepts on every one of `ports` (`None`), or
+    /// exits (its status).
+    async fn listening_or_exit(&mut self, ports: [u16; 2]) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + support::PATIENCE;
+        loop {
+            let process = self.processes.last_mut().unwrap();
+            if let Some(status) = process.try_wait().unwrap() {
+                return Some(status);
+            }
+            if ports
+                .iter()
+                .all(|&port| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+            {
+                return None;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "waited {:?} in vain for swtpm to listen:\n{}",
+                support::PATIENCE,
+                self.logs()
+            );
+            tokio::time::sleep(support::POLL).await;
+        }
     }
 
     /// What swtpm, dbus-daemon and tpm2-abrmd said, for a failure's message.

@@ -846,14 +846,14 @@ pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 /// How often a waiting test looks again.
 pub const POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// Polls `condition` until it holds; panics saying `what` was awaited after [`PATIENCE`].
-/// For what a test must wait for (a reload, a flushed log line, a counted event) instead of
-/// sleeping for a guess of how long it takes.
 /// Sends `request` and reads its answer as JSON.
 pub async fn json_of(request: reqwest::RequestBuilder) -> Value {
     request.send().await.unwrap().json().await.unwrap()
 }
 
+/// Polls `condition` until it holds; panics saying `what` was awaited after [`PATIENCE`].
+/// For what a test must wait for (a reload, a flushed log line, a counted event) instead of
+/// sleeping for a guess of how long it takes.
 pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
 where
     F: FnMut() -> Fut,
