@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::fake_google::{Api, FakeGoogle, FakeGoogleConfig};
+use crate::support::process::Process;
 use crate::support::{self, Leaf, LeafSpec, Setup, TestBroker, ISSUER};
 use token_broker::device::agent::{serve, AgentConfig};
 use token_broker::device::client::{BrokerClient, CachingClient};
@@ -1006,34 +1007,19 @@ async fn the_agent_command_serves_what_its_flags_say() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--numeric-project-id"));
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut child = Command::new(support::binary())
-        .args(device_args(&[
-            "--listen",
-            &listen,
-            "--numeric-project-id",
-            &PROJECT_NUMBER.to_string(),
-            "--zone",
-            "europe-west1-b",
-        ]))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let agent: SocketAddr = listen.parse().unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(agent).await.is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the agent never listened"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let mut command = Command::new(support::binary());
+    command.args(device_args(&[
+        // Port 0, and its line says which port: one picked here could be taken first.
+        "--listen",
+        "127.0.0.1:0",
+        "--numeric-project-id",
+        &PROJECT_NUMBER.to_string(),
+        "--zone",
+        "europe-west1-b",
+    ]));
+    let mut child = Process::spawn(command, setup.path("agent-command.log"));
+    let serving: Value = serde_json::from_str(&child.line("metadata agent serving").await).unwrap();
+    let agent: SocketAddr = serving["listen"].as_str().unwrap().parse().unwrap();
     let instance = raw_get(agent, &format!("{V1}/instance/?recursive=true"), &[]).await;
     let instance: Value = serde_json::from_str(&instance.body).unwrap();
     // The id defaults to a number naming the device's SPIFFE ID (stable across renewals).
@@ -1058,7 +1044,6 @@ async fn the_agent_command_serves_what_its_flags_say() {
     )
     .await;
     assert_eq!(token.status, 200, "{}", token.body);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.kill();
     world.broker.stop().await;
 }

@@ -256,21 +256,26 @@ impl Agent {
         flags: Vec<String>,
         env: Vec<(&'static str, std::ffi::OsString)>,
     ) -> Agent {
-        let addr = format!("127.0.0.1:{}", support::free_port());
         let log = broker
             .setup
             .path(&format!("agent-{}.log", uuid::Uuid::new_v4()));
         let mut command = Command::new(support::binary());
         command
-            .args(["--log-format", "text", "agent", "--listen", &addr])
+            // Port 0, and its line says which port: one picked here could be taken before
+            // the agent binds it.
+            .args(["--log-format", "text", "agent", "--listen", "127.0.0.1:0"])
             .args(["--service-account", RUNNER, "--project-id", "fake-project"])
             .args(flags)
             .env_remove("TOKEN_BROKER_PKCS11_PIN")
             .envs(env);
-        let mut agent = Agent {
-            process: Process::spawn(command, log),
-            addr,
-        };
+        let mut process = Process::spawn(command, log);
+        let serving = process.line("metadata agent serving").await;
+        let addr = serving
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix("listen="))
+            .unwrap_or_else(|| panic!("no listen= in {serving}"))
+            .to_owned();
+        let mut agent = Agent { process, addr };
         let client = reqwest::Client::new();
         let url = format!("http://{}/", agent.addr);
         let mut tries = 0;
