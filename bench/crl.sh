@@ -35,7 +35,7 @@ while [[ $# -gt 0 ]]; do
         --before-broker) BEFORE_BROKER=$2; shift ;;
         --reload-only) PARTS=reload ;;
         --fetch-only) PARTS=fetch ;;
-        -h | --help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -176,9 +176,9 @@ crl_sources = [{ url = \"http://127.0.0.1:$HTTP_PORT/crl\", refresh = \"2s\", ti
     forget_pid "$loadgen"
     local metrics="http://127.0.0.1:$ADMIN_PORT/metrics" result counts=()
     for result in updated older not_modified; do
-        counts+=("$("$PY" "$LIB" metric "$metrics" "token_broker_crl_fetches_total{result=\"$result\"}")")
+        counts+=("$("$PY" "$LIB" metric "$metrics" "token_broker_crl_fetches_total{result=\"$result\"}" || echo 0)")
     done
-    counts+=("$("$PY" "$LIB" metric "$metrics" 'token_broker_config_reloads_total{result="ok"}')")
+    counts+=("$("$PY" "$LIB" metric "$metrics" 'token_broker_config_reloads_total{result="ok"}' || echo 0)")
     stop_broker "$name"
     "$PY" - "$WORK/$name.json" "$side" "$round" "${counts[@]}" <<'EOF' | tee -a "$OUT/fetch.jsonl"
 import json, sys

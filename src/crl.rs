@@ -256,9 +256,10 @@ pub(crate) fn spki_contents(spki: &[u8]) -> Option<&[u8]> {
 
 /// The serial numbers a CRL revokes (INTEGER contents as encoded, as webpki compares them),
 /// grouped by length, each group sorted in one buffer: no allocation and no pointer per
-/// entry (a million 17-byte serials take 17 MB). A big group also has an index of where
-/// each value of the bits after the group's common prefix starts, so a lookup reads the
-/// index and a few neighbouring entries instead of a binary search's scattered cache lines.
+/// entry (a million 17-byte serials take 17 MB). A big group also has an index that
+/// divides the range of its serials (past their common prefix) into equal buckets, so a
+/// lookup reads the index and a few neighbouring entries instead of a binary search's
+/// scattered cache lines.
 #[derive(Default)]
 struct RevokedSerials {
     groups: Vec<SerialGroup>,
@@ -270,9 +271,14 @@ struct SerialGroup {
     bytes: Vec<u8>,
     /// Leading bytes every serial of the group shares.
     prefix: usize,
-    /// `index[k]..index[k + 1]`: the entries whose key (the `16 - shift` bits after the
-    /// prefix) is `k` (empty for small groups).
+    /// `index[k]..index[k + 1]`: the entries whose key ([`SerialGroup::key`]) is `k`
+    /// (empty for small groups).
     index: Vec<u32>,
+    /// The first entry's [`window`], and how far the last one's is from it: the range the
+    /// buckets divide, so that a counter's serials spread over them as random ones do.
+    first_window: u64,
+    span: u64,
+    /// A bucket covers `1 << shift` windows.
     shift: u32,
 }
 
@@ -318,20 +324,30 @@ impl SerialGroup {
             }
             _ => 0,
         };
+        let (first_window, last_window) = match (serials.first(), serials.last()) {
+            (Some(first), Some(last)) => (window(first, prefix), window(last, prefix)),
+            _ => (0, 0),
+        };
         let mut group = SerialGroup {
             width,
             bytes,
             prefix,
             index: Vec::new(),
+            first_window,
+            span: last_window.saturating_sub(first_window),
             shift: 0,
         };
         if serials.len() >= INDEXED_GROUP && serials.len() < u32::MAX as usize {
             let bits = (serials.len() / ENTRIES_PER_BUCKET).ilog2().min(16);
-            group.shift = 16 - bits;
-            let mut index = vec![0u32; (1 << bits) + 1];
+            let span_bits = u64::BITS - group.span.leading_zeros();
+            group.shift = span_bits.saturating_sub(bits);
+            let buckets = (group.span >> group.shift) as usize + 1;
+            let mut index = vec![0u32; buckets + 1];
             // index[k] = number of entries whose key is below k.
             for serial in serials {
-                index[usize::from(group.key(serial)) + 1] += 1;
+                if let Some(key) = group.key(serial) {
+                    index[key + 1] += 1;
+                }
             }
             for k in 1..index.len() {
                 index[k] += index[k - 1];
@@ -341,11 +357,12 @@ impl SerialGroup {
         group
     }
 
-    /// The index's key: the leading `16 - shift` bits after the common prefix (zero-padded
-    /// past the end), so keys rise with the sorted serials.
-    fn key(&self, serial: &[u8]) -> u16 {
-        let byte = |i: usize| serial.get(self.prefix + i).copied().unwrap_or(0);
-        u16::from_be_bytes([byte(0), byte(1)]) >> self.shift
+    /// The index's key: the bucket of the serial's window within the group's range, so
+    /// keys rise with the sorted serials. `None`: a window outside the range, which no
+    /// entry has.
+    fn key(&self, serial: &[u8]) -> Option<usize> {
+        let offset = window(serial, self.prefix).checked_sub(self.first_window)?;
+        (offset <= self.span).then_some((offset >> self.shift) as usize)
     }
 
     fn contains(&self, serial: &[u8]) -> bool {
@@ -358,7 +375,9 @@ impl SerialGroup {
             if serial.get(..self.prefix) != self.bytes.get(..self.prefix) {
                 return false;
             }
-            let key = usize::from(self.key(serial));
+            let Some(key) = self.key(serial) else {
+                return false;
+            };
             match (self.index.get(key), self.index.get(key + 1)) {
                 (Some(&start), Some(&end)) => (low, high) = (start as usize, end as usize),
                 _ => return false,
@@ -375,6 +394,18 @@ impl SerialGroup {
         }
         false
     }
+}
+
+/// The 64 bits of `serial` after its first `prefix` bytes (zero-padded past the end).
+fn window(serial: &[u8], prefix: usize) -> u64 {
+    let mut window = [0; 8];
+    for (to, from) in window
+        .iter_mut()
+        .zip(serial.get(prefix..).unwrap_or_default())
+    {
+        *to = *from;
+    }
+    u64::from_be_bytes(window)
 }
 
 /// The CRL `der` without its revokedCertificates (the third SEQUENCE of tbsCertList, after
@@ -406,7 +437,50 @@ mod tests {
 
     use proptest::prelude::*;
 
-    use super::RevokedSerials;
+    use super::{RevokedSerials, ENTRIES_PER_BUCKET};
+
+    /// Every index size, from the smallest indexed group to past the 65,536-bucket cap,
+    /// for random serials, a counter's, and a counter's crossing a power of two: members
+    /// and their neighbours answer as a set, and no bucket holds much more than its share.
+    #[test]
+    fn groups_of_every_index_size_answer_and_spread_over_their_buckets() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for count in [4096u64, 8191, 8192, 100_000, 600_000] {
+            for start in [None, Some(1_000_000), Some((1 << 32) - count / 2)] {
+                let values: BTreeSet<u64> = (0..count)
+                    .map(|i| start.map_or_else(&mut random, |start| start + i))
+                    .collect();
+                let serials: Vec<[u8; 8]> = values.iter().map(|v| v.to_be_bytes()).collect();
+                let table = RevokedSerials::new(serials.iter().map(|s| &s[..]).collect());
+                let [group] = &table.groups[..] else {
+                    panic!("one width, one group")
+                };
+                let sizes: Vec<u32> = group.index.windows(2).map(|w| w[1] - w[0]).collect();
+                let largest = sizes.iter().max().copied().unwrap_or(0);
+                assert!(
+                    largest <= 8 * ENTRIES_PER_BUCKET as u32 && sizes.len() >= values.len() / 32,
+                    "{count} from {start:?}: a bucket of {largest}, {} buckets",
+                    sizes.len()
+                );
+                assert!(group.index.len() * 4 <= values.len() / 2 + 8, "{count}");
+                for value in &values {
+                    for probe in [value.wrapping_sub(1), *value, value.wrapping_add(1)] {
+                        assert_eq!(
+                            table.contains(&probe.to_be_bytes()),
+                            values.contains(&probe),
+                            "{probe:#x} in {count} from {start:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     proptest! {
         /// The table answers as a set of the serials would (webpki's map, by key).

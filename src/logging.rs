@@ -279,6 +279,7 @@ impl Logs {
     /// the main buffer).
     pub fn flush(&self) {
         self.audit.lines.flush();
+        self.audit.report_failure();
         self.main.flush();
     }
 
@@ -340,8 +341,8 @@ struct AuditFailures {
 
 /// The audit file as the sink of audit lines. A batch the file refuses (disk full, an I/O
 /// error) goes to the main log instead, so no decision goes unrecorded, and is counted.
-/// The file keeps whole lines only: a line a full disk cut is taken back and goes to the
-/// main log whole.
+/// A line a full disk cut goes to the main log whole, and is taken back from the file; where
+/// it cannot be (an append-only file), the file's next write first ends it.
 struct AuditFile<F = std::fs::File> {
     file: F,
     path: PathBuf,
@@ -349,6 +350,8 @@ struct AuditFile<F = std::fs::File> {
     failures: Arc<AuditFailures>,
     /// The last write failed: only the first failure of a run is logged.
     failing: bool,
+    /// The file ends in a cut line that could not be taken back.
+    mid_line: bool,
 }
 
 /// What [`AuditFile`] needs of its file: appending, and taking back the end of what it
@@ -364,19 +367,31 @@ impl AppendOnly for std::fs::File {
     }
 }
 
+/// Writes as much of `bytes` as `file` takes: how much, and why not all.
+fn append(file: &mut impl Write, bytes: &[u8]) -> (usize, Option<std::io::Error>) {
+    let mut written = 0;
+    while written < bytes.len() {
+        match file.write(&bytes[written..]) {
+            Ok(0) => return (written, Some(std::io::ErrorKind::WriteZero.into())),
+            Ok(count) => written += count,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return (written, Some(error)),
+        }
+    }
+    (written, None)
+}
+
 impl<F: AppendOnly> Write for AuditFile<F> {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        let mut written = 0;
-        let refused = loop {
-            if written == bytes.len() {
-                break None;
-            }
-            match self.file.write(&bytes[written..]) {
-                Ok(0) => break Some(std::io::ErrorKind::WriteZero.into()),
-                Ok(count) => written += count,
-                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(error) => break Some(error),
-            }
+        let (written, refused) = match self.mid_line {
+            true => match append(&mut self.file, b"\n") {
+                (_, Some(error)) => (0, Some(error)),
+                (_, None) => {
+                    self.mid_line = false;
+                    append(&mut self.file, bytes)
+                }
+            },
+            false => append(&mut self.file, bytes),
         };
         let Some(error) = refused else {
             self.failing = false;
@@ -387,12 +402,10 @@ impl<F: AppendOnly> Write for AuditFile<F> {
             .rposition(|&byte| byte == b'\n')
             .map_or(0, |newline| newline + 1);
         let cut = (written - whole) as u64;
-        let kept = if cut == 0 || self.file.take_back(cut).is_ok() {
-            whole
-        } else {
-            written
-        };
-        self.main.append(&bytes[kept..], false);
+        if cut > 0 && self.file.take_back(cut).is_err() {
+            self.mid_line = true;
+        }
+        self.main.append(&bytes[whole..], false);
         if let Some(counter) = self.failures.counter.get() {
             counter.inc();
         }
@@ -432,6 +445,7 @@ impl AuditLog {
                     main: self.main.clone(),
                     failures: self.failures.clone(),
                     failing: false,
+                    mid_line: false,
                 }));
                 *locked(&self.path) = Some(path.to_owned());
                 self.open.store(true, Ordering::Release);
@@ -459,7 +473,8 @@ impl AuditLog {
     /// Logs the audit file's first refused write since it last accepted one, if not yet
     /// logged.
     fn report_failure(&self) {
-        if let Some((path, error)) = locked(&self.failures.unreported).take() {
+        let unreported = locked(&self.failures.unreported).take();
+        if let Some((path, error)) = unreported {
             tracing::error!(
                 path = %path.display(),
                 %error,
@@ -697,6 +712,8 @@ mod tests {
     struct Disk {
         data: Vec<u8>,
         room: usize,
+        /// `chattr +a`: what was written stays.
+        append_only: bool,
     }
 
     impl Write for Disk {
@@ -717,6 +734,9 @@ mod tests {
 
     impl AppendOnly for Disk {
         fn take_back(&mut self, bytes: u64) -> std::io::Result<()> {
+            if self.append_only {
+                return Err(std::io::ErrorKind::PermissionDenied.into());
+            }
             let bytes = bytes as usize;
             self.data.truncate(self.data.len() - bytes);
             self.room += bytes;
@@ -737,11 +757,13 @@ mod tests {
             file: Disk {
                 data: Vec::new(),
                 room: 6,
+                append_only: false,
             },
             path: PathBuf::from("audit.log"),
             main: main.clone(),
             failures: failures.clone(),
             failing: false,
+            mid_line: false,
         };
         file.write_all(b"one\ntwo\nthree\n").unwrap();
         assert_eq!(file.file.data, b"one\n", "the cut \"two\" taken back");
@@ -763,6 +785,20 @@ mod tests {
             "a new run of failures is reported again"
         );
         assert_eq!(counter.get(), 3);
+
+        // An append-only file keeps the cut line: the main log still gets it whole, and
+        // the file's next write ends it first.
+        file.file = Disk {
+            data: Vec::new(),
+            room: 3,
+            append_only: true,
+        };
+        file.write_all(b"seven\n").unwrap();
+        file.file.room = 100;
+        file.write_all(b"eight\n").unwrap();
+        assert_eq!(file.file.data, b"sev\neight\n");
+        main.flush();
+        assert!(written(&main_sink).ends_with("six\nseven\n"));
     }
 
     #[test]

@@ -478,17 +478,20 @@ impl Token {
         })
     }
 
-    /// Whether the session still works (the token was not removed, the login holds).
+    /// Whether the session still works (the token was not removed, the login holds). It
+    /// waits for the session while a signature holds it: off the runtime, as signing is.
     pub fn usable(&self) -> bool {
-        self.session()
-            .ok()
-            .and_then(|s| s.get_session_info().ok())
-            .is_some_and(|info| match info.session_state() {
-                SessionState::RoUser | SessionState::RwUser => true,
-                // Logged out (the token was reinserted): usable only if no login is needed.
-                SessionState::RoPublic | SessionState::RwPublic => !self.login_required,
-                _ => false,
-            })
+        off_the_runtime(|| {
+            self.session()
+                .ok()
+                .and_then(|s| s.get_session_info().ok())
+                .is_some_and(|info| match info.session_state() {
+                    SessionState::RoUser | SessionState::RwUser => true,
+                    // Logged out (the token was reinserted): usable only if no login is needed.
+                    SessionState::RoPublic | SessionState::RwPublic => !self.login_required,
+                    _ => false,
+                })
+        })
     }
 
     /// The one object of `class` that `uri` names.

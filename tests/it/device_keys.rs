@@ -723,7 +723,9 @@ impl Tpm {
         let mut attempts = 0;
         let port = loop {
             let port = support::free_port();
-            let control = port + 1;
+            let Some(control) = port.checked_add(1) else {
+                continue;
+            };
             tpm.spawn(Command::new(&swtpm).args([
                 "socket",
                 "--tpm2",
@@ -834,7 +836,10 @@ impl Tpm {
                 .iter()
                 .all(|&port| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
             {
-                return None;
+                // A port another listener holds also accepts: only a swtpm still running
+                // after both did is listening on both.
+                tokio::time::sleep(support::POLL).await;
+                return self.processes.last_mut().unwrap().try_wait().unwrap();
             }
             assert!(
                 std::time::Instant::now() < deadline,

@@ -52,7 +52,9 @@ impl Process {
         let deadline = std::time::Instant::now() + super::PATIENCE;
         loop {
             let log = self.log();
-            if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+            // Whole lines only: the last one may still be being written.
+            let written = log.rfind('\n').map_or("", |end| &log[..end]);
+            if let Some(line) = written.lines().find(|l| l.contains(needle)) {
                 return line.to_owned();
             }
             let exited = self.exited();
