@@ -270,11 +270,7 @@ impl Agent {
             .envs(env);
         let mut process = Process::spawn(command, log);
         let serving = process.line("metadata agent serving").await;
-        let addr = serving
-            .split_whitespace()
-            .find_map(|word| word.strip_prefix("listen="))
-            .unwrap_or_else(|| panic!("no listen= in {serving}"))
-            .to_owned();
+        let addr = support::logs::text_field(&serving, "listen").to_owned();
         let mut agent = Agent { process, addr };
         let client = reqwest::Client::new();
         let url = format!("http://{}/", agent.addr);

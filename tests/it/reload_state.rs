@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::replicas::Replica;
 use crate::support::process::Process;
 use crate::support::{self, Leaf, LeafSpec, Setup, TestBroker};
 
@@ -267,16 +268,6 @@ fn port_of(address: &str) -> u16 {
     address.parse::<std::net::SocketAddr>().unwrap().port()
 }
 
-/// The value of `key=` in a text line.
-fn text_field<'a>(line: &'a str, key: &str) -> &'a str {
-    let start = line
-        .find(&format!(" {key}="))
-        .unwrap_or_else(|| panic!("no {key}= in {line}"))
-        + key.len()
-        + 2;
-    line[start..].split(' ').next().unwrap()
-}
-
 /// Text lines: `TIMESTAMP LEVEL TARGET: message key=value ...`, no JSON, no colours.
 fn assert_text_line(line: &str, level: &str, message: &str) {
     let mut words = line.split_whitespace();
@@ -312,14 +303,14 @@ async fn log_format_text_is_plain_lines_and_json_stays_the_default() {
     );
     let serving = text.line("token-broker serving").await;
     assert_text_line(&serving, "INFO", "token-broker serving");
-    let port = port_of(text_field(&serving, "listen"));
+    let port = port_of(support::logs::text_field(&serving, "listen"));
     let device = client(&setup, &leaf);
     assert_eq!(token(&device, port).await, 200);
     let audit = text.line("token decision").await;
     assert_text_line(&audit, "INFO", "token decision");
     assert!(audit.contains(" audit: "), "target: {audit}");
-    assert_eq!(text_field(&audit, "result"), "\"issued\"");
-    assert_eq!(text_field(&audit, "rule"), "\"devices\"");
+    assert_eq!(support::logs::text_field(&audit, "result"), "\"issued\"");
+    assert_eq!(support::logs::text_field(&audit, "rule"), "\"devices\"");
     drop(device);
     assert_readable_text(&text.stop().await);
 
@@ -350,7 +341,7 @@ async fn log_format_text_is_plain_lines_and_json_stays_the_default() {
     );
     let serving = agent.line("metadata agent serving").await;
     assert_text_line(&serving, "INFO", "metadata agent serving");
-    assert_ne!(port_of(text_field(&serving, "listen")), 0);
+    assert_ne!(port_of(support::logs::text_field(&serving, "listen")), 0);
     assert_readable_text(&agent.stop().await);
 
     // Without the flag: JSON objects, timestamp first and target last.
@@ -421,19 +412,14 @@ async fn load(setup: &Setup, leaf: &Leaf, port: u16, tasks: usize, each: usize) 
     tasks * each
 }
 
-/// `serve` in a child process, its config with `[audit] path = path`: the process, its
-/// config file and its "token-broker serving" line.
-async fn serve_audited(setup: &Setup, path: &str) -> (Process, std::path::PathBuf, Value) {
+/// `serve` in a child process, its config with `[audit] path = path`: the process, ready,
+/// and its config file.
+async fn serve_audited(setup: &Setup, path: &str) -> (Replica, std::path::PathBuf) {
     let config = setup.write_config();
     let text = std::fs::read_to_string(&config).unwrap();
     let audited = format!("[audit]\npath = {path:?}\n\n[issuer]");
     std::fs::write(&config, text.replacen("[issuer]", &audited, 1)).unwrap();
-    let mut broker = Process::start(
-        &["-c", config.to_str().unwrap(), "serve"],
-        setup.path("serve.log"),
-    );
-    let serving = serde_json::from_str(&broker.line("token-broker serving").await).unwrap();
-    (broker, config, serving)
+    (Replica::start(setup, "serve").await, config)
 }
 
 /// With `[audit] path`, audit lines go to that file only (mode 0640 at most, created at
@@ -452,8 +438,8 @@ async fn the_audit_file_follows_logrotate_and_loses_no_line() {
         .map(|name| setup.intermediate.leaf(&LeafSpec::device(name)))
         .collect();
 
-    let (mut broker, config, serving) = serve_audited(&setup, "audit.log").await;
-    let port = port_of(serving["listen"].as_str().unwrap());
+    let (mut broker, config) = serve_audited(&setup, "audit.log").await;
+    let port = broker.port;
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&audit).unwrap().permissions().mode() & 0o777;
@@ -467,14 +453,14 @@ async fn the_audit_file_follows_logrotate_and_loses_no_line() {
     std::fs::rename(&audit, &rotated).unwrap();
     made.push(load(&setup, &devices[1], port, 4, 15).await);
     broker.signal("HUP");
-    broker.line("audit log reopened").await;
+    broker.process.line("audit log reopened").await;
     made.push(load(&setup, &devices[2], port, 4, 15).await);
     // A reload (the file changed) that moves the audit file.
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, text.replace("audit.log", "audit-2.log")).unwrap();
-    broker.line("audit-2.log").await;
+    broker.process.line("audit-2.log").await;
     made.push(load(&setup, &devices[3], port, 2, 5).await);
-    let log = broker.stop().await;
+    let log = broker.process.stop().await;
 
     let subject = |line: &Value| line["subject"].as_str().unwrap().to_owned();
     let old = decisions(&rotated);
@@ -529,14 +515,12 @@ async fn the_audit_file_follows_logrotate_and_loses_no_line() {
 async fn audit_lines_the_audit_file_refuses_go_to_the_main_log_and_are_counted() {
     let setup = Setup::new();
     let device = setup.intermediate.leaf(&LeafSpec::device("unaudited"));
-    let (mut broker, _, serving) = serve_audited(&setup, "/dev/full").await;
-    let port = port_of(serving["listen"].as_str().unwrap());
-    let admin = serving["admin"].as_str().unwrap();
-    let admin = admin.trim_start_matches("Some(").trim_end_matches(')');
+    let (mut broker, _) = serve_audited(&setup, "/dev/full").await;
+    let port = broker.port;
 
     let made = load(&setup, &device, port, 2, 5).await;
     let refused: Value =
-        serde_json::from_str(&broker.line("the audit file refuses writes").await).unwrap();
+        serde_json::from_str(&broker.process.line("the audit file refuses writes").await).unwrap();
     assert_eq!(refused["level"], "ERROR", "{refused}");
     assert_eq!(refused["path"], "/dev/full", "{refused}");
     assert!(
@@ -546,20 +530,11 @@ async fn audit_lines_the_audit_file_refuses_go_to_the_main_log_and_are_counted()
             .contains("No space left on device"),
         "{refused}"
     );
-    let metrics = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let failures: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("token_broker_audit_file_write_failures_total "))
-        .unwrap_or_else(|| panic!("no failure counter in\n{metrics}"))
-        .parse()
-        .unwrap();
+    let failures = broker
+        .metric("token_broker_audit_file_write_failures_total")
+        .await;
     assert!(failures >= 1.0, "{failures}");
-    let log = broker.stop().await;
+    let log = broker.process.stop().await;
 
     let audited = log
         .lines()

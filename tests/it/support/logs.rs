@@ -168,3 +168,13 @@ fn the_scanner_finds_each_kind_of_secret_and_passes_ordinary_lines() {
         assert_eq!(find_secret(ordinary), None, "{ordinary}");
     }
 }
+
+/// The value of `key=` in a text line.
+pub fn text_field<'a>(line: &'a str, key: &str) -> &'a str {
+    let start = line
+        .find(&format!(" {key}="))
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+        + key.len()
+        + 2;
+    line[start..].split(' ').next().unwrap()
+}
