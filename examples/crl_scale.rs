@@ -149,6 +149,8 @@ fn store(dir: &Path, crl: &Path) -> Result<TrustStore, Error> {
     Ok(TrustStore::load(
         &dir.join("pki/ca.pem"),
         crls,
+        Vec::new(),
+        &[],
         &[],
         RevocationPolicy::Require,
     )?)
@@ -275,7 +277,7 @@ fn lookup(dir: &Path, count: usize) -> Result<(), Error> {
             hits,
         )
     };
-    let crl = token_broker::crl::Crl::parse(&der, "bench".into())?;
+    let crl = token_broker::crl::Crl::parse(&der, "bench".into(), false)?;
     let (broker_ns, broker_hits) = timed(&|serial: &[u8]| crl.is_revoked(serial));
     drop(crl);
     // What the broker held before beside the DER, and parsed at each load: webpki's

@@ -97,6 +97,9 @@ pub enum Command {
     },
     /// Print the public JWKS.
     Jwks,
+    /// CRLs of `[[server.crl_sources]]`.
+    #[command(subcommand)]
+    Crl(CrlCommand),
     /// Put a new session ticket key first in FILE, keeping the one it replaces (creates FILE).
     RotateTicketKeys {
         /// The file `server.session_ticket_keys` names.
@@ -112,6 +115,13 @@ pub enum Command {
         #[arg(long, default_value = "PROJECT_ID")]
         project_id: String,
     },
+}
+
+#[derive(Subcommand)]
+pub enum CrlCommand {
+    /// Download every CRL source now, as the server would, into crl_cache_dir; a running
+    /// server enforces what was kept within a second. Exit 1 when one was not admitted.
+    Fetch,
 }
 
 /// How to reach the broker as this device.
@@ -268,6 +278,7 @@ pub fn run(cli: Cli, audit: Arc<AuditLog>) -> Result<ExitCode, CliError> {
                 ExitCode::from(2)
             })
         }
+        Command::Crl(CrlCommand::Fetch) => crl_fetch(&cli.config),
         Command::WifSetup { project_id } => wif_setup(&cli.config, &project_id),
         Command::Token(args) => Ok(token(args)),
         Command::Agent(args) => agent(args),
@@ -292,6 +303,38 @@ pub fn run(cli: Cli, audit: Arc<AuditLog>) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `crl fetch`: one line per source, `URL: result` and why when it was not admitted.
+fn crl_fetch(path: &Path) -> Result<ExitCode, CliError> {
+    let config = Config::load(path)?;
+    let broker =
+        Broker::build(config, Arc::new(Metrics::new())).map_err(|problems| CliError::Problems {
+            path: path.to_owned(),
+            problems,
+        })?;
+    if broker.config().server.crl_sources.is_empty() {
+        return Err(CliError::Usage(
+            "no [[server.crl_sources]] in the config: nothing to fetch".into(),
+        ));
+    }
+    let broker = Arc::new(broker);
+    let results = runtime()?.block_on(crate::crl_fetch::fetch_all(&broker));
+    let mut failed = false;
+    for (url, result) in results {
+        match result {
+            Ok(fetched) => println!("{url}: {}", fetched.label()),
+            Err(error) => {
+                failed = true;
+                println!("{url}: {}: {error}", error.label());
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn device_client(device: &DeviceArgs) -> Result<BrokerClient, ClientError> {

@@ -32,6 +32,8 @@ pub struct CrlInfo {
     /// it belongs to an intermediate that clients send, and it is verified against that
     /// intermediate's key when a path first uses it (a bad signature refuses what it covers).
     pub verified_at_load: bool,
+    /// Downloaded from a `[[server.crl_sources]]` URL (`source`), not read from a file.
+    pub fetched: bool,
 }
 
 /// A loaded CRL.
@@ -46,6 +48,9 @@ pub struct Crl {
     issuer: Vec<u8>,
     /// It has an issuingDistributionPoint: its scope is webpki's to decide.
     pub(crate) partitioned: bool,
+    /// The issuer's name and the issuingDistributionPoint, as encoded: CRLs with the same
+    /// scope succeed one another (RFC 5280 5.2.3: cRLNumber increases per issuer and scope).
+    scope: Vec<u8>,
     /// The file's bytes: a CRL of an intermediate clients send is verified on first use.
     der: Vec<u8>,
     /// nextUpdate, Unix seconds (`i64::MAX` without one).
@@ -64,7 +69,7 @@ impl Crl {
     /// (RFC 5280 5.2.3: conforming CRL issuers include it, and mark it non-critical): a
     /// CRL without one cannot be ordered against its successor, and a critical one is a
     /// CRL no conforming issuer makes.
-    pub fn parse(der: &[u8], source: String) -> Result<Crl, String> {
+    pub fn parse(der: &[u8], source: String, fetched: bool) -> Result<Crl, String> {
         let not_valid = |e: &dyn std::fmt::Display| format!("not a valid CRL: {e}");
         // webpki's parse decides what is a valid CRL, as before; its entries are read
         // once, into the broker's table, and not kept in webpki's map.
@@ -108,6 +113,7 @@ impl Crl {
             next_update,
             revoked: revoked_count,
             verified_at_load: false,
+            fetched,
         };
         let list = CertRevocationList::Borrowed(list);
         let partitioned = list.issuing_distribution_point().is_some();
@@ -117,11 +123,14 @@ impl Crl {
             ),
             _ => None,
         };
+        let mut scope = list.issuer().to_vec();
+        scope.extend_from_slice(list.issuing_distribution_point().unwrap_or_default());
         Ok(Crl {
             revoked,
             webpki,
             issuer: list.issuer().to_vec(),
             partitioned,
+            scope,
             der: der.to_vec(),
             next_update: next_update.unwrap_or(i64::MAX),
             signers: Mutex::default(),
@@ -132,6 +141,21 @@ impl Crl {
     /// The issuer's name as encoded (contents of the Name SEQUENCE, as webpki compares it).
     pub(crate) fn issuer(&self) -> &[u8] {
         &self.issuer
+    }
+
+    /// Issuer and issuingDistributionPoint: two CRLs of one scope are versions of one list.
+    pub(crate) fn scope(&self) -> &[u8] {
+        &self.scope
+    }
+
+    /// The CRL as read.
+    pub(crate) fn der(&self) -> &[u8] {
+        &self.der
+    }
+
+    /// How this CRL's cRLNumber compares with `other`'s.
+    pub fn number_order(&self, other: &Crl) -> std::cmp::Ordering {
+        number_order(&self.info.number, &other.info.number)
     }
 
     /// Whether it revokes the certificate with `serial` (its INTEGER's contents as
@@ -179,6 +203,12 @@ impl Crl {
     }
 }
 
+/// Orders two cRLNumbers written in decimal without leading zeros (up to 20 octets: more
+/// than any integer type holds).
+pub fn number_order(a: &str, b: &str) -> std::cmp::Ordering {
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+}
+
 /// Where the copy of a fetched CRL source is kept in `dir`, and its HTTP validators.
 pub fn kept_paths(dir: &Path, url: &str) -> (PathBuf, PathBuf) {
     let digest = Sha256::digest(url.as_bytes());
@@ -189,26 +219,62 @@ pub fn kept_paths(dir: &Path, url: &str) -> (PathBuf, PathBuf) {
     )
 }
 
-/// The kept copy of a fetched CRL source, labelled with its URL; none before its first
-/// download.
-pub fn kept(dir: &Path, url: &str) -> Result<Vec<pem::CrlBlock>, pem::PemError> {
+/// A fetched CRL source's kept copy as read, and which file it was read from.
+pub struct KeptCopy {
+    pub url: String,
+    pub bytes: Vec<u8>,
+    pub stamp: KeptStamp,
+}
+
+/// Identifies one version of a kept file: a download is written to a new file renamed over
+/// the old one, so a new download always has another inode. Read from the file handle the
+/// copy was read through, so stamp and bytes cannot disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeptStamp {
+    inode: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl KeptStamp {
+    fn of(meta: &std::fs::Metadata) -> KeptStamp {
+        use std::os::unix::fs::MetadataExt;
+        KeptStamp {
+            inode: meta.ino(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        }
+    }
+}
+
+/// The kept copy of a fetched CRL source; none before its first download.
+pub fn kept(dir: &Path, url: &str) -> Result<Option<KeptCopy>, pem::PemError> {
+    use std::io::Read;
     let (path, _) = kept_paths(dir, url);
-    let bytes = match std::fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(pem::PemError::Read { path, source }),
-    };
-    let ders = pem::crls_in(&bytes).map_err(|message| pem::PemError::Invalid {
-        path: path.clone(),
-        message: format!("kept copy of {url}: {message} (delete it to download it again)"),
-    })?;
-    Ok(ders
-        .into_iter()
-        .map(|der| pem::CrlBlock {
-            der,
-            source: url.to_owned(),
+    let read = || -> std::io::Result<KeptCopy> {
+        let mut file = std::fs::File::open(&path)?;
+        let stamp = KeptStamp::of(&file.metadata()?);
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(KeptCopy {
+            url: url.to_owned(),
+            bytes,
+            stamp,
         })
-        .collect())
+    };
+    match read() {
+        Ok(copy) => Ok(Some(copy)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(pem::PemError::Read { path, source }),
+    }
+}
+
+/// The stamp of the kept copy of `url` now (`None`: there is none).
+pub fn kept_stamp(dir: &Path, url: &str) -> Option<KeptStamp> {
+    let (path, _) = kept_paths(dir, url);
+    std::fs::metadata(path)
+        .ok()
+        .map(|meta| KeptStamp::of(&meta))
 }
 
 /// The contents of a DER Name (what is inside its SEQUENCE), the form webpki compares.

@@ -1,13 +1,18 @@
 //! CRLs the broker downloads itself (`[[server.crl_sources]]`).
 //!
-//! Each source is fetched when the server starts and again every `refresh`, and always
-//! before its CRL's nextUpdate; conditionally (ETag, Last-Modified), bounded in size and
-//! time, retried. A download replaces the copy kept in `crl_cache_dir` only when the trust
-//! store admits it as it admits a configured file (signed by its CA when that CA is in the
-//! bundle) and it is not older than the kept one (no rollback to a CRL from before a
-//! revocation); then the broker reloads, reading the kept copies like files. A failed
-//! refresh keeps the last good CRL: past its nextUpdate, its certificates are refused
-//! `crl_expired`. Only configured URLs are fetched, never one a device's certificate names.
+//! Each source is fetched when the server starts, again every `refresh` (always before its
+//! CRL's nextUpdate) and at once on SIGHUP or `token-broker crl fetch`; conditionally (ETag,
+//! Last-Modified), bounded in size and time, retried, and never redirected: only configured
+//! URLs are fetched, never one a device's certificate or a server's `Location` names.
+//!
+//! A download replaces the copy kept in `crl_cache_dir` only once the trust store has
+//! verified its signature against a CA of `client_ca` (nothing unverified is kept or sets a
+//! floor), it is of the issuer the source served before, and it is not older than any CRL
+//! the broker holds for that CA, from any origin (no rollback to a CRL from before a
+//! revocation). Then the broker reloads, reading the kept copies like files; at every tick
+//! it compares the kept copies with what it enforces and reloads again until they agree, so
+//! a download never sits on disk unenforced. A failed refresh keeps the last good CRL: past
+//! its nextUpdate, its certificates are refused `crl_expired`.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -16,13 +21,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::broker::Broker;
 use crate::clock::unix_now;
 use crate::config::CrlSourceConfig;
 use crate::crl;
-use crate::pem;
+use crate::trust::{CrlRefused, Succession};
 
 /// Attempts of one download before the refresh counts as failed.
 const ATTEMPTS: u32 = 3;
@@ -35,35 +41,43 @@ const SOONEST_AFTER_SUCCESS: Duration = Duration::from_secs(60);
 /// The soonest a source is fetched again, whatever its CRL says.
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// After a reload that left a kept CRL unenforced, the next one is tried after this long,
+/// doubling up to [`RELOAD_RETRY_MAX`].
+const RELOAD_RETRY: Duration = Duration::from_secs(2);
+const RELOAD_RETRY_MAX: Duration = Duration::from_secs(60);
+
 /// Why a download did not replace the kept CRL. `label()` is the metric's `result`.
 #[derive(Debug, thiserror::Error)]
-enum FetchError {
+pub enum FetchError {
     #[error("HTTP status {0}")]
     Status(u16),
+    #[error("HTTP status {status} redirecting to {location}: redirects are not followed; configure the final URL as the source")]
+    Redirect { status: u16, location: String },
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     #[error("{0}")]
     Network(String),
     #[error("the CRL is larger than max_bytes ({0} bytes)")]
     TooLarge(usize),
-    #[error("{0}")]
-    Invalid(String),
-    #[error("the CRL (number {fetched}) is older than the kept one (number {kept})")]
-    Older { fetched: String, kept: String },
+    #[error(transparent)]
+    Refused(#[from] CrlRefused),
+    #[error(transparent)]
+    Succession(#[from] Succession),
     #[error("cannot keep it in {0}")]
     Keep(String),
 }
 
 impl FetchError {
-    fn label(&self) -> &'static str {
+    pub fn label(&self) -> &'static str {
         match self {
             FetchError::Status(404) => "not_found",
             FetchError::Status(_) => "http_error",
+            FetchError::Redirect { .. } => "redirect",
             FetchError::Timeout(_) => "timeout",
             FetchError::Network(_) => "network_error",
             FetchError::TooLarge(_) => "too_large",
-            FetchError::Invalid(_) => "invalid",
-            FetchError::Older { .. } => "older",
+            FetchError::Refused(refused) => refused.label(),
+            FetchError::Succession(succession) => succession.label(),
             FetchError::Keep(_) => "disk_error",
         }
     }
@@ -78,10 +92,19 @@ impl FetchError {
     }
 }
 
-enum Fetched {
+pub enum Fetched {
     /// A new CRL is kept: the broker must reload.
     Updated,
     NotModified,
+}
+
+impl Fetched {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Fetched::Updated => "updated",
+            Fetched::NotModified => "not_modified",
+        }
+    }
 }
 
 /// HTTP validators of the kept copy, for a conditional request.
@@ -91,10 +114,22 @@ struct Validators {
     last_modified: Option<String>,
 }
 
-/// Keeps every configured source fresh, for as long as the server runs. `current` gives
-/// the serving broker (its sources, trust store and metrics); `reload` rebuilds it after a
-/// kept CRL changed.
-pub async fn run(current: impl Fn() -> Arc<Broker>, reload: impl Fn() + Send + Clone + 'static) {
+/// How each source fared: when it is due, and the run of failures it is in.
+#[derive(Default)]
+struct SourceState {
+    due: Option<Instant>,
+    failures: u32,
+    last_failure: &'static str,
+}
+
+/// Keeps every configured source fresh and enforced, for as long as the server runs.
+/// `current` gives the serving broker (its sources, trust store and metrics); `reload`
+/// rebuilds it after a kept CRL changed; `fetch_now` makes every source due at once.
+pub async fn run(
+    current: impl Fn() -> Arc<Broker>,
+    reload: impl Fn() + Send + Clone + 'static,
+    fetch_now: Arc<Notify>,
+) {
     let http = match client() {
         Ok(http) => http,
         Err(error) => {
@@ -102,65 +137,139 @@ pub async fn run(current: impl Fn() -> Arc<Broker>, reload: impl Fn() + Send + C
             return;
         }
     };
-    // When each source (by URL) is due, and how many refreshes in a row failed.
-    let mut schedule: HashMap<String, (Instant, u32)> = HashMap::new();
+    let mut states: HashMap<String, SourceState> = HashMap::new();
+    let mut reload_retry = RELOAD_RETRY;
+    let mut next_reload = Instant::now();
+    let mut forced = false;
     loop {
         let broker = current();
         let server = &broker.config().server;
+        let mut updated = false;
         // Without sources (no cache folder either) nothing is due; a reload may add some.
-        let Some(dir) = server
+        if let Some(dir) = server
             .crl_cache_dir
             .as_ref()
             .map(|d| broker.config().path(d))
-        else {
-            tokio::time::sleep(MIN_INTERVAL).await;
-            continue;
-        };
-        let mut updated = false;
-        for source in &server.crl_sources {
-            let now = Instant::now();
-            let (due, failures) = schedule.entry(source.url.clone()).or_insert((now, 0));
-            if *due > now {
-                continue;
+        {
+            for source in &server.crl_sources {
+                let state = states.entry(source.url.clone()).or_default();
+                if !forced && state.due.is_some_and(|due| due > Instant::now()) {
+                    continue;
+                }
+                let result = fetch_with_retries(&http, source, &dir, &broker).await;
+                updated |= matches!(result, Ok(Fetched::Updated));
+                let wait = record(&broker, source, state, &result);
+                state.due = Some(Instant::now() + wait.max(MIN_INTERVAL));
             }
-            let result = fetch_with_retries(&http, source, &dir, &broker).await;
-            let label = match &result {
-                Ok(Fetched::Updated) => "updated",
-                Ok(Fetched::NotModified) => "not_modified",
-                Err(e) => e.label(),
-            };
-            broker
-                .metrics()
-                .crl_fetches
-                .with_label_values(&[source.url.as_str(), label])
-                .inc();
-            let wait = match result {
-                Ok(fetched) => {
-                    updated |= matches!(fetched, Fetched::Updated);
-                    *failures = 0;
-                    tracing::info!(source = %source.url, result = label, "CRL source fetched");
-                    next_refresh(source, &broker)
-                }
-                Err(error) => {
-                    *failures += 1;
-                    tracing::warn!(source = %source.url, result = label, %error, "CRL source not fetched; the last good CRL stays in use until its nextUpdate");
-                    // Backing off, so that a source that is down (perhaps past its CRL's
-                    // nextUpdate) is not asked every second.
-                    RETRY_AFTER_FAILURE
-                        .saturating_mul(1 << (*failures - 1).min(6))
-                        .min(source.refresh)
-                }
-            };
-            *due = Instant::now() + wait.max(MIN_INTERVAL);
         }
-        if updated {
+        forced = false;
+        // What was fetched is what is enforced: a reload after a download, and again while
+        // a kept copy differs from what the serving broker read (a reload that failed, one
+        // that raced with another, a download by `token-broker crl fetch`).
+        let unenforced = !broker.kept_crls_not_loaded().is_empty();
+        if updated || (unenforced && Instant::now() >= next_reload) {
             let reload = reload.clone();
             let _ = tokio::task::spawn_blocking(reload).await;
+            if current().kept_crls_not_loaded().is_empty() {
+                reload_retry = RELOAD_RETRY;
+            } else {
+                tracing::warn!(
+                    retry_seconds = reload_retry.as_secs(),
+                    "a downloaded CRL is kept but not enforced: the reload did not take it up (see the reload's log line); retrying"
+                );
+                next_reload = Instant::now() + reload_retry;
+                reload_retry = (reload_retry * 2).min(RELOAD_RETRY_MAX);
+            }
         }
-        let next = schedule.values().map(|(due, _)| *due).min();
+        let broker = current();
+        let not_in_force = broker.kept_crls_not_in_force();
+        let gauge = &broker.metrics().crl_kept_not_in_force;
+        for source in &broker.config().server.crl_sources {
+            let stale = not_in_force.contains(&source.url.as_str());
+            gauge
+                .with_label_values(&[source.url.as_str()])
+                .set(if stale { 1.0 } else { 0.0 });
+        }
+        let next = states.values().filter_map(|state| state.due).min();
         let tick = Instant::now() + MIN_INTERVAL;
-        tokio::time::sleep_until(next.map_or(tick, |next| next.min(tick))).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(next.map_or(tick, |next| next.min(tick))) => {}
+            _ = fetch_now.notified() => forced = true,
+        }
     }
+}
+
+/// Counts and logs one refresh of `source` (a warning once per run of failures, or when
+/// the reason changes), and says how long until the next.
+fn record(
+    broker: &Broker,
+    source: &CrlSourceConfig,
+    state: &mut SourceState,
+    result: &Result<Fetched, FetchError>,
+) -> Duration {
+    let label = match result {
+        Ok(fetched) => fetched.label(),
+        Err(error) => error.label(),
+    };
+    broker
+        .metrics()
+        .crl_fetches
+        .with_label_values(&[source.url.as_str(), label])
+        .inc();
+    match result {
+        Ok(_) => {
+            if state.failures > 0 {
+                tracing::info!(source = %source.url, result = label, failed_before = state.failures, "CRL source fetched again");
+            } else {
+                tracing::info!(source = %source.url, result = label, "CRL source fetched");
+            }
+            state.failures = 0;
+            next_refresh(source, broker)
+        }
+        Err(error) => {
+            state.failures += 1;
+            if state.failures == 1 || state.last_failure != label {
+                tracing::warn!(source = %source.url, result = label, %error, "CRL source not fetched; the last good CRL stays in force until its nextUpdate (logged once until the result changes or a download succeeds)");
+            } else {
+                tracing::debug!(source = %source.url, result = label, %error, failures = state.failures, "CRL source not fetched, again");
+            }
+            state.last_failure = label;
+            // Backing off, so that a source that is down (perhaps past its CRL's
+            // nextUpdate) is not asked every second.
+            RETRY_AFTER_FAILURE
+                .saturating_mul(1 << (state.failures - 1).min(6))
+                .min(source.refresh)
+        }
+    }
+}
+
+/// Downloads every source of `broker` once (`token-broker crl fetch`): each one's URL and
+/// result. A running server notices the kept copies changed and reloads within a second.
+pub async fn fetch_all(broker: &Arc<Broker>) -> Vec<(String, Result<Fetched, FetchError>)> {
+    let server = &broker.config().server;
+    let Some(dir) = server
+        .crl_cache_dir
+        .as_ref()
+        .map(|d| broker.config().path(d))
+    else {
+        return Vec::new();
+    };
+    let http = match client() {
+        Ok(http) => http,
+        Err(error) => {
+            return server
+                .crl_sources
+                .iter()
+                .map(|s| (s.url.clone(), Err(FetchError::Network(error.clone()))))
+                .collect()
+        }
+    };
+    let mut results = Vec::new();
+    for source in &server.crl_sources {
+        let result = fetch_with_retries(&http, source, &dir, broker).await;
+        results.push((source.url.clone(), result));
+    }
+    results
 }
 
 /// How long until `source` is fetched again after a success: `refresh`, or sooner so that
@@ -191,7 +300,9 @@ fn client() -> Result<reqwest::Client, String> {
     let tls = crate::crypto::public_client_config().map_err(|e| e.to_string())?;
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
-        .redirect(reqwest::redirect::Policy::limited(3))
+        // Only configured URLs: a redirect could send the broker anywhere, a loopback admin
+        // port or an http:// URL in place of an https:// one.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| e.to_string())
 }
@@ -245,6 +356,17 @@ async fn fetch(
     if status == reqwest::StatusCode::NOT_MODIFIED {
         return Ok(Fetched::NotModified);
     }
+    if status.is_redirection() {
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .map(|v| crate::redact::echo(&String::from_utf8_lossy(v.as_bytes())))
+            .unwrap_or_else(|| "(no Location)".into());
+        return Err(FetchError::Redirect {
+            status: status.as_u16(),
+            location,
+        });
+    }
     if !status.is_success() {
         return Err(FetchError::Status(status.as_u16()));
     }
@@ -276,12 +398,23 @@ async fn fetch(
     // and writing it stay off the runtime's worker threads, which serve tokens meanwhile.
     let (source, dir, broker) = (source.clone(), dir.to_owned(), broker.clone());
     tokio::task::spawn_blocking(move || {
-        if std::fs::read(&crl_path).is_ok_and(|kept| kept == body) {
+        let disk = |e: std::io::Error| FetchError::Keep(format!("{}: {e}", dir.display()));
+        // One writer at a time (this server, another replica sharing the folder, `crl
+        // fetch`): what is compared below is still what is on disk when it is replaced.
+        let _lock = lock(&dir).map_err(disk)?;
+        let kept = crl::kept(&dir, &source.url).map_err(|e| FetchError::Keep(e.to_string()))?;
+        if kept.as_ref().is_some_and(|kept| kept.bytes == body) {
             // Served again without validators: nothing to reload.
             return Ok(Fetched::NotModified);
         }
-        admit(&body, &source, &broker)?;
-        keep(&crl_path, &body).map_err(|e| FetchError::Keep(format!("{}: {e}", dir.display())))?;
+        let trust = broker.trust();
+        let fetched = trust.admit_download(&body, &source.url)?;
+        // A kept copy written since the serving broker read the folder is as binding.
+        let kept_since = kept
+            .filter(|kept| Some(kept.stamp) != broker.kept_stamp(&source.url))
+            .and_then(|kept| trust.admit_download(&kept.bytes, &source.url).ok());
+        trust.may_succeed(&source.url, &fetched, kept_since.as_ref())?;
+        keep(&crl_path, &body).map_err(disk)?;
         if let Ok(json) = serde_json::to_vec(&fetched_validators) {
             // Without validators the next download is unconditional: no harm done.
             let _ = keep(&validators_path, &json);
@@ -289,37 +422,19 @@ async fn fetch(
         Ok(Fetched::Updated)
     })
     .await
-    .unwrap_or_else(|stopped| Err(FetchError::Invalid(format!("its check stopped: {stopped}"))))
+    .unwrap_or_else(|stopped| Err(FetchError::Keep(format!("its check stopped: {stopped}"))))
 }
 
-/// The checks a configured CRL file passes, and no rollback: a fetched CRL older than the
-/// kept one (a replayed download from before a revocation) is refused.
-fn admit(body: &[u8], source: &CrlSourceConfig, broker: &Broker) -> Result<(), FetchError> {
-    let ders = pem::crls_in(body).map_err(FetchError::Invalid)?;
-    for der in ders {
-        let crl = broker
-            .trust()
-            .admit_crl(&der, source.url.clone())
-            .map_err(FetchError::Invalid)?;
-        let kept = broker
-            .trust()
-            .crls()
-            .find(|kept| kept.source == source.url && kept.issuer == crl.info.issuer);
-        if let Some(kept) = kept {
-            if crl_number_order(&crl.info.number, &kept.number).is_lt() {
-                return Err(FetchError::Older {
-                    fetched: crl.info.number.clone(),
-                    kept: kept.number.clone(),
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Orders two cRLNumbers written in decimal (no leading zeros).
-fn crl_number_order(a: &str, b: &str) -> std::cmp::Ordering {
-    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+/// Holds the kept copies' folder for one writer until dropped.
+fn lock(dir: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(".lock"))?;
+    file.lock()?;
+    Ok(file)
 }
 
 /// Writes `bytes` to `path` whole or not at all: a fresh temporary file beside it, synced,
@@ -341,18 +456,4 @@ fn keep(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&temporary);
     }
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn crl_numbers_order_as_numbers() {
-        use std::cmp::Ordering::*;
-        assert_eq!(crl_number_order("9", "10"), Less);
-        assert_eq!(crl_number_order("10", "9"), Greater);
-        assert_eq!(crl_number_order("123", "123"), Equal);
-        assert_eq!(crl_number_order("124", "123"), Greater);
-    }
 }

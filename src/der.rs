@@ -65,7 +65,7 @@ pub(crate) fn tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
 /// The DER `Ecdsa-Sig-Value` (RFC 3279) TLS wants, from PKCS#11's `r || s` (two
 /// equal-length big-endian numbers); `None` for anything else.
 pub(crate) fn ecdsa_signature(raw: &[u8]) -> Option<Vec<u8>> {
-    if raw.is_empty() || raw.len() % 2 != 0 {
+    if raw.is_empty() || !raw.len().is_multiple_of(2) {
         return None;
     }
     let (r, s) = raw.split_at(raw.len() / 2);

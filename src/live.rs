@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 
@@ -24,6 +24,11 @@ pub struct Live {
     started: StartOnly,
     /// Where audit lines go (`[audit] path`), when this process routes them.
     audit: Option<Arc<AuditLog>>,
+    /// Held by the reload in progress: reloads run one at a time, each reading the files
+    /// after the one before it installed its broker, so an older read never lands last.
+    reloading: Mutex<()>,
+    /// Wakes the CRL downloader to fetch every source now (SIGHUP).
+    fetch_crls: Arc<tokio::sync::Notify>,
 }
 
 /// The settings the server reads once, at start (listeners, the connection limit, the
@@ -67,6 +72,8 @@ impl Live {
             listening: AtomicBool::new(false),
             started,
             audit: None,
+            reloading: Mutex::new(()),
+            fetch_crls: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -121,11 +128,26 @@ impl Live {
         self.listening.load(Ordering::Relaxed)
     }
 
+    /// What the CRL downloader waits on besides its schedule.
+    pub fn crl_fetch_requests(&self) -> Arc<tokio::sync::Notify> {
+        self.fetch_crls.clone()
+    }
+
+    /// Makes every CRL source due now (SIGHUP).
+    pub fn fetch_crls_now(&self) {
+        self.fetch_crls.notify_one();
+    }
+
     /// Re-reads the config and every file it names; keeps the old state on any problem.
+    /// Blocks while another reload runs.
     pub fn reload(&self) -> Result<(), Problems> {
         let Some(path) = &self.config_path else {
             return Ok(());
         };
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let old = self.current();
         let result = Config::load(path)
             .map_err(|e| Problems(vec![e.to_string()]))

@@ -74,11 +74,13 @@ impl Server {
         let reload_task = tokio::spawn(watch_for_changes(live.clone()));
         let crl_task = {
             let (current, reloading) = (live.clone(), live.clone());
+            let requests = live.crl_fetch_requests();
             tokio::spawn(crl_fetch::run(
                 move || current.current(),
                 move || {
                     let _ = reloading.reload();
                 },
+                requests,
             ))
         };
         let graceful = GracefulShutdown::new();
@@ -308,6 +310,11 @@ async fn watch_for_changes(live: Arc<Live>) {
         broker.tidy_rate_limits();
         broker.update_gauges();
         let now = fingerprint(&broker.watched_files());
+        if forced {
+            // Revocation on the operator's schedule: every CRL source is downloaded now,
+            // then enforced by the downloader's own reload.
+            live.fetch_crls_now();
+        }
         if forced || now != seen {
             tracing::info!(signal = forced, "reloading configuration");
             // File reads and parsing stay off the runtime's worker threads.

@@ -213,7 +213,7 @@ fn check_identity(id: &Identity, der: &[u8]) {
         URL_SAFE_NO_PAD.encode(digest.as_ref())
     );
     let serial = &id.serial;
-    assert!(!serial.is_empty() && serial.len() % 2 == 0, "{serial}");
+    assert!(!serial.is_empty() && serial.len().is_multiple_of(2), "{serial}");
     assert!(serial
         .bytes()
         .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
@@ -920,7 +920,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 || !text.is_ascii() {
+    if !text.len().is_multiple_of(2) || !text.is_ascii() {
         return None;
     }
     (0..text.len())

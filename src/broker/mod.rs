@@ -24,15 +24,16 @@ use crate::claims::{self, Subject};
 use crate::clients::{ClientRule, ClientRules};
 use crate::clock::rfc3339;
 use crate::config::{Config, RevocationPolicy, SignerConfig, MAX_TOKEN_TTL};
+use crate::crl::{self, KeptStamp};
 use crate::flows::{self, FlowDeps, Registry};
 use crate::google::Google;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
+use crate::pem;
 use crate::proxy::ProxyPolicy;
 use crate::signer::{IamSigner, LocalSigner, Signer, SignerError};
 use crate::tls;
 use crate::trust::{Refusal, TrustError, TrustStore};
-use crate::{crl, pem};
 
 /// Every problem found while loading, so an operator fixes them all in one go.
 #[derive(Debug)]
@@ -59,6 +60,9 @@ pub struct Broker {
     flows: Registry,
     tls: Arc<rustls::ServerConfig>,
     metrics: Arc<Metrics>,
+    /// Which version of each CRL source's kept copy this build read (`None`: none was
+    /// there), to notice a download this build does not enforce.
+    kept_stamps: Vec<(String, Option<KeptStamp>)>,
     /// Pre-rendered public documents: served on every request, never change until reload.
     discovery: Bytes,
     jwks: Bytes,
@@ -102,9 +106,13 @@ impl Broker {
         problems.extend(check_settings(&config));
 
         let server = &config.server;
-        let trust = load_trust(&config)
-            .map_err(|e| problems.push(format!("server.client_ca/crls: {e}")))
-            .ok();
+        let (trust, kept_stamps) = match load_trust(&config) {
+            Ok((trust, stamps)) => (Some(trust), stamps),
+            Err(e) => {
+                problems.push(format!("server.client_ca/crls: {e}"));
+                (None, Vec::new())
+            }
+        };
         let versions = tls::protocol_versions(&server.tls_versions)
             .map_err(|e| problems.push(format!("server.{e}")))
             .ok();
@@ -194,6 +202,7 @@ impl Broker {
                     flows,
                     tls: Arc::new(tls),
                     metrics,
+                    kept_stamps,
                     discovery,
                     jwks,
                 };
@@ -235,6 +244,40 @@ impl Broker {
 
     pub fn signer(&self) -> &dyn Signer {
         self.signer.as_ref()
+    }
+
+    /// The CRL sources whose kept copy on disk is not the one this build read: a download
+    /// (by this process or `token-broker crl fetch`) that a reload has yet to enforce.
+    pub fn kept_crls_not_loaded(&self) -> Vec<&str> {
+        let Some(dir) = &self.config.server.crl_cache_dir else {
+            return Vec::new();
+        };
+        let dir = self.config.path(dir);
+        self.kept_stamps
+            .iter()
+            .filter(|(url, read)| crl::kept_stamp(&dir, url) != *read)
+            .map(|(url, _)| url.as_str())
+            .collect()
+    }
+
+    /// Which version of `url`'s kept copy this build read (`None`: none).
+    pub fn kept_stamp(&self, url: &str) -> Option<KeptStamp> {
+        self.kept_stamps
+            .iter()
+            .find(|(source, _)| source == url)
+            .and_then(|(_, stamp)| *stamp)
+    }
+
+    /// The CRL sources whose kept copy is not in force: not yet loaded, not admitted, or
+    /// shadowed by a newer CRL of its CA from another origin.
+    pub fn kept_crls_not_in_force(&self) -> Vec<&str> {
+        let mut sources = self.kept_crls_not_loaded();
+        for status in self.trust.crl_statuses() {
+            if status.fetched && !status.in_force() && !sources.contains(&status.source.as_str()) {
+                sources.push(&status.source);
+            }
+        }
+        sources
     }
 
     /// Forgets rate-limit state of certificates not seen for a while.
@@ -307,11 +350,16 @@ impl Broker {
                 ));
             }
         }
-        for source in &self.config.server.crl_sources {
-            if !trust.crls().any(|crl| crl.source == source.url) {
+        for url in trust.unfetched_sources() {
+            warnings.push(format!(
+                "CRL source {url} has no admitted kept copy yet: until a download of it is admitted, the certificates it would cover are refused (crl_missing) or, under best-effort, unchecked; `token-broker crl fetch` downloads it now and says why it fails"
+            ));
+        }
+        for status in trust.crl_statuses().iter().filter(|s| s.crl.is_none()) {
+            if let Some(why) = &status.shadowed_by {
                 warnings.push(format!(
-                    "CRL source {} has no kept copy yet: until its first download succeeds, the certificates it would cover are refused (crl_missing) or, under best-effort, unchecked",
-                    source.url
+                    "the kept copy of CRL source {} is {why}; it is replaced by the next admitted download",
+                    status.source
                 ));
             }
         }
@@ -490,24 +538,35 @@ pub struct Decision {
 /// How long before a root expires `check-config` starts warning.
 const ROOT_EXPIRY_WARNING: i64 = 30 * 86_400;
 
-/// The client CA bundle and every CRL the config names.
-fn load_trust(config: &Config) -> Result<TrustStore, TrustError> {
+/// The client CA bundle, every CRL file the config names and the kept copies of its CRL
+/// sources, with which version of each kept copy was read.
+type KeptStamps = Vec<(String, Option<KeptStamp>)>;
+
+fn load_trust(config: &Config) -> Result<(TrustStore, KeptStamps), TrustError> {
     let server = &config.server;
-    let mut crls = Vec::new();
+    let mut files = Vec::new();
     for path in &server.crls {
-        crls.extend(pem::crls(&config.path(path))?);
+        files.extend(pem::crls(&config.path(path))?);
     }
+    let mut kept = Vec::new();
+    let mut stamps = Vec::new();
     if let Some(dir) = &server.crl_cache_dir {
         for source in &server.crl_sources {
-            crls.extend(crl::kept(&config.path(dir), &source.url)?);
+            let copy = crl::kept(&config.path(dir), &source.url)?;
+            stamps.push((source.url.clone(), copy.as_ref().map(|c| c.stamp)));
+            kept.extend(copy);
         }
     }
-    TrustStore::load(
+    let sources: Vec<String> = server.crl_sources.iter().map(|s| s.url.clone()).collect();
+    let trust = TrustStore::load(
         &config.path(&server.client_ca),
-        crls,
+        files,
+        kept,
+        &sources,
         &server.client_ca_pins,
         server.revocation(),
-    )
+    )?;
+    Ok((trust, stamps))
 }
 
 /// The configured token signer.

@@ -27,7 +27,17 @@ impl Broker {
             let kind = if ca.is_root { "root" } else { "intermediate" };
             let _ = writeln!(out, "# {kind} CA {}: pin \"{}\"", ca.subject, ca.pin);
         }
-        for crl in trust.crls() {
+        // Every CRL read, files and downloads alike, and whether it is the one in force for
+        // its CA (the highest cRLNumber of that CA's admitted CRLs) or why not.
+        for status in trust.crl_statuses() {
+            let standing = match &status.shadowed_by {
+                None => "in force".to_string(),
+                Some(why) => format!("NOT in force: {why}"),
+            };
+            let Some(crl) = &status.crl else {
+                let _ = writeln!(out, "# CRL {}: {standing}", status.source);
+                continue;
+            };
             let check = if crl.verified_at_load {
                 "signature verified against the bundle"
             } else {
@@ -36,7 +46,7 @@ impl Broker {
             let next_update = crl.next_update.map_or("none".into(), rfc3339);
             let _ = writeln!(
                 out,
-                "# CRL {}: issuer {}, number {}, thisUpdate {}, nextUpdate {next_update}, {} revoked, {check}",
+                "# CRL {}: issuer {}, number {}, thisUpdate {}, nextUpdate {next_update}, {} revoked, {check}; {standing}",
                 crl.source,
                 crl.issuer,
                 crl.number,

@@ -20,6 +20,7 @@
 //! `client_ca_pins` when pins are set, and a CRL that claims a bundle CA as its issuer but
 //! is not validly signed by it. The policy, case by case, is in `docs/validation.md`.
 
+mod crl_choice;
 mod limits;
 mod refusal;
 mod verify;
@@ -29,11 +30,12 @@ use std::path::{Path, PathBuf};
 use rustls_pki_types::{CertificateDer, TrustAnchor};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+pub use crl_choice::{CrlRefused, CrlStatus};
 pub use limits::{MAX_CERTIFICATE_BYTES, MAX_SENT_CERTIFICATES, MAX_SENT_SAME_SUBJECT};
 pub use refusal::{leaf_parse_refusal, Refusal, Which};
 
 use crate::config::{RevocationPolicy, SpkiPin};
-use crate::crl::{spki_contents, Crl, CrlInfo};
+use crate::crl::{spki_contents, Crl, CrlInfo, KeptCopy};
 use crate::pem;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +46,8 @@ pub enum TrustError {
     Invalid { path: PathBuf, message: String },
     #[error("{origin}: {message}")]
     Crl { origin: String, message: String },
+    #[error("{0}")]
+    CrlConflict(String),
 }
 
 /// A CA certificate of the bundle, for `/readyz`, metrics and `check-config`.
@@ -78,7 +82,13 @@ pub struct TrustStore {
     bundle_cas: Vec<BundleCa>,
     revocation: RevocationPolicy,
     intermediates: Vec<CertificateDer<'static>>,
+    /// The CRLs in force, one per scope ([`crl_choice`]).
     crls: Vec<Crl>,
+    /// Every CRL read, in force or not, and why not.
+    crl_statuses: Vec<CrlStatus>,
+    /// `[[server.crl_sources]]` URLs without an admitted kept copy: never downloaded (or
+    /// only refused answers), so a refusal for a missing CRL names them.
+    unfetched: Vec<String>,
     /// No CRL has an issuingDistributionPoint, so the broker checks revocation itself
     /// ([`TrustStore::check_revocation`]); partitioned CRLs are left to webpki, whose scope
     /// rules for them are not repeated here.
@@ -91,11 +101,16 @@ pub struct TrustStore {
 }
 
 impl TrustStore {
-    /// Loads the bundle and the CRLs (as read by [`pem::crls`]). `pins`, when not empty,
-    /// must cover every root.
+    /// Loads the bundle and the CRLs: files (as read by [`pem::crls`]) and the kept copies
+    /// of `[[server.crl_sources]]` (`sources`: every configured URL). `pins`, when not
+    /// empty, must cover every root. A file that cannot be admitted is an error; a kept
+    /// copy that cannot (written by an older version, or altered on disk) is not used, and
+    /// says why in [`TrustStore::crl_statuses`]: the next download replaces it.
     pub fn load(
         bundle: &Path,
-        crls: Vec<pem::CrlBlock>,
+        files: Vec<pem::CrlBlock>,
+        kept: Vec<KeptCopy>,
+        sources: &[String],
         pins: &[SpkiPin],
         revocation: RevocationPolicy,
     ) -> Result<TrustStore, TrustError> {
@@ -110,6 +125,8 @@ impl TrustStore {
             revocation,
             intermediates: Vec::new(),
             crls: Vec::new(),
+            crl_statuses: Vec::new(),
+            unfetched: Vec::new(),
             own_revocation_check: true,
             crls_valid_until: i64::MAX,
             root_subjects: Vec::new(),
@@ -205,13 +222,37 @@ impl TrustStore {
                 ),
             });
         }
-        for block in crls {
+        let mut admitted = Vec::new();
+        for block in files {
             let crl = store
-                .admit_crl(&block.der, block.source.clone())
-                .map_err(|message| TrustError::Crl {
+                .admit_crl(&block.der, block.source.clone(), false)
+                .map_err(|refused| TrustError::Crl {
                     origin: block.source,
-                    message,
+                    message: refused.to_string(),
                 })?;
+            admitted.push(crl);
+        }
+        let mut refused = Vec::new();
+        for copy in kept {
+            match store.admit_download(&copy.bytes, &copy.url) {
+                Ok(crl) => admitted.push(crl),
+                Err(why) => refused.push(CrlStatus::refused(copy.url, true, &why)),
+            }
+        }
+        let (in_force, statuses) = crl_choice::choose(admitted).map_err(TrustError::CrlConflict)?;
+        store.crl_statuses = statuses;
+        store.crl_statuses.extend(refused);
+        store.unfetched = sources
+            .iter()
+            .filter(|url| {
+                !store
+                    .crl_statuses
+                    .iter()
+                    .any(|s| s.fetched && s.crl.is_some() && &&s.source == url)
+            })
+            .cloned()
+            .collect();
+        for crl in in_force {
             store.add_crl(crl);
         }
         if !store.own_revocation_check {
@@ -227,33 +268,95 @@ impl TrustStore {
 
     /// Parses a CRL and checks it as loading does: a CRL naming a bundle CA must be signed
     /// by it, checked once here, so a wrong or corrupted CRL fails check-config (or a
-    /// refresh, or a reload, keeping the old state) instead of refusing every certificate
-    /// of that CA at request time. A CRL of an intermediate the clients send cannot be
-    /// checked before a client sends it; it is checked against that intermediate's key on
-    /// the first path using it.
-    pub fn admit_crl(&self, der: &[u8], source: String) -> Result<Crl, String> {
-        let mut crl = Crl::parse(der, source)?;
+    /// reload, keeping the old state) instead of refusing every certificate of that CA at
+    /// request time. A CRL file of an intermediate the clients send cannot be checked before
+    /// a client sends it; it is checked against that intermediate's key on the first path
+    /// using it. A download (`fetched`) must be verifiable now: it is admitted only when
+    /// its issuer is a CA of the bundle, so nothing unverified is kept or sets a floor.
+    pub fn admit_crl(&self, der: &[u8], source: String, fetched: bool) -> Result<Crl, CrlRefused> {
+        let mut crl = Crl::parse(der, source, fetched).map_err(CrlRefused::Invalid)?;
         let issuer = crl.info.issuer.clone();
         let named: Vec<&BundleCa> = self
             .bundle_cas
             .iter()
             .filter(|ca| ca.subject_raw == crl.issuer())
             .collect();
-        if !named.is_empty() {
-            match named
-                .iter()
-                .find(|ca| crl.signed_by(&ca.spki, self.algorithms))
-            {
-                None => return Err(format!(
-                    "CRL of {issuer} is not validly signed by the CA {issuer} of the client CA bundle: a CRL of another CA with the same name, a corrupted file, or a signature algorithm the broker does not accept (SHA-1)"
-                )),
-                Some(ca) if !ca.may_sign_crls => return Err(format!(
-                    "CRL of {issuer}, whose keyUsage does not include cRLSign: it may not issue CRLs"
-                )),
-                Some(_) => crl.info.verified_at_load = true,
+        if named.is_empty() {
+            return match fetched {
+                true => Err(CrlRefused::UnknownIssuer(issuer)),
+                false => Ok(crl),
+            };
+        }
+        match named
+            .iter()
+            .find(|ca| crl.signed_by(&ca.spki, self.algorithms))
+        {
+            None => Err(CrlRefused::BadSignature(issuer)),
+            Some(ca) if !ca.may_sign_crls => Err(CrlRefused::NotCrlSigner(issuer)),
+            Some(_) => {
+                crl.info.verified_at_load = true;
+                Ok(crl)
             }
         }
-        Ok(crl)
+    }
+
+    /// Admits what a CRL source served (or its kept copy): exactly one CRL, verified now.
+    pub fn admit_download(&self, bytes: &[u8], url: &str) -> Result<Crl, CrlRefused> {
+        let ders = pem::crls_in(bytes).map_err(CrlRefused::Invalid)?;
+        let [der] = ders.as_slice() else {
+            return Err(CrlRefused::Invalid(format!(
+                "{} CRLs in one answer: a CRL source serves one CRL (configure one source per CRL)",
+                ders.len()
+            )));
+        };
+        self.admit_crl(der, url.to_owned(), true)
+    }
+
+    /// Whether an admitted download from `url` may replace what the broker holds: a source
+    /// serves one issuer (its kept copy's), and no CRL older than the one in force for its
+    /// scope, from any origin, replaces it (no rollback to a CRL from before a revocation).
+    /// `kept_since`: a kept copy of `url` written after this store was loaded (admitted),
+    /// which counts as much as the one loaded.
+    pub fn may_succeed(
+        &self,
+        url: &str,
+        fetched: &Crl,
+        kept_since: Option<&Crl>,
+    ) -> Result<(), Succession> {
+        let kept_issuer = match kept_since {
+            Some(kept) => Some((kept.issuer(), kept.info.issuer.as_str())),
+            None => self
+                .crl_statuses
+                .iter()
+                .filter(|s| s.fetched && s.source == url)
+                .find_map(|s| Some((s.issuer.as_slice(), s.crl.as_ref()?.issuer.as_str()))),
+        };
+        if let Some((_, kept)) = kept_issuer.filter(|(raw, _)| *raw != fetched.issuer()) {
+            return Err(Succession::IssuerChanged {
+                kept: kept.to_owned(),
+                fetched: fetched.info.issuer.clone(),
+            });
+        }
+        let floors = self.crls.iter().chain(kept_since);
+        for floor in floors.filter(|c| c.scope() == fetched.scope()) {
+            match fetched.number_order(floor) {
+                std::cmp::Ordering::Less => {
+                    return Err(Succession::Older {
+                        fetched: fetched.info.number.clone(),
+                        in_force: floor.info.number.clone(),
+                        origin: floor.info.source.clone(),
+                    })
+                }
+                std::cmp::Ordering::Equal if fetched.der() != floor.der() => {
+                    return Err(Succession::SameNumber {
+                        number: fetched.info.number.clone(),
+                        origin: floor.info.source.clone(),
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     fn add_crl(&mut self, crl: Crl) {
@@ -263,17 +366,27 @@ impl TrustStore {
         self.crls.push(crl);
     }
 
-    /// The loaded CRLs, in the order they were configured.
+    /// The CRLs in force, in the order they were configured.
     pub fn crls(&self) -> impl Iterator<Item = &CrlInfo> {
         self.crls.iter().map(|crl| &crl.info)
+    }
+
+    /// Every CRL read, in force or not (and why not), in the order configured.
+    pub fn crl_statuses(&self) -> &[CrlStatus] {
+        &self.crl_statuses
+    }
+
+    /// The CRL sources that have no admitted kept copy yet.
+    pub fn unfetched_sources(&self) -> &[String] {
+        &self.unfetched
     }
 
     pub fn revocation(&self) -> RevocationPolicy {
         self.revocation
     }
 
-    /// The first configured CRL naming `issuer` (contents of its Name SEQUENCE): the one
-    /// that decides, as webpki decides.
+    /// The CRL in force naming `issuer` (contents of its Name SEQUENCE); partitioned CRLs
+    /// are left to webpki.
     fn crl_of(&self, issuer: &[u8]) -> Option<&Crl> {
         self.crls.iter().find(|crl| crl.issuer() == issuer)
     }
@@ -290,5 +403,30 @@ impl TrustStore {
 
     pub fn crl_count(&self) -> usize {
         self.crls.len()
+    }
+}
+
+/// Why an admitted download does not replace what the broker holds.
+#[derive(Debug, thiserror::Error)]
+pub enum Succession {
+    #[error("the source served a CRL of {fetched}, but its kept CRL is of {kept}: a source serves one CA's CRL (configure a source per CA)")]
+    IssuerChanged { kept: String, fetched: String },
+    #[error("the CRL (number {fetched}) is older than one the broker holds (number {in_force}, from {origin}): a replayed or stale CRL is never taken back")]
+    Older {
+        fetched: String,
+        in_force: String,
+        origin: String,
+    },
+    #[error("the CRL has the number {number} of the CRL in force (from {origin}) but other contents: one of them is not what the CA published")]
+    SameNumber { number: String, origin: String },
+}
+
+impl Succession {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Succession::IssuerChanged { .. } => "issuer_changed",
+            Succession::Older { .. } => "older",
+            Succession::SameNumber { .. } => "same_number",
+        }
     }
 }

@@ -31,8 +31,12 @@ pub enum Refusal {
     Revoked,
     #[error("revocation status unknown: the CRL for this certificate's issuer expired at {}", rfc3339(*.0))]
     CrlExpired(i64),
-    #[error("revocation status unknown: the broker has no CRL {}, and its revocation policy (server.revocation = \"require\") refuses a certificate whose revocation it cannot check", crl_missing_for(.0.as_deref()))]
-    CrlMissing(Option<String>),
+    #[error("revocation status unknown: the broker has no CRL {}, and its revocation policy (server.revocation = \"require\") refuses a certificate whose revocation it cannot check{}", crl_missing_for(.issuer.as_deref()), not_fetched_yet(.unfetched))]
+    CrlMissing {
+        issuer: Option<String>,
+        /// CRL sources never downloaded yet: the CRL may be theirs.
+        unfetched: Vec<String>,
+    },
     #[error("missing clientAuth EKU: the certificate has no extendedKeyUsage extension")]
     MissingEku,
     #[error("missing clientAuth EKU: {}", bad_eku(*.leaf))]
@@ -71,7 +75,7 @@ impl Refusal {
             Refusal::SelfSigned => "self_signed",
             Refusal::Revoked => "revoked",
             Refusal::CrlExpired(_) => "crl_expired",
-            Refusal::CrlMissing(_) => "crl_missing",
+            Refusal::CrlMissing { .. } => "crl_missing",
             Refusal::MissingEku => "missing_eku",
             Refusal::BadEku { .. } => "bad_eku",
             Refusal::CaAsLeaf => "ca_as_leaf",
@@ -121,6 +125,16 @@ fn crl_missing_for(issuer: Option<&str>) -> String {
     }
 }
 
+fn not_fetched_yet(unfetched: &[String]) -> String {
+    match unfetched {
+        [] => String::new(),
+        urls => format!(
+            "; not downloaded yet (no answer admitted so far; the broker's log says why): CRL source {}",
+            urls.join(", ")
+        ),
+    }
+}
+
 /// Why webpki cannot even parse `leaf`, in the words `/token` and `verify-cert` use for it.
 /// The handshake parses the leaf to check the client's signature, so such a certificate
 /// fails there, before any request; this lets that failure carry its reason too.
@@ -166,7 +180,10 @@ pub(super) fn refusal_from_webpki(
         E::UnknownIssuer => Refusal::UnknownIssuer,
         E::CertRevoked => Refusal::Revoked,
         E::CrlExpired { next_update, .. } => Refusal::CrlExpired(next_update.as_secs() as i64),
-        E::UnknownRevocationStatus => Refusal::CrlMissing(None),
+        E::UnknownRevocationStatus => Refusal::CrlMissing {
+            issuer: None,
+            unfetched: Vec::new(),
+        },
         // webpki requires clientAuth (when an EKU is present) of every certificate of the
         // path; a leaf that has it points at an intermediate.
         E::RequiredEkuNotFoundContext(_) | E::EmptyEkuExtension => Refusal::BadEku {

@@ -96,7 +96,7 @@ impl TrustStore {
             let facts = intermediate_facts(path)?;
             if self.own_revocation_check {
                 self.check_revocation(path, &facts, now)
-                    .map_err(|e| e.into_refusal(leaf, chain))?;
+                    .map_err(|e| e.into_refusal(leaf, chain, &self.unfetched))?;
             }
             path_policy(path, &facts)?;
             let expiry = facts
@@ -138,7 +138,10 @@ impl TrustStore {
                 };
                 match verify(options(UnknownStatusPolicy::Allow), &name_missing) {
                     Err(e) => refusal_from_webpki(e, leaf, chain),
-                    Ok(_) => Refusal::CrlMissing(missing.take()),
+                    Ok(_) => Refusal::CrlMissing {
+                        issuer: missing.take(),
+                        unfetched: self.unfetched.clone(),
+                    },
                 }
             }
             (e, _) => refusal_from_webpki(e, leaf, chain),
@@ -281,10 +284,19 @@ impl From<webpki::Error> for RevocationError {
 }
 
 impl RevocationError {
-    fn into_refusal(self, leaf: &Identity, chain: &[CertificateDer<'_>]) -> Refusal {
+    /// `unfetched`: the CRL sources never downloaded yet, which a missing CRL may be from.
+    fn into_refusal(
+        self,
+        leaf: &Identity,
+        chain: &[CertificateDer<'_>],
+        unfetched: &[String],
+    ) -> Refusal {
         match self {
             RevocationError::Webpki(error) => refusal_from_webpki(error, leaf, chain),
-            RevocationError::Missing(issuer) => Refusal::CrlMissing(issuer),
+            RevocationError::Missing(issuer) => Refusal::CrlMissing {
+                issuer,
+                unfetched: unfetched.to_vec(),
+            },
         }
     }
 }

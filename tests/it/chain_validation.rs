@@ -744,7 +744,7 @@ async fn fetched_crls_are_refreshed_kept_and_fail_closed() {
     // another key, 404, a truncated body, more than max_bytes, no answer in time.
     let impostor = Ca::root("Test Device Issuing CA").crl(&[]);
     for (answer, result) in [
-        (Serve::Crl(impostor, "\"forged\"".into()), "invalid"),
+        (Serve::Crl(impostor, "\"forged\"".into()), "bad_signature"),
         (Serve::Status(404), "not_found"),
         (Serve::Truncated, "network_error"),
         (Serve::Big(200_000), "too_large"),

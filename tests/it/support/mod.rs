@@ -280,17 +280,43 @@ impl Ca {
         )
     }
 
+    /// A CRL with the cRLNumber `number` (big-endian bytes): an older one, or one a forger
+    /// numbered past every genuine CRL.
+    pub fn crl_numbered(&self, revoked: &[u64], number: &[u8]) -> String {
+        self.crl_signed(
+            revoked,
+            OffsetDateTime::now_utc() - Duration::hours(1),
+            None,
+            SerialNumber::from(number.to_vec()),
+        )
+    }
+
     fn crl_with(
         &self,
         revoked: &[u64],
         this_update: OffsetDateTime,
         issuing_distribution_point: Option<rcgen::CrlIssuingDistributionPoint>,
     ) -> String {
+        self.crl_signed(
+            revoked,
+            this_update,
+            issuing_distribution_point,
+            SerialNumber::from(next_crl_number()),
+        )
+    }
+
+    fn crl_signed(
+        &self,
+        revoked: &[u64],
+        this_update: OffsetDateTime,
+        issuing_distribution_point: Option<rcgen::CrlIssuingDistributionPoint>,
+        crl_number: SerialNumber,
+    ) -> String {
         let now = OffsetDateTime::now_utc();
         CertificateRevocationListParams {
             this_update,
             next_update: this_update + Duration::days(7),
-            crl_number: SerialNumber::from(now.unix_timestamp() as u64),
+            crl_number,
             issuing_distribution_point,
             revoked_certs: revoked
                 .iter()
@@ -307,6 +333,22 @@ impl Ca {
         .unwrap()
         .pem()
         .unwrap()
+    }
+}
+
+/// A cRLNumber later than every one made before in this process and than the last second's
+/// (a CA numbers its CRLs in order; two CRLs of one CA with one number are a load error).
+pub fn next_crl_number() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = OffsetDateTime::now_utc().unix_timestamp() as u64;
+    let mut last = LAST.load(Ordering::SeqCst);
+    loop {
+        let next = now.max(last + 1);
+        match LAST.compare_exchange(last, next, Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
     }
 }
 
