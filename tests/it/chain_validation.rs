@@ -2,6 +2,7 @@
 //! checked in the answer and in the metrics, and `verify-cert` agreeing with the server.
 
 use crate::support::{self, Ca, Eku, KeyKind, Leaf, LeafSpec, Setup, TestBroker};
+use crate::support::crl_server::{CrlServer, Serve};
 use time::{Duration, OffsetDateTime};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -590,96 +591,24 @@ async fn a_ca_without_a_crl_is_refused_unless_best_effort() {
     broker.stop().await;
 }
 
-/// What the test's CRL server answers.
-#[derive(Clone)]
-enum Serve {
-    /// A CRL with its ETag; 304 when the request names that ETag.
-    Crl(String, String),
-    Status(u16),
-    /// Accepts the request and never answers.
-    Hang,
-    /// Announces 5,000 bytes, sends 10 and closes.
-    Truncated,
-    /// This many bytes without a Content-Length.
-    Big(usize),
-}
-
-/// A real HTTP server on loopback serving whatever `serve` holds; counts in `revalidated`
-/// the requests it answered 304 because they named the current ETag.
-async fn crl_server(
-    serve: std::sync::Arc<std::sync::Mutex<Serve>>,
-    revalidated: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/issuing.crl", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let serve = serve.lock().unwrap().clone();
-            let revalidated = revalidated.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&head).to_lowercase();
-                let answer: Vec<u8> = match serve {
-                    Serve::Crl(_, etag) if head.contains(&format!("if-none-match: {etag}")) => {
-                        revalidated.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        format!("HTTP/1.1 304 Not Modified\r\nETag: {etag}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into()
-                    }
-                    Serve::Crl(body, etag) => format!(
-                        "HTTP/1.1 200 OK\r\nETag: {etag}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    )
-                    .into(),
-                    Serve::Status(code) => format!(
-                        "HTTP/1.1 {code} Nope\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    )
-                    .into(),
-                    Serve::Hang => {
-                        tokio::time::sleep(std::time::Duration::from_secs(120)).await;
-                        return;
-                    }
-                    Serve::Truncated => {
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n-----BEGIN"
-                            .to_vec()
-                    }
-                    Serve::Big(n) => {
-                        let mut answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_vec();
-                        answer.resize(answer.len() + n, b'A');
-                        answer
-                    }
-                };
-                let _ = stream.write_all(&answer).await;
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
-    url
-}
-
 /// CRLs the broker fetches itself: at start, on refresh (conditional), revocations between
 /// refreshes, every kind of failed download keeping the last good CRL, a restart without
 /// network from the kept copy, and a CRL past its nextUpdate refusing `crl_expired`.
 #[tokio::test(flavor = "multi_thread")]
 async fn fetched_crls_are_refreshed_kept_and_fail_closed() {
-    use std::sync::{Arc, Mutex};
     let mut setup = Setup::new();
     // The issuing CA is in the bundle, so a fetched CRL's signature is checked on download.
     setup.bundle_folder = true;
     let a = setup.intermediate.leaf(&LeafSpec::device("fetched-a"));
     let b = setup.intermediate.leaf(&LeafSpec::device("fetched-b"));
-    let serve = Arc::new(Mutex::new(Serve::Crl(
+    let server = CrlServer::start().await;
+    let path = "/issuing.crl";
+    let url = server.url(path);
+    let serve = |answer: Serve| server.serve(path, answer);
+    serve(Serve::Crl(
         setup.intermediate.crl(&[a.serial]),
         "\"v1\"".into(),
-    )));
-    let revalidated = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let url = crl_server(serve.clone(), revalidated.clone()).await;
+    ));
     setup.write("root.crl.pem", &setup.root.crl(&[]));
     setup.crl_paths = Some(vec!["root.crl.pem".into()]);
     setup.extra_server = format!(
@@ -733,11 +662,11 @@ async fn fetched_crls_are_refreshed_kept_and_fail_closed() {
         .metric_eventually(&fetches("not_modified"), 1.0)
         .await;
     assert!(
-        revalidated.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        server.revalidated.load(std::sync::atomic::Ordering::SeqCst) >= 1,
         "the refresh named the kept CRL's ETag"
     );
     // A revocation between refreshes applies at the next one.
-    *serve.lock().unwrap() = Serve::Crl(issuing.crl(&[a.serial, b.serial]), "\"v2\"".into());
+    serve(Serve::Crl(issuing.crl(&[a.serial, b.serial]), "\"v2\"".into()));
     eventually(&b, revoked).await;
 
     // Failed downloads keep the last good CRL: a CRL of the issuing CA's name signed by
@@ -750,7 +679,7 @@ async fn fetched_crls_are_refreshed_kept_and_fail_closed() {
         (Serve::Big(200_000), "too_large"),
         (Serve::Hang, "timeout"),
     ] {
-        *serve.lock().unwrap() = answer;
+        serve(answer);
         let before = broker.metric(&fetches(result)).await;
         broker
             .metric_eventually(&fetches(result), before + 1.0)
@@ -762,7 +691,7 @@ async fn fetched_crls_are_refreshed_kept_and_fail_closed() {
     }
 
     // A new process with the network down reads the kept copy.
-    *serve.lock().unwrap() = Serve::Status(503);
+    serve(Serve::Status(503));
     let report = support::verify_cert(&config, &b.chain_pem, broker.setup.dir.path());
     assert_eq!(report["reason"], "revoked", "{report}");
 
@@ -770,9 +699,9 @@ async fn fetched_crls_are_refreshed_kept_and_fail_closed() {
     // then its certificates are refused crl_expired.
     let next_update = OffsetDateTime::now_utc() + Duration::seconds(8);
     let short = issuing.crl_from(&[a.serial], next_update - Duration::days(7));
-    *serve.lock().unwrap() = Serve::Crl(short, "\"v3\"".into());
+    serve(Serve::Crl(short, "\"v3\"".into()));
     eventually(&b, "accepted").await;
-    *serve.lock().unwrap() = Serve::Status(404);
+    serve(Serve::Status(404));
     eventually(
         &b,
         "revocation status unknown: the CRL for this certificate's issuer expired",

@@ -8,6 +8,7 @@ mod agent;
 mod chain_validation;
 mod cli;
 mod conformance;
+mod crl_attacks;
 mod device_keys;
 mod devices;
 mod drain;

@@ -1,5 +1,6 @@
 //! Test harness: a real PKI made with rcgen, a real broker on loopback, real TLS clients.
 
+pub mod crl_server;
 pub mod fake_google;
 pub mod logs;
 pub mod process;
