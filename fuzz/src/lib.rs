@@ -213,7 +213,10 @@ fn check_identity(id: &Identity, der: &[u8]) {
         URL_SAFE_NO_PAD.encode(digest.as_ref())
     );
     let serial = &id.serial;
-    assert!(!serial.is_empty() && serial.len().is_multiple_of(2), "{serial}");
+    assert!(
+        !serial.is_empty() && serial.len().is_multiple_of(2),
+        "{serial}"
+    );
     assert!(serial
         .bytes()
         .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));

@@ -1,8 +1,8 @@
 //! The certificate matrix: every case over real mTLS to a running broker, its reason
 //! checked in the answer and in the metrics, and `verify-cert` agreeing with the server.
 
-use crate::support::{self, Ca, Eku, KeyKind, Leaf, LeafSpec, Setup, TestBroker};
 use crate::support::crl_server::{CrlServer, Serve};
+use crate::support::{self, Ca, Eku, KeyKind, Leaf, LeafSpec, Setup, TestBroker};
 use time::{Duration, OffsetDateTime};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -666,7 +666,10 @@ async fn fetched_crls_are_refreshed_kept_and_fail_closed() {
         "the refresh named the kept CRL's ETag"
     );
     // A revocation between refreshes applies at the next one.
-    serve(Serve::Crl(issuing.crl(&[a.serial, b.serial]), "\"v2\"".into()));
+    serve(Serve::Crl(
+        issuing.crl(&[a.serial, b.serial]),
+        "\"v2\"".into(),
+    ));
     eventually(&b, revoked).await;
 
     // Failed downloads keep the last good CRL: a CRL of the issuing CA's name signed by

@@ -106,8 +106,15 @@ async fn a_source_cannot_suppress_another_cas_revocation() {
     let b_before = b.crl(&[]);
     let b_now = b.crl(&[revoked_b.serial]);
     let server = CrlServer::start().await;
-    let (a, b_url, c) = (server.url("/a.crl"), server.url("/b.crl"), server.url("/c.crl"));
-    server.serve("/a.crl", Serve::Crl(setup.intermediate.crl(&[]), "\"a1\"".into()));
+    let (a, b_url, c) = (
+        server.url("/a.crl"),
+        server.url("/b.crl"),
+        server.url("/c.crl"),
+    );
+    server.serve(
+        "/a.crl",
+        Serve::Crl(setup.intermediate.crl(&[]), "\"a1\"".into()),
+    );
     server.serve("/b.crl", Serve::Crl(b_now.clone(), "\"b1\"".into()));
     server.serve("/c.crl", Serve::Status(404));
     with_sources(&mut setup, &[a.clone(), b_url.clone(), c.clone()], "1s");
@@ -120,13 +127,19 @@ async fn a_source_cannot_suppress_another_cas_revocation() {
         let broker = &broker;
         let (revoked_b, good_a, good_b) = (&revoked_b, &good_a, &good_b);
         async move {
-            assert!(decision(broker, revoked_b).await.contains(REVOKED), "after {after}");
+            assert!(
+                decision(broker, revoked_b).await.contains(REVOKED),
+                "after {after}"
+            );
             assert_eq!(decision(broker, good_a).await, "accepted", "after {after}");
             assert_eq!(decision(broker, good_b).await, "accepted", "after {after}");
         }
     };
     // A's answer carries A's CRL followed by B's older one.
-    server.serve("/a.crl", Serve::Crl(format!("{a_crl}{b_before}"), "\"a2\"".into()));
+    server.serve(
+        "/a.crl",
+        Serve::Crl(format!("{a_crl}{b_before}"), "\"a2\"".into()),
+    );
     one_more(&broker, &a, "invalid").await;
     check("two CRLs in one answer").await;
     // A's answer is B's older CRL alone: the source changed issuer.
@@ -146,7 +159,10 @@ async fn a_source_cannot_suppress_another_cas_revocation() {
     server.serve("/c.crl", Serve::Crl(twin, "\"c2\"".into()));
     one_more(&broker, &c, "same_number").await;
     check("a CRL with the number of the one in force").await;
-    assert!(kept_bytes(&broker.setup, &c).is_none(), "nothing of C's was kept");
+    assert!(
+        kept_bytes(&broker.setup, &c).is_none(),
+        "nothing of C's was kept"
+    );
 
     // A CRL file of B older than the download: shadowed, not in force, and check-config
     // says which CRL is in force and why the file is not.
@@ -203,7 +219,10 @@ async fn forged_crls_are_never_kept_and_set_no_floor() {
 
     let impostor = Ca::root("Test Device Issuing CA");
     for (body, result) in [
-        (impostor.crl_numbered(&[good_a.serial], &HUGE_NUMBER), "bad_signature"),
+        (
+            impostor.crl_numbered(&[good_a.serial], &HUGE_NUMBER),
+            "bad_signature",
+        ),
         (
             Ca::root("Made Up CA").crl_numbered(&[good_a.serial], &HUGE_NUMBER),
             "unknown_issuer",
@@ -211,9 +230,16 @@ async fn forged_crls_are_never_kept_and_set_no_floor() {
     ] {
         server.serve("/a.crl", Serve::Crl(body, format!("\"{result}\"")));
         one_more(&broker, &a, result).await;
-        assert_eq!(kept_bytes(&broker.setup, &a).as_ref(), Some(&kept_a), "{result}");
+        assert_eq!(
+            kept_bytes(&broker.setup, &a).as_ref(),
+            Some(&kept_a),
+            "{result}"
+        );
         assert_eq!(decision(&broker, &good_a).await, "accepted", "{result}");
-        assert!(decision(&broker, &revoked_a).await.contains(REVOKED), "{result}");
+        assert!(
+            decision(&broker, &revoked_a).await.contains(REVOKED),
+            "{result}"
+        );
     }
     // The outsider's CRLs, genuine or forged, cannot be verified: never kept.
     one_more(&broker, &c, "unknown_issuer").await;
@@ -277,7 +303,10 @@ async fn redirects_are_not_followed() {
         "/a.crl",
         Serve::Crl(setup.intermediate.crl(&[revoked.serial]), "\"a1\"".into()),
     );
-    elsewhere.serve("/admin", Serve::Crl(setup.intermediate.crl(&[]), "\"x\"".into()));
+    elsewhere.serve(
+        "/admin",
+        Serve::Crl(setup.intermediate.crl(&[]), "\"x\"".into()),
+    );
     with_sources(&mut setup, &[a.clone()], "1s");
     let broker = setup.start().await;
     until(&broker, &revoked, REVOKED).await;
@@ -288,8 +317,10 @@ async fn redirects_are_not_followed() {
     assert!(decision(&broker, &revoked).await.contains(REVOKED));
     let logged = crate::support::logs::captured();
     assert!(
-        logged.lines().any(|l| l.contains("redirects are not followed")
-            && l.contains(&elsewhere.url("/admin"))),
+        logged
+            .lines()
+            .any(|l| l.contains("redirects are not followed")
+                && l.contains(&elsewhere.url("/admin"))),
         "no log line names the Location"
     );
     broker.stop().await;
@@ -317,15 +348,24 @@ async fn revocation_on_the_operators_schedule() {
     );
     let report = support::verify_cert(&config, &first.chain_pem, broker.setup.dir.path());
     assert_eq!(report["reason"], "crl_missing", "{report}");
-    assert!(report["description"].as_str().unwrap().contains(&a), "{report}");
+    assert!(
+        report["description"].as_str().unwrap().contains(&a),
+        "{report}"
+    );
 
-    server.serve("/a.crl", Serve::Crl(broker.setup.intermediate.crl(&[]), "\"1\"".into()));
+    server.serve(
+        "/a.crl",
+        Serve::Crl(broker.setup.intermediate.crl(&[]), "\"1\"".into()),
+    );
     broker.live.fetch_crls_now();
     until(&broker, &first, "accepted").await;
 
     server.serve(
         "/a.crl",
-        Serve::Crl(broker.setup.intermediate.crl(&[first.serial]), "\"2\"".into()),
+        Serve::Crl(
+            broker.setup.intermediate.crl(&[first.serial]),
+            "\"2\"".into(),
+        ),
     );
     let out = std::process::Command::new(support::binary())
         .args(["--log-format", "text", "-c"])
@@ -342,7 +382,10 @@ async fn revocation_on_the_operators_schedule() {
     server.serve(
         "/a.crl",
         Serve::Crl(
-            broker.setup.intermediate.crl(&[first.serial, second.serial]),
+            broker
+                .setup
+                .intermediate
+                .crl(&[first.serial, second.serial]),
             "\"3\"".into(),
         ),
     );
@@ -363,7 +406,10 @@ async fn a_slow_reload_overlapping_a_download_ends_with_the_download_in_force() 
     setup.write("root.crl.pem", &setup.root.crl(&many));
     let server = CrlServer::start().await;
     let a = server.url("/a.crl");
-    server.serve("/a.crl", Serve::Crl(setup.intermediate.crl(&[]), "\"1\"".into()));
+    server.serve(
+        "/a.crl",
+        Serve::Crl(setup.intermediate.crl(&[]), "\"1\"".into()),
+    );
     with_sources(&mut setup, &[a.clone()], "1s");
     let broker = setup.start().await;
     until(&broker, &device, "accepted").await;
@@ -386,7 +432,10 @@ async fn a_slow_reload_overlapping_a_download_ends_with_the_download_in_force() 
         .collect();
     server.serve(
         "/a.crl",
-        Serve::Crl(broker.setup.intermediate.crl(&[device.serial]), "\"2\"".into()),
+        Serve::Crl(
+            broker.setup.intermediate.crl(&[device.serial]),
+            "\"2\"".into(),
+        ),
     );
     until(&broker, &device, REVOKED).await;
     for _ in 0..150 {
@@ -433,7 +482,11 @@ fn pool() -> &'static Pool {
             for number in 1..=3u8 {
                 for genuine in [true, false] {
                     for variant in 0..2u8 {
-                        let signer = if genuine { &issuers[issuer] } else { &impostors[issuer] };
+                        let signer = if genuine {
+                            &issuers[issuer]
+                        } else {
+                            &impostors[issuer]
+                        };
                         let crl = signer.crl_numbered(&[u64::from(variant) + 100], &[number]);
                         crls.insert((issuer, number, genuine, variant), crl);
                     }
@@ -455,15 +508,20 @@ struct Drawn {
 }
 
 fn drawn() -> impl Strategy<Value = Drawn> {
-    (0..3usize, 1..=3u8, prop::bool::weighted(0.8), 0..2u8, any::<bool>()).prop_map(
-        |(issuer, number, genuine, variant, fetched)| Drawn {
+    (
+        0..3usize,
+        1..=3u8,
+        prop::bool::weighted(0.8),
+        0..2u8,
+        any::<bool>(),
+    )
+        .prop_map(|(issuer, number, genuine, variant, fetched)| Drawn {
             issuer,
             number,
             genuine,
             variant,
             fetched,
-        },
-    )
+        })
 }
 
 /// Loads `crls` in the given order: per issuer (by name) the number and contents in force,
