@@ -394,16 +394,13 @@ async fn revocation_on_the_operators_schedule() {
     broker.stop().await;
 }
 
-/// Reloads (file watch, SIGHUP) run back to back, each reading a large CRL file, while a
-/// download brings a revocation: once enforced it stays enforced (no reload that read the
-/// old kept copy lands after the download's), and no kept CRL is left out of force.
+/// A reload that read the old kept copy and is slow to finish (the CA bundle it reads next
+/// is a FIFO the test holds) must not land after the download's reload: reloads run one at
+/// a time, so the device, once refused, is never accepted again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_reload_overlapping_a_download_ends_with_the_download_in_force() {
     let (mut setup, _b) = two_issuers();
     let device = setup.intermediate.leaf(&LeafSpec::device("raced"));
-    // The root's CRL, large enough that a reload takes a while.
-    let many: Vec<u64> = (1..=100_000u64).map(|n| n * 7 + 1_000_000).collect();
-    setup.write("root.crl.pem", &setup.root.crl(&many));
     let server = CrlServer::start().await;
     let a = server.url("/a.crl");
     server.serve(
@@ -411,25 +408,36 @@ async fn a_slow_reload_overlapping_a_download_ends_with_the_download_in_force() 
         Serve::Crl(setup.intermediate.crl(&[]), "\"1\"".into()),
     );
     with_sources(&mut setup, &[a.clone()], "1s");
+    // Reloads only when the test (or the downloader) asks for one.
+    setup.extra_server += "\nreload_interval = \"0s\"";
     let broker = setup.start().await;
     until(&broker, &device, "accepted").await;
+    let kept_before = kept_bytes(&broker.setup, &a);
 
-    // Four reloaders at once, as file watching, SIGHUP and the downloader may be: without
-    // one-at-a-time reloads, one that read the old kept copy lands after the download's.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reloaders: Vec<_> = (0..4)
-        .map(|_| {
-            let (live, stop) = (broker.live.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut count = 0;
-                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    live.reload().unwrap();
-                    count += 1;
-                }
-                count
-            })
-        })
-        .collect();
+    // The bundle becomes a FIFO: the next reload reads the CRL files and the kept copies,
+    // then waits on it. The real bundle is put back for every reload after that one.
+    let bundle = broker.setup.path("client-ca.pem");
+    let (fifo, real) = (
+        broker.setup.path("bundle.fifo"),
+        broker.setup.path("bundle.real"),
+    );
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(
+        made.is_ok_and(|s| s.success()),
+        "mkfifo (coreutils) is needed"
+    );
+    std::fs::copy(&bundle, &real).unwrap();
+    std::fs::hard_link(&fifo, broker.setup.path("bundle.fifo.held")).unwrap();
+    std::fs::rename(&fifo, &bundle).unwrap();
+    let slow = {
+        let live = broker.live.clone();
+        std::thread::spawn(move || live.reload())
+    };
+    tokio::time::sleep(StdDuration::from_millis(500)).await;
+    std::fs::rename(&real, &bundle).unwrap();
+
+    // Meanwhile the device is revoked and the download is kept.
+    let states = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     server.serve(
         "/a.crl",
         Serve::Crl(
@@ -437,17 +445,48 @@ async fn a_slow_reload_overlapping_a_download_ends_with_the_download_in_force() 
             "\"2\"".into(),
         ),
     );
-    until(&broker, &device, REVOKED).await;
-    for _ in 0..150 {
-        assert!(
-            decision(&broker, &device).await.contains(REVOKED),
-            "a reload put the old CRL back"
-        );
+    let sample = |states: &std::sync::Arc<std::sync::Mutex<Vec<bool>>>| {
+        let (broker, states, device) = (&broker, states.clone(), &device);
+        async move {
+            let revoked = decision(broker, device).await.contains(REVOKED);
+            states.lock().unwrap().push(revoked);
+        }
+    };
+    for _ in 0..100 {
+        if kept_bytes(&broker.setup, &a) != kept_before {
+            break;
+        }
+        sample(&states).await;
         tokio::time::sleep(StdDuration::from_millis(20)).await;
     }
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let count: usize = reloaders.into_iter().map(|r| r.join().unwrap()).sum();
-    assert!(count >= 8, "the reloads overlapped the download: {count}");
+    assert_ne!(
+        kept_bytes(&broker.setup, &a),
+        kept_before,
+        "the download was kept"
+    );
+    // Time for the download's reload, were it not to wait for the slow one.
+    for _ in 0..50 {
+        sample(&states).await;
+        tokio::time::sleep(StdDuration::from_millis(20)).await;
+    }
+    // The slow reload, which read the old kept copy, finishes now.
+    let pem = broker.setup.client_ca_pem.clone().unwrap();
+    std::fs::write(broker.setup.path("bundle.fifo.held"), &pem).unwrap();
+    let slow = tokio::task::spawn_blocking(move || slow.join().unwrap());
+    assert!(slow.await.unwrap().is_ok(), "the slow reload loaded");
+    for _ in 0..150 {
+        sample(&states).await;
+        tokio::time::sleep(StdDuration::from_millis(20)).await;
+    }
+    let states = states.lock().unwrap().clone();
+    let first_refused = states
+        .iter()
+        .position(|r| *r)
+        .expect("the device was never refused");
+    assert!(
+        states[first_refused..].iter().all(|r| *r),
+        "the device was accepted again after its revocation was enforced: {states:?}"
+    );
     let gauge = format!("token_broker_crl_kept_not_in_force{{source=\"{a}\"}}");
     assert_eq!(broker.metric_eventually(&gauge, 0.0).await, 0.0);
     broker.stop().await;
