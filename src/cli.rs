@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::broker::{Broker, Problems};
 use crate::clock;
 use crate::config::{Config, ConfigError};
+use crate::crl_fetch::{FetchError, Fetched, Mode};
 use crate::device::agent::AgentConfig;
 use crate::device::client::{BrokerClient, CachingClient, ClientError, TokenParams};
 use crate::device::credentials::{DeviceCredentials, Pkcs11Options, Source};
@@ -86,7 +87,12 @@ pub enum Command {
         force: bool,
     },
     /// Load and check everything the server would; print the effective config.
-    CheckConfig,
+    CheckConfig {
+        /// Also download every CRL source and say whether the server would admit it (nothing
+        /// is kept); exit 1 when one would not be.
+        #[arg(long)]
+        fetch: bool,
+    },
     /// Run the server's certificate validation and rule matching on a PEM chain.
     VerifyCert {
         /// PEM file: the client certificate first, then any intermediates.
@@ -237,7 +243,7 @@ pub fn run(cli: Cli, audit: Arc<AuditLog>) -> Result<ExitCode, CliError> {
             println!("development PKI written to {}", pki.dir.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig => {
+        Command::CheckConfig { fetch } => {
             let config = Config::load(&cli.config)?;
             let broker = match Broker::build(config, Arc::new(Metrics::new())) {
                 Ok(broker) => broker,
@@ -249,7 +255,28 @@ pub fn run(cli: Cli, audit: Arc<AuditLog>) -> Result<ExitCode, CliError> {
                     .report(clock::unix_now())
                     .map_err(|e| CliError::Usage(e.to_string()))?
             );
-            Ok(ExitCode::SUCCESS)
+            if !fetch {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let results = fetch_crl_sources(Arc::new(broker), Mode::Check)?;
+            let mut refused = false;
+            for (url, result) in results {
+                match result {
+                    Ok(fetched) => println!(
+                        "# CRL source {url}: {} (would be admitted)",
+                        fetched.label()
+                    ),
+                    Err(error) => {
+                        refused = true;
+                        println!("# CRL source {url}: {}: {error}", error.label());
+                    }
+                }
+            }
+            Ok(if refused {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::VerifyCert { chain, at } => {
             let config = Config::load(&cli.config)?;
@@ -305,6 +332,13 @@ pub fn run(cli: Cli, audit: Arc<AuditLog>) -> Result<ExitCode, CliError> {
     }
 }
 
+fn fetch_crl_sources(
+    broker: Arc<Broker>,
+    mode: Mode,
+) -> Result<Vec<(String, Result<Fetched, FetchError>)>, CliError> {
+    Ok(runtime()?.block_on(crate::crl_fetch::fetch_all(&broker, mode)))
+}
+
 /// `crl fetch`: one line per source, `URL: result` and why when it was not admitted.
 fn crl_fetch(path: &Path) -> Result<ExitCode, CliError> {
     let config = Config::load(path)?;
@@ -318,8 +352,7 @@ fn crl_fetch(path: &Path) -> Result<ExitCode, CliError> {
             "no [[server.crl_sources]] in the config: nothing to fetch".into(),
         ));
     }
-    let broker = Arc::new(broker);
-    let results = runtime()?.block_on(crate::crl_fetch::fetch_all(&broker));
+    let results = fetch_crl_sources(Arc::new(broker), Mode::Keep)?;
     let mut failed = false;
     for (url, result) in results {
         match result {

@@ -156,7 +156,7 @@ pub async fn run(
                 if !forced && state.due.is_some_and(|due| due > Instant::now()) {
                     continue;
                 }
-                let result = fetch_with_retries(&http, source, &dir, &broker).await;
+                let result = fetch_with_retries(&http, source, &dir, &broker, Mode::Keep).await;
                 updated |= matches!(result, Ok(Fetched::Updated));
                 let wait = record(&broker, source, state, &result);
                 state.due = Some(Instant::now() + wait.max(MIN_INTERVAL));
@@ -243,9 +243,22 @@ fn record(
     }
 }
 
-/// Downloads every source of `broker` once (`token-broker crl fetch`): each one's URL and
-/// result. A running server notices the kept copies changed and reloads within a second.
-pub async fn fetch_all(broker: &Arc<Broker>) -> Vec<(String, Result<Fetched, FetchError>)> {
+/// What a download is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Kept when admitted (the server, `crl fetch`).
+    Keep,
+    /// Checked as the server would, then dropped (`check-config --fetch`).
+    Check,
+}
+
+/// Downloads every source of `broker` once: each one's URL and result. With [`Mode::Keep`]
+/// (`token-broker crl fetch`) a running server notices the kept copies changed and reloads
+/// within a second.
+pub async fn fetch_all(
+    broker: &Arc<Broker>,
+    mode: Mode,
+) -> Vec<(String, Result<Fetched, FetchError>)> {
     let server = &broker.config().server;
     let Some(dir) = server
         .crl_cache_dir
@@ -266,7 +279,7 @@ pub async fn fetch_all(broker: &Arc<Broker>) -> Vec<(String, Result<Fetched, Fet
     };
     let mut results = Vec::new();
     for source in &server.crl_sources {
-        let result = fetch_with_retries(&http, source, &dir, broker).await;
+        let result = fetch_with_retries(&http, source, &dir, broker, mode).await;
         results.push((source.url.clone(), result));
     }
     results
@@ -312,10 +325,11 @@ async fn fetch_with_retries(
     source: &CrlSourceConfig,
     dir: &Path,
     broker: &Arc<Broker>,
+    mode: Mode,
 ) -> Result<Fetched, FetchError> {
     let mut attempt = 1;
     loop {
-        match fetch(http, source, dir, broker).await {
+        match fetch(http, source, dir, broker, mode).await {
             Err(error) if error.transient() && attempt < ATTEMPTS => {
                 tokio::time::sleep(RETRY_BACKOFF * attempt).await;
                 attempt += 1;
@@ -325,12 +339,14 @@ async fn fetch_with_retries(
     }
 }
 
-/// One conditional download of `source`; a CRL the trust store admits replaces the kept one.
+/// One conditional download of `source`; a CRL the trust store admits replaces the kept one
+/// ([`Mode::Keep`]).
 async fn fetch(
     http: &reqwest::Client,
     source: &CrlSourceConfig,
     dir: &Path,
     broker: &Arc<Broker>,
+    mode: Mode,
 ) -> Result<Fetched, FetchError> {
     let (crl_path, validators_path) = crl::kept_paths(dir, &source.url);
     let validators: Validators = match (crl_path.exists(), std::fs::read(&validators_path)) {
@@ -401,7 +417,10 @@ async fn fetch(
         let disk = |e: std::io::Error| FetchError::Keep(format!("{}: {e}", dir.display()));
         // One writer at a time (this server, another replica sharing the folder, `crl
         // fetch`): what is compared below is still what is on disk when it is replaced.
-        let _lock = lock(&dir).map_err(disk)?;
+        let _lock = match mode {
+            Mode::Keep => Some(lock(&dir).map_err(disk)?),
+            Mode::Check => None,
+        };
         let kept = crl::kept(&dir, &source.url).map_err(|e| FetchError::Keep(e.to_string()))?;
         if kept.as_ref().is_some_and(|kept| kept.bytes == body) {
             // Served again without validators: nothing to reload.
@@ -414,6 +433,9 @@ async fn fetch(
             .filter(|kept| Some(kept.stamp) != broker.kept_stamp(&source.url))
             .and_then(|kept| trust.admit_download(&kept.bytes, &source.url).ok());
         trust.may_succeed(&source.url, &fetched, kept_since.as_ref())?;
+        if mode == Mode::Check {
+            return Ok(Fetched::Updated);
+        }
         keep(&crl_path, &body).map_err(disk)?;
         if let Ok(json) = serde_json::to_vec(&fetched_validators) {
             // Without validators the next download is unconditional: no harm done.

@@ -84,6 +84,24 @@ async fn one_more(broker: &TestBroker, url: &str, result: &str) {
     );
 }
 
+/// `check-config --fetch`: what it says of `url`'s download now.
+fn explained(config: &std::path::Path, url: &str) -> String {
+    let out = std::process::Command::new(support::binary())
+        .args(["--log-format", "text", "-c"])
+        .arg(config)
+        .args(["check-config", "--fetch"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("# CRL source {url}: ")))
+        .unwrap_or_else(|| panic!("check-config --fetch says nothing of {url}: {stdout}"));
+    let refused = !line.contains("would be admitted");
+    assert_eq!(out.status.code(), Some(i32::from(refused)), "{stdout}");
+    line.to_string()
+}
+
 fn kept_bytes(setup: &Setup, url: &str) -> Option<Vec<u8>> {
     let (path, _) = token_broker::crl::kept_paths(&setup.path("crl-cache"), url);
     std::fs::read(path).ok()
@@ -142,14 +160,21 @@ async fn a_source_cannot_suppress_another_cas_revocation() {
     );
     one_more(&broker, &a, "invalid").await;
     check("two CRLs in one answer").await;
+    assert!(explained(&config, &a).contains(": invalid: 2 CRLs in one answer"));
     // A's answer is B's older CRL alone: the source changed issuer.
     server.serve("/a.crl", Serve::Crl(b_before.clone(), "\"a3\"".into()));
     one_more(&broker, &a, "issuer_changed").await;
     check("another issuer's CRL").await;
+    assert!(explained(&config, &a).contains(": issuer_changed: the source served a CRL of CN=Test Device Issuing CA B, but its kept CRL is of CN=Test Device Issuing CA"));
     // A source never fetched before serves B's older CRL: older than B's CRL in force.
     server.serve("/c.crl", Serve::Crl(b_before.clone(), "\"c1\"".into()));
     one_more(&broker, &c, "older").await;
     check("an older CRL from another source").await;
+    let said = explained(&config, &c);
+    assert!(
+        said.contains(": older: ") && said.contains(&b_url),
+        "{said}"
+    );
     // B publishes a CRL numbered far ahead; a CRL with that number but without the
     // revocation, from another source, is refused.
     let ahead = b.crl_numbered(&[revoked_b.serial], &[0x7f; 8]);
@@ -159,6 +184,7 @@ async fn a_source_cannot_suppress_another_cas_revocation() {
     server.serve("/c.crl", Serve::Crl(twin, "\"c2\"".into()));
     one_more(&broker, &c, "same_number").await;
     check("a CRL with the number of the one in force").await;
+    assert!(explained(&config, &c).contains(": same_number: "));
     assert!(
         kept_bytes(&broker.setup, &c).is_none(),
         "nothing of C's was kept"
@@ -308,21 +334,36 @@ async fn redirects_are_not_followed() {
         Serve::Crl(setup.intermediate.crl(&[]), "\"x\"".into()),
     );
     with_sources(&mut setup, &[a.clone()], "1s");
+    let config = setup.write_config();
     let broker = setup.start().await;
     until(&broker, &revoked, REVOKED).await;
     server.serve("/a.crl", Serve::Redirect(elsewhere.url("/admin")));
     one_more(&broker, &a, "redirect").await;
     one_more(&broker, &a, "redirect").await;
+    let said = explained(&config, &a);
+    assert!(
+        said.contains(&format!("redirecting to \"{}\"", elsewhere.url("/admin"))),
+        "{said}"
+    );
     assert_eq!(elsewhere.hits("/admin"), 0, "the redirect was followed");
     assert!(decision(&broker, &revoked).await.contains(REVOKED));
-    let logged = crate::support::logs::captured();
+    // Logged once for the run of failures, with the Location; the next are debug lines.
+    let about_a: Vec<serde_json::Value> = crate::support::logs::captured()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["source"] == a.as_str() && line["result"] == "redirect")
+        .collect();
+    let warnings: Vec<&serde_json::Value> =
+        about_a.iter().filter(|l| l["level"] == "WARN").collect();
+    assert_eq!(warnings.len(), 1, "{about_a:?}");
     assert!(
-        logged
-            .lines()
-            .any(|l| l.contains("redirects are not followed")
-                && l.contains(&elsewhere.url("/admin"))),
-        "no log line names the Location"
+        warnings[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&elsewhere.url("/admin"))),
+        "{:?}",
+        warnings[0]
     );
+    assert!(about_a.len() >= 2, "{about_a:?}");
     broker.stop().await;
 }
 
