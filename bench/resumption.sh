@@ -11,7 +11,8 @@
 # ticket of the worker's previous one, from the other replica). Server CPU is both brokers'
 # utime+stime; per token = CPU / tokens. The floor server's (examples/floor.rs) and, with nginx installed, nginx's full
 # handshakes are measured in the same rounds. Then the device side between runs: rounds of
-# `token` processes (200 per side; --quick: 20) without and with `--session-file`.
+# `token` processes (200; --quick: 20), each a full handshake (`--session-file`, which
+# resumed them, was removed with the patched rustls it needed: BENCHMARKS.md (h)).
 # Prints one JSON line per run (raw data) and a summary of the per-round ratios.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -117,8 +118,8 @@ for v in ("", "--tls12"):
                   f"(range {min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} rounds)")
 EOF
 # The device side between runs: `token`, a new process per token as Google's executable
-# source starts it, alternating replicas; with --session-file each run resumes the session
-# the previous one (on the other replica) kept. Broker CPU (both replicas) per run.
+# source starts it, alternating replicas; each run is a full handshake (nothing kept between
+# runs). Broker CPU (both replicas) per run.
 TOKEN_RUNS=$([[ $QUICK == 1 ]] && echo 20 || echo 200)
 token_side() { # token_side ROUND SIDE [TOKEN_ARGS...]
     local round=$1 side=$2 before after resumed0 i port
@@ -136,11 +137,10 @@ token_side() { # token_side ROUND SIDE [TOKEN_ARGS...]
         "broker_resumed_handshakes": int(a[7]) - int(a[8]), "load": open("/proc/loadavg").read().split()[:3]}))' \
         "$round" "$side" "$TOKEN_RUNS" "$before" "$after" "$HZ" "$(resumed_count)" "$resumed0" | tee -a "$WORK/token.jsonl"
 }
-log "token runs: $TOKEN_RUNS per side and round, without and with --session-file"
-token_side 0 warm --session-file "$WORK/sessions" >/dev/null
+log "token runs: $TOKEN_RUNS per round"
+token_side 0 warm >/dev/null
 for round in $(seq 1 "$ROUNDS"); do
     token_side "$round" token-full >/dev/null
-    token_side "$round" token-session-file --session-file "$WORK/sessions" >/dev/null
 done
 [[ -z $OUT ]] || cat "$WORK/token.jsonl" >>"$OUT"
 "$PY" - "$WORK/token.jsonl" <<'EOF'
@@ -150,13 +150,9 @@ by = {}
 for r in rows:
     if r["side"] != "warm":
         by.setdefault(r["round"], {})[r["side"]] = r
-for side in ("token-full", "token-session-file"):
-    rs = [v[side] for v in by.values() if side in v]
-    print(f"{side:<20} broker µs per run (median) {statistics.median(r['broker_us_per_run'] for r in rs):8.1f}"
-          f"  resumed {sum(r['broker_resumed_handshakes'] for r in rs)}/{sum(r['runs'] for r in rs)}")
-ratios = [v["token-session-file"]["broker_us_per_run"] / v["token-full"]["broker_us_per_run"] for v in by.values() if len(v) == 2]
-print(f"token with --session-file / without: median {statistics.median(ratios):.3f} "
-      f"(range {min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} rounds)")
+rs = [v["token-full"] for v in by.values() if "token-full" in v]
+print(f"{'token-full':<20} broker µs per run (median) {statistics.median(r['broker_us_per_run'] for r in rs):8.1f}"
+      f"  resumed {sum(r['broker_resumed_handshakes'] for r in rs)}/{sum(r['runs'] for r in rs)}")
 EOF
 for name in a b; do
     BROKER_PID=$([[ $name == a ]] && echo "$PID_A" || echo "$PID_B")

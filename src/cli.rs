@@ -14,7 +14,6 @@ use crate::crl_fetch::{FetchError, Fetched, Mode};
 use crate::device::agent::AgentConfig;
 use crate::device::client::{BrokerClient, CachingClient, ClientError, TokenParams};
 use crate::device::credentials::{DeviceCredentials, Pkcs11Options, Source};
-use crate::device::sessions::SessionFile;
 use crate::device::token::{self, TokenFormat};
 use crate::devpki::{self, DevPkiError};
 use crate::live::Live;
@@ -175,9 +174,8 @@ pub struct TokenArgs {
     /// Keep the token in this file (mode 0600) and reuse it until shortly before it expires.
     #[arg(long)]
     pub cache: Option<PathBuf>,
-    /// Keep the broker's TLS session tickets in this file (mode 0600) so the next run resumes
-    /// (no full handshake). Holds resumption secrets; refused with a PKCS#11 key.
-    #[arg(long)]
+    /// Removed (it needed a patched rustls): refused with the reason, never ignored.
+    #[arg(long, hide = true, value_name = "FILE")]
     pub session_file: Option<PathBuf>,
 }
 
@@ -388,22 +386,12 @@ fn token(args: TokenArgs) -> ExitCode {
         service_account: args.service_account,
         target_audience: args.target_audience,
     };
+    if args.session_file.is_some() {
+        let removed = ClientError::Local(token::SESSION_FILE_REMOVED.into());
+        return ExitCode::from(token::fail(&removed, args.format));
+    }
     let code = token::token_command(
-        || match &args.session_file {
-            None => device_client(&args.device),
-            Some(path) => {
-                if matches!(Source::parse(&args.device.key)?, Source::Token(_)) {
-                    return Err(ClientError::Local(
-                        "--session-file cannot be used with a PKCS#11 key: the file would let \
-                         whoever copies it act as this device without the token until its \
-                         tickets expire; drop --session-file (each run then signs in the token)"
-                            .into(),
-                    ));
-                }
-                device_client(&args.device)?
-                    .with_session_file(SessionFile::open(path, &args.device.url)?)
-            }
-        },
+        || device_client(&args.device),
         &params,
         args.cache.as_deref(),
         args.format,

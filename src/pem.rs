@@ -15,8 +15,12 @@ pub enum PemError {
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
-    #[error("{path} holds a private key but every user of this machine can {what} it (mode {mode:03o}); run `chmod 600 {path}` (or `chmod 640` with a group only the broker is in)", path = path.display(), what = if mode & 0o002 != 0 { "write" } else { "read" })]
-    Exposed { path: PathBuf, mode: u32 },
+    #[error("{path} holds {holds} but every user of this machine can {what} it (mode {mode:03o}); run `chmod 600 {path}` (or `chmod 640` with a group only the broker is in)", path = path.display(), what = if mode & 0o002 != 0 { "write" } else { "read" })]
+    Exposed {
+        path: PathBuf,
+        mode: u32,
+        holds: &'static str,
+    },
 }
 
 fn invalid(path: &Path, message: impl Into<String>) -> PemError {
@@ -47,11 +51,25 @@ pub fn file_mode(path: &Path) -> std::io::Result<u32> {
     }
 }
 
-/// Reads a file holding a private key (server key, signing key, Google key file). A file
-/// every user can read or write is refused: its key must be presumed stolen or
-/// replaceable. Group access only warns, because `root:ssl-cert 0640` is a common, sound
-/// layout. The bytes are wiped when dropped.
+/// What a private key file holds, in [`read_secret`]'s messages.
+pub const PRIVATE_KEY: &str = "a private key";
+
+/// Reads a file holding a private key (server key, signing key, Google key file): see
+/// [`read_secret_holding`].
 pub fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, PemError> {
+    read_secret_holding(path, PRIVATE_KEY)
+}
+
+/// Reads a secret file, which holds `holds` (said in the refusal and the warning). The one
+/// rule for every secret the broker reads (keys, session ticket keys): a file every user can
+/// read or write is refused, since its secret must be presumed stolen or replaceable. Group
+/// access only warns, because a group only the broker is in (`root:token-broker 0640`, a
+/// Kubernetes Secret under the pod's `fsGroup`, which is always group-readable) is a common,
+/// sound layout. The bytes are wiped when dropped.
+pub fn read_secret_holding(
+    path: &Path,
+    holds: &'static str,
+) -> Result<Zeroizing<Vec<u8>>, PemError> {
     let read_error = |source| PemError::Read {
         path: path.to_owned(),
         source,
@@ -61,13 +79,15 @@ pub fn read_secret(path: &Path) -> Result<Zeroizing<Vec<u8>>, PemError> {
         return Err(PemError::Exposed {
             path: path.to_owned(),
             mode,
+            holds,
         });
     }
     if mode & 0o060 != 0 {
         tracing::warn!(
             path = %path.display(),
             mode = format!("{mode:03o}"),
-            "private key file is readable by its group; make sure only the broker is in that group"
+            holds,
+            "secret file is readable by its group; make sure only the broker is in that group"
         );
     }
     std::fs::read(path).map(Zeroizing::new).map_err(read_error)

@@ -10,7 +10,10 @@
 //! older than the configured lifetime, whatever keys are in the file.
 //!
 //! A ticket decides nothing about trust: rustls restores the client chain from it and every
-//! request validates that chain again (`Broker::authenticate`), as on a full handshake.
+//! request validates that chain again (`Broker::authenticate`), as on a full handshake. But
+//! whoever holds a key can seal a ticket carrying any device's chain (certificates are not
+//! secret) and a resumption secret of their own, and resume as that device: the key file is
+//! protected like a signing key (`pem::read_secret_holding`, SECURITY.md).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -87,9 +90,9 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 impl SharedTickets {
-    /// Reads the key file (a secret: refused when others can read it).
+    /// Reads the key file (a secret, under `pem`'s rule for key files).
     pub fn load(path: &Path, lifetime: Duration) -> Result<SharedTickets, TicketKeyError> {
-        let text = pem::read_secret(path)?;
+        let text = pem::read_secret_holding(path, HOLDS)?;
         let keys = parse(path, &text)?
             .iter()
             .map(|secret| TicketKey::new(secret))
@@ -165,9 +168,14 @@ fn invalid(path: &Path, message: impl Into<String>) -> TicketKeyError {
     }
 }
 
+/// What the key file holds, in the messages about its mode: its holder can forge a ticket
+/// carrying any device's certificate chain, so it is protected like a signing key.
+const HOLDS: &str =
+    "session ticket keys (whoever reads them can forge a resumed session as any device)";
+
 const HEADER_COMMENT: &str =
     "# token-broker session ticket keys, newest first: the first encrypts new tickets,\n\
-# both open them. Replace with `token-broker rotate-ticket-keys`; as secret as the server key.\n";
+# both open them. Replace with `token-broker rotate-ticket-keys`; as secret as a signing key.\n";
 
 /// The keys of a key file: one or two lines of base64 (32 bytes each), `#` comments.
 fn parse(path: &Path, text: &[u8]) -> Result<Vec<Zeroizing<Vec<u8>>>, TicketKeyError> {
@@ -209,7 +217,9 @@ fn parse(path: &Path, text: &[u8]) -> Result<Vec<Zeroizing<Vec<u8>>>, TicketKeyE
 /// when there is none). Written atomically, readable by its owner only.
 pub fn rotate(path: &Path) -> Result<(), TicketKeyError> {
     let previous = if path.exists() {
-        parse(path, &pem::read_secret(path)?)?.into_iter().next()
+        parse(path, &pem::read_secret_holding(path, HOLDS)?)?
+            .into_iter()
+            .next()
     } else {
         None
     };

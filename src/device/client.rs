@@ -14,7 +14,6 @@ use crate::clock::unix_now;
 use crate::device::credentials::{DeviceCredentials, Loaded};
 pub use crate::device::error::ClientError;
 use crate::device::private_file::PrivateFile;
-use crate::device::sessions::{binding, SessionFile};
 use crate::pem;
 use crate::redact::root_cause;
 
@@ -75,8 +74,6 @@ pub struct BrokerClient {
     roots: Arc<rustls::RootCertStore>,
     token_url: String,
     current: std::sync::Mutex<Current>,
-    /// `token --session-file`: TLS sessions kept between runs (else in memory only).
-    sessions: Option<Arc<SessionFile>>,
 }
 
 /// The HTTP client for the credentials last loaded. Replaced whole when they change, so no
@@ -121,7 +118,7 @@ impl BrokerClient {
         }
         let roots = Arc::new(roots);
         let loaded = credentials.load()?;
-        let http = http_client(&roots, &loaded, None)?;
+        let http = http_client(&roots, &loaded)?;
         let base = url.trim_end_matches('/');
         let token_url = if base.ends_with("/token") {
             base.to_owned()
@@ -137,36 +134,7 @@ impl BrokerClient {
                 http,
                 rejected: None,
             }),
-            sessions: None,
         })
-    }
-
-    /// Resumes from the sessions of `sessions` (read now) and keeps the broker's new ones
-    /// there for [`BrokerClient::save_sessions`].
-    pub fn with_session_file(
-        mut self,
-        sessions: Arc<SessionFile>,
-    ) -> Result<BrokerClient, ClientError> {
-        let current = self
-            .current
-            .get_mut()
-            .map_err(|_| ClientError::Local("an earlier request panicked".into()))?;
-        current.http = http_client(&self.roots, &current.loaded, Some(&sessions))?;
-        self.sessions = Some(sessions);
-        Ok(self)
-    }
-
-    /// The session file, if any: writes the sessions held now over it.
-    pub fn save_sessions(&self) -> Result<(), ClientError> {
-        self.sessions
-            .as_ref()
-            .map_or(Ok(()), |sessions| sessions.save())
-    }
-
-    /// The session file and why it (or some of its sessions) was not used, if so.
-    pub fn sessions_ignored(&self) -> Option<(&Path, String)> {
-        let sessions = self.sessions.as_ref()?;
-        Some((sessions.path(), sessions.ignored()?))
     }
 
     /// The identity of the certificate presented now (files or a token object alike).
@@ -199,7 +167,7 @@ impl BrokerClient {
             return Ok(current.http.clone());
         }
         match self.credentials.load().and_then(|loaded| {
-            let http = http_client(&self.roots, &loaded, self.sessions.as_ref())?;
+            let http = http_client(&self.roots, &loaded)?;
             Ok((http, loaded))
         }) {
             Ok((http, loaded)) => {
@@ -280,7 +248,6 @@ impl BrokerClient {
 fn http_client(
     roots: &Arc<rustls::RootCertStore>,
     loaded: &Loaded,
-    sessions: Option<&Arc<SessionFile>>,
 ) -> Result<reqwest::Client, ClientError> {
     let local = |e: &dyn std::fmt::Display| ClientError::Local(e.to_string());
     let mut tls = rustls::ClientConfig::builder_with_provider(crate::crypto::provider())
@@ -290,16 +257,10 @@ fn http_client(
         .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
             loaded.certified.clone(),
         )));
-    // New connections resume from the broker's tickets: kept in memory, with this client
-    // only (new credentials start empty), or in `token`'s session file for its next run,
-    // bound to this config's verifier and certificate as rustls' own sessions are.
-    tls.resumption = match sessions {
-        Some(sessions) => {
-            sessions.load(&tls, binding(roots, &loaded.certified.cert));
-            rustls::client::Resumption::store(sessions.clone())
-        }
-        None => rustls::client::Resumption::in_memory_sessions(256),
-    };
+    // New connections resume from the broker's tickets, kept in memory with this client
+    // only (new credentials start empty). Never on disk: rustls has no public encoding of a
+    // client session (docs/devices.md, "Returning devices resume their TLS session").
+    tls.resumption = rustls::client::Resumption::in_memory_sessions(256);
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .connect_timeout(std::time::Duration::from_secs(10))

@@ -11,5 +11,4 @@ pub mod error;
 pub mod executable;
 pub mod pkcs11;
 pub mod private_file;
-pub mod sessions;
 pub mod token;

@@ -1,6 +1,6 @@
 //! A file only its owner may read or write, written whole: the token cache (`token
-//! --cache`) and the TLS session file (`token --session-file`) hold credentials, so a file
-//! planted or left readable by someone else is never trusted and never written through.
+//! --cache`) holds credentials, so a file planted or left readable by someone else is never
+//! trusted and never written through.
 
 use std::path::{Path, PathBuf};
 

@@ -38,16 +38,27 @@ pub fn token_command(
             TokenFormat::Raw => println!("{}", token.access_token),
             TokenFormat::Executable => println!("{response}"),
         },
-        Err(error) => {
-            if format == TokenFormat::Executable {
-                println!("{}", executable::error_response(&error));
-            }
-            eprintln!("error: {error}");
-            return error.exit_code();
-        }
+        Err(error) => return fail(&error, format),
     }
     0
 }
+
+/// Reports `error` as `token` does (stderr, and stdout for `--format executable`); returns
+/// the exit code.
+pub fn fail(error: &ClientError, format: TokenFormat) -> u8 {
+    if format == TokenFormat::Executable {
+        println!("{}", executable::error_response(error));
+    }
+    eprintln!("error: {error}");
+    error.exit_code()
+}
+
+/// Why `token --session-file` is refused: the option was removed, and a script that still
+/// passes it must not get a token made some other way than it asked for.
+pub const SESSION_FILE_REMOVED: &str = "--session-file was removed: writing a TLS session to a \
+     file needs an encoding rustls does not offer, and the patched copy of rustls that added \
+     one kept rustls' security releases from reaching token-broker; drop --session-file (each \
+     run then makes a full TLS handshake; `token-broker agent` still resumes in memory)";
 
 /// The token and its executable-source response, with the files written.
 fn obtain(
@@ -80,15 +91,7 @@ fn obtain(
             .enable_all()
             .build()
             .map_err(|e| ClientError::Local(e.to_string()))?
-            .block_on(async {
-                let client = client()?;
-                let token = client.fetch(&params).await?;
-                if let Some((path, reason)) = client.sessions_ignored().filter(|_| !executable) {
-                    tracing::warn!(sessions = %path.display(), reason, "session file not used; made a full TLS handshake");
-                }
-                client.save_sessions()?;
-                Ok::<_, ClientError>(token)
-            })?,
+            .block_on(async { client()?.fetch(&params).await })?,
     };
     let response = executable::response(&token, token_type);
     let contents = TokenCacheFile::contents(&params, &token, response.clone());

@@ -37,8 +37,8 @@ ttl = "10m"
 "#;
 
 /// A device at its limit stays limited across a reload that keeps its rule (same name,
-/// rate and burst, other keys changed); a changed burst starts afresh, and so does a rule
-/// removed and added back. One request a minute: no refill during the test.
+/// rate and burst, other keys changed); a changed burst or rate starts afresh, and so does
+/// a rule removed and added back (SECURITY.md, "Denial of service"). One request a minute: no refill during the test.
 #[tokio::test(flavor = "multi_thread")]
 async fn rate_limit_state_follows_its_rule_across_reloads() {
     let mut setup = Setup::new();
@@ -92,6 +92,14 @@ async fn rate_limit_state_follows_its_rule_across_reloads() {
     assert_eq!(statuses(4).await, [200, 200, 200, 200]);
     // Back before the open rule (after it, it would never match).
     edit_and_reload(&broker, "[[clients]]", &format!("{limited}\n[[clients]]"));
+    assert_eq!(statuses(4).await, [200, 200, 200, 429]);
+
+    // A changed rate, same burst, starts afresh too (the quota is rate and burst).
+    edit_and_reload(
+        &broker,
+        "requests_per_minute = 1",
+        "requests_per_minute = 2",
+    );
     assert_eq!(statuses(4).await, [200, 200, 200, 429]);
     broker.stop().await;
 }

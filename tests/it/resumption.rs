@@ -305,9 +305,9 @@ fn refused_config(config: &Path) -> String {
 }
 
 /// A configured key file that is missing or unusable stops the load with a message naming
-/// the setting and the command that writes one; a world-readable one is refused like a key.
+/// the setting and the command that writes one (its mode: below).
 #[test]
-fn a_missing_or_exposed_key_file_is_a_config_error() {
+fn a_missing_or_malformed_key_file_is_a_config_error() {
     let setup = setup_with_tickets();
     let config_path = setup.write_config();
     let keys = setup.path("ticket-keys");
@@ -322,15 +322,99 @@ fn a_missing_or_exposed_key_file_is_a_config_error() {
     assert!(report.contains("rotate-ticket-keys"), "{report}");
     // Rotation refuses to replace a file it cannot read as keys.
     assert!(token_broker::tickets::rotate(&keys).is_err());
+}
+
+/// `check-config`'s exit code and stderr for `config`.
+fn check_config(config: &Path) -> (Option<i32>, String) {
+    let out = std::process::Command::new(support::binary())
+        .args(["--log-format", "text", "-c"])
+        .arg(config)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    logs::assert_no_secrets(&stderr, "check-config");
+    (out.status.code(), stderr)
+}
+
+#[cfg(unix)]
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[cfg(unix)]
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Whoever holds a ticket key can forge a ticket carrying any device's chain, so the key
+/// file is protected like a signing key, by the same rule (`pem::read_secret_holding`):
+/// `rotate-ticket-keys` writes it owner-only (whatever the umask); one every user can read
+/// or write is refused by `check-config` and by a reload of `serve` (the same `Broker`
+/// build), naming the file, its mode, what it holds and `chmod 600`; group access is
+/// accepted with a warning naming the file, as for the signing keys (SECURITY.md).
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ticket_key_file_every_user_can_read_is_refused_like_a_signing_key() {
+    let setup = setup_with_tickets();
+    let config_path = setup.write_config();
+    let keys = setup.path("ticket-keys");
     std::fs::remove_file(&keys).unwrap();
-    rotate(&keys);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let report = refused_config(&config_path);
-        assert!(report.contains("chmod 600"), "{report}");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 000 && exec \"$0\" rotate-ticket-keys \"$1\"")
+        .arg(support::binary())
+        .arg(&keys)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    register_keys(&keys);
+    assert_eq!(mode(&keys), 0o600, "written owner-only under umask 000");
+    let (code, stderr) = check_config(&config_path);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("readable by its group"), "{stderr}");
+
+    let fix = format!("run `chmod 600 {}`", keys.display());
+    for (loose, verb) in [(0o644, "read"), (0o604, "read"), (0o602, "write")] {
+        set_mode(&keys, loose);
+        let (code, stderr) = check_config(&config_path);
+        assert_eq!(code, Some(1), "{loose:o}: {stderr}");
+        for needed in [
+            format!("server.session_ticket_keys: {}", keys.display()),
+            format!("can {verb} it (mode {loose:03o})"),
+            "forge a resumed session as any device".to_owned(),
+            fix.clone(),
+        ] {
+            assert!(stderr.contains(&needed), "{loose:o}: {needed}: {stderr}");
+        }
     }
+    set_mode(&keys, 0o640);
+    let (code, stderr) = check_config(&config_path);
+    assert_eq!(code, Some(0), "{stderr}");
+    let warning = stderr
+        .lines()
+        .find(|line| line.contains("secret file is readable by its group"))
+        .unwrap_or_else(|| panic!("no group warning: {stderr}"));
+    assert!(
+        warning.contains(&keys.display().to_string())
+            && warning.contains("640")
+            && warning.contains("session ticket keys"),
+        "{warning}"
+    );
+
+    set_mode(&keys, 0o600);
+    let broker = setup.start().await;
+    set_mode(&keys, 0o644);
+    let problems = broker.live.reload().unwrap_err().to_string();
+    assert!(
+        problems.contains("server.session_ticket_keys") && problems.contains(&fix),
+        "{problems}"
+    );
+    set_mode(&keys, 0o600);
+    broker.live.reload().unwrap();
+    broker.stop().await;
 }
 
 /// The metadata agent keeps its TLS sessions in memory: when the broker has closed its idle
