@@ -214,6 +214,10 @@ pub struct AgentArgs {
     /// Zone name, served as `instance/zone` = projects/NUMBER/zones/ZONE (with --numeric-project-id).
     #[arg(long, default_value = "on-premises")]
     pub zone: String,
+    /// Serve only this local user (name or uid; repeatable). Default: every local user, as
+    /// GCE's metadata server does; see SECURITY.md.
+    #[arg(long = "allow-user", value_name = "USER")]
+    pub allow_users: Vec<String>,
 }
 
 impl Cli {
@@ -368,14 +372,29 @@ fn crl_fetch(path: &Path) -> Result<ExitCode, CliError> {
     })
 }
 
-fn device_client(device: &DeviceArgs) -> Result<BrokerClient, ClientError> {
-    let credentials = DeviceCredentials::new(
+fn device_credentials(device: &DeviceArgs) -> Result<DeviceCredentials, ClientError> {
+    Ok(DeviceCredentials::new(
         Source::parse(&device.cert)?,
         device.chain.clone(),
         Source::parse(&device.key)?,
         Pkcs11Options::from_env(device.pkcs11_module.clone(), device.pkcs11_pin_file.clone()),
-    );
-    BrokerClient::with_credentials(&device.url, credentials, device.ca.as_deref())
+    ))
+}
+
+fn device_client(device: &DeviceArgs) -> Result<BrokerClient, ClientError> {
+    BrokerClient::with_credentials(
+        &device.url,
+        device_credentials(device)?,
+        device.ca.as_deref(),
+    )
+}
+
+/// What `token --cache` binds a token to for these arguments.
+fn cache_binding(device: &DeviceArgs) -> Result<String, String> {
+    let stamp = device_credentials(device)
+        .and_then(|credentials| credentials.certificate_stamp())
+        .map_err(|e| e.to_string())?;
+    crate::device::client::cache_binding(&device.url, device.ca.as_deref(), &stamp)
 }
 
 /// `token`: prints the token; errors go to stderr (or stdout as AIP-4117 for libraries).
@@ -392,6 +411,7 @@ fn token(args: TokenArgs) -> ExitCode {
     }
     let code = token::token_command(
         || device_client(&args.device),
+        || cache_binding(&args.device),
         &params,
         args.cache.as_deref(),
         args.format,
@@ -417,6 +437,12 @@ fn agent(args: AgentArgs) -> Result<ExitCode, CliError> {
             .hostname
             .unwrap_or_else(crate::device::agent::system_hostname),
         zone: args.zone,
+        allowed_uids: args
+            .allow_users
+            .iter()
+            .map(|user| crate::device::local_peer::uid_named(user))
+            .collect::<Result<_, _>>()
+            .map_err(CliError::Usage)?,
     };
     runtime()?.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen)

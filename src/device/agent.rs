@@ -41,6 +41,9 @@ pub struct AgentConfig {
     pub hostname: String,
     /// The zone's name; served as `projects/NUMBER/zones/NAME` when the project number is known.
     pub zone: String,
+    /// The local accounts (uids) whose connections are served; empty: every local account,
+    /// as on GCE, where every process of the VM may ask.
+    pub allowed_uids: Vec<u32>,
 }
 
 /// The universe whose tokens the broker's Google flows mint.
@@ -198,10 +201,23 @@ fn tree(config: &AgentConfig) -> Node {
     )])
 }
 
+/// How long a client library waits for the metadata server: Python's google-auth, the
+/// shortest of the official libraries, gives it 3 seconds (`GCE_METADATA_TIMEOUT`) before it
+/// retries. The agent answers within this, with the broker's reason (503) when the broker
+/// has not answered yet; the broker request goes on and serves the library's retry.
+pub const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_millis(2500);
+/// The longest path and query the agent reads (414 beyond): a library's are far shorter.
+const MAX_TARGET: usize = 8192;
+/// Scopes per request, and bytes per scope or audience, at most (400 beyond).
+const MAX_SCOPES: usize = 32;
+const MAX_PARAMETER: usize = 1024;
+
 struct Agent {
     config: AgentConfig,
     tree: Node,
     broker: Arc<CachingClient>,
+    /// Connections refused because their local account is not allowed.
+    refused: std::sync::atomic::AtomicU64,
 }
 
 pub async fn serve(listener: TcpListener, config: AgentConfig, broker: Arc<CachingClient>) {
@@ -210,6 +226,7 @@ pub async fn serve(listener: TcpListener, config: AgentConfig, broker: Arc<Cachi
         config,
         tree,
         broker,
+        refused: Default::default(),
     });
     let listening = listener.local_addr().ok();
     loop {
@@ -224,9 +241,17 @@ pub async fn serve(listener: TcpListener, config: AgentConfig, broker: Arc<Cachi
         };
         let agent = agent.clone();
         tokio::spawn(async move {
+            let refusal = agent.check_peer(&stream, local).await.err().map(Arc::new);
             let service = service_fn(move |request| {
-                let agent = agent.clone();
-                async move { Ok::<_, Infallible>(agent.answer(&request, local).await) }
+                let (agent, refusal) = (agent.clone(), refusal.clone());
+                async move {
+                    Ok::<_, Infallible>(match refusal {
+                        Some(reason) => {
+                            error_page(StatusCode::FORBIDDEN, request.uri().path(), &reason)
+                        }
+                        None => agent.answer(&request, local).await,
+                    })
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -368,9 +393,59 @@ fn bad_request(message: &str) -> Answer {
 }
 
 impl Agent {
+    /// Whether the local account that opened `stream` may use the device's identity
+    /// (`--allow-user`); the refusal says why. Counted and logged.
+    async fn check_peer(
+        &self,
+        stream: &tokio::net::TcpStream,
+        local: SocketAddr,
+    ) -> Result<(), String> {
+        let allowed = &self.config.allowed_uids;
+        if allowed.is_empty() {
+            return Ok(());
+        }
+        let uid = match stream.peer_addr() {
+            Ok(peer) => {
+                tokio::task::spawn_blocking(move || crate::device::local_peer::uid_of(peer, local))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            Err(_) => None,
+        };
+        let refusal = match uid {
+            Some(uid) if allowed.contains(&uid) => return Ok(()),
+            Some(uid) => format!(
+                "Request denied: local user {uid} may not use this device's identity (token-broker agent --allow-user)."
+            ),
+            None => "Request denied: this metadata server could not tell which local user connected (token-broker agent --allow-user).".to_string(),
+        };
+        let refused = self
+            .refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        tracing::warn!(
+            uid,
+            refused_total = refused,
+            "metadata agent: connection of a local user not allowed by --allow-user refused"
+        );
+        Err(refusal)
+    }
+
     async fn answer(&self, request: &Request<Incoming>, local: SocketAddr) -> Answer {
         let headers = request.headers();
         let path = request.uri().path();
+        let target = request
+            .uri()
+            .path_and_query()
+            .map_or(0, |t| t.as_str().len());
+        if target > MAX_TARGET {
+            return reply(
+                StatusCode::URI_TOO_LONG,
+                PLAIN,
+                format!("The request's path and query are {target} bytes; this metadata server (token-broker agent) reads at most {MAX_TARGET}.\n"),
+            );
+        }
         let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
         let Some(host) = host.filter(|host| is_own_host(host, local)) else {
             return error_page(
@@ -518,23 +593,17 @@ impl Agent {
             }
         }
         let config = &self.config;
-        let scopes = query
-            .get("scopes")
-            .map(|s| {
-                s.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| config.scopes.join(" "));
+        let scopes = match query.get("scopes").map(|s| normalized_scopes(s)) {
+            Some(Err(refused)) => return bad_request(&refused),
+            Some(Ok(scopes)) if !scopes.is_empty() => scopes,
+            _ => normalized_scopes(&config.scopes.join(",")).unwrap_or_default(),
+        };
         let params = TokenParams {
             scope: Some(scopes),
             service_account: Some(config.service_account.clone()),
             ..TokenParams::default()
         };
-        match self.broker.get(&params).await {
+        match self.broker.get(&params, ANSWER_WITHIN).await {
             Ok(token) => reply(
                 StatusCode::OK,
                 JSON,
@@ -552,6 +621,11 @@ impl Agent {
         let Some(audience) = query.get("audience").filter(|a| !a.is_empty()) else {
             return bad_request("non-empty audience parameter required");
         };
+        if audience.len() > MAX_PARAMETER {
+            return bad_request(&format!(
+                "audience: at most {MAX_PARAMETER} bytes are accepted"
+            ));
+        }
         if let Some(format) = query.get("format") {
             if !["standard", "full"].contains(&format.as_str()) {
                 return bad_request(&format!(
@@ -573,7 +647,7 @@ impl Agent {
             service_account: Some(self.config.service_account.clone()),
             ..TokenParams::default()
         };
-        match self.broker.get(&params).await {
+        match self.broker.get(&params, ANSWER_WITHIN).await {
             Ok(token) => reply(
                 StatusCode::OK,
                 TEXT,
@@ -582,6 +656,23 @@ impl Agent {
             Err(e) => broker_error(&e),
         }
     }
+}
+
+/// The scopes of a `scopes` parameter as the broker compares them: split at commas and
+/// spaces, sorted, each once; so that spellings of one request share one cached token.
+fn normalized_scopes(text: &str) -> Result<String, String> {
+    let mut scopes: Vec<&str> = text
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if scopes.len() > MAX_SCOPES || scopes.iter().any(|s| s.len() > MAX_PARAMETER) {
+        return Err(format!(
+            "scopes: at most {MAX_SCOPES} scopes of at most {MAX_PARAMETER} bytes each are accepted"
+        ));
+    }
+    scopes.sort_unstable();
+    scopes.dedup();
+    Ok(scopes.join(" "))
 }
 
 /// The broker's refusal passed on with its status and RFC 6749 error, so the library's

@@ -4,11 +4,14 @@
 //! Failures are sorted by who can fix them: the device's own files (exit 1), the broker's
 //! refusal with its reason (exit 2), the broker or network being unavailable (exit 3).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use tokio::sync::watch;
 
 use crate::clock::unix_now;
 use crate::device::credentials::{DeviceCredentials, Loaded};
@@ -208,13 +211,7 @@ impl BrokerClient {
             .form(&form)
             .send()
             .await
-            .map_err(|e| {
-                ClientError::Unavailable(format!(
-                    "{} unreachable: {}",
-                    self.token_url,
-                    root_cause(&e)
-                ))
-            })?;
+            .map_err(|e| self.send_error(&e))?;
         let status = response.status().as_u16();
         let body: Value = response.json().await.map_err(|e| {
             ClientError::Unavailable(format!("unreadable answer (HTTP {status}): {e}"))
@@ -242,6 +239,65 @@ impl BrokerClient {
                 .saturating_add(body["expires_in"].as_i64().unwrap_or(0).clamp(0, 43_200)),
         })
     }
+}
+
+impl BrokerClient {
+    /// A request that got no answer, sorted by who can fix it: the device's own setup (the
+    /// broker's certificate not trusted with `--ca`, a URL that cannot be used) is local
+    /// (exit 1, retrying cannot help); a broker that cannot be reached is unavailable (3).
+    fn send_error(&self, error: &reqwest::Error) -> ClientError {
+        if let Some(tls) = rustls_error(error) {
+            let fix = match tls {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
+                | rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForNameContext { .. }) => {
+                    "the broker's certificate does not name the host of --url: use the name the certificate was issued for"
+                }
+                rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+                ) => "the broker's certificate has expired (or this device's clock is wrong): renew the broker's certificate, or set the clock",
+                rustls::Error::InvalidCertificate(_) => {
+                    "pass --ca with the CA that signed the broker's certificate"
+                }
+                _ => "check --url, --ca and this device's certificate",
+            };
+            return ClientError::Local(format!(
+                "TLS with {} failed on this device's side: {tls}; {fix}",
+                self.token_url
+            ));
+        }
+        if error.is_builder() {
+            return ClientError::Local(format!(
+                "{} cannot be used as the broker's URL: {}",
+                self.token_url,
+                root_cause(error)
+            ));
+        }
+        ClientError::Unavailable(format!(
+            "{} unreachable: {}",
+            self.token_url,
+            root_cause(error)
+        ))
+    }
+}
+
+/// The rustls error under a failed request, if TLS is what failed. io::Error hides its
+/// inner error from `source()`, so it is looked into explicitly.
+fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(tls) = error.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(inner) = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| rustls_error(inner))
+        {
+            return Some(inner);
+        }
+        cause = error.source();
+    }
+    None
 }
 
 /// TLS and HTTP for one set of loaded credentials.
@@ -276,18 +332,48 @@ fn http_client(
 /// rest, and each file is written whole, atomically.
 pub struct TokenCacheFile {
     file: PrivateFile,
+    /// What a cached token must have been fetched with: [`cache_binding`]; empty when it
+    /// could not be computed, and then nothing cached is used.
+    binding: String,
 }
 
 #[derive(Serialize, Deserialize)]
 struct CachedToken {
     params: TokenParams,
+    #[serde(default)]
+    bound_to: String,
     token: Token,
 }
 
+/// What a cached token is bound to: the broker's URL, the CA bundle the broker is trusted
+/// with (`None`: the public roots) and the device certificate, chain and key as they are
+/// now ([`DeviceCredentials::certificate_stamp`]). Another broker, CA or device is a miss.
+pub fn cache_binding(
+    url: &str,
+    ca: Option<&Path>,
+    credentials_stamp: &[u8; 32],
+) -> Result<String, String> {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    hash.update((url.len() as u64).to_be_bytes());
+    hash.update(url.as_bytes());
+    match ca {
+        Some(ca) => {
+            let bytes =
+                std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+            hash.update(sha2::Sha256::digest(&bytes));
+        }
+        None => hash.update(b"public roots"),
+    }
+    hash.update(credentials_stamp);
+    Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 impl TokenCacheFile {
-    pub fn new(path: &Path) -> TokenCacheFile {
+    pub fn new(path: &Path, binding: String) -> TokenCacheFile {
         TokenCacheFile {
             file: PrivateFile::new(path),
+            binding,
         }
     }
 
@@ -308,17 +394,23 @@ impl TokenCacheFile {
                 serde_json::from_value::<CachedToken>(file["token_broker"].take()).ok()
             });
         Ok(cached.and_then(|cached| {
-            (cached.params == *params && cached.token.is_fresh()).then_some(cached.token)
+            let bound = !self.binding.is_empty() && cached.bound_to == self.binding;
+            (bound && cached.params == *params && cached.token.is_fresh()).then_some(cached.token)
         }))
     }
 
     /// The file's contents for `token`: `response` (the executable-source response) with
     /// what [`TokenCacheFile::load`] needs.
-    pub fn contents(params: &TokenParams, token: &Token, mut response: Value) -> Vec<u8> {
+    pub fn contents(
+        params: &TokenParams,
+        binding: &str,
+        token: &Token,
+        mut response: Value,
+    ) -> Vec<u8> {
         if let Some(map) = response.as_object_mut() {
             map.insert(
                 "token_broker".into(),
-                json!({ "params": params, "token": token }),
+                json!({ "params": params, "bound_to": binding, "token": token }),
             );
         }
         // Serializing a Value cannot fail.
@@ -336,29 +428,136 @@ impl TokenCacheFile {
     }
 }
 
-/// Shared by the agent: one client, and an in-memory token per parameter set.
+/// Tokens the agent keeps at most: each distinct parameter set a local client asks for is
+/// one entry, so a client cannot grow the agent without bound.
+pub const MAX_CACHED_TOKENS: u64 = 256;
+/// Distinct broker requests in flight at most; more are refused at once.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// How long the last failure for a parameter set is remembered, to explain the next wait.
+const FAILURE_MEMORY: Duration = Duration::from_secs(300);
+
+type Answer = Option<Result<Token, ClientError>>;
+
+/// Shared by the agent: one client, a bounded cache of tokens (each until its refresh
+/// margin), and at most one broker request in flight per parameter set. No lock is held
+/// while the broker answers: a slow request for one set never delays another, and a cached
+/// token is served whatever is in flight.
 pub struct CachingClient {
-    client: BrokerClient,
-    tokens: tokio::sync::Mutex<std::collections::HashMap<TokenParams, Token>>,
+    client: Arc<BrokerClient>,
+    tokens: moka::sync::Cache<TokenParams, Token>,
+    /// The last failure of each parameter set, said when a later request must wait.
+    failures: moka::sync::Cache<TokenParams, ClientError>,
+    in_flight: Arc<std::sync::Mutex<HashMap<TokenParams, watch::Receiver<Answer>>>>,
+}
+
+/// A cached token lives until its refresh margin.
+struct UntilRefresh;
+
+impl moka::Expiry<TokenParams, Token> for UntilRefresh {
+    fn expire_after_create(
+        &self,
+        _: &TokenParams,
+        token: &Token,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        let left = token.expires_at - REFRESH_MARGIN - unix_now();
+        Some(Duration::from_secs(u64::try_from(left).unwrap_or(0)))
+    }
 }
 
 impl CachingClient {
     pub fn new(client: BrokerClient) -> Arc<CachingClient> {
         Arc::new(CachingClient {
-            client,
-            tokens: Default::default(),
+            client: Arc::new(client),
+            tokens: moka::sync::Cache::builder()
+                .max_capacity(MAX_CACHED_TOKENS)
+                .expire_after(UntilRefresh)
+                .build(),
+            failures: moka::sync::Cache::builder()
+                .max_capacity(MAX_CACHED_TOKENS)
+                .time_to_live(FAILURE_MEMORY)
+                .build(),
+            in_flight: Arc::default(),
         })
     }
 
-    pub async fn get(&self, params: &TokenParams) -> Result<Token, ClientError> {
-        let mut tokens = self.tokens.lock().await;
-        if let Some(token) = tokens.get(params).filter(|t| t.is_fresh()) {
-            return Ok(token.clone());
+    /// A fresh token for `params`: from the cache, or from the broker request in flight
+    /// for them (started if there is none), waiting at most `patience`. A request that
+    /// takes longer goes on, and its token is cached for the next caller.
+    pub async fn get(
+        &self,
+        params: &TokenParams,
+        patience: Duration,
+    ) -> Result<Token, ClientError> {
+        if let Some(token) = self.tokens.get(params).filter(Token::is_fresh) {
+            return Ok(token);
         }
-        let token = self.client.fetch(params).await?;
-        tokens.retain(|_, t| t.is_fresh());
-        tokens.insert(params.clone(), token.clone());
-        Ok(token)
+        let mut answer = self.join_or_start(params)?;
+        let waited = tokio::time::timeout(patience, answer.wait_for(Option::is_some))
+            .await
+            .map(|answered| answered.ok().and_then(|answer| answer.clone()));
+        match waited {
+            Ok(Some(result)) => result,
+            Ok(None) => Err(ClientError::Local(
+                "the broker request ended without an answer".into(),
+            )),
+            Err(_) => {
+                let last = self
+                    .failures
+                    .get(params)
+                    .map(|e| format!("; the last answer for this request was: {e}"))
+                    .unwrap_or_default();
+                Err(ClientError::Unavailable(format!(
+                    "no answer from the broker within {patience:?}, the time client libraries wait; the request goes on and its token is served to the next request{last}"
+                )))
+            }
+        }
+    }
+
+    /// The answer of the broker request in flight for `params`, or of a new one.
+    fn join_or_start(&self, params: &TokenParams) -> Result<watch::Receiver<Answer>, ClientError> {
+        let mut in_flight = self
+            .in_flight
+            .lock()
+            .map_err(|_| ClientError::Local("an earlier request panicked".into()))?;
+        if let Some(answer) = in_flight.get(params) {
+            return Ok(answer.clone());
+        }
+        if in_flight.len() >= MAX_IN_FLIGHT {
+            return Err(ClientError::Unavailable(format!(
+                "{MAX_IN_FLIGHT} different token requests are already waiting for the broker; retry shortly"
+            )));
+        }
+        let (send, answer) = watch::channel(None);
+        in_flight.insert(params.clone(), answer.clone());
+        let (client, tokens, failures, in_flight) = (
+            self.client.clone(),
+            self.tokens.clone(),
+            self.failures.clone(),
+            self.in_flight.clone(),
+        );
+        let params = params.clone();
+        tokio::spawn(async move {
+            let result = client.fetch(&params).await;
+            match &result {
+                Ok(token) => {
+                    tokens.insert(params.clone(), token.clone());
+                    failures.invalidate(&params);
+                }
+                Err(error) => failures.insert(params.clone(), error.clone()),
+            }
+            if let Ok(mut in_flight) = in_flight.lock() {
+                in_flight.remove(&params);
+            }
+            let _ = send.send(Some(result));
+        });
+        Ok(answer)
+    }
+
+    /// Tokens cached now (pending evictions done first).
+    pub fn cached(&self) -> u64 {
+        self.tokens.run_pending_tasks();
+        self.tokens.entry_count()
     }
 }
 
@@ -382,7 +581,7 @@ mod tests {
         let token = token();
         // The executable-source response the cache file also is (its shape is executable.rs's).
         let response = json!({ "version": 1, "success": true });
-        TokenCacheFile::contents(params, &token, response)
+        TokenCacheFile::contents(params, "bound", &token, response)
     }
 
     #[test]
@@ -394,7 +593,7 @@ mod tests {
         // The name the cache used to write through: predictable from the process id.
         let planted = path.with_extension(format!("tmp{}", std::process::id()));
         std::os::unix::fs::symlink(&victim, &planted).unwrap();
-        let cache = TokenCacheFile::new(&path);
+        let cache = TokenCacheFile::new(&path, "bound".into());
         let params = TokenParams::default();
         cache.store(&contents(&params)).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "victim");
@@ -411,7 +610,7 @@ mod tests {
     fn a_cache_file_others_can_read_or_write_or_a_symlink_is_not_trusted() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache.json");
-        let cache = TokenCacheFile::new(&path);
+        let cache = TokenCacheFile::new(&path, "bound".into());
         let params = TokenParams::default();
         cache.store(&contents(&params)).unwrap();
         assert!(cache.load(&params).unwrap().is_some());
@@ -423,7 +622,9 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let link = dir.path().join("link.json");
         std::os::unix::fs::symlink(&path, &link).unwrap();
-        assert!(TokenCacheFile::new(&link).load(&params).is_err());
+        assert!(TokenCacheFile::new(&link, "bound".into())
+            .load(&params)
+            .is_err());
         assert!(cache.load(&params).unwrap().is_some());
         // Another user's file (only root can make one to test with).
         if PrivateFile::new(&path).current_uid().unwrap() == 0 {

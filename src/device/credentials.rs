@@ -190,6 +190,12 @@ impl DeviceCredentials {
             .map(|(stamp, _)| stamp)
     }
 
+    /// The fingerprint of the certificate, chain and key as they are now, without loading
+    /// them: what `token --cache` binds its tokens to.
+    pub fn certificate_stamp(&self) -> Result<[u8; 32], ClientError> {
+        self.snapshot(None).map(|(stamp, _)| stamp)
+    }
+
     /// The stamp and the certificate bytes it covers (PEM file or DER from the token).
     fn snapshot(&self, cert_token: Option<&Token>) -> Result<([u8; 32], Vec<u8>), ClientError> {
         let read = |path: &Path| {

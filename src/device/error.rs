@@ -1,7 +1,7 @@
 //! What can go wrong on the device side, in the three classes a caller acts on differently
 //! (the exit code): a local problem, a refusal, an unavailable broker.
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
     #[error("{0}")]
     Local(String),

@@ -9,6 +9,7 @@ pub mod client;
 pub mod credentials;
 pub mod error;
 pub mod executable;
+pub mod local_peer;
 pub mod pkcs11;
 pub mod private_file;
 pub mod token;

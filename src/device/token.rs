@@ -27,12 +27,13 @@ pub enum TokenFormat {
 /// response too. Returns the process's exit code.
 pub fn token_command(
     client: impl FnOnce() -> Result<BrokerClient, ClientError>,
+    binding: impl FnOnce() -> Result<String, String>,
     params: &TokenParams,
     cache: Option<&Path>,
     format: TokenFormat,
     env: &ExecutableEnv,
 ) -> u8 {
-    match obtain(client, params.clone(), cache, format, env) {
+    match obtain(client, binding, params.clone(), cache, format, env) {
         Ok((token, response)) => match format {
             TokenFormat::Json => println!("{}", token.to_json()),
             TokenFormat::Raw => println!("{}", token.access_token),
@@ -63,6 +64,7 @@ pub const SESSION_FILE_REMOVED: &str = "--session-file was removed: writing a TL
 /// The token and its executable-source response, with the files written.
 fn obtain(
     client: impl FnOnce() -> Result<BrokerClient, ClientError>,
+    binding: impl FnOnce() -> Result<String, String>,
     mut params: TokenParams,
     cache: Option<&Path>,
     format: TokenFormat,
@@ -73,7 +75,21 @@ fn obtain(
         true => env.prepare(&mut params)?,
         false => executable::ID_TOKEN_TYPE,
     };
-    let cache = cache.map(TokenCacheFile::new);
+    // Only a token fetched from the same broker, trusted the same way, with the same device
+    // certificate is reused; a binding that cannot be computed reuses nothing.
+    let binding = match cache {
+        Some(_) => binding().unwrap_or_else(|reason| {
+            if !executable {
+                tracing::warn!(
+                    reason,
+                    "token cache not used: cannot tell what its tokens are bound to"
+                );
+            }
+            String::new()
+        }),
+        None => String::new(),
+    };
+    let cache = cache.map(|path| TokenCacheFile::new(path, binding.clone()));
     let cached = cache.as_ref().and_then(|cache| match cache.load(&params) {
         Ok(token) => token,
         Err(reason) => {
@@ -94,14 +110,14 @@ fn obtain(
             .block_on(async { client()?.fetch(&params).await })?,
     };
     let response = executable::response(&token, token_type);
-    let contents = TokenCacheFile::contents(&params, &token, response.clone());
+    let contents = TokenCacheFile::contents(&params, &binding, &token, response.clone());
     let output_file = env.output_file.as_deref().filter(|_| executable);
     if let Some(cache) = cache.as_ref().filter(|_| fetched) {
         cache.store(&contents)?;
     }
     // The library's file, unless it is the cache (which holds this token already).
     if let Some(path) = output_file.filter(|path| Some(*path) != cache.as_ref().map(|c| c.path())) {
-        TokenCacheFile::new(path).store(&contents)?;
+        TokenCacheFile::new(path, binding.clone()).store(&contents)?;
     }
     Ok((token, response))
 }

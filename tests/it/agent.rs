@@ -13,7 +13,7 @@ use std::process::Command;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::fake_google::{Api, FakeGoogle, FakeGoogleConfig};
+use crate::support::fake_google::{Api, FakeGoogle, FakeGoogleConfig, Fault};
 use crate::support::process::Process;
 use crate::support::{self, Leaf, LeafSpec, Setup, TestBroker, ISSUER};
 use token_broker::device::agent::{serve, AgentConfig};
@@ -21,6 +21,7 @@ use token_broker::device::client::{BrokerClient, CachingClient};
 
 const RUNNER: &str = "runner@fake-project.iam.gserviceaccount.com";
 const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
+const USERINFO: &str = "https://www.googleapis.com/auth/userinfo.email";
 const RUN_URL: &str = "https://my-service-abc.a.run.app";
 const PROJECT: &str = "fake-project";
 const PROJECT_NUMBER: u64 = 123456789012;
@@ -45,7 +46,7 @@ async fn start() -> World {
     ));
     setup.rules = format!(
         "[[clients]]\nname = \"devices\"\nmatch = {{ spiffe = [\"spiffe://test.example/device/*\"] }}\n\
-         flows = [\"impersonate\", \"google-id-token\"]\nscopes = [\"{CLOUD_PLATFORM}\"]\n\
+         flows = [\"impersonate\", \"google-id-token\"]\nscopes = [\"{CLOUD_PLATFORM}\", \"{USERINFO}\"]\n\
          service_accounts = [\"{RUNNER}\"]\ntarget_audiences = [\"{RUN_URL}\"]\n"
     );
     let good = setup.intermediate.leaf(&LeafSpec::device("agent-1"));
@@ -64,6 +65,11 @@ async fn start() -> World {
 
 /// An agent in this process for `device`, on a loopback port.
 async fn start_agent(world: &World, device: &Leaf) -> SocketAddr {
+    start_agent_for(world, device, Vec::new()).await
+}
+
+/// An agent serving only the local accounts `allowed_uids` (empty: all).
+async fn start_agent_for(world: &World, device: &Leaf, allowed_uids: Vec<u32>) -> SocketAddr {
     let setup = &world.broker.setup;
     let cert = setup.write(&format!("{}.pem", device.serial), &device.chain_pem);
     let key = setup.write(&format!("{}-key.pem", device.serial), &device.key_pem);
@@ -84,6 +90,7 @@ async fn start_agent(world: &World, device: &Leaf) -> SocketAddr {
         instance_id: INSTANCE_ID,
         hostname: HOSTNAME.into(),
         zone: "on-premises".into(),
+        allowed_uids,
     };
     tokio::spawn(serve(listener, config, CachingClient::new(client)));
     addr
@@ -1045,5 +1052,252 @@ async fn the_agent_command_serves_what_its_flags_say() {
     .await;
     assert_eq!(token.status, 200, "{}", token.body);
     child.kill();
+    world.broker.stop().await;
+}
+
+const TOKEN_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
+
+/// A broker request that Google holds (an ID token) delays no other request: a cached token
+/// and a token of other scopes answer at once meanwhile, and the held request itself is
+/// answered within the time client libraries wait, with a 503 that says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_request_for_one_token_delays_no_other() {
+    let world = start().await;
+    let agent = start_agent(&world, &world.good).await;
+    let cached = raw_get(agent, TOKEN_PATH, &[]).await;
+    assert_eq!(cached.status, 200, "{}", cached.body);
+    world.fake.inject(Api::GenerateIdToken, Fault::Hold, 100);
+    let held = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let answer = raw_get(
+            agent,
+            &format!("{V1}/instance/service-accounts/default/identity?audience={RUN_URL}"),
+            &[],
+        )
+        .await;
+        (answer, started.elapsed())
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    for target in [
+        TOKEN_PATH.to_string(),
+        format!("{TOKEN_PATH}?scopes={USERINFO}"),
+    ] {
+        let started = std::time::Instant::now();
+        let answer = raw_get(agent, &target, &[]).await;
+        assert_eq!(answer.status, 200, "{target}: {}", answer.body);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{target} waited {:?} for the held request",
+            started.elapsed()
+        );
+    }
+    let (held, waited) = held.await.unwrap();
+    assert_eq!(held.status, 503, "{}", held.body);
+    assert!(
+        held.body.contains("no answer from the broker within"),
+        "{}",
+        held.body
+    );
+    assert!(waited < std::time::Duration::from_secs(3), "{waited:?}");
+    world.fake.release();
+    world.broker.stop().await;
+}
+
+/// Python's google-auth waits 3 s for each answer and retries: while Google hangs, every
+/// answer comes in time, and the error the library raises carries the broker's reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn python_google_auth_gets_the_brokers_reason_while_google_hangs() {
+    let world = start().await;
+    let agent = start_agent(&world, &world.good).await;
+    world
+        .fake
+        .inject(Api::GenerateAccessToken, Fault::Hold, 1000);
+    let answer = run_python(&world, agent).await;
+    let message = answer["tokenError"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{answer}"));
+    assert!(
+        message.contains("Response status: 503")
+            && message.contains("the last answer for this request was")
+            && message.contains("temporarily_unavailable"),
+        "{message}"
+    );
+    assert!(!message.contains("Read timed out"), "{message}");
+    world.fake.release();
+    world.broker.stop().await;
+}
+
+/// Thousands of distinct requests from a local client: oversized ones are refused with a
+/// clear answer, the rest leave the agent's memory flat (no entry per request kept).
+#[tokio::test(flavor = "multi_thread")]
+async fn distinct_requests_by_the_thousand_keep_the_agent_flat() {
+    let world = start().await;
+    let setup = &world.broker.setup;
+    let cert = setup.write("flat-cert.pem", &world.good.chain_pem);
+    let key = setup.write("flat-key.pem", &world.good.key_pem);
+    let url = world.broker.url("");
+    let ca = setup.path("server-ca.pem");
+    let mut child = Process::start(
+        &[
+            "agent",
+            "--url",
+            &url,
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--ca",
+            ca.to_str().unwrap(),
+            "--service-account",
+            RUNNER,
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        setup.path("flat-agent.log"),
+    );
+    let serving: Value = serde_json::from_str(&child.line("metadata agent serving").await).unwrap();
+    let agent: SocketAddr = serving["listen"].as_str().unwrap().parse().unwrap();
+    let rss = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .to_string();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    // Too long a request, too many scopes, too long a scope or audience: refused, said why.
+    let long = "s".repeat(9000);
+    let answer = raw_get(agent, &format!("{TOKEN_PATH}?scopes={long}"), &[]).await;
+    assert_eq!(answer.status, 414, "{}", answer.body);
+    let many = (0..40)
+        .map(|i| format!("scope-{i}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let answer = raw_get(agent, &format!("{TOKEN_PATH}?scopes={many}"), &[]).await;
+    assert_eq!(answer.status, 400);
+    assert!(answer.body.contains("at most 32 scopes"), "{}", answer.body);
+    let answer = raw_get(
+        agent,
+        &format!(
+            "{V1}/instance/service-accounts/default/identity?audience={}",
+            "a".repeat(2000)
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(answer.status, 400);
+
+    // Distinct spellings of one allowed request (order, repeats, separators): the broker
+    // sorts and de-duplicates scopes, so each is a token; kept per spelling, they grew the
+    // agent by megabytes.
+    let distinct = |from: usize, count: usize| {
+        (from..from + count).map(|i| {
+            let items: Vec<&str> = (0..30)
+                .map(|k| match (i >> (k % 13)) & 1 {
+                    1 => CLOUD_PLATFORM,
+                    _ => USERINFO,
+                })
+                .collect();
+            let separator = [",", "%20", ",%20"][i % 3];
+            format!("{TOKEN_PATH}?scopes={}", items.join(separator))
+        })
+    };
+    let send = |targets: Vec<String>| async move {
+        let mut statuses = std::collections::BTreeMap::new();
+        for chunk in targets.chunks(16) {
+            let mut answers = tokio::task::JoinSet::new();
+            for target in chunk.to_vec() {
+                answers.spawn(async move { raw_get(agent, &target, &[]).await });
+            }
+            let answers = answers.join_all().await;
+            for answer in answers {
+                *statuses.entry(answer.status).or_insert(0) += 1;
+            }
+        }
+        statuses
+    };
+    // Warm up, then measure across thousands more.
+    send(distinct(0, 300).collect()).await;
+    let before = rss();
+    let statuses = send(distinct(300, 4000).collect()).await;
+    let after = rss();
+    assert_eq!(statuses.get(&200), Some(&4000), "{statuses:?}");
+    assert!(
+        after < before + 3 * 1024,
+        "the agent grew from {before} kB to {after} kB over 4,000 distinct requests"
+    );
+    child.kill();
+    world.broker.stop().await;
+}
+
+/// `--allow-user`: the allowed local account gets a token, another local account gets 403
+/// with the reason, and the refusal is counted in the log. Two accounts made for the test.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_allowed_local_users_get_the_devices_tokens() {
+    let user = |name: &str| -> u32 {
+        let _ = Command::new("useradd")
+            .args(["--no-create-home", "--shell", "/bin/false", name])
+            .output();
+        let out = Command::new("id")
+            .args(["-u", name])
+            .output()
+            .expect("id (coreutils)");
+        assert!(
+            out.status.success(),
+            "useradd {name} (passwd) failed; tests run as root in CI"
+        );
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    let (allowed, other) = (user("tb-agent-allowed"), user("tb-agent-other"));
+    let world = start().await;
+    let agent = start_agent_for(&world, &world.good, vec![allowed]).await;
+    let curl_as = move |name: &str| {
+        let out = Command::new("runuser")
+            .args([
+                "-u",
+                name,
+                "--",
+                "curl",
+                "-s",
+                "-w",
+                "\n%{http_code}",
+                "-H",
+                "Metadata-Flavor: Google",
+            ])
+            .arg(format!("http://{agent}{TOKEN_PATH}"))
+            .output()
+            .expect("runuser (util-linux) and curl");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or_default();
+        (code.to_string(), body.to_string())
+    };
+    let (code, body) = tokio::task::spawn_blocking(move || curl_as("tb-agent-allowed"))
+        .await
+        .unwrap();
+    assert_eq!(code, "200", "{body}");
+    let (code, body) = tokio::task::spawn_blocking(move || curl_as("tb-agent-other"))
+        .await
+        .unwrap();
+    assert_eq!(code, "403", "{body}");
+    assert!(
+        body.contains(&format!(
+            "local user {other} may not use this device's identity"
+        )),
+        "{body}"
+    );
+    // This process's own account is not allowed either.
+    let answer = raw_get(agent, TOKEN_PATH, &[]).await;
+    assert_eq!(answer.status, 403);
+    let counted = support::logs::captured()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["refused_total"].as_u64().is_some())
+        .count();
+    assert!(counted >= 2, "refusals counted in the log");
     world.broker.stop().await;
 }

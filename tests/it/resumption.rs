@@ -457,6 +457,7 @@ async fn the_agent_resumes_across_connections() {
         instance_id: 1,
         hostname: "device".into(),
         zone: "on-premises".into(),
+        allowed_uids: Vec::new(),
     };
     tokio::spawn(serve(listener, config, CachingClient::new(client)));
     let http = reqwest::Client::new();

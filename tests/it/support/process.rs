@@ -38,6 +38,11 @@ impl Process {
     }
 
     /// Kills it and waits for the exit (also done when dropped).
+    /// The process id, to read the process's own figures in /proc.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
