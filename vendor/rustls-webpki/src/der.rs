@@ -66,6 +66,7 @@ pub(crate) enum Tag {
     OID = 0x06,
     Enum = 0x0A,
     Sequence = CONSTRUCTED | 0x10, // 0x30
+    Set = CONSTRUCTED | 0x11,      // 0x31
     UTCTime = 0x17,
     GeneralizedTime = 0x18,
 

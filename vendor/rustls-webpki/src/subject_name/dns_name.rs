@@ -383,7 +383,7 @@ fn ascii_lower(b: u8) -> u8 {
 }
 
 #[derive(Clone, Copy, PartialEq)]
-enum Wildcards {
+pub(super) enum Wildcards {
     Deny,
     Allow,
 }
@@ -405,7 +405,7 @@ pub(super) enum IdRole {
 //
 // https://bugzilla.mozilla.org/show_bug.cgi?id=1136616: As an exception to the
 // requirement above, underscores are also allowed in names for compatibility.
-fn is_valid_dns_id(
+pub(super) fn is_valid_dns_id(
     hostname: untrusted::Input<'_>,
     id_role: IdRole,
     allow_wildcards: Wildcards,

@@ -28,6 +28,8 @@ pub(crate) use dns_name::{WildcardDnsNameRef, verify_dns_names};
 mod ip_address;
 pub(crate) use ip_address::verify_ip_address_names;
 
+mod name_forms;
+
 // https://tools.ietf.org/html/rfc5280#section-4.2.1.10
 pub(crate) fn check_name_constraints(
     constraints: Option<&mut untrusted::Reader<'_>>,
@@ -71,18 +73,59 @@ pub(crate) fn check_name_constraints(
             return Err(err);
         }
 
+        // RFC 5280 4.2.1.10: directoryName constraints apply to a non-empty subject, and
+        // rfc822Name constraints to the email addresses in it (as OpenSSL checks them).
+        let subject = path.cert.subject;
+        if subject.is_empty() {
+            continue;
+        }
         let result = check_presented_id_conforms_to_constraints(
-            GeneralName::DirectoryName,
+            GeneralName::DirectoryName(subject),
             permitted_subtrees,
             excluded_subtrees,
             budget,
         );
-
         if let Some(Err(err)) = result {
             return Err(err);
         }
+        check_subject_emails(subject, permitted_subtrees, excluded_subtrees, budget)?;
     }
 
+    Ok(())
+}
+
+/// Checks the PKCS#9 emailAddress attributes of `subject` (RDNSequence contents) against
+/// rfc822Name constraints. One that is not an IA5String is refused, as OpenSSL does.
+fn check_subject_emails(
+    subject: untrusted::Input<'_>,
+    permitted_subtrees: Option<untrusted::Input<'_>>,
+    excluded_subtrees: Option<untrusted::Input<'_>>,
+    budget: &mut Budget,
+) -> Result<(), Error> {
+    // 1.2.840.113549.1.9.1
+    const EMAIL_ADDRESS: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x01];
+    let mut rdns = untrusted::Reader::new(subject);
+    while !rdns.at_end() {
+        let mut rdn = untrusted::Reader::new(der::expect_tag(&mut rdns, der::Tag::Set)?);
+        while !rdn.at_end() {
+            let (kind, tag, value) = name_forms::attribute(&mut rdn)?;
+            if kind != EMAIL_ADDRESS {
+                continue;
+            }
+            if tag != name_forms::IA5_STRING {
+                return Err(Error::NameConstraintViolation);
+            }
+            let result = check_presented_id_conforms_to_constraints(
+                GeneralName::Rfc822Name(untrusted::Input::from(value)),
+                permitted_subtrees,
+                excluded_subtrees,
+                budget,
+            );
+            if let Some(Err(err)) = result {
+                return Err(err);
+            }
+        }
+    }
     Ok(())
 }
 
@@ -137,44 +180,26 @@ fn check_presented_id_conforms_to_constraints(
                 }
                 (GeneralName::DnsName(_), _) => continue,
 
-                (GeneralName::DirectoryName, GeneralName::DirectoryName) => Ok(
-                    // Reject any uses of directory name constraints; we don't implement this.
-                    //
-                    // Rejecting everything technically confirms to RFC5280:
-                    //
-                    //   "If a name constraints extension that is marked as critical imposes constraints
-                    //    on a particular name form, and an instance of that name form appears in the
-                    //    subject field or subjectAltName extension of a subsequent certificate, then
-                    //    the application MUST either process the constraint or _reject the certificate_."
-                    //
-                    // TODO: rustls/webpki#19
-                    //
-                    // Rejection is achieved by not matching any PermittedSubtrees, and matching all
-                    // ExcludedSubtrees.
-                    match subtrees {
-                        Subtrees::Permitted => false,
-                        Subtrees::Excluded => true,
-                    },
-                ),
-                (GeneralName::DirectoryName, _) => continue,
+                (GeneralName::DirectoryName(name), GeneralName::DirectoryName(base)) => {
+                    name_forms::directory_name_within(name, base)
+                }
+                (GeneralName::DirectoryName(_), _) => continue,
 
                 (GeneralName::IpAddress(name), GeneralName::IpAddress(base)) => {
                     ip_address::presented_id_matches_constraint(name, base)
                 }
                 (GeneralName::IpAddress(_), _) => continue,
 
-                // We currently don't support URI constraints -- fail closed for now.
-                //
-                // Rejection is achieved by not matching any PermittedSubtrees, and matching all
-                // ExcludedSubtrees.
                 (
-                    GeneralName::UniformResourceIdentifier(_),
-                    GeneralName::UniformResourceIdentifier(_),
-                ) => Ok(match subtrees {
-                    Subtrees::Permitted => false,
-                    Subtrees::Excluded => true,
-                }),
+                    GeneralName::UniformResourceIdentifier(name),
+                    GeneralName::UniformResourceIdentifier(base),
+                ) => name_forms::uri_within(name.as_slice_less_safe(), base.as_slice_less_safe()),
                 (GeneralName::UniformResourceIdentifier(_), _) => continue,
+
+                (GeneralName::Rfc822Name(name), GeneralName::Rfc822Name(base)) => {
+                    name_forms::email_within(name.as_slice_less_safe(), base.as_slice_less_safe())
+                }
+                (GeneralName::Rfc822Name(_), _) => continue,
 
                 // RFC 4280 says "If a name constraints extension that is marked as
                 // critical imposes constraints on a particular name form, and an
@@ -275,9 +300,11 @@ impl<'a> Iterator for NameIterator<'a> {
 #[derive(Clone, Copy)]
 pub(crate) enum GeneralName<'a> {
     DnsName(untrusted::Input<'a>),
-    DirectoryName,
+    /// The contents of the Name's RDNSequence (as `Cert::subject` holds a subject).
+    DirectoryName(untrusted::Input<'a>),
     IpAddress(untrusted::Input<'a>),
     UniformResourceIdentifier(untrusted::Input<'a>),
+    Rfc822Name(untrusted::Input<'a>),
 
     // The value is the `tag & ~(der::CONTEXT_SPECIFIC | der::CONSTRUCTED)` so
     // that the name constraint checking matches tags regardless of whether
@@ -304,15 +331,29 @@ impl<'a> FromDer<'a> for GeneralName<'a> {
         let (tag, value) = der::read_tag_and_get_value(reader)?;
         Ok(match tag {
             DNS_NAME_TAG => DnsName(value),
-            DIRECTORY_NAME_TAG => DirectoryName,
+            // [4] is EXPLICIT: its value is the Name SEQUENCE.
+            DIRECTORY_NAME_TAG => DirectoryName(der::read_all::<Name<'_>>(value)?.0),
             IP_ADDRESS_TAG => IpAddress(value),
             UNIFORM_RESOURCE_IDENTIFIER_TAG => UniformResourceIdentifier(value),
+            RFC822_NAME_TAG => Rfc822Name(value),
 
-            OTHER_NAME_TAG | RFC822_NAME_TAG | X400_ADDRESS_TAG | EDI_PARTY_NAME_TAG
-            | REGISTERED_ID_TAG => Unsupported(tag & !(CONTEXT_SPECIFIC | CONSTRUCTED)),
+            OTHER_NAME_TAG | X400_ADDRESS_TAG | EDI_PARTY_NAME_TAG | REGISTERED_ID_TAG => {
+                Unsupported(tag & !(CONTEXT_SPECIFIC | CONSTRUCTED))
+            }
 
             _ => return Err(Error::BadDer),
         })
+    }
+
+    const TYPE_ID: DerTypeId = DerTypeId::GeneralName;
+}
+
+/// A Name: its RDNSequence contents.
+struct Name<'a>(untrusted::Input<'a>);
+
+impl<'a> FromDer<'a> for Name<'a> {
+    fn from_der(reader: &mut untrusted::Reader<'a>) -> Result<Self, Error> {
+        der::expect_tag(reader, der::Tag::Sequence).map(Name)
     }
 
     const TYPE_ID: DerTypeId = DerTypeId::GeneralName;
@@ -327,7 +368,12 @@ impl fmt::Debug for GeneralName<'_> {
                 "DnsName(\"{}\")",
                 String::from_utf8_lossy(name.as_slice_less_safe())
             ),
-            GeneralName::DirectoryName => write!(f, "DirectoryName"),
+            GeneralName::DirectoryName(_) => write!(f, "DirectoryName"),
+            GeneralName::Rfc822Name(name) => write!(
+                f,
+                "Rfc822Name(\"{}\")",
+                String::from_utf8_lossy(name.as_slice_less_safe())
+            ),
             GeneralName::IpAddress(ip) => {
                 write!(f, "IpAddress({:?})", IpAddrSlice(ip.as_slice_less_safe()))
             }
@@ -418,7 +464,13 @@ mod tests {
             "DnsName(\"example.com\")"
         );
 
-        assert_eq!(format!("{:?}", GeneralName::DirectoryName), "DirectoryName");
+        assert_eq!(
+            format!(
+                "{:?}",
+                GeneralName::DirectoryName(untrusted::Input::from(&[]))
+            ),
+            "DirectoryName"
+        );
 
         assert_eq!(
             format!(

@@ -1,0 +1,409 @@
+// Added by token-broker (see VENDORED.md): the URI, rfc822Name and directoryName name
+// constraints of RFC 5280 4.2.1.10, which upstream refuses (fails closed). No allocation.
+
+use super::dns_name::{IdRole, Wildcards, is_valid_dns_id};
+use crate::der::{self, Tag};
+use crate::error::Error;
+
+/// Whether `host` (of a URI, or the domain of a mailbox) is within a URI or rfc822Name
+/// `constraint`: one starting with "." holds the subdomains of that domain, not the domain
+/// itself; any other holds exactly that host. Unlike dNSName, "example.org" holds no
+/// subdomain. A constraint that is not a host is refused, and so is a host that is not a DNS
+/// name, so that no spelling of a name can slip past an excluded subtree.
+fn host_within(host: &[u8], constraint: &[u8]) -> Result<bool, Error> {
+    let domain = constraint.strip_prefix(b".").unwrap_or(constraint);
+    if !is_dns_name(domain) {
+        return Err(Error::MalformedNameConstraint);
+    }
+    if !is_dns_name(host) {
+        return Err(Error::NameConstraintViolation);
+    }
+    if domain.len() == constraint.len() {
+        return Ok(host.eq_ignore_ascii_case(constraint));
+    }
+    Ok(host
+        .len()
+        .checked_sub(constraint.len())
+        .filter(|start| *start > 0)
+        .and_then(|start| host.get(start..))
+        .is_some_and(|tail| tail.eq_ignore_ascii_case(constraint)))
+}
+
+fn is_dns_name(name: &[u8]) -> bool {
+    is_valid_dns_id(
+        untrusted::Input::from(name),
+        IdRole::Presented,
+        Wildcards::Deny,
+    )
+}
+
+/// rfc822Name: a constraint with "@" is one mailbox (local part compared exactly, domain
+/// without case); one without is a host or a domain as in [`host_within`]. The address
+/// splits at its last "@", as OpenSSL does.
+pub(super) fn email_within(email: &[u8], constraint: &[u8]) -> Result<bool, Error> {
+    let (local, domain) = split_at_last(email, b'@').ok_or(Error::NameConstraintViolation)?;
+    if local.is_empty() {
+        return Err(Error::NameConstraintViolation);
+    }
+    match split_at_last(constraint, b'@') {
+        Some((want_local, want_domain)) => {
+            if want_local.is_empty() || want_domain.starts_with(b".") {
+                return Err(Error::MalformedNameConstraint);
+            }
+            Ok(host_within(domain, want_domain)? && local == want_local)
+        }
+        None => host_within(domain, constraint),
+    }
+}
+
+fn split_at_last(bytes: &[u8], separator: u8) -> Option<(&[u8], &[u8])> {
+    let at = bytes.iter().rposition(|b| *b == separator)?;
+    Some((bytes.get(..at)?, bytes.get(at + 1..)?))
+}
+
+/// uniformResourceIdentifier: the constraint applies to the host of the URI
+/// (`scheme://[userinfo@]host[:port][/path][?query][#fragment]`). A URI without a host is
+/// refused under any URI constraint (as OpenSSL does); an IP literal host is no DNS name,
+/// so it is within no URI constraint.
+pub(super) fn uri_within(uri: &[u8], constraint: &[u8]) -> Result<bool, Error> {
+    match uri_host(uri).ok_or(Error::NameConstraintViolation)? {
+        UriHost::Name(host) => host_within(host, constraint),
+        UriHost::IpLiteral => Ok(false),
+    }
+}
+
+enum UriHost<'a> {
+    Name(&'a [u8]),
+    IpLiteral,
+}
+
+fn uri_host(uri: &[u8]) -> Option<UriHost<'_>> {
+    let (scheme, rest) = split_at_first(uri, b':')?;
+    let scheme_ok = scheme.first().is_some_and(u8::is_ascii_alphabetic)
+        && scheme
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+    if !scheme_ok {
+        return None;
+    }
+    let rest = rest.strip_prefix(b"//")?;
+    let end = rest
+        .iter()
+        .position(|b| matches!(b, b'/' | b'?' | b'#'))
+        .unwrap_or(rest.len());
+    let authority = rest.get(..end)?;
+    let host_port = match split_at_last(authority, b'@') {
+        Some((_userinfo, host_port)) => host_port,
+        None => authority,
+    };
+    if let Some(literal) = host_port.strip_prefix(b"[") {
+        // IPv6 or IPvFuture literal; the rest must be "]" and an optional port.
+        let (_, port) = split_at_first(literal, b']')?;
+        return port_ok(port).then_some(UriHost::IpLiteral);
+    }
+    let (host, port) = match split_at_first(host_port, b':') {
+        Some((host, port)) => (host, port),
+        None => (host_port, &[][..]),
+    };
+    if host.is_empty() || !port.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    if host.iter().all(|b| b.is_ascii_digit() || *b == b'.') {
+        return Some(UriHost::IpLiteral);
+    }
+    Some(UriHost::Name(host))
+}
+
+/// What follows an IP literal's "]": nothing, or ":" and a port.
+fn port_ok(rest: &[u8]) -> bool {
+    match rest.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    }
+}
+
+fn split_at_first(bytes: &[u8], separator: u8) -> Option<(&[u8], &[u8])> {
+    let at = bytes.iter().position(|b| *b == separator)?;
+    Some((bytes.get(..at)?, bytes.get(at + 1..)?))
+}
+
+/// directoryName: `name` (the contents of an RDNSequence) is within `constraint` when it
+/// begins with the constraint's RDNs. RDNs are compared attribute by attribute, in their
+/// encoded order; text values as OpenSSL compares them (its canonical encoding): in any
+/// string type, ASCII case, leading and trailing whitespace and runs of whitespace ignored.
+pub(super) fn directory_name_within(
+    name: untrusted::Input<'_>,
+    constraint: untrusted::Input<'_>,
+) -> Result<bool, Error> {
+    let mut name = untrusted::Reader::new(name);
+    let mut constraint = untrusted::Reader::new(constraint);
+    while !constraint.at_end() {
+        let wanted = der::expect_tag(&mut constraint, Tag::Set)?;
+        if name.at_end() {
+            return Ok(false);
+        }
+        let rdn = der::expect_tag(&mut name, Tag::Set)?;
+        if !rdn_eq(rdn, wanted)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn rdn_eq(a: untrusted::Input<'_>, b: untrusted::Input<'_>) -> Result<bool, Error> {
+    let mut a = untrusted::Reader::new(a);
+    let mut b = untrusted::Reader::new(b);
+    loop {
+        match (a.at_end(), b.at_end()) {
+            (true, true) => return Ok(true),
+            (false, false) => {}
+            _ => return Ok(false),
+        }
+        let (a_type, a_tag, a_value) = attribute(&mut a)?;
+        let (b_type, b_tag, b_value) = attribute(&mut b)?;
+        if a_type != b_type || !value_eq((a_tag, a_value), (b_tag, b_value)) {
+            return Ok(false);
+        }
+    }
+}
+
+/// The next AttributeTypeAndValue of an RDN: (type OID, value tag, value).
+pub(super) fn attribute<'a>(
+    rdn: &mut untrusted::Reader<'a>,
+) -> Result<(&'a [u8], u8, &'a [u8]), Error> {
+    let ava = der::expect_tag(rdn, Tag::Sequence)?;
+    ava.read_all(Error::BadDer, |ava| {
+        let kind = der::expect_tag(ava, Tag::OID)?;
+        let (tag, value) = der::read_tag_and_get_value(ava)?;
+        Ok((kind.as_slice_less_safe(), tag, value.as_slice_less_safe()))
+    })
+}
+
+fn value_eq(a: (u8, &[u8]), b: (u8, &[u8])) -> bool {
+    match (Text::new(a.0, a.1), Text::new(b.0, b.1)) {
+        (Some(a), Some(b)) => canonical(a).eq(canonical(b)),
+        _ => a == b,
+    }
+}
+
+const UTF8_STRING: u8 = 0x0c;
+const PRINTABLE_STRING: u8 = 0x13;
+pub(super) const IA5_STRING: u8 = 0x16;
+const VISIBLE_STRING: u8 = 0x1a;
+const UNIVERSAL_STRING: u8 = 0x1c;
+const BMP_STRING: u8 = 0x1e;
+
+/// A decodable string value (other types, or undecodable bytes, compare exactly).
+#[derive(Clone, Copy)]
+enum Text<'a> {
+    Utf8(&'a str),
+    Ucs2(&'a [u8]),
+    Ucs4(&'a [u8]),
+}
+
+impl<'a> Text<'a> {
+    fn new(tag: u8, value: &'a [u8]) -> Option<Self> {
+        let text = match tag {
+            UTF8_STRING | PRINTABLE_STRING | IA5_STRING | VISIBLE_STRING => {
+                Text::Utf8(core::str::from_utf8(value).ok()?)
+            }
+            BMP_STRING if value.len() % 2 == 0 => Text::Ucs2(value),
+            UNIVERSAL_STRING if value.len() % 4 == 0 => Text::Ucs4(value),
+            _ => return None,
+        };
+        // Every character decodes (checked once, so that `chars` need not).
+        text.raw_chars().all(|c| c.is_some()).then_some(text)
+    }
+
+    fn raw_chars(self) -> impl Iterator<Item = Option<char>> + 'a {
+        let (utf8, wide, width) = match self {
+            Text::Utf8(s) => (s, &[][..], 2),
+            Text::Ucs2(b) => ("", b, 2),
+            Text::Ucs4(b) => ("", b, 4),
+        };
+        utf8.chars()
+            .map(Some)
+            .chain(wide.chunks_exact(width).map(|c| {
+                let code = c.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b));
+                char::from_u32(code)
+            }))
+    }
+}
+
+/// The characters of `text` as OpenSSL canonicalizes them: ASCII lowercase, no leading or
+/// trailing whitespace, every run of whitespace one space.
+fn canonical(text: Text<'_>) -> impl Iterator<Item = char> + '_ {
+    let mut space = false;
+    let mut started = false;
+    text.raw_chars()
+        .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
+        .flat_map(move |c| {
+            if is_space(c) {
+                space = started;
+                return [None, None];
+            }
+            started = true;
+            let before = core::mem::take(&mut space).then_some(' ');
+            [before, Some(c.to_ascii_lowercase())]
+        })
+        .flatten()
+}
+
+fn is_space(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_hosts() {
+        let within =
+            |uri: &str, constraint: &str| uri_within(uri.as_bytes(), constraint.as_bytes());
+        assert_eq!(
+            within("spiffe://example.org/device/1", "example.org"),
+            Ok(true)
+        );
+        assert_eq!(within("spiffe://Example.ORG", "example.org"), Ok(true));
+        assert_eq!(within("spiffe://other.org/x", "example.org"), Ok(false));
+        assert_eq!(within("spiffe://a.example.org/x", "example.org"), Ok(false));
+        assert_eq!(within("spiffe://a.example.org/x", ".example.org"), Ok(true));
+        assert_eq!(within("spiffe://example.org/x", ".example.org"), Ok(false));
+        assert_eq!(
+            within("spiffe://badexample.org/x", ".example.org"),
+            Ok(false)
+        );
+        assert_eq!(
+            within("https://u:p@example.org:8443/a?b#c", "example.org"),
+            Ok(true)
+        );
+        assert_eq!(
+            within("https://example.org?q=@evil.org", "example.org"),
+            Ok(true)
+        );
+        assert_eq!(
+            within("https://[2001:db8::1]:443/", "example.org"),
+            Ok(false)
+        );
+        assert_eq!(within("https://10.0.0.1/", "example.org"), Ok(false));
+        for bad in [
+            "urn:example.org",
+            "example.org",
+            "spiffe:///x",
+            "https://:80/",
+            "1s://a.b/",
+            "https://a.b:x/",
+        ] {
+            assert_eq!(
+                within(bad, "example.org"),
+                Err(Error::NameConstraintViolation),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            within("https://ex%61mple.org/", "example.org"),
+            Err(Error::NameConstraintViolation)
+        );
+        for bad in ["spiffe://example.org", "", ".", "example.org."] {
+            assert_eq!(
+                within("spiffe://example.org/x", bad),
+                Err(Error::MalformedNameConstraint),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn emails() {
+        let within =
+            |email: &str, constraint: &str| email_within(email.as_bytes(), constraint.as_bytes());
+        assert_eq!(within("Alice@Example.org", "Alice@example.ORG"), Ok(true));
+        assert_eq!(within("alice@example.org", "Alice@example.org"), Ok(false));
+        assert_eq!(within("bob@example.org", "alice@example.org"), Ok(false));
+        assert_eq!(within("bob@example.org", "example.org"), Ok(true));
+        assert_eq!(within("bob@mail.example.org", "example.org"), Ok(false));
+        assert_eq!(within("bob@mail.example.org", ".example.org"), Ok(true));
+        assert_eq!(within("bob@example.org", ".example.org"), Ok(false));
+        assert_eq!(within("\"a@b\"@example.org", "example.org"), Ok(true));
+        for bad in ["example.org", "@example.org", "bob@", "bob@[10.0.0.1]"] {
+            assert_eq!(
+                within(bad, "example.org"),
+                Err(Error::NameConstraintViolation),
+                "{bad}"
+            );
+        }
+        for bad in ["@example.org", "a@.example.org", "a@", "", "exa mple.org"] {
+            assert_eq!(
+                within("a@example.org", bad),
+                Err(Error::MalformedNameConstraint),
+                "{bad}"
+            );
+        }
+    }
+
+    fn tlv(tag: u8, contents: &[u8]) -> std::vec::Vec<u8> {
+        let mut out = std::vec![tag, contents.len() as u8];
+        out.extend_from_slice(contents);
+        out
+    }
+
+    /// RDNSequence contents: one single-attribute RDN per (OID contents, tag, value).
+    fn rdns(attributes: &[(&[u8], u8, &[u8])]) -> std::vec::Vec<u8> {
+        attributes
+            .iter()
+            .flat_map(|(oid, tag, value)| {
+                tlv(
+                    0x31,
+                    &tlv(0x30, &[tlv(0x06, oid), tlv(*tag, value)].concat()),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn directory_names() {
+        const O: &[u8] = &[0x55, 0x04, 0x0a];
+        const CN: &[u8] = &[0x55, 0x04, 0x03];
+        let within = |name: &[u8], constraint: &[u8]| {
+            directory_name_within(
+                untrusted::Input::from(name),
+                untrusted::Input::from(constraint),
+            )
+        };
+        let acme = rdns(&[(O, UTF8_STRING, b"Acme")]);
+        let leaf = rdns(&[(O, UTF8_STRING, b"Acme"), (CN, UTF8_STRING, b"leaf")]);
+        assert_eq!(within(&leaf, &acme), Ok(true));
+        assert_eq!(within(&leaf, &leaf), Ok(true));
+        assert_eq!(within(&acme, &leaf), Ok(false));
+        assert_eq!(within(&leaf, &[]), Ok(true));
+        let other = rdns(&[(O, UTF8_STRING, b"Other"), (CN, UTF8_STRING, b"leaf")]);
+        assert_eq!(within(&other, &acme), Ok(false));
+        let cn_first = rdns(&[(CN, UTF8_STRING, b"leaf"), (O, UTF8_STRING, b"Acme")]);
+        assert_eq!(within(&cn_first, &acme), Ok(false));
+        for same in [
+            rdns(&[(O, PRINTABLE_STRING, b"ACME")]),
+            rdns(&[(O, UTF8_STRING, b"  acme ")]),
+            rdns(&[(O, BMP_STRING, b"\0A\0c\0m\0e")]),
+        ] {
+            assert_eq!(within(&same, &acme), Ok(true));
+        }
+        assert_eq!(
+            within(&rdns(&[(O, UTF8_STRING, b"Ac me")]), &acme),
+            Ok(false)
+        );
+        assert_eq!(
+            within(
+                &rdns(&[(O, UTF8_STRING, b"a  b\t c")]),
+                &rdns(&[(O, UTF8_STRING, b"A B C")])
+            ),
+            Ok(true)
+        );
+        assert_eq!(within(&rdns(&[(O, 0x04, b"Acme")]), &acme), Ok(false));
+        assert_eq!(
+            within(&rdns(&[(CN, UTF8_STRING, b"Acme")]), &acme),
+            Ok(false)
+        );
+    }
+}
