@@ -6,6 +6,7 @@
 #   vendor/rebuild-webpki.sh --check   fail when the folder differs from crate + patch (.ci/run)
 #   vendor/rebuild-webpki.sh           rewrite the folder from crate + patch
 #   vendor/rebuild-webpki.sh --diff    rewrite the patch from the folder, after editing it
+#   vendor/rebuild-webpki.sh --unit-tests   run the folder's subject_name unit tests (.ci/run)
 #
 # The crate comes from Cargo's download cache when it is there, else from static.crates.io,
 # and must have the sha256 below (the "cksum" of Cargo's index, https://index.crates.io/ru/st/rustls-webpki).
@@ -23,8 +24,55 @@ KEEP=(src Cargo.toml LICENSE)
 mode=${1:-rebuild}
 case "$mode" in
 --check | --diff | rebuild) ;;
+--unit-tests)
+    # The published crate cannot run its own unit tests: they include files of upstream's
+    # tests/ folder, which is not published, and its dev-dependencies. So: a copy of the
+    # folder as a crate of its own (no crypto provider, no dev-dependencies), every module's
+    # test code but subject_name's compiled out, and the subject_name tests (the patch's
+    # and upstream's) run. Offline: it needs only untrusted and rustls-pki-types, which
+    # the broker's build has fetched.
+    copy="${CARGO_TARGET_DIR:-$PWD/../target}/webpki-unit-tests"
+    rm -rf "$copy/src"
+    mkdir -p "$copy"
+    cp -R "$FOLDER/src" "$copy/"
+    find "$copy/src" -name '*.rs' -not -path '*/subject_name/*' -exec \
+        sed -E -i 's/#\[cfg\((test|all\(test[^]]*\))\)\]/#[cfg(any())]/' {} +
+    cat >"$copy/Cargo.toml" <<'TOML'
+[package]
+name = "webpki-unit-tests"
+version = "0.0.0"
+edition = "2021"
+publish = false
+
+[workspace]
+
+[lib]
+name = "webpki"
+path = "src/lib.rs"
+
+[dependencies]
+pki-types = { package = "rustls-pki-types", version = "1.12", default-features = false }
+untrusted = "0.9"
+
+[features]
+default = ["std"]
+alloc = ["pki-types/alloc"]
+std = ["alloc", "pki-types/std"]
+ring = []
+aws-lc-rs = []
+aws-lc-rs-fips = []
+aws-lc-rs-unstable = []
+
+[lints.rust.unexpected_cfgs]
+level = "warn"
+check-cfg = ["cfg(webpki_docsrs)"]
+TOML
+    cd "$copy"
+    CARGO_TARGET_DIR="$copy/target" cargo test --offline --quiet --lib subject_name
+    exit 0
+    ;;
 *)
-    echo "usage: $0 [--check | --diff]" >&2
+    echo "usage: $0 [--check | --diff | --unit-tests]" >&2
     exit 2
     ;;
 esac

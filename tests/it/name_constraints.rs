@@ -395,6 +395,21 @@ fn cases() -> Vec<Case> {
             openssl: Some((true, OPENSSL_IP_URI)),
         });
     }
+    // A URI with userinfo is refused under any URI constraint: OpenSSL reads
+    // "example.org@evil.org" as the host, which an excluded evil.org does not hold.
+    case(
+        B::Uri("example.org"),
+        false,
+        N::Uri("https://device@example.org/x"),
+        false,
+    );
+    laxer.push(Case {
+        base: B::Uri("evil.org"),
+        excluded: true,
+        name: N::Uri("https://example.org@evil.org/x"),
+        accept: false,
+        openssl: Some((true, "OpenSSL takes userinfo for part of the host")),
+    });
     // rfc822Name: the local part exactly, the domain without case, on both sides.
     case(
         B::Email("Alice@Example.ORG"),

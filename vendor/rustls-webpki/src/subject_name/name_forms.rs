@@ -62,10 +62,13 @@ fn split_at_last(bytes: &[u8], separator: u8) -> Option<(&[u8], &[u8])> {
 }
 
 /// uniformResourceIdentifier: the constraint applies to the host of the URI
-/// (`scheme://[userinfo@]host[:port][/path][?query][#fragment]`). A URI without a host is
-/// refused under any URI constraint (as OpenSSL does), and so is one whose host is an IP
-/// address: RFC 5280 4.2.1.10 says such a certificate MUST be rejected (OpenSSL compares the
-/// literal as a host, so an excluded subtree does not hold it).
+/// (`scheme://host[:port][/path][?query][#fragment]`). A URI without a host is refused
+/// under any URI constraint (as OpenSSL does), and so is one whose host is an IP address:
+/// RFC 5280 4.2.1.10 says such a certificate MUST be rejected (OpenSSL compares the literal
+/// as a host, so an excluded subtree does not hold it). So is a URI with userinfo
+/// (`https://example.org@evil.org/`): its host is plain to RFC 3986 but not to every
+/// reader (OpenSSL takes `example.org@evil.org` for the host, so an excluded `evil.org`
+/// does not hold it), and no device needs one.
 pub(super) fn uri_within(uri: &[u8], constraint: &[u8]) -> Result<bool, Error> {
     match uri_host(uri).ok_or(Error::NameConstraintViolation)? {
         UriHost::Name(host) => host_within(host, constraint),
@@ -93,10 +96,10 @@ fn uri_host(uri: &[u8]) -> Option<UriHost<'_>> {
         .position(|b| matches!(b, b'/' | b'?' | b'#'))
         .unwrap_or(rest.len());
     let authority = rest.get(..end)?;
-    let host_port = match split_at_last(authority, b'@') {
-        Some((_userinfo, host_port)) => host_port,
-        None => authority,
-    };
+    if authority.contains(&b'@') {
+        return None;
+    }
+    let host_port = authority;
     if let Some(literal) = host_port.strip_prefix(b"[") {
         // IPv6 or IPvFuture literal; the rest must be "]" and an optional port.
         let (_, port) = split_at_first(literal, b']')?;
@@ -366,7 +369,7 @@ mod tests {
             Ok(false)
         );
         assert_eq!(
-            within("https://u:p@example.org:8443/a?b#c", "example.org"),
+            within("https://example.org:8443/a?b#c", "example.org"),
             Ok(true)
         );
         assert_eq!(
@@ -398,6 +401,9 @@ mod tests {
             "https://:80/",
             "1s://a.b/",
             "https://a.b:x/",
+            "https://u:p@example.org:8443/a?b#c",
+            "https://example.org@evil.org/",
+            "https://@example.org/",
         ] {
             assert_eq!(
                 within(bad, "example.org"),
