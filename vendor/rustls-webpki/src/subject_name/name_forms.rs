@@ -275,15 +275,17 @@ const UNIVERSAL_STRING: u8 = 0x1c;
 const BMP_STRING: u8 = 0x1e;
 
 /// A string value that decodes to characters, each type as OpenSSL reads it: UTF8String as
-/// UTF-8, TeletexString (T61String) as Latin-1, BMPString as UTF-16BE, UniversalString as
-/// UTF-32BE. PrintableString, IA5String and VisibleString are ASCII (a byte above 0x7f is
-/// none of theirs: OpenSSL would read it as Latin-1, a UTF-8 reading would differ, so it
-/// is refused). Any other type, or bytes that do not decode, are no text.
+/// UTF-8, TeletexString (T61String) as Latin-1, BMPString as UCS-2 (big-endian code points
+/// of the BMP, as X.680 defines it: a surrogate, even one of a UTF-16 pair, does not
+/// decode; OpenSSL cannot read one either), UniversalString as UTF-32BE. PrintableString,
+/// IA5String and VisibleString are ASCII (a byte above 0x7f is none of theirs: OpenSSL
+/// would read it as Latin-1, a UTF-8 reading would differ, so it is refused). Any other
+/// type, or bytes that do not decode, are no text.
 #[derive(Clone, Copy)]
 enum Text<'a> {
     Latin1(&'a [u8]),
     Utf8(&'a str),
-    Utf16(&'a [u8]),
+    Ucs2(&'a [u8]),
     Utf32(&'a [u8]),
 }
 
@@ -295,7 +297,7 @@ impl<'a> Text<'a> {
                 Text::Latin1(value)
             }
             T61_STRING => Text::Latin1(value),
-            BMP_STRING if value.len() % 2 == 0 => Text::Utf16(value),
+            BMP_STRING if value.len() % 2 == 0 => Text::Ucs2(value),
             UNIVERSAL_STRING if value.len() % 4 == 0 => Text::Utf32(value),
             _ => return None,
         };
@@ -304,23 +306,22 @@ impl<'a> Text<'a> {
     }
 
     fn raw_chars(self) -> impl Iterator<Item = Option<char>> + 'a {
-        let (latin1, utf8, utf16, utf32): (&[u8], &str, &[u8], &[u8]) = match self {
-            Text::Latin1(b) => (b, "", &[], &[]),
-            Text::Utf8(s) => (&[], s, &[], &[]),
-            Text::Utf16(b) => (&[], "", b, &[]),
-            Text::Utf32(b) => (&[], "", &[], b),
+        let (latin1, utf8, wide, width): (&[u8], &str, &[u8], usize) = match self {
+            Text::Latin1(b) => (b, "", &[], 2),
+            Text::Utf8(s) => (&[], s, &[], 2),
+            Text::Ucs2(b) => (&[], "", b, 2),
+            Text::Utf32(b) => (&[], "", b, 4),
         };
-        let units = utf16
-            .chunks_exact(2)
-            .map(|c| c.iter().fold(0u16, |acc, b| (acc << 8) | u16::from(*b)));
+        // A code point per unit of 2 (UCS-2) or 4 (UTF-32) bytes; a surrogate is no char.
         latin1
             .iter()
             .map(|b| Some(char::from(*b)))
             .chain(utf8.chars().map(Some))
-            .chain(char::decode_utf16(units).map(Result::ok))
-            .chain(utf32.chunks_exact(4).map(|c| {
-                char::from_u32(c.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)))
-            }))
+            .chain(
+                wide.chunks_exact(width).map(|c| {
+                    char::from_u32(c.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)))
+                }),
+            )
     }
 }
 
@@ -512,12 +513,21 @@ mod tests {
         // A T61String is Latin-1, as OpenSSL reads it.
         assert_eq!(within(&rdns(&[(O, T61_STRING, b"acme")]), &acme), Ok(true));
         let e_acute = rdns(&[(O, UTF8_STRING, "\u{e9}".as_bytes())]);
-        assert_eq!(within(&rdns(&[(O, T61_STRING, b"\xe9")]), &e_acute), Ok(true));
-        assert_eq!(within(&rdns(&[(O, T61_STRING, b"\xc9")]), &e_acute), Ok(false));
-        // UTF-16 (a surrogate pair) and UTF-32.
+        assert_eq!(
+            within(&rdns(&[(O, T61_STRING, b"\xe9")]), &e_acute),
+            Ok(true)
+        );
+        assert_eq!(
+            within(&rdns(&[(O, T61_STRING, b"\xc9")]), &e_acute),
+            Ok(false)
+        );
+        // UCS-2 (a surrogate pair does not decode, below) and UTF-32.
         let clef = rdns(&[(O, UTF8_STRING, "\u{1d11e}".as_bytes())]);
         assert_eq!(
-            within(&rdns(&[(O, BMP_STRING, b"\xd8\x34\xdd\x1e")]), &clef),
+            within(
+                &rdns(&[(O, BMP_STRING, b"\x01\x00")]),
+                &rdns(&[(O, UTF8_STRING, "\u{100}".as_bytes())])
+            ),
             Ok(true)
         );
         assert_eq!(
@@ -532,6 +542,7 @@ mod tests {
             rdns(&[(O, PRINTABLE_STRING, b"Acm\xe9")]),
             rdns(&[(O, BMP_STRING, b"\0A\0")]),
             rdns(&[(O, BMP_STRING, b"\xd8\x34")]),
+            rdns(&[(O, BMP_STRING, b"\xd8\x34\xdd\x1e")]),
             rdns(&[(O, UNIVERSAL_STRING, b"\0\x11\0\0")]),
             rdns(&[(O, UTF8_STRING, b"Other"), (CN, UTF8_STRING, b"\xff")]),
         ] {
