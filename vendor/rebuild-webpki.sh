@@ -120,8 +120,8 @@ if [ "$mode" = --diff ]; then
 fi
 
 cp -R "$work/a/." "$work/b/"
-if ! patch --directory="$work/b" --strip=1 --forward --batch --silent \
-    --no-backup-if-mismatch --reject-file=- <"$PATCH"; then
+# git apply outside a repository (the temporary folder) applies the patch as patch(1) would.
+if ! (cd "$work/b" && git apply --whitespace=nowarn) <"$PATCH"; then
     echo "vendor/$PATCH does not apply to rustls-webpki $VERSION" >&2
     exit 1
 fi
