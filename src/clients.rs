@@ -2,7 +2,9 @@
 //!
 //! Rules are tried in order and the first match wins, so specific rules go first. Patterns
 //! are globs (globset) where `*` stays within one `/`-separated segment and `**` crosses
-//! segments; DNS and email patterns ignore case, as those names do. In `subject` and
+//! segments; DNS patterns and the domain of email patterns ignore case, as those names do
+//! (an email's local part is case-sensitive, RFC 5321 2.4, and is matched exactly, as name
+//! constraints match it). In `subject` and
 //! `issuer` patterns `\` is literal (RFC 4514 escapes with it); `[*]` is a literal `*`.
 
 use std::borrow::Cow;
@@ -112,9 +114,12 @@ fn dns_key(name: &str) -> String {
     name.replace('.', "/")
 }
 
+/// An email as patterns see it: the domain (after the last `@`) as [`dns_key`], in ASCII
+/// lowercase, so that the domain ignores case and the local part does not; patterns go
+/// through the same key and are matched case-sensitively.
 fn email_key(address: &str) -> String {
     match address.rsplit_once('@') {
-        Some((local, domain)) => format!("{local}@{}", dns_key(domain)),
+        Some((local, domain)) => format!("{local}@{}", dns_key(&domain.to_ascii_lowercase())),
         None => address.to_owned(),
     }
 }
@@ -534,7 +539,8 @@ fn build_matcher(m: &MatchConfig, problems: &mut Vec<String>) -> Matcher {
     let spiffe = set("spiffe", &m.spiffe, false, same);
     let uri = set("uri", &m.uri, false, same);
     let dns = set("dns", &m.dns, true, dns_key);
-    let email = set("email", &m.email, true, email_key);
+    // Case-sensitive globs over `email_key`, which lowercases the domain of both sides.
+    let email = set("email", &m.email, false, email_key);
     let subject = set("subject", &m.subject, false, same);
     let issuer = set("issuer", &m.issuer, false, same);
     let mut sha256 = Vec::new();
@@ -754,6 +760,26 @@ mod matching {
             vec!["ops@example.com".into()]));
         assert!(!matches(&by_email, |id| id.email_sans =
             vec!["ops@mail.example.com".into()]));
+    }
+
+    /// The local part of an email is matched exactly (RFC 5321 2.4: it is case-sensitive),
+    /// the domain without case, in values and in patterns.
+    #[test]
+    fn email_local_parts_keep_their_case_and_domains_ignore_it() {
+        let by_email = rules("[[clients]]\nname='x'\nmatch={email=['Ops@Example.COM']}");
+        assert!(matches(&by_email, |id| id.email_sans =
+            vec!["Ops@example.com".into()]));
+        assert!(matches(&by_email, |id| id.email_sans =
+            vec!["Ops@EXAMPLE.com".into()]));
+        assert!(!matches(&by_email, |id| id.email_sans =
+            vec!["ops@example.com".into()]));
+        assert!(!matches(&by_email, |id| id.email_sans =
+            vec!["OPS@example.com".into()]));
+        let by_domain = rules("[[clients]]\nname='x'\nmatch={email=['dev-*@*.Example.com']}");
+        assert!(matches(&by_domain, |id| id.email_sans =
+            vec!["dev-1@a.example.COM".into()]));
+        assert!(!matches(&by_domain, |id| id.email_sans =
+            vec!["DEV-1@a.example.com".into()]));
     }
 
     /// Found by tests/it/properties.rs: with glob escapes, `CN=a\,O=Example` (one CN with a

@@ -371,6 +371,32 @@ fn table(base: &mut Setup) -> Vec<Row> {
         in_org("nc-dir-out", "Other"),
         Refuse("invalid_chain"),
     );
+    let dir_excluded = root.intermediate_with("Not Evil Org CA", |p| {
+        p.name_constraints = Some(NameConstraints {
+            permitted_subtrees: vec![],
+            excluded_subtrees: vec![GeneralSubtree::DirectoryName(acme("Evil"))],
+        })
+    });
+    row(
+        "directoryName excluded subtree (O=Evil, a UTF8String): subject O=Evil as a TeletexString",
+        dir_excluded.leaf_with(&LeafSpec::device("nc-dir-t61"), |p| {
+            let mut dn = rcgen::DistinguishedName::new();
+            dn.push(
+                rcgen::DnType::OrganizationName,
+                rcgen::DnValue::TeletexString("Evil".try_into().unwrap()),
+            );
+            dn.push(rcgen::DnType::CommonName, "nc-dir-t61");
+            p.distinguished_name = dn;
+        }),
+        Refuse("invalid_chain"),
+    );
+    row(
+        "URI excluded subtree: a URI SAN whose host is an IP address",
+        uri_excluded.leaf_with(&LeafSpec::device("nc-uri-ip"), |p| {
+            p.subject_alt_names.push(uri("https://192.0.2.1/x"))
+        }),
+        Refuse("invalid_chain"),
+    );
 
     // Critical and unknown extensions.
     row(

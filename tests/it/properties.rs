@@ -3,7 +3,8 @@
 //! rules are tried in order and the first match wins; within `match` every key given must
 //! match (AND) and any one pattern of a key suffices (OR); an empty list is an error, not a
 //! catch-all; `*` stays within a `/`-separated segment and `**` crosses segments; in DNS
-//! names and email domains `*` is exactly one label, and DNS/email patterns ignore case;
+//! names and email domains `*` is exactly one label, and DNS patterns and email domains
+//! ignore case while an email's local part is matched exactly;
 //! `subject`/`issuer` patterns match RFC 4514 text as `openssl -nameopt RFC2253` prints it;
 //! `sha256` lists exact fingerprints (hex, colons optional).
 
@@ -131,6 +132,17 @@ fn literal_value(field: &'static str) -> BoxedStrategy<String> {
     }
 }
 
+/// Two addresses are one mailbox when their local parts are equal and their domains equal
+/// but for case (the documented rule, stated here apart from the broker's code).
+fn same_email(a: &str, b: &str) -> bool {
+    match (a.rsplit_once('@'), b.rsplit_once('@')) {
+        (Some((a_local, a_domain)), Some((b_local, b_domain))) => {
+            a_local == b_local && a_domain.eq_ignore_ascii_case(b_domain)
+        }
+        _ => a == b,
+    }
+}
+
 fn flip_case(text: &str, flips: &[bool]) -> String {
     text.chars()
         .zip(flips.iter().cycle())
@@ -158,8 +170,10 @@ proptest! {
         }),
     ) {
         prop_assert!(one(field, &value, &with(field, &value)));
-        let same = if matches!(field, "dns" | "email") {
+        let same = if field == "dns" {
             value.eq_ignore_ascii_case(&other)
+        } else if field == "email" {
+            same_email(&value, &other)
         } else {
             value == other
         };
@@ -213,7 +227,8 @@ proptest! {
         }
     }
 
-    /// DNS and email patterns ignore case; SPIFFE, URI, subject and issuer patterns do not.
+    /// DNS patterns and email domains ignore case; an email's local part, SPIFFE, URI,
+    /// subject and issuer patterns do not.
     #[test]
     fn case_rules(
         name in dns_name(),
@@ -223,7 +238,15 @@ proptest! {
     ) {
         prop_assert!(one("dns", &flip_case(&name, &flips), &with("dns", &name)));
         prop_assert!(one("dns", &name, &with("dns", &flip_case(&name, &flips))));
-        prop_assert!(one("email", &flip_case(&address, &flips), &with("email", &address)));
+        let shouted = flip_case(&address, &flips);
+        let same = same_email(&shouted, &address);
+        prop_assert_eq!(one("email", &shouted, &with("email", &address)), same);
+        prop_assert_eq!(one("email", &address, &with("email", &shouted)), same);
+        // The domain alone, in any case, always matches.
+        let (local, domain) = address.rsplit_once('@').unwrap();
+        let shouted = format!("{local}@{}", flip_case(domain, &flips));
+        prop_assert!(one("email", &shouted, &with("email", &address)));
+        prop_assert!(one("email", &address, &with("email", &shouted)));
         let shouted = flip_case(&id, &flips);
         prop_assert_eq!(one("spiffe", &shouted, &with("spiffe", &id)), shouted == id);
         prop_assert_eq!(one("uri", &shouted, &with("uri", &id)), shouted == id);

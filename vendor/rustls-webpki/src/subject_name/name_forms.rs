@@ -62,13 +62,17 @@ fn split_at_last(bytes: &[u8], separator: u8) -> Option<(&[u8], &[u8])> {
 }
 
 /// uniformResourceIdentifier: the constraint applies to the host of the URI
-/// (`scheme://[userinfo@]host[:port][/path][?query][#fragment]`). A URI without a host is
-/// refused under any URI constraint (as OpenSSL does); an IP literal host is no DNS name,
-/// so it is within no URI constraint.
+/// (`scheme://host[:port][/path][?query][#fragment]`). A URI without a host is refused
+/// under any URI constraint (as OpenSSL does), and so is one whose host is an IP address:
+/// RFC 5280 4.2.1.10 says such a certificate MUST be rejected (OpenSSL compares the literal
+/// as a host, so an excluded subtree does not hold it). So is a URI with userinfo
+/// (`https://example.org@evil.org/`): its host is plain to RFC 3986 but not to every
+/// reader (OpenSSL takes `example.org@evil.org` for the host, so an excluded `evil.org`
+/// does not hold it), and no device needs one.
 pub(super) fn uri_within(uri: &[u8], constraint: &[u8]) -> Result<bool, Error> {
     match uri_host(uri).ok_or(Error::NameConstraintViolation)? {
         UriHost::Name(host) => host_within(host, constraint),
-        UriHost::IpLiteral => Ok(false),
+        UriHost::IpLiteral => Err(Error::NameConstraintViolation),
     }
 }
 
@@ -92,10 +96,10 @@ fn uri_host(uri: &[u8]) -> Option<UriHost<'_>> {
         .position(|b| matches!(b, b'/' | b'?' | b'#'))
         .unwrap_or(rest.len());
     let authority = rest.get(..end)?;
-    let host_port = match split_at_last(authority, b'@') {
-        Some((_userinfo, host_port)) => host_port,
-        None => authority,
-    };
+    if authority.contains(&b'@') {
+        return None;
+    }
+    let host_port = authority;
     if let Some(literal) = host_port.strip_prefix(b"[") {
         // IPv6 or IPvFuture literal; the rest must be "]" and an optional port.
         let (_, port) = split_at_first(literal, b']')?;
@@ -108,10 +112,28 @@ fn uri_host(uri: &[u8]) -> Option<UriHost<'_>> {
     if host.is_empty() || !port.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    if host.iter().all(|b| b.is_ascii_digit() || *b == b'.') {
+    if is_ipv4_like(host) {
         return Some(UriHost::IpLiteral);
     }
     Some(UriHost::Name(host))
+}
+
+/// An IPv4 address as any URL parser might read one: RFC 3986's dotted quad, and what the
+/// WHATWG URL standard also takes for one (a host whose last label is a number, decimal or
+/// "0x" hex: `10.1`, `0x7f000001`), so that no spelling passes for a host name.
+fn is_ipv4_like(host: &[u8]) -> bool {
+    let host = host.strip_suffix(b".").unwrap_or(host);
+    let last = match split_at_last(host, b'.') {
+        Some((_, last)) => last,
+        None => host,
+    };
+    let hex = last
+        .strip_prefix(b"0x")
+        .or_else(|| last.strip_prefix(b"0X"));
+    match hex {
+        Some(digits) => digits.iter().all(u8::is_ascii_hexdigit),
+        None => !last.is_empty() && last.iter().all(u8::is_ascii_digit),
+    }
 }
 
 /// What follows an IP literal's "]": nothing, or ":" and a port.
@@ -129,13 +151,21 @@ fn split_at_first(bytes: &[u8], separator: u8) -> Option<(&[u8], &[u8])> {
 }
 
 /// directoryName: `name` (the contents of an RDNSequence) is within `constraint` when it
-/// begins with the constraint's RDNs. RDNs are compared attribute by attribute, in their
-/// encoded order; text values as OpenSSL compares them (its canonical encoding): in any
-/// string type, ASCII case, leading and trailing whitespace and runs of whitespace ignored.
+/// begins with the constraint's RDNs (RFC 5280 7.1). Two RDNs are equal when they hold the
+/// same attributes in any order (a multiset: `O=Evil+OU=Ops` is `OU=ops+O=evil`); two
+/// attributes when their types are equal and their values are equal text as OpenSSL
+/// canonicalizes it: decoded from any string type to characters, ASCII case, leading and
+/// trailing whitespace and runs of whitespace ignored.
+///
+/// A name holding a value that cannot be decoded to text (a malformed string, or a type
+/// that is no text) is refused under any directoryName constraint, so that no encoding of
+/// a name can slip past an excluded subtree; a constraint holding one is malformed.
 pub(super) fn directory_name_within(
     name: untrusted::Input<'_>,
     constraint: untrusted::Input<'_>,
 ) -> Result<bool, Error> {
+    all_decodable(constraint, Error::MalformedNameConstraint)?;
+    all_decodable(name, Error::NameConstraintViolation)?;
     let mut name = untrusted::Reader::new(name);
     let mut constraint = untrusted::Reader::new(constraint);
     while !constraint.at_end() {
@@ -151,21 +181,69 @@ pub(super) fn directory_name_within(
     Ok(true)
 }
 
-fn rdn_eq(a: untrusted::Input<'_>, b: untrusted::Input<'_>) -> Result<bool, Error> {
-    let mut a = untrusted::Reader::new(a);
-    let mut b = untrusted::Reader::new(b);
-    loop {
-        match (a.at_end(), b.at_end()) {
-            (true, true) => return Ok(true),
-            (false, false) => {}
-            _ => return Ok(false),
+/// Every attribute value of the RDNSequence contents `name` decodes to text, else `error`.
+fn all_decodable(name: untrusted::Input<'_>, error: Error) -> Result<(), Error> {
+    let mut rdns = untrusted::Reader::new(name);
+    while !rdns.at_end() {
+        let mut rdn = untrusted::Reader::new(der::expect_tag(&mut rdns, Tag::Set)?);
+        while !rdn.at_end() {
+            let (_, tag, value) = attribute(&mut rdn)?;
+            if Text::new(tag, value).is_none() {
+                return Err(error);
+            }
         }
+    }
+    Ok(())
+}
+
+/// The most attributes one RDN may hold here (real names hold one, rarely a few); more are
+/// refused. It bounds the work of comparing two RDNs and fits the bitmap of `rdn_eq`.
+const MAX_ATTRIBUTES: usize = 16;
+
+/// Whether the RDNs (SET contents) `a` and `b` hold the same attributes, in any order.
+fn rdn_eq(a: untrusted::Input<'_>, b: untrusted::Input<'_>) -> Result<bool, Error> {
+    let (a_count, b_count) = (attribute_count(a)?, attribute_count(b)?);
+    if a_count != b_count {
+        return Ok(false);
+    }
+    // Each attribute of `a` takes an equal one of `b` not yet taken. Equality of canonical
+    // text is an equivalence, so taking the first free equal one never misses a pairing.
+    let mut taken: u32 = 0;
+    let mut a = untrusted::Reader::new(a);
+    while !a.at_end() {
         let (a_type, a_tag, a_value) = attribute(&mut a)?;
-        let (b_type, b_tag, b_value) = attribute(&mut b)?;
-        if a_type != b_type || !value_eq((a_tag, a_value), (b_tag, b_value)) {
+        let mut b_reader = untrusted::Reader::new(b);
+        let mut found = false;
+        let mut index = 0;
+        while !b_reader.at_end() {
+            let (b_type, b_tag, b_value) = attribute(&mut b_reader)?;
+            let bit = 1u32 << index;
+            index += 1;
+            if taken & bit == 0 && a_type == b_type && value_eq((a_tag, a_value), (b_tag, b_value))
+            {
+                taken |= bit;
+                found = true;
+                break;
+            }
+        }
+        if !found {
             return Ok(false);
         }
     }
+    Ok(true)
+}
+
+fn attribute_count(rdn: untrusted::Input<'_>) -> Result<usize, Error> {
+    let mut rdn = untrusted::Reader::new(rdn);
+    let mut count = 0;
+    while !rdn.at_end() {
+        attribute(&mut rdn)?;
+        count += 1;
+        if count > MAX_ATTRIBUTES {
+            return Err(Error::NameConstraintViolation);
+        }
+    }
+    Ok(count)
 }
 
 /// The next AttributeTypeAndValue of an RDN: (type OID, value tag, value).
@@ -180,36 +258,47 @@ pub(super) fn attribute<'a>(
     })
 }
 
+/// Values that are not both text are unequal (callers have refused such names already).
 fn value_eq(a: (u8, &[u8]), b: (u8, &[u8])) -> bool {
     match (Text::new(a.0, a.1), Text::new(b.0, b.1)) {
         (Some(a), Some(b)) => canonical(a).eq(canonical(b)),
-        _ => a == b,
+        _ => false,
     }
 }
 
 const UTF8_STRING: u8 = 0x0c;
 const PRINTABLE_STRING: u8 = 0x13;
+const T61_STRING: u8 = 0x14;
 pub(super) const IA5_STRING: u8 = 0x16;
 const VISIBLE_STRING: u8 = 0x1a;
 const UNIVERSAL_STRING: u8 = 0x1c;
 const BMP_STRING: u8 = 0x1e;
 
-/// A decodable string value (other types, or undecodable bytes, compare exactly).
+/// A string value that decodes to characters, each type as OpenSSL reads it: UTF8String as
+/// UTF-8, TeletexString (T61String) as Latin-1, BMPString as UCS-2 (big-endian code points
+/// of the BMP, as X.680 defines it: a surrogate, even one of a UTF-16 pair, does not
+/// decode; OpenSSL cannot read one either), UniversalString as UTF-32BE. PrintableString,
+/// IA5String and VisibleString are ASCII (a byte above 0x7f is none of theirs: OpenSSL
+/// would read it as Latin-1, a UTF-8 reading would differ, so it is refused). Any other
+/// type, or bytes that do not decode, are no text.
 #[derive(Clone, Copy)]
 enum Text<'a> {
+    Latin1(&'a [u8]),
     Utf8(&'a str),
     Ucs2(&'a [u8]),
-    Ucs4(&'a [u8]),
+    Utf32(&'a [u8]),
 }
 
 impl<'a> Text<'a> {
     fn new(tag: u8, value: &'a [u8]) -> Option<Self> {
         let text = match tag {
-            UTF8_STRING | PRINTABLE_STRING | IA5_STRING | VISIBLE_STRING => {
-                Text::Utf8(core::str::from_utf8(value).ok()?)
+            UTF8_STRING => Text::Utf8(core::str::from_utf8(value).ok()?),
+            PRINTABLE_STRING | IA5_STRING | VISIBLE_STRING if value.is_ascii() => {
+                Text::Latin1(value)
             }
+            T61_STRING => Text::Latin1(value),
             BMP_STRING if value.len() % 2 == 0 => Text::Ucs2(value),
-            UNIVERSAL_STRING if value.len() % 4 == 0 => Text::Ucs4(value),
+            UNIVERSAL_STRING if value.len() % 4 == 0 => Text::Utf32(value),
             _ => return None,
         };
         // Every character decodes (checked once, so that `chars` need not).
@@ -217,17 +306,22 @@ impl<'a> Text<'a> {
     }
 
     fn raw_chars(self) -> impl Iterator<Item = Option<char>> + 'a {
-        let (utf8, wide, width) = match self {
-            Text::Utf8(s) => (s, &[][..], 2),
-            Text::Ucs2(b) => ("", b, 2),
-            Text::Ucs4(b) => ("", b, 4),
+        let (latin1, utf8, wide, width): (&[u8], &str, &[u8], usize) = match self {
+            Text::Latin1(b) => (b, "", &[], 2),
+            Text::Utf8(s) => (&[], s, &[], 2),
+            Text::Ucs2(b) => (&[], "", b, 2),
+            Text::Utf32(b) => (&[], "", b, 4),
         };
-        utf8.chars()
-            .map(Some)
-            .chain(wide.chunks_exact(width).map(|c| {
-                let code = c.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b));
-                char::from_u32(code)
-            }))
+        // A code point per unit of 2 (UCS-2) or 4 (UTF-32) bytes; a surrogate is no char.
+        latin1
+            .iter()
+            .map(|b| Some(char::from(*b)))
+            .chain(utf8.chars().map(Some))
+            .chain(
+                wide.chunks_exact(width).map(|c| {
+                    char::from_u32(c.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b)))
+                }),
+            )
     }
 }
 
@@ -276,18 +370,31 @@ mod tests {
             Ok(false)
         );
         assert_eq!(
-            within("https://u:p@example.org:8443/a?b#c", "example.org"),
+            within("https://example.org:8443/a?b#c", "example.org"),
             Ok(true)
         );
         assert_eq!(
             within("https://example.org?q=@evil.org", "example.org"),
             Ok(true)
         );
-        assert_eq!(
-            within("https://[2001:db8::1]:443/", "example.org"),
-            Ok(false)
-        );
-        assert_eq!(within("https://10.0.0.1/", "example.org"), Ok(false));
+        for ip in [
+            "https://[2001:db8::1]:443/",
+            "https://[::1]",
+            "https://10.0.0.1/",
+            "https://u@10.0.0.1:80/",
+            "https://10.1/",
+            "https://0x7f000001/",
+            "https://a.0X1f/",
+        ] {
+            for constraint in ["example.org", ".example.org"] {
+                assert_eq!(
+                    within(ip, constraint),
+                    Err(Error::NameConstraintViolation),
+                    "{ip}"
+                );
+            }
+        }
+        assert_eq!(within("https://0x.example.org/", ".example.org"), Ok(true));
         for bad in [
             "urn:example.org",
             "example.org",
@@ -295,6 +402,9 @@ mod tests {
             "https://:80/",
             "1s://a.b/",
             "https://a.b:x/",
+            "https://u:p@example.org:8443/a?b#c",
+            "https://example.org@evil.org/",
+            "https://@example.org/",
         ] {
             assert_eq!(
                 within(bad, "example.org"),
@@ -400,7 +510,78 @@ mod tests {
             ),
             Ok(true)
         );
-        assert_eq!(within(&rdns(&[(O, 0x04, b"Acme")]), &acme), Ok(false));
+        // A T61String is Latin-1, as OpenSSL reads it.
+        assert_eq!(within(&rdns(&[(O, T61_STRING, b"acme")]), &acme), Ok(true));
+        let e_acute = rdns(&[(O, UTF8_STRING, "\u{e9}".as_bytes())]);
+        assert_eq!(
+            within(&rdns(&[(O, T61_STRING, b"\xe9")]), &e_acute),
+            Ok(true)
+        );
+        assert_eq!(
+            within(&rdns(&[(O, T61_STRING, b"\xc9")]), &e_acute),
+            Ok(false)
+        );
+        // UCS-2 (a surrogate pair does not decode, below) and UTF-32.
+        let clef = rdns(&[(O, UTF8_STRING, "\u{1d11e}".as_bytes())]);
+        assert_eq!(
+            within(
+                &rdns(&[(O, BMP_STRING, b"\x01\x00")]),
+                &rdns(&[(O, UTF8_STRING, "\u{100}".as_bytes())])
+            ),
+            Ok(true)
+        );
+        assert_eq!(
+            within(&rdns(&[(O, UNIVERSAL_STRING, b"\0\x01\xd1\x1e")]), &clef),
+            Ok(true)
+        );
+        // Values that are no text are refused, under any constraint, wherever they are.
+        for bad in [
+            rdns(&[(O, 0x04, b"Acme")]),
+            rdns(&[(O, 0x12, b"123")]),
+            rdns(&[(O, UTF8_STRING, b"Ac\xffme")]),
+            rdns(&[(O, PRINTABLE_STRING, b"Acm\xe9")]),
+            rdns(&[(O, BMP_STRING, b"\0A\0")]),
+            rdns(&[(O, BMP_STRING, b"\xd8\x34")]),
+            rdns(&[(O, BMP_STRING, b"\xd8\x34\xdd\x1e")]),
+            rdns(&[(O, UNIVERSAL_STRING, b"\0\x11\0\0")]),
+            rdns(&[(O, UTF8_STRING, b"Other"), (CN, UTF8_STRING, b"\xff")]),
+        ] {
+            assert_eq!(within(&bad, &acme), Err(Error::NameConstraintViolation));
+        }
+        assert_eq!(
+            within(&acme, &rdns(&[(O, UTF8_STRING, b"\xff")])),
+            Err(Error::MalformedNameConstraint)
+        );
+        // Multi-valued RDNs are sets: any order, whitespace and case as above.
+        let set = |avas: &[(&[u8], u8, &[u8])]| {
+            let contents: std::vec::Vec<u8> = avas
+                .iter()
+                .flat_map(|(oid, tag, value)| {
+                    tlv(0x30, &[tlv(0x06, oid), tlv(*tag, value)].concat())
+                })
+                .collect();
+            tlv(0x31, &contents)
+        };
+        const OU: &[u8] = &[0x55, 0x04, 0x0b];
+        let evil_ops = set(&[(O, UTF8_STRING, b"Evil"), (OU, UTF8_STRING, b"Ops")]);
+        for same in [
+            set(&[(OU, UTF8_STRING, b"  ops  "), (O, UTF8_STRING, b"Evil")]),
+            set(&[(O, T61_STRING, b"EVIL"), (OU, PRINTABLE_STRING, b"ops")]),
+        ] {
+            assert_eq!(within(&same, &evil_ops), Ok(true));
+        }
+        for other in [
+            set(&[(O, UTF8_STRING, b"Evil")]),
+            set(&[(O, UTF8_STRING, b"Evil"), (O, UTF8_STRING, b"Evil")]),
+            set(&[
+                (O, UTF8_STRING, b"Evil"),
+                (OU, UTF8_STRING, b"Ops"),
+                (CN, UTF8_STRING, b"x"),
+            ]),
+            set(&[(O, UTF8_STRING, b"Ops"), (OU, UTF8_STRING, b"Evil")]),
+        ] {
+            assert_eq!(within(&other, &evil_ops), Ok(false));
+        }
         assert_eq!(
             within(&rdns(&[(CN, UTF8_STRING, b"Acme")]), &acme),
             Ok(false)
