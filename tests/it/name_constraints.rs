@@ -13,7 +13,7 @@
 //! otherwise; the seed is printed, and `NAME_CONSTRAINTS_SEED=<seed>` runs the same cases
 //! again.
 
-/// The generated corpus CI decides (about 240 cases).
+/// The seed of the generated corpus CI decides.
 const FIXED_SEED: u64 = 20_261_208;
 
 use std::process::Command;
