@@ -134,3 +134,131 @@ async fn token_command_errors_say_what_to_do() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"));
     broker.stop().await;
 }
+
+/// A device's own setup mistakes are local (exit 1) and say the fix: a `--ca` that did not
+/// sign the broker's certificate, or none at all (the public roots). Only a broker that
+/// cannot be reached is "unavailable" (exit 3, `token_command_errors_say_what_to_do`).
+#[tokio::test(flavor = "multi_thread")]
+async fn local_mistakes_are_local() {
+    let (_fake, broker, device) = start().await;
+    let wrong_ca = broker.setup.write("wrong-ca.pem", &broker.setup.root.pem);
+    let base = token_command(&broker, &device, "");
+    let ca_arg = format!("--ca {}", device.ca.display());
+    for (case, command, says) in [
+        (
+            "another CA",
+            base.replace(&ca_arg, &format!("--ca {}", wrong_ca.display())),
+            "pass --ca with the CA that signed the broker's certificate",
+        ),
+        (
+            "no --ca",
+            base.replace(&ca_arg, ""),
+            "pass --ca with the CA that signed the broker's certificate",
+        ),
+    ] {
+        let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+        let out = Command::new(support::binary()).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{case}: {stderr}");
+        assert!(stderr.contains(says), "{case}: {stderr}");
+        assert!(!stderr.contains("unavailable"), "{case}: {stderr}");
+    }
+    broker.stop().await;
+}
+
+/// `token --cache` serves a cached token only to the run that would have fetched it: the
+/// same broker URL, CA bundle and device certificate. Any other is a miss that asks the
+/// broker (a URL nobody answers: exit 3, not the cached token).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_cache_is_bound_to_broker_ca_and_certificate() {
+    let (_fake, broker, device) = start().await;
+    let cache = broker.setup.path("token-cache.json");
+    let issued =
+        r#"token_broker_tokens_issued_total{client="devices",flow="mtls-client-credentials"}"#;
+    let run = |command: String| {
+        let args: Vec<String> = command
+            .split_whitespace()
+            .skip(1)
+            .map(str::to_owned)
+            .collect();
+        Command::new(support::binary()).args(args).output().unwrap()
+    };
+    let base = token_command(&broker, &device, &format!("--cache {}", cache.display()));
+    let out = run(base.clone());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(broker.metric(issued).await, 1.0);
+    let out = run(base.clone());
+    assert!(out.status.success());
+    assert_eq!(
+        broker.metric(issued).await,
+        1.0,
+        "the same run is served from the cache"
+    );
+
+    // Another broker URL: nobody answers there, and the cache does not stand in for it.
+    let port = broker.addr.port();
+    let out = run(base.replace(&format!("localhost:{port}"), "localhost:1"));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Another CA bundle (the same CA and one more): the broker is asked.
+    let bundle = format!(
+        "{}{}",
+        std::fs::read_to_string(&device.ca).unwrap(),
+        broker.setup.root.pem
+    );
+    let other_ca = broker.setup.write("other-ca.pem", &bundle);
+    let out = run(base.replace(
+        &format!("--ca {}", device.ca.display()),
+        &format!("--ca {}", other_ca.display()),
+    ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        broker.metric(issued).await,
+        2.0,
+        "another CA bundle is a miss"
+    );
+    // Another device certificate: the broker is asked, and answers for that device.
+    let other = broker
+        .setup
+        .intermediate
+        .leaf(&LeafSpec::device("python-2"));
+    let other_cert = broker.setup.write("other-device.pem", &other.chain_pem);
+    let other_key = broker.setup.write("other-device-key.pem", &other.key_pem);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&other_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let out = run(base
+        .replace(
+            &format!("--cert {}", device.cert.display()),
+            &format!("--cert {}", other_cert.display()),
+        )
+        .replace(
+            &format!("--key {}", device.key.display()),
+            &format!("--key {}", other_key.display()),
+        ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        broker.metric(issued).await,
+        3.0,
+        "another certificate is a miss"
+    );
+    broker.stop().await;
+}
