@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::broker::{Broker, Problems};
 use crate::clock;
 use crate::config::{Config, ConfigError};
-use crate::crl_fetch::{FetchError, Fetched, Mode};
+use crate::crl_fetch::{Mode, SourceResult};
 use crate::device::agent::AgentConfig;
 use crate::device::client::{BrokerClient, CachingClient, ClientError, TokenParams};
 use crate::device::credentials::{DeviceCredentials, Pkcs11Options, Source};
@@ -334,10 +334,7 @@ pub fn run(cli: Cli, audit: Arc<AuditLog>) -> Result<ExitCode, CliError> {
     }
 }
 
-fn fetch_crl_sources(
-    broker: Arc<Broker>,
-    mode: Mode,
-) -> Result<Vec<(String, Result<Fetched, FetchError>)>, CliError> {
+fn fetch_crl_sources(broker: Arc<Broker>, mode: Mode) -> Result<Vec<SourceResult>, CliError> {
     Ok(runtime()?.block_on(crate::crl_fetch::fetch_all(&broker, mode)))
 }
 

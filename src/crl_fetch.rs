@@ -243,6 +243,9 @@ fn record(
     }
 }
 
+/// A source's URL and how its download ended.
+pub type SourceResult = (String, Result<Fetched, FetchError>);
+
 /// What a download is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -255,10 +258,7 @@ pub enum Mode {
 /// Downloads every source of `broker` once: each one's URL and result. With [`Mode::Keep`]
 /// (`token-broker crl fetch`) a running server notices the kept copies changed and reloads
 /// within a second.
-pub async fn fetch_all(
-    broker: &Arc<Broker>,
-    mode: Mode,
-) -> Vec<(String, Result<Fetched, FetchError>)> {
+pub async fn fetch_all(broker: &Arc<Broker>, mode: Mode) -> Vec<SourceResult> {
     let server = &broker.config().server;
     let Some(dir) = server
         .crl_cache_dir

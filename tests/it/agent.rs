@@ -1211,7 +1211,8 @@ async fn distinct_requests_by_the_thousand_keep_the_agent_flat() {
         let mut statuses = std::collections::BTreeMap::new();
         for chunk in targets.chunks(16) {
             let mut answers = tokio::task::JoinSet::new();
-            for target in chunk.to_vec() {
+            for target in chunk {
+                let target = target.clone();
                 answers.spawn(async move { raw_get(agent, &target, &[]).await });
             }
             let answers = answers.join_all().await;

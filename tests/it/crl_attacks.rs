@@ -27,7 +27,7 @@ fn two_issuers() -> (Setup, Ca) {
     (setup, b)
 }
 
-fn with_sources(setup: &mut Setup, urls: &[String], refresh: &str) {
+fn with_sources(setup: &mut Setup, urls: &[&str], refresh: &str) {
     let sources: Vec<String> = urls
         .iter()
         .map(|url| {
@@ -135,7 +135,7 @@ async fn a_source_cannot_suppress_another_cas_revocation() {
     );
     server.serve("/b.crl", Serve::Crl(b_now.clone(), "\"b1\"".into()));
     server.serve("/c.crl", Serve::Status(404));
-    with_sources(&mut setup, &[a.clone(), b_url.clone(), c.clone()], "1s");
+    with_sources(&mut setup, &[&a, &b_url, &c], "1s");
     let config = setup.write_config();
     let mut broker = setup.start().await;
     until(&broker, &revoked_b, REVOKED).await;
@@ -236,7 +236,7 @@ async fn forged_crls_are_never_kept_and_set_no_floor() {
         Serve::Crl(setup.intermediate.crl(&[revoked_a.serial]), "\"a1\"".into()),
     );
     server.serve("/c.crl", Serve::Crl(outsider.crl(&[]), "\"c1\"".into()));
-    with_sources(&mut setup, &[a.clone(), c.clone()], "1s");
+    with_sources(&mut setup, &[&a, &c], "1s");
     setup.extra_server += "\nrevocation = \"best-effort\"";
     let config = setup.write_config();
     let broker = setup.start().await;
@@ -333,7 +333,7 @@ async fn redirects_are_not_followed() {
         "/admin",
         Serve::Crl(setup.intermediate.crl(&[]), "\"x\"".into()),
     );
-    with_sources(&mut setup, &[a.clone()], "1s");
+    with_sources(&mut setup, &[&a], "1s");
     let config = setup.write_config();
     let broker = setup.start().await;
     until(&broker, &revoked, REVOKED).await;
@@ -378,7 +378,7 @@ async fn revocation_on_the_operators_schedule() {
     let server = CrlServer::start().await;
     let a = server.url("/a.crl");
     server.serve("/a.crl", Serve::Status(503));
-    with_sources(&mut setup, &[a.clone()], "1h");
+    with_sources(&mut setup, &[&a], "1h");
     let config = setup.write_config();
     let broker = setup.start().await;
     one_more(&broker, &a, "http_error").await;
@@ -448,7 +448,7 @@ async fn a_slow_reload_overlapping_a_download_ends_with_the_download_in_force() 
         "/a.crl",
         Serve::Crl(setup.intermediate.crl(&[]), "\"1\"".into()),
     );
-    with_sources(&mut setup, &[a.clone()], "1s");
+    with_sources(&mut setup, &[&a], "1s");
     // Reloads only when the test (or the downloader) asks for one.
     setup.extra_server += "\nreload_interval = \"0s\"";
     let broker = setup.start().await;
@@ -669,14 +669,14 @@ proptest! {
         let bad_file = crls.iter().any(|c| !c.fetched && c.issuer < 2 && !c.genuine);
         let mut expected = Vec::new();
         let mut conflict = false;
-        for issuer in 0..3 {
+        for (issuer, name) in names.iter().enumerate() {
             let of: Vec<&&Drawn> = admitted.iter().filter(|c| c.issuer == issuer).collect();
             let Some(top) = of.iter().map(|c| c.number).max() else { continue };
             let tops: Vec<&&&Drawn> = of.iter().filter(|c| c.number == top).collect();
             // Contents: the variant, and the signer (an impostor's CRL differs).
             let first = (tops[0].variant, tops[0].genuine);
             conflict |= tops.iter().any(|c| (c.variant, c.genuine) != first);
-            expected.push((names[issuer].to_string(), top.to_string()));
+            expected.push((name.to_string(), top.to_string()));
         }
         let got = in_force(&crls, &format!("case-{seed}"));
         if bad_file {
