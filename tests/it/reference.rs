@@ -197,3 +197,98 @@ fn every_metric_is_documented_with_its_labels() {
         }
     }
 }
+
+/// Backticked spans of `text` (inline code).
+fn code_spans(text: &str) -> Vec<&str> {
+    text.split('`').skip(1).step_by(2).collect()
+}
+
+/// ARCHITECTURE.md names only what exists: every path it gives, and every file its code map
+/// names in a folder's row. A doc that drifts from the code misleads the next reader.
+#[test]
+fn architecture_md_names_only_files_that_exist() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = read("ARCHITECTURE.md");
+    let mut missing = Vec::new();
+    let tops = [
+        "src/",
+        "tests/",
+        "vendor/",
+        "examples/",
+        "docs/",
+        "bench/",
+        "fuzz/",
+    ];
+    for span in code_spans(&text) {
+        let is_path =
+            tops.iter().any(|top| span.starts_with(top)) && !span.contains(['<', '*', ' ']);
+        if is_path && !root.join(span).exists() {
+            missing.push(span.to_string());
+        }
+    }
+    // A code-map row whose first cell is a folder: the `name.rs` files it names are in it.
+    for row in text.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = row.split(" | ").collect();
+        let Some(folder) = code_spans(cells[0]).first().copied() else {
+            continue;
+        };
+        if !folder.ends_with('/') || folder.contains(['<', '*']) {
+            continue;
+        }
+        for name in code_spans(&cells[1..].join(" | ")) {
+            let bare = !name.contains(['/', ' ', '<', '*', ':']);
+            if bare && name.ends_with(".rs") && !root.join(folder).join(name).exists() {
+                missing.push(format!("{folder}{name}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "ARCHITECTURE.md names files that do not exist: {missing:?}"
+    );
+}
+
+/// SECURITY.md cites tests and functions by path (`module::name`): each one exists, as an
+/// integration test in tests/it/<module>.rs or an item of a module of src/.
+#[test]
+fn security_md_cites_only_tests_that_exist() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = read("SECURITY.md");
+    let mut missing = Vec::new();
+    for span in code_spans(&text) {
+        let parts: Vec<&str> = span.split("::").collect();
+        let is_path = parts.len() >= 2
+            && parts.iter().all(|p| {
+                !p.is_empty()
+                    && p.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            });
+        if !is_path {
+            continue;
+        }
+        let name = parts[parts.len() - 1];
+        // A file of a module prefix (src/a/b.rs, src/a/b/mod.rs) or the integration test
+        // module tests/it/a.rs defines it.
+        let defined = (1..parts.len())
+            .rev()
+            .flat_map(|k| {
+                let modules = parts[..k].join("/");
+                [
+                    root.join("src").join(format!("{modules}.rs")),
+                    root.join("src").join(&modules).join("mod.rs"),
+                ]
+            })
+            .chain([root.join("tests/it").join(format!("{}.rs", parts[0]))])
+            .filter_map(|file| std::fs::read_to_string(file).ok())
+            .any(|code| {
+                code.contains(&format!("fn {name}(")) || code.contains(&format!("fn {name}<"))
+            });
+        if !defined {
+            missing.push(span.to_string());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "SECURITY.md cites tests or functions that do not exist: {missing:?}"
+    );
+}
