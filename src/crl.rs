@@ -205,7 +205,7 @@ impl Crl {
 
 /// Orders two cRLNumbers written in decimal without leading zeros (up to 20 octets: more
 /// than any integer type holds).
-pub fn number_order(a: &str, b: &str) -> std::cmp::Ordering {
+fn number_order(a: &str, b: &str) -> std::cmp::Ordering {
     a.len().cmp(&b.len()).then_with(|| a.cmp(b))
 }
 
@@ -502,6 +502,17 @@ mod tests {
     use std::collections::BTreeSet;
 
     use proptest::prelude::*;
+
+    #[test]
+    fn crl_numbers_order_as_numbers_of_any_size() {
+        use std::cmp::Ordering::*;
+        assert_eq!(super::number_order("9", "10"), Less);
+        assert_eq!(super::number_order("10", "9"), Greater);
+        assert_eq!(super::number_order("123", "123"), Equal);
+        assert_eq!(super::number_order("124", "123"), Greater);
+        // Past u64: a forger's 10^20 is still ordered.
+        assert_eq!(super::number_order("100000000000000000000", "18446744073709551615"), Greater);
+    }
 
     use super::{RevokedSerials, ENTRIES_PER_BUCKET};
 
