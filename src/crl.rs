@@ -48,8 +48,10 @@ pub struct Crl {
     issuer: Vec<u8>,
     /// It has an issuingDistributionPoint: its scope is webpki's to decide.
     pub(crate) partitioned: bool,
-    /// The issuer's name and the issuingDistributionPoint, as encoded: CRLs with the same
-    /// scope succeed one another (RFC 5280 5.2.3: cRLNumber increases per issuer and scope).
+    /// The issuer's name and the issuingDistributionPoint, as encoded, and the key that was
+    /// verified to sign it (when verified at load): CRLs with the same scope succeed one
+    /// another (RFC 5280 5.2.3: cRLNumber increases per issuer and scope; a re-keyed CA of
+    /// the same name numbers its own).
     scope: Vec<u8>,
     /// The file's bytes: a CRL of an intermediate clients send is verified on first use.
     der: Vec<u8>,
@@ -153,6 +155,16 @@ impl Crl {
         &self.der
     }
 
+    /// Records that the key `issuer_spki` (SPKI contents) signs this CRL, checked before it
+    /// was parsed: its scope is that key's, and no use checks it again.
+    pub(crate) fn verified_by(&mut self, issuer_spki: &[u8]) {
+        self.scope.extend_from_slice(issuer_spki);
+        self.info.verified_at_load = true;
+        if let Ok(mut signers) = self.signers.lock() {
+            signers.push((issuer_spki.to_vec(), true));
+        }
+    }
+
     /// How this CRL's cRLNumber compares with `other`'s.
     pub fn number_order(&self, other: &Crl) -> std::cmp::Ordering {
         number_order(&self.info.number, &other.info.number)
@@ -205,8 +217,13 @@ impl Crl {
 
 /// Orders two cRLNumbers written in decimal without leading zeros (up to 20 octets: more
 /// than any integer type holds).
-fn number_order(a: &str, b: &str) -> std::cmp::Ordering {
+pub(crate) fn number_order(a: &str, b: &str) -> std::cmp::Ordering {
     a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+}
+
+/// The SHA-256 of a CRL as read: tells two CRLs of one number apart.
+pub(crate) fn digest(der: &[u8]) -> [u8; 32] {
+    Sha256::digest(der).into()
 }
 
 /// Where the copy of a fetched CRL source is kept in `dir`, and its HTTP validators.
@@ -277,6 +294,18 @@ pub fn kept_stamp(dir: &Path, url: &str) -> Option<KeptStamp> {
         .map(|meta| KeptStamp::of(&meta))
 }
 
+/// The issuer Name of a DER CRL, read without parsing the rest (its entries may be millions
+/// of an unverified download): contents of the Name SEQUENCE, as webpki compares names.
+pub(crate) fn issuer_of(crl_der: &[u8]) -> Option<&[u8]> {
+    // CertificateList ::= SEQUENCE { tbsCertList SEQUENCE { version INTEGER OPTIONAL,
+    //   signature AlgorithmIdentifier, issuer Name, ... }, ... }
+    let (list, _) = der::element(crl_der, der::SEQUENCE)?;
+    let (tbs, _) = der::element(list, der::SEQUENCE)?;
+    let tbs = der::element(tbs, der::INTEGER).map_or(tbs, |(_, rest)| rest);
+    let (_, rest) = der::element(tbs, der::SEQUENCE)?;
+    der::element(rest, der::SEQUENCE).map(|(name, _)| name)
+}
+
 /// The contents of a DER Name (what is inside its SEQUENCE), the form webpki compares.
 pub(crate) fn name_contents(name: &[u8]) -> &[u8] {
     der::element(name, der::SEQUENCE).map_or(name, |(contents, _)| contents)
@@ -286,7 +315,7 @@ pub(crate) fn name_contents(name: &[u8]) -> &[u8] {
 /// without the outer SEQUENCE, as webpki keeps keys) with one of `algorithms`, the check
 /// webpki makes. webpki does not offer it on its own, so the few DER elements it needs
 /// are read here.
-fn crl_signed_by(
+pub(crate) fn crl_signed_by(
     crl_der: &[u8],
     issuer_spki: &[u8],
     algorithms: &[&dyn SignatureVerificationAlgorithm],
@@ -511,7 +540,10 @@ mod tests {
         assert_eq!(super::number_order("123", "123"), Equal);
         assert_eq!(super::number_order("124", "123"), Greater);
         // Past u64: a forger's 10^20 is still ordered.
-        assert_eq!(super::number_order("100000000000000000000", "18446744073709551615"), Greater);
+        assert_eq!(
+            super::number_order("100000000000000000000", "18446744073709551615"),
+            Greater
+        );
     }
 
     use super::{RevokedSerials, ENTRIES_PER_BUCKET};

@@ -184,6 +184,8 @@ pub async fn run(
         let broker = current();
         let not_in_force = broker.kept_crls_not_in_force();
         let gauge = &broker.metrics().crl_kept_not_in_force;
+        // Only the configured sources: one a reload removed has no series left.
+        gauge.reset();
         for source in &broker.config().server.crl_sources {
             let stale = not_in_force.contains(&source.url.as_str());
             gauge
@@ -428,6 +430,13 @@ async fn fetch(
         }
         let trust = broker.trust();
         let fetched = trust.admit_download(&body, &source.url)?;
+        // The same CRL in another encoding (PEM for DER, other line breaks): nothing new.
+        let kept_der = kept
+            .as_ref()
+            .and_then(|kept| crate::pem::crls_in(&kept.bytes).ok());
+        if kept_der.is_some_and(|ders| ders.len() == 1 && ders[0].as_ref() == fetched.der()) {
+            return Ok(Fetched::NotModified);
+        }
         // A kept copy written since the serving broker read the folder is as binding.
         let kept_since = kept
             .filter(|kept| Some(kept.stamp) != broker.kept_stamp(&source.url))

@@ -43,7 +43,7 @@ pub(crate) fn element_with_header(input: &[u8], tag: u8) -> Option<(&[u8], &[u8]
     Some((contents, whole, rest))
 }
 
-const INTEGER: u8 = 0x02;
+pub(crate) const INTEGER: u8 = 0x02;
 
 /// The DER element with `tag` and `contents`.
 pub(crate) fn tlv(tag: u8, contents: &[u8]) -> Vec<u8> {

@@ -273,7 +273,8 @@ impl Broker {
     pub fn kept_crls_not_in_force(&self) -> Vec<&str> {
         let mut sources = self.kept_crls_not_loaded();
         for status in self.trust.crl_statuses() {
-            if status.fetched && !status.in_force() && !sources.contains(&status.source.as_str()) {
+            let needed = !status.in_force() && !status.redundant;
+            if status.fetched && needed && !sources.contains(&status.source.as_str()) {
                 sources.push(&status.source);
             }
         }
@@ -695,6 +696,17 @@ fn check_crl_sources(server: &crate::config::ServerConfig, problems: &mut Vec<St
     }
     if server.crl_cache_dir.is_none() {
         problems.push("server.crl_cache_dir: required with server.crl_sources (fetched CRLs are kept there for restarts without network)".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    for source in server
+        .crl_sources
+        .iter()
+        .filter(|s| !seen.insert(s.url.as_str()))
+    {
+        problems.push(format!(
+            "server.crl_sources: {:?} is listed twice",
+            source.url
+        ));
     }
     for source in &server.crl_sources {
         let scheme = url::Url::parse(&source.url).map(|u| u.scheme().to_owned());

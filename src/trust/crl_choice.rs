@@ -43,8 +43,11 @@ pub struct CrlStatus {
     pub crl: Option<CrlInfo>,
     /// Why it is not in force (`None`: it is).
     pub shadowed_by: Option<String>,
-    /// Contents of its issuer's Name, as the scope compares it.
-    pub(super) issuer: Vec<u8>,
+    /// An identical copy of the CRL in force: not in force, yet nothing is missing.
+    pub redundant: bool,
+    /// Its scope ([`Crl::scope`]) and digest, to compare a download with what is held.
+    pub(super) scope: Vec<u8>,
+    pub(super) digest: [u8; 32],
 }
 
 impl CrlStatus {
@@ -58,13 +61,18 @@ impl CrlStatus {
             fetched,
             crl: None,
             shadowed_by: Some(format!("not admitted: {why}")),
-            issuer: Vec::new(),
+            redundant: false,
+            scope: Vec::new(),
+            digest: [0; 32],
         }
     }
 }
 
 /// Splits admitted CRLs into those in force (in the order given) and the statuses of all.
 /// The outcome does not depend on the order of `admitted`, except for the order of lists.
+/// Two files of one scope and number with other contents are an error (the operator's to
+/// fix); where a download is one of them, the download is not used (a file wins, else the
+/// download of the smaller URL), so that no download can stop the configuration loading.
 pub(super) fn choose(admitted: Vec<Crl>) -> Result<(Vec<Crl>, Vec<CrlStatus>), String> {
     let mut order: Vec<usize> = (0..admitted.len()).collect();
     // Best first within a scope: the highest number; then a file over a download and the
@@ -86,10 +94,11 @@ pub(super) fn choose(admitted: Vec<Crl>) -> Result<(Vec<Crl>, Vec<CrlStatus>), S
             Some(best) if admitted[best].scope() == crl.scope() => best,
             _ => index,
         };
-        if best != index
+        let conflict = best != index
             && crl.number_order(&admitted[best]) == Ordering::Equal
-            && crl.der() != admitted[best].der()
-        {
+            && crl.der() != admitted[best].der();
+        if conflict && !crl.info.fetched {
+            // Both are files (a file sorts before a download of the same number).
             let best = &admitted[best].info;
             return Err(format!(
                 "{} and {} are two different CRLs of {} with the same cRLNumber {}: one of them is not what the CA published; remove the wrong one (each CRL a CA issues has a new number)",
@@ -104,22 +113,27 @@ pub(super) fn choose(admitted: Vec<Crl>) -> Result<(Vec<Crl>, Vec<CrlStatus>), S
         .enumerate()
         .map(|(index, crl)| {
             let best = &admitted[winner_of[index]];
-            let shadowed_by = (winner_of[index] != index).then(|| {
-                if crl.number_order(best) == Ordering::Equal {
-                    format!("the same CRL as {}, which is in force", best.info.source)
-                } else {
-                    format!(
-                        "older: number {}, while {} has number {} and is in force",
-                        crl.info.number, best.info.source, best.info.number
-                    )
-                }
+            let same_number = crl.number_order(best) == Ordering::Equal;
+            let redundant = winner_of[index] != index && crl.der() == best.der();
+            let shadowed_by = (winner_of[index] != index).then(|| match (same_number, redundant) {
+                (_, true) => format!("the same CRL as {}, which is in force", best.info.source),
+                (true, false) => format!(
+                    "not used: cRLNumber {} as {}, which is in force, but other contents (one of them is not what the CA published)",
+                    crl.info.number, best.info.source
+                ),
+                (false, _) => format!(
+                    "older: number {}, while {} has number {} and is in force",
+                    crl.info.number, best.info.source, best.info.number
+                ),
             });
             CrlStatus {
                 source: crl.info.source.clone(),
                 fetched: crl.info.fetched,
                 crl: Some(crl.info.clone()),
                 shadowed_by,
-                issuer: crl.issuer().to_vec(),
+                redundant,
+                scope: crl.scope().to_vec(),
+                digest: crate::crl::digest(crl.der()),
             }
         })
         .collect();

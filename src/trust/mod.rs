@@ -274,30 +274,36 @@ impl TrustStore {
     /// using it. A download (`fetched`) must be verifiable now: it is admitted only when
     /// its issuer is a CA of the bundle, so nothing unverified is kept or sets a floor.
     pub fn admit_crl(&self, der: &[u8], source: String, fetched: bool) -> Result<Crl, CrlRefused> {
-        let mut crl = Crl::parse(der, source, fetched).map_err(CrlRefused::Invalid)?;
-        let issuer = crl.info.issuer.clone();
+        let invalid = || CrlRefused::Invalid("not a valid CRL: malformed DER".into());
+        // Who signed it is checked before the CRL is parsed: a download's millions of
+        // entries are not read, let alone kept, for a CRL its CA did not sign.
+        let issuer = crate::crl::issuer_of(der).ok_or_else(invalid)?;
         let named: Vec<&BundleCa> = self
             .bundle_cas
             .iter()
-            .filter(|ca| ca.subject_raw == crl.issuer())
+            .filter(|ca| ca.subject_raw == issuer)
             .collect();
+        let name = || {
+            let name = crate::der::tlv(crate::der::SEQUENCE, issuer);
+            x509_parser::x509::X509Name::from_der(&name)
+                .map_or_else(|_| "(an unreadable name)".into(), |(_, n)| n.to_string())
+        };
         if named.is_empty() {
             return match fetched {
-                true => Err(CrlRefused::UnknownIssuer(issuer)),
-                false => Ok(crl),
+                true => Err(CrlRefused::UnknownIssuer(name())),
+                false => Crl::parse(der, source, false).map_err(CrlRefused::Invalid),
             };
         }
-        match named
+        let signer = named
             .iter()
-            .find(|ca| crl.signed_by(&ca.spki, self.algorithms))
-        {
-            None => Err(CrlRefused::BadSignature(issuer)),
-            Some(ca) if !ca.may_sign_crls => Err(CrlRefused::NotCrlSigner(issuer)),
-            Some(_) => {
-                crl.info.verified_at_load = true;
-                Ok(crl)
-            }
+            .find(|ca| crate::crl::crl_signed_by(der, &ca.spki, self.algorithms))
+            .ok_or_else(|| CrlRefused::BadSignature(name()))?;
+        if !signer.may_sign_crls {
+            return Err(CrlRefused::NotCrlSigner(name()));
         }
+        let mut crl = Crl::parse(der, source, fetched).map_err(CrlRefused::Invalid)?;
+        crl.verified_by(&signer.spki);
+        Ok(crl)
     }
 
     /// Admits what a CRL source served (or its kept copy): exactly one CRL, verified now.
@@ -313,8 +319,11 @@ impl TrustStore {
     }
 
     /// Whether an admitted download from `url` may replace what the broker holds: a source
-    /// serves one issuer (its kept copy's), and no CRL older than the one in force for its
-    /// scope, from any origin, replaces it (no rollback to a CRL from before a revocation).
+    /// serves one scope (its CA, and partition), that of its kept copy, unless a file or
+    /// another source holds as much of that scope (then the kept copy adds nothing, and
+    /// whoever answered the source's first download cannot bind it for good); and no CRL
+    /// older than one held for its scope, from any origin, replaces it (no rollback to a CRL
+    /// from before a revocation), nor one of the same number with other contents.
     /// `kept_since`: a kept copy of `url` written after this store was loaded (admitted),
     /// which counts as much as the one loaded.
     pub fn may_succeed(
@@ -323,34 +332,48 @@ impl TrustStore {
         fetched: &Crl,
         kept_since: Option<&Crl>,
     ) -> Result<(), Succession> {
-        let kept_issuer = match kept_since {
-            Some(kept) => Some((kept.issuer(), kept.info.issuer.as_str())),
-            None => self
-                .crl_statuses
-                .iter()
-                .filter(|s| s.fetched && s.source == url)
-                .find_map(|s| Some((s.issuer.as_slice(), s.crl.as_ref()?.issuer.as_str()))),
+        let held = self
+            .crl_statuses
+            .iter()
+            .filter_map(|s| Some((s, s.crl.as_ref()?)));
+        let kept = match kept_since {
+            Some(kept) => Some((kept.scope(), &kept.info)),
+            None => held
+                .clone()
+                .find(|(s, _)| s.fetched && s.source == url)
+                .map(|(s, info)| (s.scope.as_slice(), info)),
         };
-        if let Some((_, kept)) = kept_issuer.filter(|(raw, _)| *raw != fetched.issuer()) {
-            return Err(Succession::IssuerChanged {
-                kept: kept.to_owned(),
-                fetched: fetched.info.issuer.clone(),
+        if let Some((scope, kept)) = kept.filter(|(scope, _)| *scope != fetched.scope()) {
+            let covered = held.clone().any(|(s, info)| {
+                s.source != url
+                    && s.scope == scope
+                    && crate::crl::number_order(&info.number, &kept.number).is_ge()
             });
+            if !covered {
+                return Err(Succession::IssuerChanged {
+                    kept: kept.issuer.clone(),
+                    fetched: fetched.info.issuer.clone(),
+                });
+            }
         }
-        let floors = self.crls.iter().chain(kept_since);
-        for floor in floors.filter(|c| c.scope() == fetched.scope()) {
-            match fetched.number_order(floor) {
+        let digest = crate::crl::digest(fetched.der());
+        let floors = held
+            .filter(|(s, _)| s.scope == fetched.scope())
+            .map(|(s, info)| (info, s.digest))
+            .chain(kept_since.map(|k| (&k.info, crate::crl::digest(k.der()))));
+        for (floor, floor_digest) in floors {
+            match crate::crl::number_order(&fetched.info.number, &floor.number) {
                 std::cmp::Ordering::Less => {
                     return Err(Succession::Older {
                         fetched: fetched.info.number.clone(),
-                        in_force: floor.info.number.clone(),
-                        origin: floor.info.source.clone(),
+                        in_force: floor.number.clone(),
+                        origin: floor.source.clone(),
                     })
                 }
-                std::cmp::Ordering::Equal if fetched.der() != floor.der() => {
+                std::cmp::Ordering::Equal if floor_digest != digest => {
                     return Err(Succession::SameNumber {
                         number: fetched.info.number.clone(),
-                        origin: floor.info.source.clone(),
+                        origin: floor.source.clone(),
                     })
                 }
                 _ => {}
@@ -385,10 +408,16 @@ impl TrustStore {
         self.revocation
     }
 
-    /// The CRL in force naming `issuer` (contents of its Name SEQUENCE); partitioned CRLs
+    /// A CRL in force naming `issuer` (contents of its Name SEQUENCE); partitioned CRLs
     /// are left to webpki.
     fn crl_of(&self, issuer: &[u8]) -> Option<&Crl> {
         self.crls.iter().find(|crl| crl.issuer() == issuer)
+    }
+
+    /// The CRLs in force naming `issuer`: one per key of that name (a re-keyed CA signs
+    /// its own).
+    fn crls_of<'a>(&'a self, issuer: &'a [u8]) -> impl Iterator<Item = &'a Crl> {
+        self.crls.iter().filter(move |crl| crl.issuer() == issuer)
     }
 
     /// The CAs of the bundle no CRL names: their certificates' revocation is not checked
@@ -409,7 +438,7 @@ impl TrustStore {
 /// Why an admitted download does not replace what the broker holds.
 #[derive(Debug, thiserror::Error)]
 pub enum Succession {
-    #[error("the source served a CRL of {fetched}, but its kept CRL is of {kept}: a source serves one CA's CRL (configure a source per CA)")]
+    #[error("the source served a CRL of {fetched}, but its kept CRL, which no file or other source holds, is of {kept} (or of another partition): a source serves one CA's CRL (configure a source per CA)")]
     IssuerChanged { kept: String, fetched: String },
     #[error("the CRL (number {fetched}) is older than one the broker holds (number {in_force}, from {origin}): a replayed or stale CRL is never taken back")]
     Older {

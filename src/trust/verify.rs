@@ -206,8 +206,8 @@ impl TrustStore {
     /// Revocation of every certificate of `path` but its anchor, as webpki would check it
     /// with the options of the fallback above (whole chain, expired CRLs refused, unknown
     /// status as `server.revocation` says) for CRLs without an issuingDistributionPoint:
-    /// the first CRL naming the certificate's issuer decides, its signature must be the
-    /// issuer's, it must not be expired, an issuer with a keyUsage must have cRLSign. Only
+    /// the CRL in force of the certificate's issuer (of its key, for a re-keyed CA) decides,
+    /// it must not be expired, an issuer with a keyUsage must have cRLSign. Only
     /// the CRL signature is not verified again on each use (see [`Crl::signed_by`]).
     /// `facts` follows `path.intermediate_certificates()`.
     fn check_revocation(
@@ -222,32 +222,30 @@ impl TrustStore {
         let intermediates: Vec<_> = path.intermediate_certificates().collect();
         let certs = std::iter::once(&**path.end_entity()).chain(intermediates.iter().copied());
         for (index, cert) in certs.enumerate() {
-            let Some(crl) = self.crl_of(cert.issuer()) else {
+            if self.crl_of(cert.issuer()).is_none() {
                 if self.revocation == RevocationPolicy::Require && missing.is_none() {
                     missing = Some(index);
                 }
                 continue;
-            };
-            let (signed, may_sign_crls) = match intermediates.get(index) {
-                Some(issuer) => {
-                    let spki = issuer.subject_public_key_info();
-                    let signed = spki_contents(spki.as_ref())
-                        .is_some_and(|key| crl.signed_by(key, self.algorithms));
-                    let may_sign = facts.get(index).is_some_and(|f| f.may_sign_crls);
-                    (signed, may_sign)
-                }
-                // webpki does not track a trust anchor's keyUsage; loading checked it.
-                None => (
-                    crl.signed_by(
-                        path.anchor().subject_public_key_info.as_ref(),
-                        self.algorithms,
-                    ),
-                    true,
-                ),
-            };
-            if !signed {
-                return Err(webpki::Error::InvalidCrlSignatureForPublicKey.into());
             }
+            let issuer_spki = intermediates
+                .get(index)
+                .map(|i| i.subject_public_key_info());
+            let (key, may_sign_crls) = match &issuer_spki {
+                Some(spki) => (
+                    spki_contents(spki.as_ref()).unwrap_or_default(),
+                    facts.get(index).is_some_and(|f| f.may_sign_crls),
+                ),
+                // webpki does not track a trust anchor's keyUsage; loading checked it.
+                None => (path.anchor().subject_public_key_info.as_ref(), true),
+            };
+            // The CRL of this issuer's key: a re-keyed CA of the same name has its own.
+            let Some(crl) = self
+                .crls_of(cert.issuer())
+                .find(|crl| crl.signed_by(key, self.algorithms))
+            else {
+                return Err(webpki::Error::InvalidCrlSignatureForPublicKey.into());
+            };
             if now.as_secs() as i64 >= crl.next_update {
                 return Err(webpki::Error::CrlExpired {
                     time: now,

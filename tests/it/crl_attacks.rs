@@ -165,7 +165,11 @@ async fn a_source_cannot_suppress_another_cas_revocation() {
     server.serve("/a.crl", Serve::Crl(b_before.clone(), "\"a3\"".into()));
     one_more(&broker, &a, "issuer_changed").await;
     check("another issuer's CRL").await;
-    assert!(explained(&config, &a).contains(": issuer_changed: the source served a CRL of CN=Test Device Issuing CA B, but its kept CRL is of CN=Test Device Issuing CA"));
+    let said = explained(&config, &a);
+    assert!(
+        said.contains(": issuer_changed: the source served a CRL of CN=Test Device Issuing CA B, but its kept CRL, which no file or other source holds, is of CN=Test Device Issuing CA"),
+        "{said}"
+    );
     // A source never fetched before serves B's older CRL: older than B's CRL in force.
     server.serve("/c.crl", Serve::Crl(b_before.clone(), "\"c1\"".into()));
     one_more(&broker, &c, "older").await;
@@ -216,6 +220,52 @@ async fn a_source_cannot_suppress_another_cas_revocation() {
     // A new process reads the kept copies and the file: the same decision.
     let report = support::verify_cert(&config, &revoked_b.chain_pem, broker.setup.dir.path());
     assert_eq!(report["reason"], "revoked", "{report}");
+    broker.stop().await;
+}
+
+/// A source keeps the scope of its kept copy (its CA, and partition), unless a file or
+/// another source holds that copy too: then whoever answered the source's first download
+/// (here with another CA's CRL) cannot bind it for good, and its own CA's CRL is taken. A
+/// partition of its CA is refused, since it would drop the full CRL's floor and let an old
+/// full CRL come back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_keeps_its_scope_unless_its_copy_is_held_elsewhere() {
+    let (mut setup, b) = two_issuers();
+    let revoked_a = setup.intermediate.leaf(&LeafSpec::device("revoked-a"));
+    let revoked_b = b.leaf(&LeafSpec::device("revoked-b"));
+    let a_before = setup.intermediate.crl(&[]);
+    let server = CrlServer::start().await;
+    let (a, b_url) = (server.url("/a.crl"), server.url("/b.crl"));
+    let b_crl = b.crl(&[revoked_b.serial]);
+    // A's URL first answers with B's CRL, as B's own source serves it.
+    server.serve("/a.crl", Serve::Crl(b_crl.clone(), "\"b-on-a\"".into()));
+    server.serve("/b.crl", Serve::Crl(b_crl, "\"b1\"".into()));
+    with_sources(&mut setup, &[&a, &b_url], "1s");
+    let config = setup.write_config();
+    let broker = setup.start().await;
+    until(&broker, &revoked_b, REVOKED).await;
+
+    let a_now = broker.setup.intermediate.crl(&[revoked_a.serial]);
+    server.serve("/a.crl", Serve::Crl(a_now, "\"a1\"".into()));
+    until(&broker, &revoked_a, REVOKED).await;
+    assert!(decision(&broker, &revoked_b).await.contains(REVOKED));
+
+    let partition = broker.setup.intermediate.crl_partitioned(
+        &[],
+        rcgen::CrlIssuingDistributionPoint {
+            distribution_point: rcgen::CrlDistributionPoint {
+                uris: vec!["http://crl.test.example/shard-1.crl".into()],
+            },
+            scope: Some(rcgen::CrlScope::UserCertsOnly),
+        },
+    );
+    server.serve("/a.crl", Serve::Crl(partition, "\"shard\"".into()));
+    one_more(&broker, &a, "issuer_changed").await;
+    server.serve("/a.crl", Serve::Crl(a_before, "\"old\"".into()));
+    one_more(&broker, &a, "older").await;
+    assert!(decision(&broker, &revoked_a).await.contains(REVOKED));
+    let report = support::verify_cert(&config, &revoked_a.chain_pem, broker.setup.dir.path());
+    assert_eq!(report["reason"], "revoked", "after a restart: {report}");
     broker.stop().await;
 }
 
@@ -654,8 +704,9 @@ proptest! {
     /// Whatever files and downloads are configured, in whatever order: a file badly signed
     /// by a bundle CA is a load error; otherwise, per issuer, the CRL in force is the
     /// highest-numbered admitted one (downloads are admitted only when signed by a bundle
-    /// CA; files of a CA outside the bundle are checked per request), two different CRLs of
-    /// one number that would decide are an error, and the order changes nothing.
+    /// CA; files of a CA outside the bundle are checked per request), two different CRL
+    /// files of one number that would decide are an error (a download is then not used),
+    /// and the order changes nothing.
     #[test]
     fn the_crl_in_force_is_the_highest_admitted_whatever_the_order(
         crls in prop::collection::vec(drawn(), 0..7),
@@ -673,9 +724,15 @@ proptest! {
             let of: Vec<&&Drawn> = admitted.iter().filter(|c| c.issuer == issuer).collect();
             let Some(top) = of.iter().map(|c| c.number).max() else { continue };
             let tops: Vec<&&&Drawn> = of.iter().filter(|c| c.number == top).collect();
-            // Contents: the variant, and the signer (an impostor's CRL differs).
-            let first = (tops[0].variant, tops[0].genuine);
-            conflict |= tops.iter().any(|c| (c.variant, c.genuine) != first);
+            // Contents: the variant, and the signer (an impostor's CRL differs). Only two
+            // files are an error; a download of the same number and other contents is
+            // not used, so that no answer to a download can stop the configuration loading.
+            let files: Vec<(u8, bool)> = tops
+                .iter()
+                .filter(|c| !c.fetched)
+                .map(|c| (c.variant, c.genuine))
+                .collect();
+            conflict |= files.iter().any(|contents| *contents != files[0]);
             expected.push((name.to_string(), top.to_string()));
         }
         let got = in_force(&crls, &format!("case-{seed}"));
