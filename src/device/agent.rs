@@ -205,7 +205,7 @@ fn tree(config: &AgentConfig) -> Node {
 /// shortest of the official libraries, gives it 3 seconds (`GCE_METADATA_TIMEOUT`) before it
 /// retries. The agent answers within this, with the broker's reason (503) when the broker
 /// has not answered yet; the broker request goes on and serves the library's retry.
-pub const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_millis(2500);
+pub const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 /// The longest path and query the agent reads (414 beyond): a library's are far shorter.
 const MAX_TARGET: usize = 8192;
 /// Scopes per request, and bytes per scope or audience, at most (400 beyond).
@@ -241,7 +241,7 @@ pub async fn serve(listener: TcpListener, config: AgentConfig, broker: Arc<Cachi
         };
         let agent = agent.clone();
         tokio::spawn(async move {
-            let refusal = agent.check_peer(&stream, local).await.err().map(Arc::new);
+            let refusal = agent.check_peer(&stream).await.err().map(Arc::new);
             let service = service_fn(move |request| {
                 let (agent, refusal) = (agent.clone(), refusal.clone());
                 async move {
@@ -395,18 +395,14 @@ fn bad_request(message: &str) -> Answer {
 impl Agent {
     /// Whether the local account that opened `stream` may use the device's identity
     /// (`--allow-user`); the refusal says why. Counted and logged.
-    async fn check_peer(
-        &self,
-        stream: &tokio::net::TcpStream,
-        local: SocketAddr,
-    ) -> Result<(), String> {
+    async fn check_peer(&self, stream: &tokio::net::TcpStream) -> Result<(), String> {
         let allowed = &self.config.allowed_uids;
         if allowed.is_empty() {
             return Ok(());
         }
         let uid = match stream.peer_addr() {
             Ok(peer) => {
-                tokio::task::spawn_blocking(move || crate::device::local_peer::uid_of(peer, local))
+                tokio::task::spawn_blocking(move || crate::device::local_peer::uid_of(peer))
                     .await
                     .ok()
                     .flatten()

@@ -213,7 +213,8 @@ impl BrokerClient {
             .await
             .map_err(|e| self.send_error(&e))?;
         let status = response.status().as_u16();
-        let body: Value = response.json().await.map_err(|e| {
+        let body = read_capped(response, MAX_ANSWER_BYTES).await?;
+        let body: Value = serde_json::from_slice(&body).map_err(|e| {
             ClientError::Unavailable(format!("unreadable answer (HTTP {status}): {e}"))
         })?;
         let text = |name: &str| body[name].as_str().map(str::to_owned);
@@ -224,8 +225,10 @@ impl BrokerClient {
                 description: text("error_description").unwrap_or_default(),
             };
             return Err(match status {
-                429 | 500..=599 => ClientError::Unavailable(refused.to_string()),
-                _ => refused,
+                400..=428 | 430..=499 => refused,
+                // 429, 5xx, and anything a token endpoint does not answer (1xx, 2xx other
+                // than 200, 3xx: redirects are not followed).
+                _ => ClientError::Unavailable(refused.to_string()),
             });
         }
         Ok(Token {
@@ -238,6 +241,34 @@ impl BrokerClient {
             expires_at: unix_now()
                 .saturating_add(body["expires_in"].as_i64().unwrap_or(0).clamp(0, 43_200)),
         })
+    }
+}
+
+/// The largest answer read from the broker: a token answer is a few kilobytes.
+const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+/// The body of `response`, refused past `limit` bytes (a broker could send gigabytes).
+async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, ClientError> {
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) if body.len() + chunk.len() > limit => {
+                return Err(ClientError::Unavailable(format!(
+                    "the broker's answer is larger than {limit} bytes"
+                )))
+            }
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) => return Ok(body),
+            Err(e) => {
+                return Err(ClientError::Unavailable(format!(
+                    "the broker's answer broke off: {}",
+                    root_cause(&e)
+                )))
+            }
+        }
     }
 }
 
@@ -258,7 +289,14 @@ impl BrokerClient {
                 rustls::Error::InvalidCertificate(_) => {
                     "pass --ca with the CA that signed the broker's certificate"
                 }
-                _ => "check --url, --ca and this device's certificate",
+                // Anything else in TLS (an alert, a broken record) may be the broker's or
+                // the network's: unavailable, retried.
+                _ => {
+                    return ClientError::Unavailable(format!(
+                        "TLS with {} failed: {tls}",
+                        self.token_url
+                    ))
+                }
             };
             return ClientError::Local(format!(
                 "TLS with {} failed on this device's side: {tls}; {fix}",
@@ -319,6 +357,9 @@ fn http_client(
     tls.resumption = rustls::client::Resumption::in_memory_sessions(256);
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
+        // The token endpoint is the one URL given: a redirect would re-send the request,
+        // with this device's certificate, elsewhere (or over plain HTTP).
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(std::time::Duration::from_secs(10))
         .timeout(std::time::Duration::from_secs(30))
         .build()
@@ -450,6 +491,22 @@ pub struct CachingClient {
     in_flight: Arc<std::sync::Mutex<HashMap<TokenParams, watch::Receiver<Answer>>>>,
 }
 
+/// Removes a parameter set from the in-flight map when its broker request ends.
+struct InFlight {
+    map: Arc<std::sync::Mutex<HashMap<TokenParams, watch::Receiver<Answer>>>>,
+    params: TokenParams,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.remove(&self.params);
+    }
+}
+
 /// A cached token lives until its refresh margin.
 struct UntilRefresh;
 
@@ -519,8 +576,9 @@ impl CachingClient {
         let mut in_flight = self
             .in_flight
             .lock()
-            .map_err(|_| ClientError::Local("an earlier request panicked".into()))?;
-        if let Some(answer) = in_flight.get(params) {
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A request whose task ended without answering (its sender dropped) is not joined.
+        if let Some(answer) = in_flight.get(params).filter(|a| a.has_changed().is_ok()) {
             return Ok(answer.clone());
         }
         if in_flight.len() >= MAX_IN_FLIGHT {
@@ -538,6 +596,11 @@ impl CachingClient {
         );
         let params = params.clone();
         tokio::spawn(async move {
+            // Whatever ends the request, even a panic, its key leaves the in-flight map.
+            let done = InFlight {
+                map: in_flight,
+                params: params.clone(),
+            };
             let result = client.fetch(&params).await;
             match &result {
                 Ok(token) => {
@@ -546,9 +609,7 @@ impl CachingClient {
                 }
                 Err(error) => failures.insert(params.clone(), error.clone()),
             }
-            if let Ok(mut in_flight) = in_flight.lock() {
-                in_flight.remove(&params);
-            }
+            drop(done);
             let _ = send.send(Some(result));
         });
         Ok(answer)

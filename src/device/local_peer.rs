@@ -4,22 +4,32 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-/// The uid owning the client end of the TCP connection from `peer` to `local`, if the
-/// kernel lists it (it is gone when the client closed already).
-pub fn uid_of(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
+/// The uid owning the client end of an established TCP connection from `peer`, if the
+/// kernel lists it (it is gone when the client closed already). Matched on the client's
+/// own address and port only: a connection redirected to the agent (iptables DNAT from
+/// 169.254.169.254:80) lists the address the client dialled, not the agent's. Two
+/// established sockets of different owners on that address and port: no answer.
+pub fn uid_of(peer: SocketAddr) -> Option<u32> {
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let tables: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
         .filter_map(|table| std::fs::read_to_string(table).ok())
-        .find_map(|text| uid_in(&text, peer, local))
+        .collect();
+    let mut owners = tables.iter().flat_map(|text| uids_in(text, peer));
+    let uid = owners.next()?;
+    owners.all(|other| other == uid).then_some(uid)
 }
 
-/// The uid of the socket whose local address is `peer` and remote address `local` in one
-/// table's text.
-fn uid_in(table: &str, peer: SocketAddr, local: SocketAddr) -> Option<u32> {
-    table.lines().skip(1).find_map(|line| {
+/// TCP_ESTABLISHED in the tables' `st` column; sockets in other states (TIME_WAIT among
+/// them) are listed with uid 0 whoever owned them.
+const ESTABLISHED: &str = "01";
+
+/// The uids of the established sockets whose local address is `peer` in one table's text.
+fn uids_in(table: &str, peer: SocketAddr) -> impl Iterator<Item = u32> + '_ {
+    table.lines().skip(1).filter_map(move |line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let (ours, theirs, uid) = (fields.get(1)?, fields.get(2)?, fields.get(7)?);
-        (address(ours)? == peer && address(theirs)? == local)
+        let (ours, state, uid) = (fields.get(1)?, fields.get(3)?, fields.get(7)?);
+        (*state == ESTABLISHED && address(ours)? == peer)
             .then(|| uid.parse().ok())
             .flatten()
     })
@@ -68,14 +78,19 @@ mod tests {
 
     #[test]
     fn the_client_end_of_a_connection_names_its_uid() {
-        let agent: SocketAddr = "127.0.0.1:8080".parse().unwrap();
         let client: SocketAddr = "127.0.0.1:54321".parse().unwrap();
         if cfg!(target_endian = "little") {
-            assert_eq!(uid_in(TABLE, client, agent), Some(1001));
-            // The agent's own end is not the client's.
-            assert_eq!(uid_in(TABLE, agent, client), Some(0));
+            assert_eq!(uids_in(TABLE, client).collect::<Vec<_>>(), [1001]);
             let other: SocketAddr = "127.0.0.1:54322".parse().unwrap();
-            assert_eq!(uid_in(TABLE, other, agent), None);
+            assert_eq!(uids_in(TABLE, other).count(), 0);
+            // The listening socket (state 0A) is not a connection.
+            let agent: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+            assert_eq!(uids_in(TABLE, agent).collect::<Vec<_>>(), [0]);
+            let time_wait = TABLE.replace(
+                " 01 00000000:00000000 00:00000000 00000000  1001",
+                " 06 00000000:00000000 00:00000000 00000000  1001",
+            );
+            assert_eq!(uids_in(&time_wait, client).count(), 0);
         }
     }
 
@@ -95,14 +110,22 @@ mod tests {
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (_server, peer) = listener.accept().unwrap();
         assert_eq!(peer, client.local_addr().unwrap());
-        let uid = std::fs::metadata("/proc/self").map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            m.uid()
-        });
+        let uid = std::fs::metadata("/proc/self")
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.uid()
+            })
+            .ok();
         assert_eq!(
-            uid_of(peer, listener.local_addr().unwrap()),
-            uid.ok(),
+            uid_of(peer),
+            uid,
             "the kernel's table names this process's uid"
         );
+        // As an IPv4-mapped IPv6 address, as a dual-stack listener sees it.
+        let mapped = match peer.ip() {
+            IpAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), peer.port()),
+            IpAddr::V6(_) => peer,
+        };
+        assert_eq!(uid_of(mapped), uid);
     }
 }
