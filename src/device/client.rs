@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use crate::clock::unix_now;
 use crate::device::credentials::{DeviceCredentials, Loaded};
 pub use crate::device::error::ClientError;
+use crate::device::pkcs11::TokenKey;
 use crate::device::private_file::PrivateFile;
 use crate::device::sessions::{binding, SessionFile};
 use crate::pem;
@@ -178,27 +179,33 @@ impl BrokerClient {
         Ok(current.loaded.identity.clone())
     }
 
-    /// The HTTP client for the credentials as they are now: a renewed certificate or key
-    /// (files replaced, token object rewritten) is loaded for this request. If the new ones
-    /// cannot be used (say, the certificate was written but not yet its key), the previous
-    /// ones are kept and the problem logged.
-    fn http(&self) -> Result<reqwest::Client, ClientError> {
+    /// The HTTP client for the credentials as they are now, with the key if it is in a
+    /// token: a renewed certificate or key (files replaced, token object rewritten) is
+    /// loaded for this request. If the new ones cannot be used (say, the certificate was
+    /// written but not yet its key), the previous ones are kept and the problem logged. A
+    /// token that broke (removed, re-created, a module failure) is opened again
+    /// (`DeviceCredentials::reload`, with its backoff); until that works, requests fail with
+    /// its reason, a local problem.
+    fn http(&self) -> Result<(reqwest::Client, Option<TokenKey>), ClientError> {
         let mut current = self
             .current
             .lock()
             .map_err(|_| ClientError::Local("an earlier request panicked".into()))?;
-        let stamp = match self.credentials.current_stamp(&current.loaded) {
-            Ok(stamp) => stamp,
-            Err(error) => {
-                tracing::warn!(%error, "cannot look at the device certificate for a renewal; using the one loaded");
-                return Ok(current.http.clone());
+        let stamp = self.credentials.current_stamp(&current.loaded);
+        let usable = current.loaded.usable();
+        if usable {
+            let stamp = match stamp {
+                Ok(stamp) => stamp,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot look at the device certificate for a renewal; using the one loaded");
+                    return Ok(current.client());
+                }
+            };
+            if stamp == current.loaded.stamp() || Some(stamp) == current.rejected {
+                return Ok(current.client());
             }
-        };
-        let unchanged = stamp == current.loaded.stamp() || Some(stamp) == current.rejected;
-        if unchanged && current.loaded.usable() {
-            return Ok(current.http.clone());
         }
-        match self.credentials.load().and_then(|loaded| {
+        match self.credentials.reload(&current.loaded).and_then(|loaded| {
             let http = http_client(&self.roots, &loaded, self.sessions.as_ref())?;
             Ok((http, loaded))
         }) {
@@ -214,12 +221,13 @@ impl BrokerClient {
                     rejected: None,
                 };
             }
-            Err(error) => {
+            Err(error) if usable => {
                 tracing::warn!(%error, "the device certificate or key changed but cannot be used; still using the previous ones");
-                current.rejected = Some(stamp);
+                current.rejected = stamp.ok();
             }
+            Err(error) => return Err(error),
         }
-        Ok(current.http.clone())
+        Ok(current.client())
     }
 
     pub async fn fetch(&self, params: &TokenParams) -> Result<Token, ClientError> {
@@ -234,18 +242,23 @@ impl BrokerClient {
                 form.push((name, value));
             }
         }
-        let response = self
-            .http()?
+        let (http, token_key) = self.http()?;
+        let response = http
             .post(&self.token_url)
             .form(&form)
             .send()
             .await
-            .map_err(|e| {
-                ClientError::Unavailable(format!(
+            .map_err(|e| match token_key.as_ref().and_then(TokenKey::failure) {
+                // The handshake failed because the device's token did: a local problem.
+                Some(failure) => ClientError::Local(format!(
+                    "the device key's token failed during the TLS handshake: {failure}; it is \
+                     opened again for the next request"
+                )),
+                None => ClientError::Unavailable(format!(
                     "{} unreachable: {}",
                     self.token_url,
                     root_cause(&e)
-                ))
+                )),
             })?;
         let status = response.status().as_u16();
         let body: Value = response.json().await.map_err(|e| {
@@ -273,6 +286,12 @@ impl BrokerClient {
             expires_at: unix_now()
                 .saturating_add(body["expires_in"].as_i64().unwrap_or(0).clamp(0, 43_200)),
         })
+    }
+}
+
+impl Current {
+    fn client(&self) -> (reqwest::Client, Option<TokenKey>) {
+        (self.http.clone(), self.loaded.token_key())
     }
 }
 
