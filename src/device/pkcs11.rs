@@ -86,22 +86,11 @@ pub enum Pkcs11Error {
     Module { doing: String, error: String },
 }
 
-impl Pkcs11Error {
-    /// A failure of the module or token itself (removed, re-created, session closed, a
-    /// handle no longer valid, a device error), which opening the token again may heal; not
-    /// a configuration problem such as a wrong URI or PIN.
-    pub fn is_module_failure(&self) -> bool {
-        matches!(
-            self,
-            Pkcs11Error::Module { .. } | Pkcs11Error::TokenAbsent { .. }
-        )
-    }
-}
-
 /// What an RFC 7512 URI names: attributes to match, and where the module and PIN are.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pkcs11Uri {
-    /// The URI without its query (which may name the PIN's file), for messages.
+    /// The URI without its query (which may name the PIN's file) and its `pin-*`
+    /// attributes, for messages.
     shown: String,
     token: Option<String>,
     manufacturer: Option<String>,
