@@ -767,6 +767,8 @@ struct Tpm {
     dir: tempfile::TempDir,
     /// swtpm, dbus-daemon, tpm2-abrmd: ended in reverse order when dropped.
     processes: Vec<std::process::Child>,
+    /// tpm2-abrmd and the swtpm port it talks to.
+    resource_manager: Option<(PathBuf, u16)>,
 }
 
 impl Tpm {
@@ -793,6 +795,7 @@ impl Tpm {
         let mut tpm = Tpm {
             dir,
             processes: Vec::new(),
+            resource_manager: None,
         };
         // The swtpm TCTI finds the control channel on the port after the server's. Either
         // port may be taken (by another test's connection) by the time swtpm binds it; swtpm
@@ -837,33 +840,8 @@ impl Tpm {
             &format!("--address=unix:path={}", bus.display()),
         ]));
         support::wait_until("the private D-Bus", || async { bus.exists() }).await;
-        let mut resource_manager = Command::new(abrmd);
-        resource_manager
-            .args([
-                "--session",
-                "--allow-root",
-                &format!("--tcti=swtpm:host=127.0.0.1,port={port}"),
-            ])
-            .envs(tpm.env());
-        tpm.spawn(&mut resource_manager);
-        let deadline = std::time::Instant::now() + support::PATIENCE;
-        loop {
-            let out = Command::new("tpm2_getcap")
-                .arg("properties-fixed")
-                .envs(tpm.env())
-                .output()
-                .unwrap();
-            if out.status.success() {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "tpm2-abrmd never reached swtpm: {}\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                tpm.logs()
-            );
-            tokio::time::sleep(support::POLL).await;
-        }
+        tpm.resource_manager = Some((abrmd, port));
+        tpm.start_resource_manager().await;
         let store = tpm.dir.path().join("store").display().to_string();
         let ptool = |args: &[&str]| tpm.run("tpm2_ptool", args);
         ptool(&["init", "--path", &store]);
@@ -886,6 +864,45 @@ impl Tpm {
             &store,
         ]);
         tpm
+    }
+
+    /// tpm2-abrmd, last of the processes, once tpm2-tools reach the TPM through it.
+    async fn start_resource_manager(&mut self) {
+        let (abrmd, port) = self.resource_manager.clone().unwrap();
+        let mut resource_manager = Command::new(abrmd);
+        resource_manager
+            .args([
+                "--session",
+                "--allow-root",
+                &format!("--tcti=swtpm:host=127.0.0.1,port={port}"),
+            ])
+            .envs(self.env());
+        self.spawn(&mut resource_manager);
+        let deadline = std::time::Instant::now() + support::PATIENCE;
+        loop {
+            let out = Command::new("tpm2_getcap")
+                .arg("properties-fixed")
+                .envs(self.env())
+                .output()
+                .unwrap();
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tpm2-abrmd never reached swtpm: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.logs()
+            );
+            tokio::time::sleep(support::POLL).await;
+        }
+    }
+
+    /// tpm2-abrmd ended: the TPM is out of reach, as when a device's resource manager dies.
+    fn stop_resource_manager(&mut self) {
+        let mut abrmd = self.processes.pop().unwrap();
+        abrmd.kill().unwrap();
+        abrmd.wait().unwrap();
     }
 
     fn spawn(&mut self, command: &mut Command) {
@@ -1249,5 +1266,37 @@ async fn a_certificate_in_the_token_is_read_without_a_pin_or_with_the_keys() {
     let mut flags = device_flags(&broker, cert, &key);
     flags.extend(extra);
     assert_token_for(&run_token(flags, hsm.env()).await, &leaf, "hsm-cert");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_whose_tpm_fails_during_a_handshake_says_so_and_heals() {
+    let (fake, broker) = start_broker().await;
+    let mut tpm = Tpm::start().await;
+    let leaf = device_leaf(&broker, "tpm-heal", &tpm.public_key());
+    let cert = broker.setup.write("device.pem", &leaf.chain_pem);
+    let mut flags = device_flags(
+        &broker,
+        cert.to_str().unwrap(),
+        "pkcs11:token=device;object=device-key;type=private",
+    );
+    flags.extend(["--pkcs11-module".into(), TPM2_PKCS11_MODULE.into()]);
+    let mut env = os(tpm.env());
+    env.push(("TOKEN_BROKER_PKCS11_PIN", PIN.into()));
+    let agent = Agent::start(&broker, flags, env).await;
+    // The TPM goes out of reach after the start's checks, before any connection: the
+    // session and key look fine, and the first handshake's signature fails in the module.
+    tpm.stop_resource_manager();
+    let (status, body) = agent.try_token(CLOUD_PLATFORM).await;
+    let description = assert_local_failure(status, &body, &agent);
+    assert!(
+        description.contains("failed during the TLS handshake"),
+        "{description}"
+    );
+    // The TPM is back: the token is opened again, and signs.
+    tpm.start_resource_manager().await;
+    let token = agent.token_eventually(CLOUD_PLATFORM).await;
+    assert_agent_token_for(&fake, &token, &leaf, "tpm-heal");
+    drop(agent);
     broker.stop().await;
 }
