@@ -396,6 +396,16 @@ fn cache_binding(device: &DeviceArgs) -> Result<String, String> {
 
 /// `token`: prints the token; errors go to stderr (or stdout as AIP-4117 for libraries).
 fn token(args: TokenArgs) -> ExitCode {
+    use crate::device::executable;
+    let in_token =
+        |value: &Path| crate::device::pkcs11::Pkcs11Uri::is_uri(&value.to_string_lossy());
+    if args.format == TokenFormat::Executable
+        && executable::should_capture_output(
+            in_token(&args.device.key) || in_token(&args.device.cert),
+        )
+    {
+        return ExitCode::from(executable::run_with_output_captured());
+    }
     let params = TokenParams {
         audience: args.audience,
         scope: args.scope,

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::clock::unix_now;
 use crate::device::credentials::{DeviceCredentials, Loaded};
 pub use crate::device::error::ClientError;
+use crate::device::pkcs11::TokenKey;
 use crate::device::private_file::PrivateFile;
 use crate::pem;
 use crate::redact::root_cause;
@@ -149,27 +150,33 @@ impl BrokerClient {
         Ok(current.loaded.identity.clone())
     }
 
-    /// The HTTP client for the credentials as they are now: a renewed certificate or key
-    /// (files replaced, token object rewritten) is loaded for this request. If the new ones
-    /// cannot be used (say, the certificate was written but not yet its key), the previous
-    /// ones are kept and the problem logged.
-    fn http(&self) -> Result<reqwest::Client, ClientError> {
+    /// The HTTP client for the credentials as they are now, with the key if it is in a
+    /// token: a renewed certificate or key (files replaced, token object rewritten) is
+    /// loaded for this request. If the new ones cannot be used (say, the certificate was
+    /// written but not yet its key), the previous ones are kept and the problem logged. A
+    /// token that broke (removed, re-created, a module failure) is opened again
+    /// (`DeviceCredentials::reload`, with its backoff); until that works, requests fail with
+    /// its reason, a local problem.
+    fn http(&self) -> Result<(reqwest::Client, Option<TokenKey>), ClientError> {
         let mut current = self
             .current
             .lock()
             .map_err(|_| ClientError::Local("an earlier request panicked".into()))?;
-        let stamp = match self.credentials.current_stamp(&current.loaded) {
-            Ok(stamp) => stamp,
-            Err(error) => {
-                tracing::warn!(%error, "cannot look at the device certificate for a renewal; using the one loaded");
-                return Ok(current.http.clone());
+        let stamp = self.credentials.current_stamp(&current.loaded);
+        let usable = current.loaded.usable();
+        if usable {
+            let stamp = match stamp {
+                Ok(stamp) => stamp,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot look at the device certificate for a renewal; using the one loaded");
+                    return Ok(current.client());
+                }
+            };
+            if stamp == current.loaded.stamp() || Some(stamp) == current.rejected {
+                return Ok(current.client());
             }
-        };
-        let unchanged = stamp == current.loaded.stamp() || Some(stamp) == current.rejected;
-        if unchanged && current.loaded.usable() {
-            return Ok(current.http.clone());
         }
-        match self.credentials.load().and_then(|loaded| {
+        match self.credentials.reload(&current.loaded).and_then(|loaded| {
             let http = http_client(&self.roots, &loaded)?;
             Ok((http, loaded))
         }) {
@@ -185,12 +192,13 @@ impl BrokerClient {
                     rejected: None,
                 };
             }
-            Err(error) => {
+            Err(error) if usable => {
                 tracing::warn!(%error, "the device certificate or key changed but cannot be used; still using the previous ones");
-                current.rejected = Some(stamp);
+                current.rejected = stamp.ok();
             }
+            Err(error) => return Err(error),
         }
-        Ok(current.http.clone())
+        Ok(current.client())
     }
 
     pub async fn fetch(&self, params: &TokenParams) -> Result<Token, ClientError> {
@@ -205,13 +213,20 @@ impl BrokerClient {
                 form.push((name, value));
             }
         }
-        let response = self
-            .http()?
+        let (http, token_key) = self.http()?;
+        let response = http
             .post(&self.token_url)
             .form(&form)
             .send()
             .await
-            .map_err(|e| self.send_error(&e))?;
+            .map_err(|e| match token_key.as_ref().and_then(TokenKey::failure) {
+                // The handshake failed because the device's token did: a local problem.
+                Some(failure) => ClientError::Local(format!(
+                    "the device key's token failed during the TLS handshake: {failure}; it is \
+                     opened again for the next request"
+                )),
+                None => self.send_error(&e),
+            })?;
         let status = response.status().as_u16();
         let body = read_capped(response, MAX_ANSWER_BYTES).await?;
         let body: Value = serde_json::from_slice(&body).map_err(|e| {
@@ -336,6 +351,12 @@ fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a 
         cause = error.source();
     }
     None
+}
+
+impl Current {
+    fn client(&self) -> (reqwest::Client, Option<TokenKey>) {
+        (self.http.clone(), self.loaded.token_key())
+    }
 }
 
 /// TLS and HTTP for one set of loaded credentials.

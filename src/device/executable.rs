@@ -7,8 +7,14 @@
 //! `pluggable-auth-client.ts`) read `output_file` first and run the executable only when the
 //! response there is missing, unsuccessful or past its `expiration_time`; they merge the
 //! executable's stderr into its stdout, so a successful run must print nothing but the JSON.
+//! A PKCS#11 module writes to the process's own stdout and stderr (tpm2-pkcs11's TCTI
+//! errors, p11-kit's warnings) where no Rust code can stop it without `unsafe`, so a run
+//! with a `pkcs11:` key or certificate runs itself again as a child whose output it reads
+//! ([`run_with_output_captured`]).
 
+use std::io::Write;
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 
@@ -146,6 +152,83 @@ pub fn response(token: &Token, token_type: &str) -> Value {
 /// output instead.
 pub fn error_response(error: &ClientError) -> Value {
     json!({ "version": 1, "success": false, "code": error.code(), "message": error.to_string() })
+}
+
+/// Set in the environment of the child [`run_with_output_captured`] starts.
+const CAPTURED: &str = "TOKEN_BROKER_OUTPUT_CAPTURED";
+
+/// Whether this run should be made again by a child whose output is captured: it loads a
+/// PKCS#11 module (`uses_pkcs11`), and is not that child already.
+pub fn should_capture_output(uses_pkcs11: bool) -> bool {
+    uses_pkcs11 && std::env::var_os(CAPTURED).is_none()
+}
+
+/// Runs this same command (`current_exe`, the same arguments and environment) as a child,
+/// and prints only its response, the last line of its stdout, if that is JSON. On success
+/// nothing else is printed: whatever a module wrote, on either stream, is dropped with the
+/// child's log (a successful executable run prints nothing but the response, and its
+/// warnings are not shown in this format anyway). On failure the child's other output goes
+/// to stderr, where it helps the operator: the libraries then show the whole output. Returns
+/// the child's exit code.
+pub fn run_with_output_captured() -> u8 {
+    let output = std::env::current_exe().and_then(|exe| {
+        Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env(CAPTURED, "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+    });
+    let output = match output {
+        Ok(output) => output,
+        Err(e) => {
+            let error = ClientError::Local(format!(
+                "cannot run token again to capture a PKCS#11 module's output: {e}"
+            ));
+            println!("{}", error_response(&error));
+            eprintln!("error: {error}");
+            return error.exit_code();
+        }
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let (before, last) = match stdout.trim_end().rsplit_once('\n') {
+        Some((before, last)) => (before, last),
+        None => ("", stdout.trim_end()),
+    };
+    let response = serde_json::from_str::<Value>(last)
+        .ok()
+        .filter(Value::is_object);
+    let code = match output.status.code() {
+        Some(code) => u8::try_from(code).unwrap_or(1),
+        None => 1,
+    };
+    let mut stderr = std::io::stderr().lock();
+    match response {
+        Some(response) if code == 0 => {
+            println!("{response}");
+            return 0;
+        }
+        Some(response) => {
+            println!("{response}");
+            let _ = stderr.write_all(before.as_bytes());
+        }
+        None => {
+            let error = ClientError::Local(format!(
+                "token ended without a response (exit {})",
+                output.status
+            ));
+            println!("{}", error_response(&error));
+            let _ = stderr.write_all(stdout.as_bytes());
+            let _ = writeln!(stderr, "error: {error}");
+        }
+    }
+    let _ = stderr.write_all(&output.stderr);
+    if code == 0 {
+        1
+    } else {
+        code
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! 2.6 has no `CKM_ECDSA_SHA256`, and its multi-part `CKM_SHA256_RSA_PKCS` fails).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -44,8 +44,10 @@ pub enum Pkcs11Error {
     },
     #[error("PKCS#11 URI matches {count} tokens ({present}); add token= or serial= to choose one")]
     TokenAmbiguous { count: usize, present: String },
-    #[error("wrong PIN for PKCS#11 token '{token}' (the token refused it; repeated wrong PINs lock the token)")]
-    WrongPin { token: String },
+    #[error("wrong PIN for PKCS#11 token '{token}' (the token refused it; repeated wrong PINs lock the token, so it is not tried again until {pin_from} changes)")]
+    WrongPin { token: String, pin_from: String },
+    #[error("the configured PIN ({pin_from}) was refused by PKCS#11 token '{token}' and is not tried again until it changes (each wrong try brings the token closer to locking); write the right PIN there")]
+    PinRefusedBefore { token: String, pin_from: String },
     #[error("the PIN of PKCS#11 token '{token}' is locked after too many wrong PINs; unlock it with the token's SO PIN")]
     PinLocked { token: String },
     #[error("PKCS#11 token '{token}' needs a PIN: give it with --pkcs11-pin-file FILE, pin-source=file:FILE in the URI, or the {PIN_ENV} environment variable")]
@@ -87,7 +89,8 @@ pub enum Pkcs11Error {
 /// What an RFC 7512 URI names: attributes to match, and where the module and PIN are.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pkcs11Uri {
-    /// The URI without its query (which may name the PIN's file), for messages.
+    /// The URI without its query (which may name the PIN's file) and its `pin-*`
+    /// attributes, for messages.
     shown: String,
     token: Option<String>,
     manufacturer: Option<String>,
@@ -112,12 +115,36 @@ impl Pkcs11Uri {
             .is_some_and(|scheme| scheme.eq_ignore_ascii_case("pkcs11:"))
     }
 
+    /// Whether `text` (a URI, or anything given where one may be) carries a `pin-value`
+    /// attribute, in any case, anywhere.
+    pub fn has_pin_value(text: &str) -> bool {
+        text.to_ascii_lowercase().contains("pin-value")
+    }
+
+    /// `text` as it may be shown: without its query (which may name the PIN's file) and
+    /// without any `pin-*` attribute (a PIN or its source given by mistake).
+    pub fn redacted(text: &str) -> String {
+        let path = text.split(['?', '#']).next().unwrap_or_default();
+        let (scheme, attributes) = match path.split_once(':') {
+            Some((scheme, attributes)) => (format!("{scheme}:"), attributes),
+            None => (String::new(), path),
+        };
+        let kept: Vec<&str> = attributes
+            .split(';')
+            .filter(|a| !a.trim_start().to_ascii_lowercase().starts_with("pin-"))
+            .collect();
+        format!("{scheme}{}", kept.join(";"))
+    }
+
     /// Parses `pkcs11:path-attrs?query-attrs`. Attributes it does not know are refused
     /// rather than ignored: ignoring one would pick an object the operator did not mean.
-    /// `pin-value` is refused (PIN only from a file or [`PIN_ENV`]); the error never
-    /// repeats the URI, which may hold the PIN.
+    /// `pin-value` is refused before anything else is looked at (PIN only from a file or
+    /// [`PIN_ENV`]); no error repeats a query or a `pin-*` attribute ([`Pkcs11Uri::redacted`]).
     pub fn parse(text: &str) -> Result<Pkcs11Uri, Pkcs11Error> {
-        let shown = || text.split(['?', '#']).next().unwrap_or_default().to_owned();
+        if Pkcs11Uri::has_pin_value(text) {
+            return Err(Pkcs11Error::PinInUri);
+        }
+        let shown = || Pkcs11Uri::redacted(text);
         let bad = |reason: String| Pkcs11Error::BadUri {
             uri: shown(),
             reason,
@@ -138,12 +165,13 @@ impl Pkcs11Uri {
             .map(|a| (a, false))
             .chain(query_attributes.map(|a| (a, true)))
         {
-            let (name, value) = attribute
-                .split_once('=')
-                .ok_or_else(|| bad(format!("attribute {attribute:?} has no '='")))?;
-            if name == "pin-value" {
-                return Err(Pkcs11Error::PinInUri);
-            }
+            let (name, value) = attribute.split_once('=').ok_or_else(|| {
+                bad(if attribute.to_ascii_lowercase().starts_with("pin-") {
+                    "a pin-* attribute has no '='".into()
+                } else {
+                    format!("attribute {attribute:?} has no '='")
+                })
+            })?;
             let bytes: Vec<u8> = percent_encoding::percent_decode_str(value).collect();
             let text_value = || {
                 String::from_utf8(bytes.clone())
@@ -294,11 +322,25 @@ const P11_KIT_PROXY: &[&str] = &[
 ];
 
 /// A loaded and initialized module (one per process: modules refuse a second
-/// initialization).
+/// initialization). Every call into it takes `state` shared; [`Module::reinitialize`] takes
+/// it alone, so no call runs while the module starts again.
 #[derive(Clone)]
-pub struct Module {
+pub struct Module(Arc<ModuleInner>);
+
+struct ModuleInner {
     context: Pkcs11,
     path: PathBuf,
+    /// How many times the module was initialized again: a session opened before is gone
+    /// with the previous initialization, and is never used or closed (its handle may now
+    /// name another session).
+    state: RwLock<u64>,
+}
+
+fn poisoned<T>(_: T) -> Pkcs11Error {
+    Pkcs11Error::Module {
+        doing: "using the module".into(),
+        error: "an earlier use panicked".into(),
+    }
 }
 
 impl Module {
@@ -320,16 +362,38 @@ impl Module {
             return Err(missing("no such file".into()));
         }
         let context = Pkcs11::new(&path).map_err(|e| missing(e.to_string()))?;
-        match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-            Err(e) => return Err(module_error(format!("initializing {}", path.display()))(e)),
-        }
-        Ok(Module { context, path })
+        initialize(&context, &path)?;
+        Ok(Module(Arc::new(ModuleInner {
+            context,
+            path,
+            state: RwLock::new(0),
+        })))
     }
 
-    /// The one token `uri` names, with a session logged in when the token needs it.
-    pub fn open(&self, uri: &Pkcs11Uri, pin: Option<&Pin>) -> Result<Token, Pkcs11Error> {
-        let context = &self.context;
+    /// Finalizes and initializes the module again (`C_Finalize`, `C_Initialize`): the only
+    /// way a module shows a token re-created or reinserted since it was initialized
+    /// (SoftHSM2 keeps listing the old one, whose every use then fails). Every session
+    /// opened before is invalid from then on.
+    pub fn reinitialize(&self) -> Result<(), Pkcs11Error> {
+        let mut generation = self.0.state.write().map_err(poisoned)?;
+        *generation += 1;
+        // Not initialized (an earlier attempt failed half-way) is as good as finalized.
+        let _ = self.0.context.clone().finalize();
+        initialize(&self.0.context, &self.0.path)
+    }
+
+    /// The one token `uri` names, with a session that is not logged in (see
+    /// [`Token::login`]).
+    pub fn open(&self, uri: &Pkcs11Uri) -> Result<Token, Pkcs11Error> {
+        off_the_runtime(|| {
+            let state = self.0.state.read().map_err(poisoned)?;
+            self.open_at(uri, *state)
+        })
+    }
+
+    fn open_at(&self, uri: &Pkcs11Uri, generation: u64) -> Result<Token, Pkcs11Error> {
+        let context = &self.0.context;
+        let module = self.0.path.display().to_string();
         if uri.library_manufacturer.is_some() || uri.library_description.is_some() {
             let info = context
                 .get_library_info()
@@ -342,7 +406,7 @@ impl Module {
             {
                 return Err(Pkcs11Error::TokenAbsent {
                     wanted: "the URI's library-manufacturer/library-description".into(),
-                    module: self.path.display().to_string(),
+                    module,
                     present: format!(
                         "library-manufacturer={};library-description={}",
                         info.manufacturer_id().trim_end(),
@@ -351,15 +415,20 @@ impl Module {
                 });
             }
         }
+        // Every slot with a token, each asked on its own: one whose token is gone (deleted
+        // under a running process) fails alone, not the listing.
         let slots = context
-            .get_slots_with_initialized_token()
+            .get_slots_with_token()
             .map_err(module_error("listing the module's tokens"))?;
         let mut present = Vec::new();
         let mut matching = Vec::new();
         for slot in slots {
-            let token = context
-                .get_token_info(slot)
-                .map_err(module_error("reading a token's information"))?;
+            let Ok(token) = context.get_token_info(slot) else {
+                continue;
+            };
+            if !token.token_initialized() {
+                continue;
+            }
             let slot_info = context
                 .get_slot_info(slot)
                 .map_err(module_error("reading a slot's information"))?;
@@ -389,30 +458,18 @@ impl Module {
             0 => {
                 return Err(Pkcs11Error::TokenAbsent {
                     wanted: uri.token_wanted(),
-                    module: self.path.display().to_string(),
+                    module,
                     present,
                 })
             }
             count => return Err(Pkcs11Error::TokenAmbiguous { count, present }),
         };
-        let session = context.open_ro_session(slot).map_err(module_error(format!(
-            "opening a session with token '{label}'"
-        )))?;
-        if login_required {
-            let pin = pin.ok_or_else(|| Pkcs11Error::PinNeeded {
-                token: label.clone(),
-            })?;
-            match session.login(UserType::User, Some(&pin.0)) {
-                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-                Err(CkError::Pkcs11(RvError::PinIncorrect, _)) => {
-                    return Err(Pkcs11Error::WrongPin { token: label })
-                }
-                Err(CkError::Pkcs11(RvError::PinLocked, _)) => {
-                    return Err(Pkcs11Error::PinLocked { token: label })
-                }
-                Err(e) => return Err(module_error(format!("logging in to token '{label}'"))(e)),
-            }
-        }
+        // Closed by `Held` while this initialization lasts, never after.
+        let session = context
+            .open_ro_session_no_drop(slot)
+            .map_err(module_error(format!(
+                "opening a session with token '{label}'"
+            )))?;
         // Asked one by one: listing them all makes cryptoki log every mechanism it does not
         // know as an error.
         let mechanisms = [
@@ -428,11 +485,23 @@ impl Module {
         })
         .collect();
         Ok(Token {
-            session: Arc::new(Mutex::new(session)),
+            held: Arc::new(Held {
+                module: self.clone(),
+                generation,
+                session: Mutex::new(Some(session)),
+                failure: Mutex::new(None),
+            }),
             label,
             login_required,
             mechanisms,
         })
+    }
+}
+
+fn initialize(context: &Pkcs11, path: &Path) -> Result<(), Pkcs11Error> {
+    match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
+        Err(e) => Err(module_error(format!("initializing {}", path.display()))(e)),
     }
 }
 
@@ -460,38 +529,150 @@ impl Pin {
     }
 }
 
-/// A token with its (logged-in) session. Sessions are not safe to share between threads,
-/// so every use takes the lock.
+/// A session of one module initialization, closed when the last `Token` using it goes
+/// while that initialization lasts.
+struct Held {
+    module: Module,
+    generation: u64,
+    session: Mutex<Option<Session>>,
+    /// The first failure of the module seen through this session: from then on the
+    /// session is not used again, and the token is opened anew.
+    failure: Mutex<Option<String>>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let Ok(state) = self.module.0.state.read() else {
+            return;
+        };
+        if *state != self.generation {
+            return;
+        }
+        if let Some(session) = self.session.lock().ok().and_then(|mut s| s.take()) {
+            let _ = session.close();
+        }
+    }
+}
+
+/// A token with its session. Sessions are not safe to share between threads, so every use
+/// takes the lock.
 #[derive(Clone)]
 pub struct Token {
-    session: Arc<Mutex<Session>>,
+    held: Arc<Held>,
     label: String,
     login_required: bool,
     mechanisms: Vec<MechanismType>,
 }
 
 impl Token {
-    fn session(&self) -> Result<std::sync::MutexGuard<'_, Session>, Pkcs11Error> {
-        self.session.lock().map_err(|_| Pkcs11Error::Module {
-            doing: format!("using token '{}'", self.label),
-            error: "an earlier use panicked".into(),
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Runs `work` with the session, off the runtime's workers, unless the session failed
+    /// before or belongs to an earlier initialization of the module. A failure of the
+    /// module's own (not a missing object) marks the session failed.
+    fn with_session<T>(
+        &self,
+        work: impl FnOnce(&Session) -> Result<T, Pkcs11Error>,
+    ) -> Result<T, Pkcs11Error> {
+        off_the_runtime(|| {
+            if let Some(failure) = self.failure() {
+                return Err(Pkcs11Error::Module {
+                    doing: format!("using token '{}'", self.label),
+                    error: format!("{failure} (earlier)"),
+                });
+            }
+            let state = self.held.module.0.state.read().map_err(poisoned)?;
+            if *state != self.held.generation {
+                return Err(self.failed(Pkcs11Error::Module {
+                    doing: format!("using token '{}'", self.label),
+                    error: "the module was initialized again since this session was opened".into(),
+                }));
+            }
+            let session = self.held.session.lock().map_err(poisoned)?;
+            let session = session.as_ref().ok_or_else(|| Pkcs11Error::Module {
+                doing: format!("using token '{}'", self.label),
+                error: "the session is closed".into(),
+            })?;
+            work(session).map_err(|error| match error {
+                Pkcs11Error::Module { .. } => self.failed(error),
+                other => other,
+            })
         })
     }
 
-    /// Whether the session still works (the token was not removed, the login holds). It
-    /// waits for the session while a signature holds it: off the runtime, as signing is.
-    pub fn usable(&self) -> bool {
-        off_the_runtime(|| {
-            self.session()
-                .ok()
-                .and_then(|s| s.get_session_info().ok())
-                .is_some_and(|info| match info.session_state() {
-                    SessionState::RoUser | SessionState::RwUser => true,
-                    // Logged out (the token was reinserted): usable only if no login is needed.
-                    SessionState::RoPublic | SessionState::RwPublic => !self.login_required,
-                    _ => false,
-                })
+    fn failed(&self, error: Pkcs11Error) -> Pkcs11Error {
+        if let Ok(mut failure) = self.held.failure.lock() {
+            failure.get_or_insert_with(|| error.to_string());
+        }
+        error
+    }
+
+    /// The module's failure seen through this session, if any (see [`Token::usable`]).
+    pub fn failure(&self) -> Option<String> {
+        self.held.failure.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Whether this token needs a login that its session does not have (yet).
+    pub fn needs_login(&self) -> Result<bool, Pkcs11Error> {
+        if !self.login_required {
+            return Ok(false);
+        }
+        let label = self.label.clone();
+        self.with_session(|session| {
+            let info = session.get_session_info().map_err(module_error(format!(
+                "reading the session with token '{label}'"
+            )))?;
+            Ok(matches!(
+                info.session_state(),
+                SessionState::RoPublic | SessionState::RwPublic
+            ))
         })
+    }
+
+    /// Logs in as the user with `pin` (`C_Login`): once, the caller decides whether to try.
+    pub fn login(&self, pin: &Pin, pin_from: &str) -> Result<(), Pkcs11Error> {
+        let label = self.label.clone();
+        self.with_session(
+            |session| match session.login(UserType::User, Some(&pin.0)) {
+                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+                Err(CkError::Pkcs11(
+                    RvError::PinIncorrect
+                    | RvError::PinInvalid
+                    | RvError::PinLenRange
+                    | RvError::PinExpired,
+                    _,
+                )) => Err(Pkcs11Error::WrongPin {
+                    token: label,
+                    pin_from: pin_from.to_owned(),
+                }),
+                Err(CkError::Pkcs11(RvError::PinLocked, _)) => {
+                    Err(Pkcs11Error::PinLocked { token: label })
+                }
+                Err(e) => Err(module_error(format!("logging in to token '{label}'"))(e)),
+            },
+        )
+    }
+
+    /// Whether the session still works: no failure seen through it, and the module says it
+    /// is open and logged in when the token needs it (reinserted tokens come back logged
+    /// out). It waits for the session while a signature holds it: off the runtime, as
+    /// signing is.
+    pub fn usable(&self) -> bool {
+        let login_required = self.login_required;
+        self.with_session(|session| {
+            let info = session
+                .get_session_info()
+                .map_err(module_error("reading the session's state"))?;
+            Ok(match info.session_state() {
+                SessionState::RoUser | SessionState::RwUser => true,
+                // Logged out (the token was reinserted): usable only if no login is needed.
+                SessionState::RoPublic | SessionState::RwPublic => !login_required,
+                _ => false,
+            })
+        })
+        .unwrap_or(false)
     }
 
     /// The one object of `class` that `uri` names.
@@ -563,14 +744,15 @@ impl Token {
     /// The DER certificate `uri` names (`type=cert`, or no type).
     pub fn certificate(&self, uri: &Pkcs11Uri) -> Result<Vec<u8>, Pkcs11Error> {
         check_type(uri, "cert", "--cert")?;
-        let session = self.session()?;
-        let handle = self.find(&session, uri, ObjectClass::CERTIFICATE, "certificate")?;
-        let attributes = session
-            .get_attributes(handle, &[AttributeType::Value])
-            .map_err(module_error(format!(
-                "reading a certificate of '{}'",
-                self.label
-            )))?;
+        let attributes = self.with_session(|session| {
+            let handle = self.find(session, uri, ObjectClass::CERTIFICATE, "certificate")?;
+            session
+                .get_attributes(handle, &[AttributeType::Value])
+                .map_err(module_error(format!(
+                    "reading a certificate of '{}'",
+                    self.label
+                )))
+        })?;
         attributes
             .into_iter()
             .find_map(|attribute| match attribute {
@@ -586,20 +768,21 @@ impl Token {
     /// The private key `uri` names (`type=private`, or no type), as a TLS signing key.
     pub fn private_key(&self, uri: &Pkcs11Uri) -> Result<TokenKey, Pkcs11Error> {
         check_type(uri, "private", "--key")?;
-        let session = self.session()?;
-        let handle = self.find(&session, uri, ObjectClass::PRIVATE_KEY, "private key")?;
-        let attributes = session
-            .get_attributes(
-                handle,
-                &[
-                    AttributeType::KeyType,
-                    AttributeType::EcParams,
-                    AttributeType::Modulus,
-                    AttributeType::AlwaysAuthenticate,
-                ],
-            )
-            .map_err(module_error(format!("reading a key of '{}'", self.label)))?;
-        drop(session);
+        let (handle, attributes) = self.with_session(|session| {
+            let handle = self.find(session, uri, ObjectClass::PRIVATE_KEY, "private key")?;
+            let attributes = session
+                .get_attributes(
+                    handle,
+                    &[
+                        AttributeType::KeyType,
+                        AttributeType::EcParams,
+                        AttributeType::Modulus,
+                        AttributeType::AlwaysAuthenticate,
+                    ],
+                )
+                .map_err(module_error(format!("reading a key of '{}'", self.label)))?;
+            Ok((handle, attributes))
+        })?;
         let unsupported = |what: String| Pkcs11Error::UnsupportedKey {
             token: self.label.clone(),
             what,
@@ -727,8 +910,29 @@ impl std::fmt::Debug for TokenKey {
 }
 
 impl TokenKey {
+    /// Whether the key can still sign: its token's session works, and the key object is
+    /// still there (a re-created token has the same objects under other handles; a pooled
+    /// connection or a resumed TLS session would hide that until the next full handshake).
     pub fn usable(&self) -> bool {
-        self.0.token.usable()
+        let key = &self.0;
+        key.token.usable()
+            && key
+                .token
+                .with_session(|session| {
+                    session
+                        .get_attributes(key.handle, &[AttributeType::Class])
+                        .map_err(module_error(format!(
+                            "reading the key in token '{}'",
+                            key.token.label
+                        )))
+                })
+                .is_ok()
+    }
+
+    /// The module's failure seen while signing (or otherwise using the key's session), if
+    /// any: the reason a handshake failed, and that the token must be opened again.
+    pub fn failure(&self) -> Option<String> {
+        self.0.token.failure()
     }
 
     /// The TLS schemes this key can sign, preferred first (PSS before PKCS#1: TLS 1.3
@@ -832,21 +1036,16 @@ impl Signer for TokenSigner {
             _ => (Mechanism::RsaPkcs, [info, &digest].concat()),
         };
         let token = &self.key.token;
-        let failed = |e: CkError| {
-            rustls::Error::General(format!(
-                "signing with the key in PKCS#11 token '{}': {}",
-                token.label,
-                module_error("C_Sign")(e)
-            ))
-        };
-        let signature = off_the_runtime(|| {
-            let session = token
-                .session()
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
-            session
-                .sign(&mechanism, self.key.handle, &input)
-                .map_err(failed)
-        })?;
+        let signature = token
+            .with_session(|session| {
+                session
+                    .sign(&mechanism, self.key.handle, &input)
+                    .map_err(module_error(format!(
+                        "signing with the key in token '{}'",
+                        token.label
+                    )))
+            })
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
         match self.key.kind {
             // PKCS#11 returns r || s; TLS wants the DER Ecdsa-Sig-Value.
             KeyKind::Ec(_) => crate::der::ecdsa_signature(&signature).ok_or_else(|| {
@@ -869,7 +1068,7 @@ impl Signer for TokenSigner {
 /// synchronously inside a handshake's poll, where nothing can be awaited, so on a
 /// multi-threaded runtime (the agent's) the worker hands its other tasks to another thread
 /// meanwhile. On a current-thread runtime (`token`, one request) or none, it just runs.
-fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+pub(crate) fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
@@ -943,6 +1142,39 @@ mod tests {
         assert!(!bad.to_string().contains("123456"), "{bad}");
         let in_path = Pkcs11Uri::parse("pkcs11:token=t;pin-value=123456").unwrap_err();
         assert!(matches!(in_path, Pkcs11Error::PinInUri));
+        // Refused before any other check, whatever else is wrong, in any case.
+        for text in [
+            "pkcs11:colour=red;pin-value=123456",
+            "pkcs11:token;pin-value=123456",
+            "pkcs11:token=a;token=b?pin-value=123456",
+            "PKCS11:PIN-VALUE=123456",
+            "pkcs12:pin-value=123456",
+        ] {
+            assert!(
+                matches!(Pkcs11Uri::parse(text), Err(Pkcs11Error::PinInUri)),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_error_repeats_a_pin_attribute() {
+        for text in [
+            "pkcs11:colour=red;pin-source=123456",
+            "pkcs11:pin-source=123456;colour=red",
+            "pkcs11:token=a;pin-source123456",
+            "pkcs11:colour=red?pin-source=file:123456",
+            "pkcs11:token=a?pin-source=123456",
+            "pkcs11:token=a;Pin-Source=123456;type=key",
+        ] {
+            let error = Pkcs11Uri::parse(text).unwrap_err();
+            assert!(matches!(error, Pkcs11Error::BadUri { .. }), "{text}");
+            assert!(!error.to_string().contains("123456"), "{text}: {error}");
+        }
+        assert_eq!(
+            Pkcs11Uri::redacted("pkcs11:token=a;pin-source=x;object=b?pin-source=file:/p"),
+            "pkcs11:token=a;object=b"
+        );
     }
 
     #[test]

@@ -20,8 +20,12 @@ const RUNNER: &str = "runner@fake-project.iam.gserviceaccount.com";
 const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
 const READ_ONLY: &str = "https://www.googleapis.com/auth/devstorage.read_only";
 const PIN: &str = "246810";
-const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-const P11_KIT_PROXY: &str = "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so";
+const SO_PIN: &str = "13579111";
+pub(crate) const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub(crate) const P11_KIT_PROXY: &str = "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so";
+/// OpenSC's logging PKCS#11 module: it passes every call to the module named by
+/// `PKCS11SPY` and writes each to the file named by `PKCS11SPY_OUTPUT`.
+const PKCS11_SPY: &str = "/usr/lib/x86_64-linux-gnu/pkcs11-spy.so";
 
 /// A broker allowing its own ID tokens (`token`) and impersonation (`agent`) for devices.
 async fn start_broker() -> (FakeGoogle, TestBroker) {
@@ -40,12 +44,12 @@ async fn start_broker() -> (FakeGoogle, TestBroker) {
 
 /// A SoftHSM2 token of its own (configuration and token folder in a temporary folder),
 /// labelled `device`, user PIN [`PIN`].
-struct SoftHsm {
+pub(crate) struct SoftHsm {
     dir: tempfile::TempDir,
 }
 
 impl SoftHsm {
-    fn new() -> SoftHsm {
+    pub(crate) fn new() -> SoftHsm {
         support::require_tool("softhsm2-util", "softhsm2");
         support::require_tool("pkcs11-tool", "opensc");
         let dir = tempfile::tempdir().unwrap();
@@ -59,7 +63,13 @@ impl SoftHsm {
         )
         .unwrap();
         let hsm = SoftHsm { dir };
-        hsm.run(
+        hsm.init_token(PIN);
+        hsm
+    }
+
+    /// Token `device`, with this user PIN, in the first free slot.
+    fn init_token(&self, pin: &str) {
+        self.run(
             "softhsm2-util",
             &[
                 "--init-token",
@@ -67,17 +77,64 @@ impl SoftHsm {
                 "--label",
                 "device",
                 "--pin",
-                PIN,
+                pin,
                 "--so-pin",
-                "13579111",
+                SO_PIN,
             ],
         );
-        hsm
+    }
+
+    /// Token `device` deleted (as when a card is pulled, or a TPM store wiped).
+    fn delete_token(&self) {
+        self.run("softhsm2-util", &["--delete-token", "--token", "device"]);
+    }
+
+    /// `leaf`'s key imported into token `device` under `pin`, with its certificate: the
+    /// same objects each time (a key made in the token could not be made again).
+    fn import(&self, leaf: &Leaf, pin: &str) {
+        let key_file = self.dir.path().join("import-key.pem");
+        std::fs::write(&key_file, &leaf.key_pem).unwrap();
+        self.run(
+            "softhsm2-util",
+            &[
+                "--import",
+                key_file.to_str().unwrap(),
+                "--token",
+                "device",
+                "--label",
+                "device",
+                "--id",
+                "01",
+                "--pin",
+                pin,
+            ],
+        );
+        std::fs::remove_file(&key_file).unwrap();
+        let cert_file = self.dir.path().join("import-cert.der");
+        std::fs::write(&cert_file, &leaf.der).unwrap();
+        self.run(
+            "pkcs11-tool",
+            &[
+                "--module",
+                SOFTHSM_MODULE,
+                "--login",
+                "--pin",
+                pin,
+                "--write-object",
+                cert_file.to_str().unwrap(),
+                "--type",
+                "cert",
+                "--label",
+                "device",
+                "--id",
+                "01",
+            ],
+        );
     }
 
     /// What every process using this token needs in its environment. p11-kit's proxy also
     /// loads tpm2-pkcs11, whose store is kept here rather than in the user's home.
-    fn env(&self) -> Vec<(&'static str, PathBuf)> {
+    pub(crate) fn env(&self) -> Vec<(&'static str, PathBuf)> {
         vec![
             ("SOFTHSM2_CONF", self.dir.path().join("softhsm2.conf")),
             ("TPM2_PKCS11_STORE", self.dir.path().to_owned()),
@@ -96,7 +153,7 @@ impl SoftHsm {
 
     /// A key pair made inside the token (`EC:prime256v1`, `rsa:2048`, ...); returns the
     /// public key (DER SubjectPublicKeyInfo). The private key is never extractable.
-    fn generate(&self, key_type: &str, label: &str, id: &str) -> Vec<u8> {
+    pub(crate) fn generate(&self, key_type: &str, label: &str, id: &str) -> Vec<u8> {
         self.pkcs11_tool(&[
             "--keypairgen",
             "--key-type",
@@ -139,7 +196,7 @@ impl SoftHsm {
     }
 
     /// A file holding the PIN, readable by its owner only.
-    fn pin_file(&self) -> PathBuf {
+    pub(crate) fn pin_file(&self) -> PathBuf {
         let path = self.dir.path().join("pin");
         std::fs::write(&path, format!("{PIN}\n")).unwrap();
         set_mode(&path, 0o600);
@@ -302,8 +359,8 @@ impl Agent {
         self.process.log()
     }
 
-    /// The access token the agent serves for these scopes (a metadata-server request).
-    async fn token(&self, scopes: &str) -> String {
+    /// The status and body of the agent's answer to a token request for these scopes.
+    async fn try_token(&self, scopes: &str) -> (u16, String) {
         let response = reqwest::Client::new()
             .get(format!(
                 "http://{}/computeMetadata/v1/instance/service-accounts/default/token?scopes={scopes}",
@@ -313,8 +370,33 @@ impl Agent {
             .send()
             .await
             .unwrap();
-        let status = response.status();
-        let body = response.text().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
+    }
+
+    /// Asks for a token until one is served (a healing token waits out its backoff).
+    async fn token_eventually(&self, scopes: &str) -> String {
+        let deadline = std::time::Instant::now() + support::PATIENCE;
+        loop {
+            let (status, body) = self.try_token(scopes).await;
+            if status == 200 {
+                let answer: Value = serde_json::from_str(&body).unwrap();
+                return answer["access_token"].as_str().unwrap().to_owned();
+            }
+            assert_eq!(status, 500, "{body}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no token within {:?}: {body}\nagent log:\n{}",
+                support::PATIENCE,
+                self.log_text()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The access token the agent serves for these scopes (a metadata-server request).
+    async fn token(&self, scopes: &str) -> String {
+        let (status, body) = self.try_token(scopes).await;
         assert_eq!(status, 200, "{body}\nagent log:\n{}", self.log_text());
         let answer: Value = serde_json::from_str(&body).unwrap();
         answer["access_token"].as_str().unwrap().to_owned()
@@ -685,6 +767,8 @@ struct Tpm {
     dir: tempfile::TempDir,
     /// swtpm, dbus-daemon, tpm2-abrmd: ended in reverse order when dropped.
     processes: Vec<std::process::Child>,
+    /// tpm2-abrmd and the swtpm port it talks to.
+    resource_manager: Option<(PathBuf, u16)>,
 }
 
 impl Tpm {
@@ -711,6 +795,7 @@ impl Tpm {
         let mut tpm = Tpm {
             dir,
             processes: Vec::new(),
+            resource_manager: None,
         };
         // The swtpm TCTI finds the control channel on the port after the server's. Either
         // port may be taken (by another test's connection) by the time swtpm binds it; swtpm
@@ -755,33 +840,8 @@ impl Tpm {
             &format!("--address=unix:path={}", bus.display()),
         ]));
         support::wait_until("the private D-Bus", || async { bus.exists() }).await;
-        let mut resource_manager = Command::new(abrmd);
-        resource_manager
-            .args([
-                "--session",
-                "--allow-root",
-                &format!("--tcti=swtpm:host=127.0.0.1,port={port}"),
-            ])
-            .envs(tpm.env());
-        tpm.spawn(&mut resource_manager);
-        let deadline = std::time::Instant::now() + support::PATIENCE;
-        loop {
-            let out = Command::new("tpm2_getcap")
-                .arg("properties-fixed")
-                .envs(tpm.env())
-                .output()
-                .unwrap();
-            if out.status.success() {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "tpm2-abrmd never reached swtpm: {}\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                tpm.logs()
-            );
-            tokio::time::sleep(support::POLL).await;
-        }
+        tpm.resource_manager = Some((abrmd, port));
+        tpm.start_resource_manager().await;
         let store = tpm.dir.path().join("store").display().to_string();
         let ptool = |args: &[&str]| tpm.run("tpm2_ptool", args);
         ptool(&["init", "--path", &store]);
@@ -804,6 +864,45 @@ impl Tpm {
             &store,
         ]);
         tpm
+    }
+
+    /// tpm2-abrmd, last of the processes, once tpm2-tools reach the TPM through it.
+    async fn start_resource_manager(&mut self) {
+        let (abrmd, port) = self.resource_manager.clone().unwrap();
+        let mut resource_manager = Command::new(abrmd);
+        resource_manager
+            .args([
+                "--session",
+                "--allow-root",
+                &format!("--tcti=swtpm:host=127.0.0.1,port={port}"),
+            ])
+            .envs(self.env());
+        self.spawn(&mut resource_manager);
+        let deadline = std::time::Instant::now() + support::PATIENCE;
+        loop {
+            let out = Command::new("tpm2_getcap")
+                .arg("properties-fixed")
+                .envs(self.env())
+                .output()
+                .unwrap();
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tpm2-abrmd never reached swtpm: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.logs()
+            );
+            tokio::time::sleep(support::POLL).await;
+        }
+    }
+
+    /// tpm2-abrmd ended: the TPM is out of reach, as when a device's resource manager dies.
+    fn stop_resource_manager(&mut self) {
+        let mut abrmd = self.processes.pop().unwrap();
+        abrmd.kill().unwrap();
+        abrmd.wait().unwrap();
     }
 
     fn spawn(&mut self, command: &mut Command) {
@@ -921,6 +1020,283 @@ async fn a_p256_key_made_in_a_software_tpm_signs_for_token_and_agent() {
     );
     flags.extend(["--pkcs11-module".into(), TPM2_PKCS11_MODULE.into()]);
     let agent = token_then_agent(&broker, &fake, flags, os(tpm.env()), &leaf, "tpm-p256").await;
+    drop(agent);
+    broker.stop().await;
+}
+
+/// The agent's answer while its token is broken: a local failure (500 `server_error`) with
+/// the PKCS#11 reason, never the broker's unavailability (503).
+fn assert_local_failure(status: u16, body: &str, agent: &Agent) -> String {
+    assert_eq!(status, 500, "{body}\nagent log:\n{}", agent.log_text());
+    let answer: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(answer["error"], "server_error", "{body}");
+    let description = answer["error_description"].as_str().unwrap().to_owned();
+    assert!(description.contains("PKCS#11"), "{description}");
+    assert!(!description.contains("unavailable"), "{description}");
+    description
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_deleted_and_re_created_under_a_running_agent_serves_again() {
+    let (fake, broker) = start_broker().await;
+    let hsm = SoftHsm::new();
+    let leaf = broker
+        .setup
+        .intermediate
+        .leaf(&LeafSpec::device("hsm-again"));
+    hsm.import(&leaf, PIN);
+    let chain = broker
+        .setup
+        .write("intermediates.pem", &broker.setup.intermediate.pem);
+    let mut flags = device_flags(
+        &broker,
+        "pkcs11:token=device;object=device;type=cert",
+        "pkcs11:token=device;object=device;type=private",
+    );
+    flags.extend([
+        "--chain".into(),
+        chain.display().to_string(),
+        "--pkcs11-module".into(),
+        SOFTHSM_MODULE.into(),
+    ]);
+    let mut env = os(hsm.env());
+    env.push(("TOKEN_BROKER_PKCS11_PIN", PIN.into()));
+    let agent = Agent::start(&broker, flags.clone(), env.clone()).await;
+    let token = agent.token(CLOUD_PLATFORM).await;
+    assert_agent_token_for(&fake, &token, &leaf, "hsm-again");
+
+    // The token goes: every request fails at once, as a local problem naming the PKCS#11
+    // reason (the old session's objects are gone, then the token itself).
+    hsm.delete_token();
+    for scopes in [READ_ONLY, &format!("{CLOUD_PLATFORM},{READ_ONLY}")] {
+        let (status, body) = agent.try_token(scopes).await;
+        assert_local_failure(status, &body, &agent);
+    }
+    // As for a `token` run: exit 1, a local problem.
+    let out = run_token_env(flags.clone(), env.clone()).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("PKCS#11 token absent"), "{stderr}");
+
+    // The same token made again: the running agent opens it anew and serves.
+    hsm.init_token(PIN);
+    hsm.import(&leaf, PIN);
+    let token = agent.token_eventually(READ_ONLY).await;
+    assert_agent_token_for(&fake, &token, &leaf, "hsm-again");
+    support::wait_until("the agent to log the token opened again", || async {
+        agent.log_text().contains("device certificate loaded again")
+    })
+    .await;
+    drop(agent);
+    broker.stop().await;
+}
+
+/// How many times the module was asked to log in (`C_Login`), as pkcs11-spy wrote them.
+fn logins(spy_log: &Path) -> usize {
+    std::fs::read_to_string(spy_log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.ends_with(": C_Login"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_pin_is_tried_once_until_the_pin_file_changes() {
+    support::require_file(PKCS11_SPY, "opensc-pkcs11");
+    let (fake, broker) = start_broker().await;
+    let hsm = SoftHsm::new();
+    let leaf = broker.setup.intermediate.leaf(&LeafSpec::device("hsm-pin"));
+    hsm.import(&leaf, PIN);
+    let pin_file = hsm.pin_file();
+    let spy_log = hsm.dir.path().join("spy.log");
+    let mut flags = device_flags(
+        &broker,
+        broker
+            .setup
+            .write("device.pem", &leaf.chain_pem)
+            .to_str()
+            .unwrap(),
+        "pkcs11:token=device;object=device;type=private",
+    );
+    flags.extend([
+        "--pkcs11-module".into(),
+        PKCS11_SPY.into(),
+        "--pkcs11-pin-file".into(),
+        pin_file.display().to_string(),
+    ]);
+    let mut env = os(hsm.env());
+    env.push(("PKCS11SPY", SOFTHSM_MODULE.into()));
+    env.push(("PKCS11SPY_OUTPUT", spy_log.clone().into_os_string()));
+    let agent = Agent::start(&broker, flags, env).await;
+    let token = agent.token(CLOUD_PLATFORM).await;
+    assert_agent_token_for(&fake, &token, &leaf, "hsm-pin");
+    assert_eq!(logins(&spy_log), 1);
+
+    // The card comes back with another PIN: the configured one is tried once, then never
+    // again, however many requests come, each failing at once saying so.
+    const NEW_PIN: &str = "864200";
+    hsm.delete_token();
+    hsm.init_token(NEW_PIN);
+    hsm.import(&leaf, NEW_PIN);
+    // (Other scopes than the token the agent holds; failures are never kept.)
+    let mut last = String::new();
+    for request in 0..4 {
+        if request > 0 {
+            // Past each backoff (1, 2, 4 s): the token is opened again each time.
+            tokio::time::sleep(std::time::Duration::from_millis(1_100 << (request - 1))).await;
+        }
+        let (status, body) = agent.try_token(READ_ONLY).await;
+        last = assert_local_failure(status, &body, &agent);
+        assert!(!body.contains(PIN) && !body.contains(NEW_PIN), "{body}");
+    }
+    assert!(
+        last.contains("was refused by PKCS#11 token 'device'"),
+        "{last}"
+    );
+    assert!(last.contains("not tried again until it changes"), "{last}");
+    assert_eq!(logins(&spy_log), 2, "C_Login with a refused PIN again");
+
+    // The PIN file changes: the new PIN is tried, and works.
+    replace(&pin_file, &format!("{NEW_PIN}\n"));
+    let token = agent.token_eventually(READ_ONLY).await;
+    assert_agent_token_for(&fake, &token, &leaf, "hsm-pin");
+    assert_eq!(logins(&spy_log), 3);
+    drop(agent);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_pin_written_in_a_uri_appears_in_any_output() {
+    let (_fake, broker) = start_broker().await;
+    let hsm = SoftHsm::new();
+    const SECRET: &str = "975312";
+    let malformed = [
+        format!("pkcs11:colour=red;pin-value={SECRET}"),
+        format!("pkcs11:token=device;object=device?pin-value={SECRET}"),
+        format!("pkcs11:token;PIN-VALUE={SECRET}"),
+        format!("pkcs12:token=device;pin-value={SECRET}"),
+        format!("pkcs11:colour=red;pin-source={SECRET}"),
+        format!("pkcs11:token=device;colour=red?pin-source=file:{SECRET}"),
+        format!("pkcs11:token=device;pin-source{SECRET}"),
+    ];
+    let cert = broker.setup.write("device.pem", "not used");
+    for uri in &malformed {
+        for (flag, format) in [
+            ("--key", "json"),
+            ("--key", "executable"),
+            ("--cert", "executable"),
+        ] {
+            let (cert, key) = match flag {
+                "--key" => (cert.display().to_string(), uri.clone()),
+                _ => (uri.clone(), "pkcs11:token=device;object=device".to_owned()),
+            };
+            let mut flags = device_flags(&broker, &cert, &key);
+            flags.extend(["--format".into(), format.into()]);
+            let out = run_token(flags, hsm.env()).await;
+            let (stdout, stderr) = (
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+            );
+            let case = format!("{flag} {uri} --format {format}");
+            assert_eq!(out.status.code(), Some(1), "{case}: {stderr}");
+            assert!(stderr.contains("error: "), "{case}: {stderr}");
+            assert!(
+                !stdout.contains(SECRET) && !stderr.contains(SECRET),
+                "{case}: the PIN was repeated:\n{stdout}\n{stderr}"
+            );
+            if format == "executable" {
+                let response: Value = serde_json::from_str(&stdout).unwrap();
+                assert_eq!(response["success"], false, "{case}");
+                assert_eq!(response["code"], "local_error", "{case}");
+            }
+            if uri.to_ascii_lowercase().contains("pin-value") {
+                assert!(stderr.contains("carries pin-value"), "{case}: {stderr}");
+            }
+        }
+        // The agent refuses it at start the same way.
+        let out = Command::new(support::binary())
+            .args([
+                "agent",
+                "--listen",
+                "127.0.0.1:0",
+                "--service-account",
+                RUNNER,
+            ])
+            .args(device_flags(&broker, cert.to_str().unwrap(), uri))
+            .envs(hsm.env())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "agent {uri}: {stderr}");
+        assert!(!stderr.contains(SECRET), "agent {uri}: {stderr}");
+    }
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_in_the_token_is_read_without_a_pin_or_with_the_keys() {
+    let (_fake, broker) = start_broker().await;
+    let hsm = SoftHsm::new();
+    let leaf = broker
+        .setup
+        .intermediate
+        .leaf(&LeafSpec::device("hsm-cert"));
+    hsm.import(&leaf, PIN);
+    let chain = broker
+        .setup
+        .write("intermediates.pem", &broker.setup.intermediate.pem);
+    let cert = "pkcs11:token=device;object=device;type=cert";
+    let extra = [
+        "--chain".to_owned(),
+        chain.display().to_string(),
+        "--pkcs11-module".into(),
+        SOFTHSM_MODULE.into(),
+    ];
+    // A key file: no PIN anywhere, and none is needed for the certificate, a public object.
+    let key_file = broker.setup.write("device-key.pem", &leaf.key_pem);
+    set_mode(&key_file, 0o600);
+    let mut flags = device_flags(&broker, cert, key_file.to_str().unwrap());
+    flags.extend(extra.clone());
+    assert_token_for(&run_token(flags, hsm.env()).await, &leaf, "hsm-cert");
+    // The key in the same token, its PIN named in the key's URI only.
+    let key = format!(
+        "pkcs11:token=device;object=device;type=private?pin-source=file:{}",
+        hsm.pin_file().display()
+    );
+    let mut flags = device_flags(&broker, cert, &key);
+    flags.extend(extra);
+    assert_token_for(&run_token(flags, hsm.env()).await, &leaf, "hsm-cert");
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_whose_tpm_fails_during_a_handshake_says_so_and_heals() {
+    let (fake, broker) = start_broker().await;
+    let mut tpm = Tpm::start().await;
+    let leaf = device_leaf(&broker, "tpm-heal", &tpm.public_key());
+    let cert = broker.setup.write("device.pem", &leaf.chain_pem);
+    let mut flags = device_flags(
+        &broker,
+        cert.to_str().unwrap(),
+        "pkcs11:token=device;object=device-key;type=private",
+    );
+    flags.extend(["--pkcs11-module".into(), TPM2_PKCS11_MODULE.into()]);
+    let mut env = os(tpm.env());
+    env.push(("TOKEN_BROKER_PKCS11_PIN", PIN.into()));
+    let agent = Agent::start(&broker, flags, env).await;
+    // The TPM goes out of reach after the start's checks, before any connection: the
+    // session and key look fine, and the first handshake's signature fails in the module.
+    tpm.stop_resource_manager();
+    let (status, body) = agent.try_token(CLOUD_PLATFORM).await;
+    let description = assert_local_failure(status, &body, &agent);
+    assert!(
+        description.contains("failed during the TLS handshake"),
+        "{description}"
+    );
+    // The TPM is back: the token is opened again, and signs.
+    tpm.start_resource_manager().await;
+    let token = agent.token_eventually(CLOUD_PLATFORM).await;
+    assert_agent_token_for(&fake, &token, &leaf, "tpm-heal");
     drop(agent);
     broker.stop().await;
 }

@@ -718,3 +718,97 @@ fn the_example_credential_configuration_runs_a_command_the_cli_accepts() {
     env.prepare(&mut implied).unwrap();
     assert_eq!(implied.audience, args.audience);
 }
+
+/// tpm2-pkcs11, which p11-kit's proxy loads beside SoftHSM2, writes its TCTI errors on
+/// stderr when there is no TPM. The libraries read stderr with the response: the token
+/// command prints nothing but the response even so.
+#[tokio::test(flavor = "multi_thread")]
+async fn python_google_auth_gets_its_token_while_a_pkcs11_module_writes_on_stderr() {
+    use crate::device_keys::{SoftHsm, P11_KIT_PROXY};
+    support::require_file(P11_KIT_PROXY, "p11-kit-modules");
+    support::require_file(
+        "/usr/share/p11-kit/modules/tpm2_pkcs11.module",
+        "libtpm2-pkcs11-1",
+    );
+    let (fake, broker, device) = start().await;
+    let hsm = SoftHsm::new();
+    let public = hsm.generate("EC:prime256v1", "device-key", "01");
+    let leaf = broker
+        .setup
+        .intermediate
+        .leaf_for_public_key(&LeafSpec::device("python-1"), &public);
+    let cert = broker.setup.write("hsm-device.pem", &leaf.chain_pem);
+    let pin_file = hsm.pin_file();
+    // Without a TPM (none here: no TPM2_PKCS11_TCTI, no D-Bus), the module is noisy.
+    let quiet = |command: &mut Command| {
+        command
+            .envs(hsm.env())
+            .env_remove("TPM2_PKCS11_TCTI")
+            .env_remove("DBUS_SESSION_BUS_ADDRESS");
+    };
+    let mut listing = Command::new("pkcs11-tool");
+    listing.args(["--module", P11_KIT_PROXY, "-L"]);
+    quiet(&mut listing);
+    let noise = listing.output().unwrap();
+    assert!(
+        !noise.stderr.is_empty(),
+        "the module was expected to write on stderr; nothing to test"
+    );
+    let args = format!(
+        "{} token --url {} --cert {} --key pkcs11:token=device;object=device-key \
+         --pkcs11-pin-file {} --ca {} --format executable",
+        support::binary().display(),
+        broker.url(""),
+        cert.display(),
+        pin_file.display(),
+        device.ca.display(),
+    );
+
+    // The command alone: the response on stdout, nothing on stderr.
+    let mut direct = Command::new(support::binary());
+    direct.args(args.split_whitespace().skip(1)).envs([
+        (
+            "GOOGLE_EXTERNAL_ACCOUNT_AUDIENCE",
+            FakeGoogleConfig::new(ISSUER).provider_resource(),
+        ),
+        ("GOOGLE_EXTERNAL_ACCOUNT_TOKEN_TYPE", ID_TOKEN_TYPE.into()),
+    ]);
+    quiet(&mut direct);
+    let out = tokio::task::spawn_blocking(move || direct.output().unwrap())
+        .await
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(stderr, "", "stderr of a successful run");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let response: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(response["success"], true, "{stdout}");
+
+    // Through the library, with the module's environment.
+    let env: String = hsm
+        .env()
+        .iter()
+        .filter(|(name, _)| *name != "TPM2_PKCS11_TCTI")
+        .map(|(name, value)| format!("{name}={} ", value.display()))
+        .collect();
+    let command = format!("env -u DBUS_SESSION_BUS_ADDRESS {env}{args}");
+    let config = credential_config(&fake, &command, true, None);
+    let config_path = broker
+        .setup
+        .write("hsm-credentials.json", &config.to_string());
+    let home = broker.setup.dir.path().to_owned();
+    let (out, answer) = run_library(Library::Python, &config_path, &home).await;
+    assert!(
+        out.status.success(),
+        "{answer}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let issued = fake
+        .issued_token(answer["token"].as_str().unwrap())
+        .expect("a token the fake issued");
+    assert_eq!(issued.subject, RUNNER);
+    broker.stop().await;
+}
