@@ -270,9 +270,10 @@ async fn a_source_keeps_its_scope_unless_its_copy_is_held_elsewhere() {
 }
 
 /// Forged CRLs numbered 10^20, of a bundle CA (another key, same name), of an intermediate
-/// the devices send but the bundle lacks, and of a made-up CA: none is kept, none sets a
-/// floor (the genuine CRL after them is taken), devices are decided as before, and
-/// `/readyz` stays 200. `crl fetch` names the missing CA and the fix.
+/// the devices send but the bundle lacks, and of a made-up CA, then a truncated and an
+/// oversized answer: none is kept, none sets a floor (the genuine CRL after them is taken),
+/// devices are decided as before, and `/readyz` stays 200. `check-config --fetch` says
+/// why each was refused; `crl fetch` names the missing CA and the fix.
 #[tokio::test(flavor = "multi_thread")]
 async fn forged_crls_are_never_kept_and_set_no_floor() {
     let (mut setup, _b) = two_issuers();
@@ -312,6 +313,24 @@ async fn forged_crls_are_never_kept_and_set_no_floor() {
             "{result}"
         );
         assert_eq!(decision(&broker, &good_a).await, "accepted", "{result}");
+        assert!(
+            decision(&broker, &revoked_a).await.contains(REVOKED),
+            "{result}"
+        );
+    }
+    // A truncated answer and one past max_bytes: nothing kept, said why.
+    for (answer, result) in [
+        (Serve::Truncated, "network_error"),
+        (Serve::Big(200_000), "too_large"),
+    ] {
+        server.serve("/a.crl", answer);
+        one_more(&broker, &a, result).await;
+        assert!(explained(&config, &a).contains(&format!(": {result}: ")));
+        assert_eq!(
+            kept_bytes(&broker.setup, &a).as_ref(),
+            Some(&kept_a),
+            "{result}"
+        );
         assert!(
             decision(&broker, &revoked_a).await.contains(REVOKED),
             "{result}"
