@@ -1,7 +1,8 @@
 //! CRLs the broker downloads itself (`[[server.crl_sources]]`).
 //!
-//! Each source is fetched when the server starts, again every `refresh` (always before its
-//! CRL's nextUpdate) and at once on SIGHUP or `token-broker crl fetch`; conditionally (ETag,
+//! Each source is fetched on its own schedule (a slow source delays no other's), when the
+//! server starts, again every `refresh` (always before its CRL's nextUpdate) and at once on
+//! SIGHUP or `token-broker crl fetch`; conditionally (ETag,
 //! Last-Modified), bounded in size and time, retried, and never redirected: only configured
 //! URLs are fetched, never one a device's certificate or a server's `Location` names.
 //!
@@ -138,13 +139,16 @@ pub async fn run(
         }
     };
     let mut states: HashMap<String, SourceState> = HashMap::new();
+    // Downloads in progress, each on its own: a slow source (up to three timeouts) delays no
+    // other's; and which source each one is.
+    let mut downloads = tokio::task::JoinSet::new();
+    let mut running: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut reload_retry = RELOAD_RETRY;
     let mut next_reload = Instant::now();
     let mut forced = false;
     loop {
         let broker = current();
         let server = &broker.config().server;
-        let mut updated = false;
         // Without sources (no cache folder either) nothing is due; a reload may add some.
         if let Some(dir) = server
             .crl_cache_dir
@@ -152,22 +156,30 @@ pub async fn run(
             .map(|d| broker.config().path(d))
         {
             for source in &server.crl_sources {
+                if running.values().any(|url| *url == source.url) {
+                    continue;
+                }
                 let state = states.entry(source.url.clone()).or_default();
                 if !forced && state.due.is_some_and(|due| due > Instant::now()) {
                     continue;
                 }
-                let result = fetch_with_retries(&http, source, &dir, &broker, Mode::Keep).await;
-                updated |= matches!(result, Ok(Fetched::Updated));
-                let wait = record(&broker, source, state, &result);
-                state.due = Some(Instant::now() + wait.max(MIN_INTERVAL));
+                let url = source.url.clone();
+                let (http, source, dir, broker) =
+                    (http.clone(), source.clone(), dir.clone(), broker.clone());
+                let task = downloads.spawn(async move {
+                    let result =
+                        fetch_with_retries(&http, &source, &dir, &broker, Mode::Keep).await;
+                    (source, result)
+                });
+                running.insert(task.id(), url);
             }
         }
         forced = false;
-        // What was fetched is what is enforced: a reload after a download, and again while
-        // a kept copy differs from what the serving broker read (a reload that failed, one
-        // that raced with another, a download by `token-broker crl fetch`).
-        let unenforced = !broker.kept_crls_not_loaded().is_empty();
-        if updated || (unenforced && Instant::now() >= next_reload) {
+        // What was fetched is what is enforced: again while a kept copy differs from what
+        // the serving broker read (a reload that failed, one that raced with another, a
+        // download by `token-broker crl fetch`).
+        let unenforced = !current().kept_crls_not_loaded().is_empty();
+        if unenforced && Instant::now() >= next_reload {
             let reload = reload.clone();
             let _ = tokio::task::spawn_blocking(reload).await;
             if current().kept_crls_not_loaded().is_empty() {
@@ -192,9 +204,31 @@ pub async fn run(
                 .with_label_values(&[source.url.as_str()])
                 .set(if stale { 1.0 } else { 0.0 });
         }
-        let next = states.values().filter_map(|state| state.due).min();
+        // The next source due that is not being fetched already.
+        let next = states
+            .iter()
+            .filter(|(url, _)| !running.values().any(|running| running == *url))
+            .filter_map(|(_, state)| state.due)
+            .min();
         let tick = Instant::now() + MIN_INTERVAL;
         tokio::select! {
+            Some(joined) = downloads.join_next_with_id(), if !downloads.is_empty() => {
+                let (id, ended) = match joined {
+                    Ok((id, ended)) => (id, Some(ended)),
+                    Err(stopped) => (stopped.id(), None),
+                };
+                running.remove(&id);
+                if let Some((source, result)) = ended {
+                    // Each new CRL is enforced as soon as it is kept.
+                    if matches!(result, Ok(Fetched::Updated)) {
+                        let reload = reload.clone();
+                        let _ = tokio::task::spawn_blocking(reload).await;
+                    }
+                    let state = states.entry(source.url.clone()).or_default();
+                    let wait = record(&current(), &source, state, &result);
+                    state.due = Some(Instant::now() + wait.max(MIN_INTERVAL));
+                }
+            }
             _ = tokio::time::sleep_until(next.map_or(tick, |next| next.min(tick))) => {}
             _ = fetch_now.notified() => forced = true,
         }

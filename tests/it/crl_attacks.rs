@@ -504,6 +504,39 @@ async fn revocation_on_the_operators_schedule() {
     broker.stop().await;
 }
 
+/// A source that never answers (each attempt waits its whole timeout, three times) delays
+/// no other source's CRL: a revocation another source brings is enforced meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hanging_source_delays_no_other() {
+    let (mut setup, b) = two_issuers();
+    let revoked_b = b.leaf(&LeafSpec::device("revoked-b"));
+    let server = CrlServer::start().await;
+    let (a, b_url) = (server.url("/a.crl"), server.url("/b.crl"));
+    server.serve(
+        "/a.crl",
+        Serve::Crl(setup.intermediate.crl(&[]), "\"a1\"".into()),
+    );
+    server.serve("/b.crl", Serve::Crl(b.crl(&[]), "\"b1\"".into()));
+    with_sources(&mut setup, &[&a, &b_url], "1s");
+    let broker = setup.start().await;
+    until(&broker, &revoked_b, "accepted").await;
+    // A hangs from now on (three attempts of 2 s each, and back-off between them).
+    server.serve("/a.crl", Serve::Hang);
+    one_more(&broker, &a, "timeout").await;
+    server.serve(
+        "/b.crl",
+        Serve::Crl(b.crl(&[revoked_b.serial]), "\"b2\"".into()),
+    );
+    let started = std::time::Instant::now();
+    until(&broker, &revoked_b, REVOKED).await;
+    assert!(
+        started.elapsed() < StdDuration::from_secs(5),
+        "B's revocation waited {:?} behind A's hanging download",
+        started.elapsed()
+    );
+    broker.stop().await;
+}
+
 /// A reload that read the old kept copy and is slow to finish (the CA bundle it reads next
 /// is a FIFO the test holds) must not land after the download's reload: reloads run one at
 /// a time, so the device, once refused, is never accepted again.
