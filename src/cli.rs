@@ -136,13 +136,13 @@ pub struct DeviceArgs {
     #[arg(long, env = "TOKEN_BROKER_URL")]
     pub url: String,
     /// Device certificate: PEM file (leaf first, then intermediates) or a pkcs11: URI.
-    #[arg(long, env = "TOKEN_BROKER_CERT")]
+    #[arg(long, env = "TOKEN_BROKER_CERT", hide_env_values = true)]
     pub cert: PathBuf,
     /// Intermediate CA certificates (PEM) sent after a --cert read from a PKCS#11 token.
     #[arg(long, env = "TOKEN_BROKER_CHAIN")]
     pub chain: Option<PathBuf>,
     /// Device private key: PEM file (not readable by others) or a pkcs11: URI (RFC 7512).
-    #[arg(long, env = "TOKEN_BROKER_KEY")]
+    #[arg(long, env = "TOKEN_BROKER_KEY", hide_env_values = true)]
     pub key: PathBuf,
     /// PKCS#11 module for pkcs11: URIs (default: module-path= of the URI, else p11-kit's proxy).
     #[arg(long, env = "TOKEN_BROKER_PKCS11_MODULE")]

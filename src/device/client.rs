@@ -213,7 +213,9 @@ impl BrokerClient {
                 form.push((name, value));
             }
         }
-        let (http, token_key) = self.http()?;
+        // Looking for a renewal, or reopening a token, calls the PKCS#11 module (and waits
+        // for another request doing so): off the runtime's workers.
+        let (http, token_key) = crate::device::pkcs11::off_the_runtime(|| self.http())?;
         let response = http
             .post(&self.token_url)
             .form(&form)

@@ -341,7 +341,12 @@ impl DeviceCredentials {
 
     /// The fingerprint of the certificate, chain and key as they are now, without loading
     /// them: what `token --cache` binds its tokens to.
+    /// A certificate that is a private object of its token is not read (that would log in
+    /// a second time in the run, and try a wrong PIN twice): no stamp, so no cache.
     pub fn certificate_stamp(&self) -> Result<[u8; 32], ClientError> {
+        if let Source::Token(uri) = &self.cert {
+            self.token(uri)?.certificate(uri).map_err(local)?;
+        }
         self.snapshot(None).map(|(stamp, _)| stamp)
     }
 

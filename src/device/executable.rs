@@ -163,18 +163,32 @@ pub fn should_capture_output(uses_pkcs11: bool) -> bool {
     uses_pkcs11 && std::env::var_os(CAPTURED).is_none()
 }
 
-/// Runs this same command (`current_exe`, the same arguments and environment) as a child,
-/// and prints only its response, the last line of its stdout, if that is JSON. On success
-/// nothing else is printed: whatever a module wrote, on either stream, is dropped with the
-/// child's log (a successful executable run prints nothing but the response, and its
-/// warnings are not shown in this format anyway). On failure the child's other output goes
-/// to stderr, where it helps the operator: the libraries then show the whole output. Returns
-/// the child's exit code.
+/// Prints the executable-source response: alone, or, in a child whose output is captured,
+/// after the marker its parent gave, so that nothing a module prints on stdout (buffered
+/// and flushed at exit, after it) can be taken for it.
+pub fn print_response(response: &Value) {
+    match std::env::var(CAPTURED) {
+        Ok(marker) if !marker.is_empty() => println!("{marker}{response}"),
+        _ => println!("{response}"),
+    }
+}
+
+/// Runs this same command (`/proc/self/exe`, which survives an upgrade of the binary, the
+/// same arguments and environment) as a child, and prints only its response: the line after
+/// a marker made for this run. Nothing else of the child's stdout is printed anywhere (a
+/// module's output, and nothing that could carry a token). On success nothing else is
+/// printed; on failure the child's stderr (its error, a module's complaints) goes to stderr.
+/// Returns the child's exit code, 0 when it printed a successful response.
 pub fn run_with_output_captured() -> u8 {
-    let output = std::env::current_exe().and_then(|exe| {
+    let marker = format!("token-broker-response-{}:", uuid::Uuid::new_v4());
+    let exe = match std::path::Path::new("/proc/self/exe").exists() {
+        true => Ok(std::path::PathBuf::from("/proc/self/exe")),
+        false => std::env::current_exe(),
+    };
+    let output = exe.and_then(|exe| {
         Command::new(exe)
             .args(std::env::args_os().skip(1))
-            .env(CAPTURED, "1")
+            .env(CAPTURED, &marker)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -192,38 +206,34 @@ pub fn run_with_output_captured() -> u8 {
         }
     };
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let (before, last) = match stdout.trim_end().rsplit_once('\n') {
-        Some((before, last)) => (before, last),
-        None => ("", stdout.trim_end()),
-    };
-    let response = serde_json::from_str::<Value>(last)
-        .ok()
+    let response = stdout
+        .lines()
+        .filter_map(|line| line.find(&marker).map(|at| &line[at + marker.len()..]))
+        .next_back()
+        .and_then(|text| serde_json::from_str::<Value>(text).ok())
         .filter(Value::is_object);
     let code = match output.status.code() {
         Some(code) => u8::try_from(code).unwrap_or(1),
         None => 1,
     };
-    let mut stderr = std::io::stderr().lock();
     match response {
-        Some(response) if code == 0 => {
+        // A token was fetched (and kept where asked): that is the run's outcome, whatever
+        // a module did while the process ended.
+        Some(response) if response["success"] == true => {
             println!("{response}");
             return 0;
         }
-        Some(response) => {
-            println!("{response}");
-            let _ = stderr.write_all(before.as_bytes());
-        }
+        Some(response) => println!("{response}"),
         None => {
             let error = ClientError::Local(format!(
                 "token ended without a response (exit {})",
                 output.status
             ));
             println!("{}", error_response(&error));
-            let _ = stderr.write_all(stdout.as_bytes());
-            let _ = writeln!(stderr, "error: {error}");
+            eprintln!("error: {error}");
         }
     }
-    let _ = stderr.write_all(&output.stderr);
+    let _ = std::io::stderr().lock().write_all(&output.stderr);
     if code == 0 {
         1
     } else {

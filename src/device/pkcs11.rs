@@ -118,7 +118,7 @@ impl Pkcs11Uri {
     /// Whether `text` (a URI, or anything given where one may be) carries a `pin-value`
     /// attribute, in any case, anywhere.
     pub fn has_pin_value(text: &str) -> bool {
-        text.to_ascii_lowercase().contains("pin-value")
+        decoded_lowercase(text).contains("pin-value")
     }
 
     /// `text` as it may be shown: without its query (which may name the PIN's file) and
@@ -131,7 +131,7 @@ impl Pkcs11Uri {
         };
         let kept: Vec<&str> = attributes
             .split(';')
-            .filter(|a| !a.trim_start().to_ascii_lowercase().starts_with("pin-"))
+            .filter(|a| !decoded_lowercase(a.trim_start()).starts_with("pin-"))
             .collect();
         format!("{scheme}{}", kept.join(";"))
     }
@@ -650,7 +650,23 @@ impl Token {
                 Err(CkError::Pkcs11(RvError::PinLocked, _)) => {
                     Err(Pkcs11Error::PinLocked { token: label })
                 }
-                Err(e) => Err(module_error(format!("logging in to token '{label}'"))(e)),
+                // The token or session went away: not about the PIN, healed by reopening.
+                Err(
+                    e @ CkError::Pkcs11(
+                        RvError::TokenNotPresent
+                        | RvError::DeviceRemoved
+                        | RvError::SessionHandleInvalid
+                        | RvError::SessionClosed
+                        | RvError::CryptokiNotInitialized,
+                        _,
+                    ),
+                ) => Err(module_error(format!("logging in to token '{label}'"))(e)),
+                // Anything else (a module that says GENERAL_ERROR or DEVICE_ERROR for a wrong
+                // PIN): counted as a refusal of this PIN, so that it is not tried again.
+                Err(_) => Err(Pkcs11Error::WrongPin {
+                    token: label,
+                    pin_from: pin_from.to_owned(),
+                }),
             },
         )
     }
@@ -1049,10 +1065,12 @@ impl Signer for TokenSigner {
         match self.key.kind {
             // PKCS#11 returns r || s; TLS wants the DER Ecdsa-Sig-Value.
             KeyKind::Ec(_) => crate::der::ecdsa_signature(&signature).ok_or_else(|| {
-                rustls::Error::General(format!(
-                    "PKCS#11 token '{}' returned a malformed ECDSA signature",
-                    token.label
-                ))
+                // A module failure like any other: the session is not used again.
+                let failure = token.failed(Pkcs11Error::Module {
+                    doing: format!("signing with the key in token '{}'", token.label),
+                    error: "the module returned a malformed ECDSA signature".into(),
+                });
+                rustls::Error::General(failure.to_string())
             }),
             KeyKind::Rsa { .. } => Ok(signature),
         }
@@ -1065,6 +1083,32 @@ impl Signer for TokenSigner {
 
 /// Runs `work`, which blocks: a TPM signs in tens to hundreds of milliseconds, and a
 /// token's one session makes concurrent handshakes wait their turn. rustls calls the signer
+/// `text` with its `%XX` escapes decoded and in lowercase: how an attribute name is
+/// compared (`pin%2Dvalue` is `pin-value`).
+fn decoded_lowercase(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let escaped = bytes
+            .get(at + 1..at + 3)
+            .filter(|_| bytes[at] == b'%')
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                at += 3;
+            }
+            None => {
+                out.push(bytes[at]);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).to_ascii_lowercase()
+}
+
 /// synchronously inside a handshake's poll, where nothing can be awaited, so on a
 /// multi-threaded runtime (the agent's) the worker hands its other tasks to another thread
 /// meanwhile. On a current-thread runtime (`token`, one request) or none, it just runs.
@@ -1166,6 +1210,7 @@ mod tests {
             "pkcs11:colour=red?pin-source=file:123456",
             "pkcs11:token=a?pin-source=123456",
             "pkcs11:token=a;Pin-Source=123456;type=key",
+            "pkcs11:token=a;pin%2Dsource=123456;type=key",
         ] {
             let error = Pkcs11Uri::parse(text).unwrap_err();
             assert!(matches!(error, Pkcs11Error::BadUri { .. }), "{text}");
@@ -1175,6 +1220,11 @@ mod tests {
             Pkcs11Uri::redacted("pkcs11:token=a;pin-source=x;object=b?pin-source=file:/p"),
             "pkcs11:token=a;object=b"
         );
+        // An escaped name is the name: pin%2dvalue is refused as pin-value is.
+        assert!(matches!(
+            Pkcs11Uri::parse("pkcs11:token=a;pin%2dvalue=123456"),
+            Err(Pkcs11Error::PinInUri)
+        ));
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub fn token_command(
         Ok((token, response)) => match format {
             TokenFormat::Json => println!("{}", token.to_json()),
             TokenFormat::Raw => println!("{}", token.access_token),
-            TokenFormat::Executable => println!("{response}"),
+            TokenFormat::Executable => executable::print_response(&response),
         },
         Err(error) => return fail(&error, format),
     }
@@ -48,7 +48,7 @@ pub fn token_command(
 /// the exit code.
 pub fn fail(error: &ClientError, format: TokenFormat) -> u8 {
     if format == TokenFormat::Executable {
-        println!("{}", executable::error_response(error));
+        executable::print_response(&executable::error_response(error));
     }
     eprintln!("error: {error}");
     error.exit_code()
