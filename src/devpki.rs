@@ -204,13 +204,13 @@ pub fn prepare(config: &crate::config::Config) -> Result<(), DevPkiError> {
     let dir = config.path(dir);
     if !dir.exists() {
         let pki = init(&dir, false)?;
-        eprintln!(
+        crate::console::eprintln(&format!(
             "\n*** DEVELOPMENT ONLY: created a development PKI and signing key in {} ***\n\
              *** Its CA key sits next to its certificates. Never use it in production. ***\n\
              \nTry it:\n  {}\n",
             dir.display(),
             pki.curl_command(&config.issuer.endpoint("/token"))
-        );
+        ));
     }
     tracing::warn!(dir = %dir.display(), "development PKI in use ([dev] pki_dir is set): not for production");
     Ok(())

@@ -583,3 +583,84 @@ fn usage_errors_exit_1_and_refusals_exit_2() {
     );
     assert_eq!(refused.status.code(), Some(2));
 }
+
+/// `args` in `dir` with stdout (or stderr) a pipe whose reader is already gone, as under
+/// `| head -c1` once head has exited: every write there fails with EPIPE.
+fn run_into_closed_pipe(args: &[&str], dir: &Path, stderr_too: bool) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut command = Command::new(binary());
+    command.args(args).current_dir(dir);
+    if stderr_too {
+        command.stderr(writer).stdout(Stdio::null());
+    } else {
+        command.stdout(writer).stderr(Stdio::piped());
+    }
+    command.output().unwrap()
+}
+
+#[test]
+fn a_closed_stdout_or_stderr_keeps_every_commands_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = shipped_config_with(dir.path(), "");
+    let config = config.to_str().unwrap();
+    let google =
+        "\n[google]\nproject_number = \"42\"\npool_id = \"fleet\"\nprovider_id = \"broker\"\n";
+    let with_google = dir.path().join("google.toml");
+    std::fs::write(
+        &with_google,
+        std::fs::read_to_string(config).unwrap() + google,
+    )
+    .unwrap();
+    let with_google = with_google.to_str().unwrap();
+    let later = "2099-01-01T00:00:00Z";
+    let cases: &[(&[&str], i32)] = &[
+        (&["-c", config, "verify-cert", "certs/dev/device.pem"], 0),
+        (
+            &[
+                "-c",
+                config,
+                "verify-cert",
+                "certs/dev/device.pem",
+                "--at",
+                later,
+            ],
+            2,
+        ),
+        (&["-c", config, "check-config"], 0),
+        (&["-c", config, "jwks"], 0),
+        (&["-c", with_google, "wif-setup"], 0),
+        (&["init", "--dir", "other-pki", "--force"], 0),
+        (&["rotate-ticket-keys", "tickets.key"], 0),
+        (&["-c", "missing.toml", "check-config"], 1),
+        (&["--help"], 0),
+        (&["--version"], 0),
+        (
+            &[
+                "token",
+                "--url",
+                "https://localhost:1",
+                "--cert",
+                "none.pem",
+                "--key",
+                "none.pem",
+                "--format",
+                "executable",
+            ],
+            1,
+        ),
+    ];
+    for (args, code) in cases {
+        for stderr_too in [false, true] {
+            let out = run_into_closed_pipe(args, dir.path(), stderr_too);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(*code),
+                "{args:?} (closed {}): {stderr}",
+                if stderr_too { "stderr" } else { "stdout" }
+            );
+            assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        }
+    }
+}

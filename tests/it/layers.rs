@@ -22,7 +22,7 @@ const LAYERS: &[&[&str]] = &[
     &["google", "trust"],
     &["crl", "identity", "proxy", "devpki", "tickets"],
     &[
-        "config", "clock", "crypto", "pem", "logging", "metrics", "redact",
+        "config", "clock", "crypto", "pem", "logging", "metrics", "redact", "console",
     ],
     &["der"],
 ];
