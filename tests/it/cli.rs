@@ -664,3 +664,45 @@ fn a_closed_stdout_or_stderr_keeps_every_commands_exit_code() {
         }
     }
 }
+
+#[test]
+fn wif_setup_jwks_step_reads_the_config_it_was_given_from_any_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    // A development config and PKI in the current folder, which `jwks` without -c would read.
+    shipped_config_with(dir.path(), "");
+    // The config wif-setup is given, elsewhere, with its own keys.
+    let etc = dir.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let broker = shipped_config_with(
+        &etc,
+        "\n[google]\nproject_number = \"42\"\npool_id = \"fleet\"\nprovider_id = \"broker\"\n",
+    );
+    let out = run(&["-c", "etc/config.toml", "wif-setup"], dir.path());
+    let script = succeeded(&out);
+    let jwks_line = script
+        .lines()
+        .find(|line| line.starts_with("token-broker ") && line.contains(" jwks"))
+        .unwrap_or_else(|| panic!("no jwks step in:\n{script}"));
+    // Run that step as the script would, from another folder, the binary on PATH.
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink(binary(), bin.join("token-broker")).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let step = Command::new("sh")
+        .args(["-c", jwks_line])
+        .current_dir(elsewhere.path())
+        .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+        .env_remove("TOKEN_BROKER_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        step.status.success(),
+        "{jwks_line}: {}",
+        String::from_utf8_lossy(&step.stderr)
+    );
+    let uploaded = std::fs::read_to_string(elsewhere.path().join("jwks.json")).unwrap();
+    let expected = succeeded(&run(&["-c", broker.to_str().unwrap(), "jwks"], dir.path()));
+    let local = succeeded(&run(&["jwks"], dir.path()));
+    assert_ne!(expected, local, "the two configs must have different keys");
+    assert_eq!(uploaded, expected, "{jwks_line}");
+}
