@@ -350,6 +350,7 @@ impl Broker {
                 ));
             }
         }
+        warnings.extend(google_resource_audiences(&self.config));
         for url in trust.unfetched_sources() {
             warnings.push(format!(
                 "CRL source {url} has no admitted kept copy yet: until a download of it is admitted, the certificates it would cover are refused (crl_missing) or, under best-effort, unchecked; `token-broker crl fetch` downloads it now and says why it fails"
@@ -773,6 +774,34 @@ fn discovery_document(config: &Config, signer: &dyn Signer, flows: &Registry) ->
         "tls_client_certificate_bound_access_tokens": true,
     });
     Bytes::from(doc.to_string())
+}
+
+/// Audiences written as a workload identity provider's resource name
+/// (`//iam.googleapis.com/...`, what the broker sends STS as `audience`). Google accepts a
+/// token whose `aud` is the provider's default allowed audience, `https:` + that name, which
+/// `wif-setup` configures and `token --format executable` asks for: a rule allowing only the
+/// resource name refuses those devices (`invalid_target`), and a token carrying it is
+/// refused by STS.
+fn google_resource_audiences(config: &Config) -> Vec<String> {
+    let default = config
+        .issuer
+        .default_audience
+        .iter()
+        .map(|audience| ("issuer.default_audience".to_owned(), audience));
+    let rules = config.clients.iter().flat_map(|rule| {
+        rule.audiences
+            .iter()
+            .map(move |audience| (format!("clients {:?}: audiences", rule.name), audience))
+    });
+    default
+        .chain(rules)
+        .filter(|(_, audience)| audience.starts_with("//iam.googleapis.com/"))
+        .map(|(place, audience)| {
+            format!(
+                "{place}: {audience:?} is the provider's resource name, not an audience Google accepts in a token; write \"https:{audience}\", the provider's default allowed audience (what wif-setup configures and `token --format executable` asks for)"
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -706,3 +706,88 @@ fn wif_setup_jwks_step_reads_the_config_it_was_given_from_any_folder() {
     assert_ne!(expected, local, "the two configs must have different keys");
     assert_eq!(uploaded, expected, "{jwks_line}");
 }
+
+/// The `# warning:` lines of a successful `check-config`.
+fn check_config_warnings(config: &Path, dir: &Path) -> Vec<String> {
+    let stdout = succeeded(&run(&["-c", config.to_str().unwrap(), "check-config"], dir));
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("# warning:"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn check_config_warns_on_a_provider_resource_name_as_an_audience() {
+    let dir = tempfile::tempdir().unwrap();
+    let resource = "//iam.googleapis.com/projects/42/locations/global/workloadIdentityPools/fleet/providers/broker";
+    let config = shipped_config_with(
+        dir.path(),
+        &format!(
+            "\n[[clients]]\nname = \"sensors\"\nmatch = {{ spiffe = [\"spiffe://dev.token-broker.local/other/*\"] }}\n\
+             audiences = [\"{resource}\"]\n"
+        ),
+    );
+    let warnings = check_config_warnings(&config, dir.path());
+    let named: Vec<_> = warnings
+        .iter()
+        .filter(|w| w.contains("\"sensors\"") && w.contains(&format!("\"https:{resource}\"")))
+        .collect();
+    assert_eq!(named.len(), 1, "{warnings:#?}");
+    // The form Google accepts draws no such warning.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&format!("\"{resource}\""), &format!("\"https:{resource}\""));
+    std::fs::write(&config, text).unwrap();
+    let warnings = check_config_warnings(&config, dir.path());
+    assert!(
+        !warnings.iter().any(|w| w.contains("resource name")),
+        "{warnings:#?}"
+    );
+}
+
+/// `examples/production.toml` with its files replaced by a fresh development PKI's, on
+/// loopback: what `check-config` says of it is what it would say in production.
+fn production_example(dir: &Path) -> std::path::PathBuf {
+    assert!(run(&["init", "--dir", "certs/dev"], dir).status.success());
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/production.toml");
+    let mut text = std::fs::read_to_string(example).unwrap();
+    for (production, dev) in [
+        (
+            "/etc/token-broker/tls/server-chain.pem",
+            "certs/dev/server.pem",
+        ),
+        (
+            "/etc/token-broker/tls/server-key.pem",
+            "certs/dev/server-key.pem",
+        ),
+        ("/etc/token-broker/client-ca/", "certs/dev/ca.pem"),
+        (
+            r#"["/etc/token-broker/crl/devices-issuing.crl", "/etc/token-broker/crl/root.crl"]"#,
+            r#"["certs/dev/ca.crl.pem"]"#,
+        ),
+        ("/etc/token-broker/signing-keys", "certs/dev/keys"),
+        ("0.0.0.0:8443", "127.0.0.1:0"),
+        ("10.0.0.5:9090", "127.0.0.1:0"),
+    ] {
+        assert!(
+            text.contains(production),
+            "examples/production.toml no longer has {production}"
+        );
+        text = text.replace(production, dev);
+    }
+    let path = dir.join("production.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn the_production_example_checks_and_writes_audiences_as_google_accepts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = production_example(dir.path());
+    let warnings = check_config_warnings(&config, dir.path());
+    assert!(
+        !warnings.iter().any(|w| w.contains("iam.googleapis.com")),
+        "{warnings:#?}"
+    );
+}
