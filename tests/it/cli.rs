@@ -791,3 +791,42 @@ fn the_production_example_checks_and_writes_audiences_as_google_accepts_them() {
         "{warnings:#?}"
     );
 }
+
+#[test]
+fn an_empty_key_dir_names_the_production_fix_and_that_fix_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = production_example(dir.path());
+    let keys = dir.path().join("certs/dev/keys");
+    std::fs::remove_dir_all(&keys).unwrap();
+    std::fs::create_dir(&keys).unwrap();
+    let out = run(
+        &["-c", config.to_str().unwrap(), "check-config"],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no signing key usable"), "{stderr}");
+    assert!(
+        !stderr.contains("token-broker init"),
+        "the dev PKI generator is no production fix: {stderr}"
+    );
+    // The command it names, run as printed, makes a key the broker takes.
+    let command = stderr
+        .split('`')
+        .find(|part| part.starts_with("openssl "))
+        .unwrap_or_else(|| panic!("no openssl command in: {stderr}"));
+    let made = Command::new("sh")
+        .args(["-c", command])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{command}: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    succeeded(&run(
+        &["-c", config.to_str().unwrap(), "check-config"],
+        dir.path(),
+    ));
+}
