@@ -36,7 +36,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    #[serde(default)]
+    /// Left out of the effective config (`check-config`) when empty, as is `audit`.
+    #[serde(default, skip_serializing_if = "DevConfig::is_empty")]
     pub dev: DevConfig,
     pub server: ServerConfig,
     #[serde(default)]
@@ -47,7 +48,7 @@ pub struct Config {
     pub google: Option<GoogleConfig>,
     #[serde(default)]
     pub clients: Vec<ClientRuleConfig>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "AuditConfig::is_empty")]
     pub audit: AuditConfig,
     /// Folder of the config file; relative paths are resolved against it.
     #[serde(skip)]
@@ -63,6 +64,12 @@ pub struct Config {
 pub struct DevConfig {
     /// When set and the folder does not exist, `serve` creates a development PKI there.
     pub pki_dir: Option<PathBuf>,
+}
+
+impl DevConfig {
+    fn is_empty(&self) -> bool {
+        self.pki_dir.is_none()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -209,6 +216,12 @@ impl Default for AdminConfig {
 pub struct AuditConfig {
     /// A file of their own (appended, reopened on SIGHUP); without it they go to stderr.
     pub path: Option<PathBuf>,
+}
+
+impl AuditConfig {
+    fn is_empty(&self) -> bool {
+        self.path.is_none()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

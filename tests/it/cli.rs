@@ -830,3 +830,48 @@ fn an_empty_key_dir_names_the_production_fix_and_that_fix_works() {
         dir.path(),
     ));
 }
+
+#[test]
+fn check_configs_effective_config_keeps_units_drops_empty_sections_and_loads_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = shipped_config_with(dir.path(), "");
+    let effective = succeeded(&run(
+        &["-c", config.to_str().unwrap(), "check-config"],
+        dir.path(),
+    ));
+    for line in [
+        r#"session_ticket_lifetime = "1d""#,
+        r#"rotate_after = "90d""#,
+        r#"token_ttl = "5m""#,
+    ] {
+        assert!(
+            effective.lines().any(|l| l == line),
+            "{line} missing:\n{effective}"
+        );
+    }
+    assert!(
+        !effective.lines().any(|l| l == "[audit]"),
+        "an empty [audit]:\n{effective}"
+    );
+    // What it prints is a config that loads to the same effective config.
+    let again = dir.path().join("effective.toml");
+    std::fs::write(&again, &effective).unwrap();
+    let twice = succeeded(&run(
+        &["-c", again.to_str().unwrap(), "check-config"],
+        dir.path(),
+    ));
+    assert_eq!(twice, effective);
+
+    let dir = tempfile::tempdir().unwrap();
+    let production = production_example(dir.path());
+    let effective = succeeded(&run(
+        &["-c", production.to_str().unwrap(), "check-config"],
+        dir.path(),
+    ));
+    for empty in ["[dev]", "[audit]"] {
+        assert!(
+            !effective.lines().any(|l| l == empty),
+            "an empty {empty}:\n{effective}"
+        );
+    }
+}
