@@ -351,6 +351,12 @@ impl Broker {
             }
         }
         warnings.extend(google_resource_audiences(&self.config));
+        if let Some(due) = self.signer.key_expiry().filter(|due| *due <= now) {
+            warnings.push(format!(
+                "the active signing key reached signer.rotate_after at {} (the TokenBrokerSigningKeyRotationOverdue alert fires): add its successor to key_dir, dated ahead (signing-key rotation, examples/deploy/README.md)",
+                rfc3339(due)
+            ));
+        }
         for url in trust.unfetched_sources() {
             warnings.push(format!(
                 "CRL source {url} has no admitted kept copy yet: until a download of it is admitted, the certificates it would cover are refused (crl_missing) or, under best-effort, unchecked; `token-broker crl fetch` downloads it now and says why it fails"

@@ -875,3 +875,20 @@ fn check_configs_effective_config_keeps_units_drops_empty_sections_and_loads_aga
         );
     }
 }
+
+#[test]
+fn check_config_warns_when_the_active_signing_key_is_past_rotate_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = shipped_config_with(dir.path(), "");
+    let rotation = |warnings: &[String]| warnings.iter().any(|w| w.contains("signer.rotate_after"));
+    assert!(!rotation(&check_config_warnings(&config, dir.path())));
+    // An undated key's age is its file's: 100 days, past the shipped 90d.
+    let aged = Command::new("sh")
+        .args(["-c", "touch -d '100 days ago' certs/dev/keys/*.pem"])
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(aged.success());
+    let warnings = check_config_warnings(&config, dir.path());
+    assert!(rotation(&warnings), "{warnings:#?}");
+}
