@@ -80,11 +80,12 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (the default).
     Serve,
-    /// Create a development PKI and signing key.
+    /// Create a development PKI and signing key, and a commented starting config at
+    /// -c/--config (default config.toml) when there is none.
     Init {
         #[arg(long, default_value = "certs/dev")]
         dir: PathBuf,
-        /// Overwrite existing files.
+        /// Overwrite the PKI's existing files (never an existing config).
         #[arg(long)]
         force: bool,
     },
@@ -246,11 +247,7 @@ pub fn run(cli: Cli, audit: Arc<AuditLog>) -> Result<ExitCode, CliError> {
             ))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Init { dir, force } => {
-            let pki = devpki::init(&dir, force)?;
-            out(&format!("development PKI written to {}", pki.dir.display()))?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Init { dir, force } => init(&dir, &cli.config, force),
         Command::CheckConfig { fetch } => {
             let config = Config::load(&cli.config)?;
             let broker = match Broker::build(config, Arc::new(Metrics::new())) {
@@ -336,6 +333,29 @@ pub fn run(cli: Cli, audit: Arc<AuditLog>) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `init`: the development PKI, and a starting config at `config` unless one is there;
+/// prints what it wrote and the next commands.
+fn init(dir: &Path, config: &Path, force: bool) -> Result<ExitCode, CliError> {
+    let (pki, wrote_config) = devpki::init_with_config(dir, config, force)?;
+    out(&format!("development PKI written to {}", pki.dir.display()))?;
+    if !wrote_config {
+        out(&format!(
+            "{} exists and was left as it is (a starting config is written only where there is none)",
+            config.display()
+        ))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let url = Config::load(config)?.issuer.endpoint("/token");
+    out(&format!(
+        "starting config written to {config} (development only; for production: README.md, \"Pointing it at your PKI\")\n\n\
+         Next, run the server:\n  token-broker --config {config} serve\n\
+         then, in another terminal, get a token:\n  {curl}",
+        config = config.display(),
+        curl = pki.curl_command(&url)
+    ))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn fetch_crl_sources(broker: Arc<Broker>, mode: Mode) -> Result<Vec<SourceResult>, CliError> {

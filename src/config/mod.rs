@@ -31,6 +31,8 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("there is no config file {path}: name one with -c FILE or TOKEN_BROKER_CONFIG, or write a starting one beside a development PKI with `token-broker init --config {path}`")]
+    Missing { path: PathBuf },
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -389,9 +391,17 @@ impl ServerConfig {
 impl Config {
     /// Reads and parses the file; semantic checks happen when the broker is built.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
+        let text = std::fs::read_to_string(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                ConfigError::Missing {
+                    path: path.to_owned(),
+                }
+            } else {
+                ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
         })?;
         let mut config = Config::parse(&text).map_err(|message| ConfigError::Parse {
             path: path.to_owned(),

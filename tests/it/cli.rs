@@ -892,3 +892,194 @@ fn check_config_warns_when_the_active_signing_key_is_past_rotate_after() {
     let warnings = check_config_warnings(&config, dir.path());
     assert!(rotation(&warnings), "{warnings:#?}");
 }
+
+/// A PATH whose `token-broker` is the binary under test, as an installed one would be.
+fn path_with_binary(dir: &Path) -> String {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let link = bin.join("token-broker");
+    if !link.exists() {
+        std::os::unix::fs::symlink(binary(), link).unwrap();
+    }
+    format!("{}:/usr/local/bin:/usr/bin:/bin", bin.display())
+}
+
+/// `line` run by sh in `dir` with the binary on PATH.
+fn shell(line: &str, dir: &Path, path: &str) -> Output {
+    Command::new("sh")
+        .args(["-c", line])
+        .current_dir(dir)
+        .env("PATH", path)
+        .env_remove("TOKEN_BROKER_CONFIG")
+        .output()
+        .unwrap()
+}
+
+/// The line after the one starting with `label` in `text`, trimmed.
+fn line_after<'a>(text: &'a str, label: &str) -> &'a str {
+    let mut lines = text.lines();
+    lines
+        .by_ref()
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no {label:?} in:\n{text}"));
+    lines.next().map(str::trim).unwrap_or_default()
+}
+
+/// The binary alone, in an empty folder: a missing config names the way out, and the
+/// command it names writes a PKI and a commented starting config that checks clean, prints
+/// the next commands (run by `the_readme_newcomer_block_runs_as_written`), and never
+/// replaces a config.
+#[test]
+fn a_missing_config_names_the_way_out_and_init_writes_one_never_over_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let path = path_with_binary(dir.path());
+    for command in ["serve", "check-config"] {
+        let out = shell(&format!("token-broker {command}"), &work, &path);
+        assert_eq!(out.status.code(), Some(1), "{command}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for needle in [
+            "-c FILE",
+            "TOKEN_BROKER_CONFIG",
+            "`token-broker init --config config.toml`",
+        ] {
+            assert!(
+                stderr.contains(needle),
+                "{command}: {needle} missing: {stderr}"
+            );
+        }
+    }
+    let stderr =
+        String::from_utf8_lossy(&shell("token-broker serve", &work, &path).stderr).into_owned();
+    let suggested = stderr.split('`').nth(1).unwrap();
+    let out = shell(suggested, &work, &path);
+    let said = succeeded(&out);
+    let serve = line_after(&said, "Next, run the server:");
+    let curl = line_after(&said, "then, in another terminal, get a token:");
+    assert!(
+        serve.starts_with("token-broker ") && curl.starts_with("curl "),
+        "{said}"
+    );
+    // The starting config is commented and checks clean.
+    let config = std::fs::read_to_string(work.join("config.toml")).unwrap();
+    assert!(config.lines().filter(|l| l.starts_with('#')).count() > 50);
+    succeeded(&shell("token-broker check-config", &work, &path));
+    // Again: the config is never overwritten.
+    let again = shell(&format!("{suggested} --dir other --force"), &work, &path);
+    assert!(succeeded(&again).contains("left as it is"));
+    assert_eq!(
+        std::fs::read_to_string(work.join("config.toml")).unwrap(),
+        config
+    );
+}
+
+/// The commands of README's block marked `<!-- runnable: NAME ... -->`, without comments.
+fn readme_block(name: &str) -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let marker = format!("<!-- runnable: {name}");
+    let after = readme
+        .split(&marker)
+        .nth(1)
+        .unwrap_or_else(|| panic!("no {marker} in README.md"));
+    let block = after
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .unwrap();
+    block
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// README's newcomer block, run as written in an empty folder with the binary on PATH (the
+/// server moved to a free port once `init` wrote the config), and what `init` prints as
+/// the next commands is what README says.
+#[test]
+fn the_readme_newcomer_block_runs_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let path = path_with_binary(dir.path());
+    let commands = readme_block("newcomer");
+    assert_eq!(commands.len(), 3, "{commands:?}");
+    let said = succeeded(&shell(&commands[0], &work, &path));
+    assert_eq!(
+        line_after(&said, "Next, run the server:"),
+        commands[1],
+        "{said}"
+    );
+    assert_eq!(
+        line_after(&said, "then, in another terminal, get a token:"),
+        commands[2],
+        "{said}"
+    );
+
+    let port = support::free_port();
+    let config = std::fs::read_to_string(work.join("config.toml")).unwrap();
+    std::fs::write(
+        work.join("config.toml"),
+        config
+            .replace("127.0.0.1:8443", &format!("127.0.0.1:{port}"))
+            .replace(
+                "https://localhost:8443",
+                &format!("https://localhost:{port}"),
+            )
+            .replace("127.0.0.1:9090", "127.0.0.1:0"),
+    )
+    .unwrap();
+    let mut server = Command::new("sh")
+        .args(["-c", &format!("exec {}", commands[1])])
+        .current_dir(&work)
+        .env("PATH", &path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(server.stderr.take().unwrap());
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + support::PATIENCE;
+    let mut said = Vec::new();
+    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let serving = line.contains("token-broker serving");
+        said.push(line);
+        if serving {
+            break;
+        }
+    }
+    assert!(
+        said.iter().any(|l| l.contains("token-broker serving")),
+        "{}",
+        said.join("\n")
+    );
+    let curl = commands[2].replace("localhost:8443", &format!("localhost:{port}"));
+    let out = shell(&format!("{curl} -sS"), &work, &path);
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "{curl}: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(
+        body["access_token"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("eyJ")),
+        "{body}"
+    );
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(server.id().to_string())
+        .status()
+        .unwrap();
+    assert!(server.wait().unwrap().success());
+}
