@@ -351,6 +351,13 @@ impl Broker {
             }
         }
         warnings.extend(google_resource_audiences(&self.config));
+        let cas: Vec<&str> = trust.cas.iter().map(|ca| ca.subject.as_str()).collect();
+        for (rule, patterns) in self.rules.issuers_matching_none(&cas) {
+            warnings.push(format!(
+                "clients {rule:?}: match.issuer {patterns:?} matches no CA of server.client_ca, so only devices sending an intermediate of their own can match it; distinguished names are RFC 4514 text, most specific first, as this report prints them: {}",
+                cas.join("; ")
+            ));
+        }
         if let Some(due) = self.signer.key_expiry().filter(|due| *due <= now) {
             warnings.push(format!(
                 "the active signing key reached signer.rotate_after at {} (the TokenBrokerSigningKeyRotationOverdue alert fires): add its successor to key_dir, dated ahead (signing-key rotation, examples/deploy/README.md)",
@@ -515,17 +522,33 @@ impl Broker {
                     description: None,
                     identity: Some(Identity::clone(&auth.identity)),
                     rule: Some(auth.rule.name.clone()),
+                    rules: None,
                     claims,
                 }
             }
-            Err(refusal) => Decision {
-                accepted: false,
-                reason: Some(refusal.reason()),
-                description: Some(refusal.to_string()),
-                identity: chain.first().and_then(|c| Identity::from_der(c).ok()),
-                rule: None,
-                claims: None,
-            },
+            Err(refusal) => {
+                let identity = chain.first().and_then(|c| Identity::from_der(c).ok());
+                // No rule took a trusted certificate: per rule, the first condition it failed.
+                let rules = match (&refusal, &identity) {
+                    (Refusal::NoMatchingRule, Some(identity)) => Some(
+                        self.rules
+                            .misses(identity)
+                            .into_iter()
+                            .map(|(rule, failed)| RuleMiss { rule, failed })
+                            .collect(),
+                    ),
+                    _ => None,
+                };
+                Decision {
+                    accepted: false,
+                    reason: Some(refusal.reason()),
+                    description: Some(refusal.to_string()),
+                    identity,
+                    rule: None,
+                    rules,
+                    claims: None,
+                }
+            }
         }
     }
 }
@@ -539,7 +562,17 @@ pub struct Decision {
     pub description: Option<String>,
     pub identity: Option<Identity>,
     pub rule: Option<String>,
+    /// `no_matching_rule`: each rule, in order, with the first of its conditions that failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Vec<RuleMiss>>,
     pub claims: Option<Value>,
+}
+
+/// A rule that did not take the certificate, and why.
+#[derive(Debug, Serialize)]
+pub struct RuleMiss {
+    pub rule: String,
+    pub failed: String,
 }
 
 /// How long before a root expires `check-config` starts warning.

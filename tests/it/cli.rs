@@ -1083,3 +1083,73 @@ fn the_readme_newcomer_block_runs_as_written() {
         .unwrap();
     assert!(server.wait().unwrap().success());
 }
+
+/// One spelling of a distinguished name: what `check-config` prints of a CA, pasted into
+/// `match.issuer`, matches; an OpenSSL-style spelling draws a warning, and `verify-cert`
+/// says per rule which condition failed.
+#[test]
+fn a_ca_name_pasted_from_check_config_matches_and_a_miss_is_explained_per_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = shipped_config_with(dir.path(), "");
+    let c = config.to_str().unwrap();
+    let report = succeeded(&run(&["-c", c, "check-config"], dir.path()));
+    let root = report
+        .lines()
+        .find_map(|l| l.strip_prefix("# root CA ")?.split(": pin ").next())
+        .unwrap_or_else(|| panic!("no root CA line:\n{report}"))
+        .to_owned();
+    assert!(!root.contains(", "), "RFC 4514, as rules read it: {root}");
+    let shipped = std::fs::read_to_string(&config).unwrap();
+    let with_issuer = |issuer: &str| {
+        let text = shipped.replace(
+            "[clients.match]\nspiffe = [",
+            &format!("[clients.match]\nissuer = [{issuer:?}]\nspiffe = ["),
+        );
+        assert_ne!(
+            text, shipped,
+            "the shipped rule's match changed; update this test"
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    with_issuer(&root);
+    let accepted = run(
+        &["-c", c, "verify-cert", "certs/dev/device.pem"],
+        dir.path(),
+    );
+    assert_eq!(
+        accepted.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&accepted.stdout)
+    );
+    assert!(!check_config_warnings(&config, dir.path())
+        .iter()
+        .any(|w| w.contains("match.issuer")));
+
+    // The same name as OpenSSL prints it by default: in certificate order, ", " between.
+    let openssl: Vec<&str> = root.split(',').rev().collect();
+    let openssl = openssl.join(", ");
+    with_issuer(&openssl);
+    let warnings = check_config_warnings(&config, dir.path());
+    assert!(
+        warnings.iter().any(|w| w.contains("\"dev-devices\"")
+            && w.contains("matches no CA")
+            && w.contains(&root)),
+        "{warnings:#?}"
+    );
+    let refused = run(
+        &["-c", c, "verify-cert", "certs/dev/device.pem"],
+        dir.path(),
+    );
+    assert_eq!(refused.status.code(), Some(2));
+    let decision: serde_json::Value = serde_json::from_slice(&refused.stdout).unwrap();
+    assert_eq!(decision["reason"], "no_matching_rule");
+    assert_eq!(decision["rules"][0]["rule"], "dev-devices", "{decision:#}");
+    let failed = decision["rules"][0]["failed"].as_str().unwrap_or_default();
+    assert!(
+        failed.starts_with(&format!(
+            "match.issuer: {root:?} matches none of [{openssl:?}]"
+        )),
+        "{failed}"
+    );
+}
