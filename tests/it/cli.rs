@@ -974,26 +974,203 @@ fn a_missing_config_names_the_way_out_and_init_writes_one_never_over_another() {
     );
 }
 
-/// The commands of README's block marked `<!-- runnable: NAME ... -->`, without comments.
-fn readme_block(name: &str) -> Vec<String> {
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+/// The lines of the shell block marked `<!-- runnable: NAME ... -->` in `file`.
+fn doc_block(file: &str, name: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap();
     let marker = format!("<!-- runnable: {name}");
-    let after = readme
+    let after = text
         .split(&marker)
         .nth(1)
-        .unwrap_or_else(|| panic!("no {marker} in README.md"));
+        .unwrap_or_else(|| panic!("no {marker} in {file}"));
     let block = after
         .split("```sh\n")
         .nth(1)
         .and_then(|b| b.split("```").next())
         .unwrap();
-    block
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_owned)
+    block.lines().map(str::to_owned).collect()
+}
+
+/// A command of a docs block, and the JSON its comment lines right below it show as the
+/// answer, when they do.
+type DocCommand = (String, Option<serde_json::Value>);
+
+/// A block's commands, continuation lines joined.
+fn doc_commands(lines: &[String]) -> Vec<DocCommand> {
+    let mut out: Vec<DocCommand> = Vec::new();
+    let mut command = String::new();
+    let mut shown = String::new();
+    let flush = |out: &mut Vec<DocCommand>, shown: &mut String| {
+        if let Some(last) = out.last_mut() {
+            if !shown.is_empty() {
+                last.1 = serde_json::from_str(shown).ok();
+            }
+        }
+        shown.clear();
+    };
+    for line in lines {
+        let trimmed = line.trim();
+        if let Some(comment) = trimmed.strip_prefix('#') {
+            if !shown.is_empty() || comment.trim_start().starts_with('{') {
+                shown.push_str(comment);
+            }
+            continue;
+        }
+        flush(&mut out, &mut shown);
+        if trimmed.is_empty() {
+            continue;
+        }
+        match trimmed.strip_suffix('\\') {
+            Some(part) => {
+                command.push_str(part);
+                command.push(' ');
+            }
+            None => {
+                command.push_str(trimmed);
+                out.push((std::mem::take(&mut command), None));
+            }
+        }
+    }
+    flush(&mut out, &mut shown);
+    out
+}
+
+/// The commands of README's block marked `<!-- runnable: NAME ... -->`.
+fn readme_block(name: &str) -> Vec<String> {
+    doc_commands(&doc_block("README.md", name))
+        .into_iter()
+        .map(|(command, _)| command)
         .collect()
+}
+
+/// `answer` agrees with what the docs show: the same keys, and the same values where the
+/// docs do not abbreviate them (`"eyJ..."`).
+fn agrees(answer: &serde_json::Value, shown: &serde_json::Value) -> bool {
+    let (Some(answer), Some(shown)) = (answer.as_object(), shown.as_object()) else {
+        return answer == shown;
+    };
+    let mut keys: Vec<&String> = answer.keys().collect();
+    let mut shown_keys: Vec<&String> = shown.keys().collect();
+    keys.sort();
+    shown_keys.sort();
+    keys == shown_keys
+        && shown.iter().all(|(key, value)| {
+            value.as_str().is_some_and(|v| v.contains("...")) || answer.get(key) == Some(value)
+        })
+}
+
+/// README's walkthrough and the device's first token in docs/devices.md, run as written
+/// (the binary for `cargo run --release --`, free ports for 8443 and 9090, the development
+/// PKI for the device's files) against the shipped config's first `serve`: every command
+/// exits 0, or 2 for a documented refusal, and every answer agrees with the JSON shown.
+#[test]
+fn the_docs_walkthrough_and_device_steps_run_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let path = path_with_binary(dir.path());
+    let (port, admin) = (support::free_port(), support::free_port());
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml")).unwrap();
+    std::fs::write(
+        work.join("config.toml"),
+        shipped
+            .replace("127.0.0.1:8443", &format!("127.0.0.1:{port}"))
+            .replace(
+                "https://localhost:8443",
+                &format!("https://localhost:{port}"),
+            )
+            .replace("127.0.0.1:9090", &format!("127.0.0.1:{admin}")),
+    )
+    .unwrap();
+    let mut server = Command::new("sh")
+        .args(["-c", "exec token-broker serve"])
+        .current_dir(&work)
+        .env("PATH", &path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(server.stderr.take().unwrap());
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + support::PATIENCE;
+    let mut said = Vec::new();
+    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let serving = line.contains("token-broker serving");
+        said.push(line);
+        if serving {
+            break;
+        }
+    }
+    assert!(
+        said.iter().any(|l| l.contains("token-broker serving")),
+        "{}",
+        said.join("\n")
+    );
+
+    let substitute = |command: &str| {
+        command
+            .replace("cargo run --release --", "token-broker")
+            .replace("localhost:8443", &format!("localhost:{port}"))
+            .replace("localhost:9090", &format!("127.0.0.1:{admin}"))
+            .replace(
+                "https://token-broker.example.com",
+                &format!("https://localhost:{port}"),
+            )
+            .replace("/etc/device/cert.pem", "certs/dev/device.pem")
+            .replace("/etc/device/key.pem", "certs/dev/device-key.pem")
+            .replace("/etc/device/broker-ca.pem", "certs/dev/ca.pem")
+    };
+    let blocks = [
+        ("README.md", "walkthrough"),
+        ("docs/devices.md", "device-token"),
+    ];
+    let (mut ran, mut compared) = (0, 0);
+    for (file, name) in blocks {
+        for (command, shown) in doc_commands(&doc_block(file, name)) {
+            let command = substitute(&command);
+            let out = shell(&command, &work, &path);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                matches!(out.status.code(), Some(0 | 2)),
+                "{file} ({name}): {command}: {:?}\n{stdout}\n{stderr}",
+                out.status.code()
+            );
+            assert!(!stderr.contains("panicked"), "{command}: {stderr}");
+            if let Some(shown) = shown {
+                let answer: serde_json::Value = serde_json::from_str(&stdout)
+                    .unwrap_or_else(|_| panic!("{file}: {command}: not JSON: {stdout}"));
+                assert!(
+                    agrees(&answer, &shown),
+                    "{file}: {command}:\n{answer:#}\nshown:\n{shown:#}"
+                );
+                compared += 1;
+            }
+            if command.contains("token-broker token") {
+                let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_default();
+                assert!(
+                    answer["access_token"].is_string(),
+                    "{command}: {stdout} {stderr}"
+                );
+            }
+            ran += 1;
+        }
+    }
+    assert!(
+        ran >= 9 && compared >= 2,
+        "{ran} commands, {compared} answers compared"
+    );
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(server.id().to_string())
+        .status()
+        .unwrap();
+    assert!(server.wait().unwrap().success());
 }
 
 /// README's newcomer block, run as written in an empty folder with the binary on PATH (the
