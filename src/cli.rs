@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::broker::{Broker, Problems};
 use crate::clock;
 use crate::config::{Config, ConfigError};
+use crate::console;
 use crate::crl_fetch::{Mode, SourceResult};
 use crate::device::agent::AgentConfig;
 use crate::device::client::{BrokerClient, CachingClient, ClientError, TokenParams};
@@ -48,6 +49,8 @@ pub enum CliError {
     Audit(#[from] AuditOpenError),
     #[error("{0}")]
     Usage(String),
+    #[error("cannot write to standard output: {0}")]
+    Stdout(std::io::Error),
 }
 
 #[derive(Parser)]
@@ -77,11 +80,12 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (the default).
     Serve,
-    /// Create a development PKI and signing key.
+    /// Create a development PKI and signing key, and a commented starting config at
+    /// -c/--config (default config.toml) when there is none.
     Init {
         #[arg(long, default_value = "certs/dev")]
         dir: PathBuf,
-        /// Overwrite existing files.
+        /// Overwrite the PKI's existing files (never an existing config).
         #[arg(long)]
         force: bool,
     },
@@ -237,26 +241,23 @@ pub fn run(cli: Cli, audit: Arc<AuditLog>) -> Result<ExitCode, CliError> {
         Command::Serve => serve(&cli.config, audit),
         Command::RotateTicketKeys { file } => {
             crate::tickets::rotate(&file)?;
-            println!("rotated session ticket keys in {}", file.display());
+            out(&format!(
+                "rotated session ticket keys in {}",
+                file.display()
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Init { dir, force } => {
-            let pki = devpki::init(&dir, force)?;
-            println!("development PKI written to {}", pki.dir.display());
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Init { dir, force } => init(&dir, &cli.config, force),
         Command::CheckConfig { fetch } => {
             let config = Config::load(&cli.config)?;
             let broker = match Broker::build(config, Arc::new(Metrics::new())) {
                 Ok(broker) => broker,
                 Err(problems) => return Ok(report_problems(&cli.config, &problems.0)),
             };
-            print!(
-                "{}",
-                broker
-                    .report(clock::unix_now())
-                    .map_err(|e| CliError::Usage(e.to_string()))?
-            );
+            let report = broker
+                .report(clock::unix_now())
+                .map_err(|e| CliError::Usage(e.to_string()))?;
+            console::print(&report).map_err(CliError::Stdout)?;
             if !fetch {
                 return Ok(ExitCode::SUCCESS);
             }
@@ -264,13 +265,13 @@ pub fn run(cli: Cli, audit: Arc<AuditLog>) -> Result<ExitCode, CliError> {
             let mut refused = false;
             for (url, result) in results {
                 match result {
-                    Ok(fetched) => println!(
+                    Ok(fetched) => out(&format!(
                         "# CRL source {url}: {} (would be admitted)",
                         fetched.label()
-                    ),
+                    ))?,
                     Err(error) => {
                         refused = true;
-                        println!("# CRL source {url}: {}: {error}", error.label());
+                        out(&format!("# CRL source {url}: {}: {error}", error.label()))?;
                     }
                 }
             }
@@ -299,7 +300,7 @@ pub fn run(cli: Cli, audit: Arc<AuditLog>) -> Result<ExitCode, CliError> {
                 None => clock::unix_now(),
             };
             let decision = broker.explain(&certs, clock::at_unix(at));
-            println!("{}", json(&decision));
+            out(&json(&decision))?;
             // Exit 2 for a refusal so scripts can tell it from an error (1).
             Ok(if decision.accepted {
                 ExitCode::SUCCESS
@@ -320,7 +321,7 @@ pub fn run(cli: Cli, audit: Arc<AuditLog>) -> Result<ExitCode, CliError> {
                 }
             })?;
             match (broker.signer().jwks(), broker.signer().jwks_uri()) {
-                (Some(jwks), _) => println!("{}", json(jwks)),
+                (Some(jwks), _) => out(&json(jwks))?,
                 (None, Some(uri)) => {
                     return Err(CliError::Usage(format!(
                         "the {} signer's keys are published by Google at {uri}",
@@ -332,6 +333,29 @@ pub fn run(cli: Cli, audit: Arc<AuditLog>) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `init`: the development PKI, and a starting config at `config` unless one is there;
+/// prints what it wrote and the next commands.
+fn init(dir: &Path, config: &Path, force: bool) -> Result<ExitCode, CliError> {
+    let (pki, wrote_config) = devpki::init_with_config(dir, config, force)?;
+    out(&format!("development PKI written to {}", pki.dir.display()))?;
+    if !wrote_config {
+        out(&format!(
+            "{} exists and was left as it is (a starting config is written only where there is none)",
+            config.display()
+        ))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let url = Config::load(config)?.issuer.endpoint("/token");
+    out(&format!(
+        "starting config written to {config} (development only; for production: README.md, \"Pointing it at your PKI\")\n\n\
+         Next, run the server:\n  token-broker --config {config} serve\n\
+         then, in another terminal, get a token:\n  {curl}",
+        config = config.display(),
+        curl = pki.curl_command(&url)
+    ))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn fetch_crl_sources(broker: Arc<Broker>, mode: Mode) -> Result<Vec<SourceResult>, CliError> {
@@ -355,10 +379,10 @@ fn crl_fetch(path: &Path) -> Result<ExitCode, CliError> {
     let mut failed = false;
     for (url, result) in results {
         match result {
-            Ok(fetched) => println!("{url}: {}", fetched.label()),
+            Ok(fetched) => out(&format!("{url}: {}", fetched.label()))?,
             Err(error) => {
                 failed = true;
-                println!("{url}: {}: {error}", error.label());
+                out(&format!("{url}: {}: {error}", error.label()))?;
             }
         }
     }
@@ -473,17 +497,17 @@ fn wif_setup(config_path: &Path, project_id: &str) -> Result<ExitCode, CliError>
         CliError::Usage(format!("{}: no [google] section", config_path.display()))
     })?;
     for warning in &setup.warnings {
-        eprintln!("warning: {warning}");
+        console::eprintln(&format!("warning: {warning}"));
     }
-    println!("{}", setup.script);
+    out(&setup.script)?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn report_problems(config: &Path, problems: &[String]) -> ExitCode {
     for problem in problems {
-        eprintln!("error: {}: {problem}", config.display());
+        console::eprintln(&format!("error: {}: {problem}", config.display()));
     }
-    eprintln!("{} problem(s) found", problems.len());
+    console::eprintln(&format!("{} problem(s) found", problems.len()));
     ExitCode::FAILURE
 }
 
@@ -526,6 +550,11 @@ fn serve(config_path: &Path, audit: Arc<AuditLog>) -> Result<ExitCode, CliError>
 
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Runtime::new().map_err(CliError::Runtime)
+}
+
+/// A line on stdout; a reader that went away is no error (`console`).
+fn out(line: &str) -> Result<(), CliError> {
+    console::println(line).map_err(CliError::Stdout)
 }
 
 /// Pretty JSON of what the broker itself built (serializing it cannot fail).

@@ -97,6 +97,8 @@ struct Matcher {
     issuer: Option<GlobSet>,
     /// Held as digests, as the identity holds its own: matching compares bytes.
     sha256: Vec<CertDigest>,
+    /// Each key's patterns as written, for saying why a certificate does not match.
+    written: Vec<(&'static str, Vec<String>)>,
 }
 
 /// The SANs that satisfied a rule's patterns: `sub` is built from these, never from an
@@ -156,6 +158,69 @@ impl Matcher {
             dns: any(&self.dns, &id.dns_sans, dns_key)?,
             email: any(&self.email, &id.email_sans, email_key)?,
         })
+    }
+}
+
+impl Matcher {
+    /// The patterns written for `key`.
+    fn written(&self, key: &str) -> &[String] {
+        self.written
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or(&[], |(_, p)| p.as_slice())
+    }
+
+    /// The first condition `id` fails, in the order [`Matcher::matches`] checks them:
+    /// the key, the certificate's value(s) and the patterns; `None` when it matches.
+    fn first_mismatch(&self, id: &Identity) -> Option<String> {
+        let says = |key: &str, value: String| {
+            format!(
+                "match.{key}: {value} matches none of {:?}",
+                self.written(key)
+            )
+        };
+        let single = [
+            (
+                "spiffe",
+                &self.spiffe,
+                id.spiffe_id.as_deref(),
+                "no SPIFFE ID",
+            ),
+            ("subject", &self.subject, Some(id.subject.as_str()), ""),
+            ("issuer", &self.issuer, Some(id.issuer.as_str()), ""),
+        ];
+        for (key, set, value, absent) in single {
+            let Some(set) = set else { continue };
+            match value {
+                None => return Some(format!("match.{key}: the certificate has {absent}")),
+                Some(v) if !set.is_match(v) => return Some(says(key, format!("{v:?}"))),
+                Some(_) => {}
+            }
+        }
+        if !self.sha256.is_empty() && !self.sha256.contains(&id.sha256) {
+            return Some("match.sha256: the certificate's fingerprint is not listed".into());
+        }
+        type Sans<'a> = (
+            &'a str,
+            &'a Option<GlobSet>,
+            &'a [String],
+            fn(&str) -> String,
+        );
+        let several: [Sans<'_>; 3] = [
+            ("uri", &self.uri, &id.uri_sans, str::to_owned),
+            ("dns", &self.dns, &id.dns_sans, dns_key),
+            ("email", &self.email, &id.email_sans, email_key),
+        ];
+        for (key, set, values, form) in several {
+            let Some(set) = set else { continue };
+            if values.is_empty() {
+                return Some(format!("match.{key}: the certificate has no {key} SAN"));
+            }
+            if !values.iter().any(|v| set.is_match(form(v))) {
+                return Some(says(key, format!("{values:?}")));
+            }
+        }
+        None
     }
 }
 
@@ -363,6 +428,28 @@ impl ClientRules {
     }
 
     /// The first rule matching this certificate, and what in it matched.
+    /// For each rule `id` does not match, its name and the first condition that failed
+    /// (`verify-cert` on a certificate no rule takes).
+    pub fn misses(&self, id: &Identity) -> Vec<(String, String)> {
+        self.0
+            .iter()
+            .filter_map(|rule| Some((rule.name.clone(), rule.matcher.first_mismatch(id)?)))
+            .collect()
+    }
+
+    /// Names of the rules with `match.issuer` patterns none of `cas` (distinguished names
+    /// as RFC 4514 text) matches, with those patterns.
+    pub fn issuers_matching_none(&self, cas: &[&str]) -> Vec<(String, Vec<String>)> {
+        self.0
+            .iter()
+            .filter_map(|rule| {
+                let set = rule.matcher.issuer.as_ref()?;
+                (!cas.iter().any(|ca| set.is_match(ca)))
+                    .then(|| (rule.name.clone(), rule.matcher.written("issuer").to_vec()))
+            })
+            .collect()
+    }
+
     pub fn find(&self, id: &Identity) -> Option<(&ClientRule, Matched)> {
         self.0
             .iter()
@@ -561,6 +648,17 @@ fn build_matcher(m: &MatchConfig, problems: &mut Vec<String>) -> Matcher {
             ));
         }
     }
+    let written = [
+        ("spiffe", &m.spiffe),
+        ("uri", &m.uri),
+        ("dns", &m.dns),
+        ("email", &m.email),
+        ("subject", &m.subject),
+        ("issuer", &m.issuer),
+    ]
+    .into_iter()
+    .filter_map(|(key, patterns)| Some((key, patterns.clone()?)))
+    .collect();
     Matcher {
         spiffe,
         uri,
@@ -569,6 +667,7 @@ fn build_matcher(m: &MatchConfig, problems: &mut Vec<String>) -> Matcher {
         subject,
         issuer,
         sha256,
+        written,
     }
 }
 
@@ -626,6 +725,57 @@ pub(crate) mod tests_support {
 #[cfg(test)]
 mod tests {
     use super::tests_support::*;
+
+    #[test]
+    fn a_miss_names_the_first_failing_condition_exactly_when_the_rule_does_not_match() {
+        let rules = rules(
+            r#"
+[[clients]]
+name = "a"
+match = { spiffe = ["spiffe://example.org/device/*"], issuer = ["CN=Example Root"], dns = ["*.devices.example.com"], email = ["*@example.com"] }
+"#,
+        );
+        type Case = (fn(&mut Identity), Option<&'static str>);
+        let cases: [Case; 6] = [
+            (
+                |_| {},
+                Some("match.email: the certificate has no email SAN"),
+            ),
+            (|id| id.email_sans = vec!["x@example.com".into()], None),
+            (
+                |id| id.spiffe_id = None,
+                Some("match.spiffe: the certificate has no SPIFFE ID"),
+            ),
+            (
+                |id| id.issuer = "O=Example, CN=Example Root".into(),
+                Some(
+                    r#"match.issuer: "O=Example, CN=Example Root" matches none of ["CN=Example Root"]"#,
+                ),
+            ),
+            (
+                |id| {
+                    id.email_sans = vec!["x@example.com".into()];
+                    id.dns_sans = vec!["dev-1.example.com".into()];
+                },
+                Some(
+                    r#"match.dns: ["dev-1.example.com"] matches none of ["*.devices.example.com"]"#,
+                ),
+            ),
+            (
+                |id| id.spiffe_id = Some("spiffe://example.org/other/x".into()),
+                Some(
+                    r#"match.spiffe: "spiffe://example.org/other/x" matches none of ["spiffe://example.org/device/*"]"#,
+                ),
+            ),
+        ];
+        for (change, says) in cases {
+            let mut id = identity();
+            change(&mut id);
+            let misses = rules.misses(&id);
+            assert_eq!(misses.first().map(|(_, why)| why.as_str()), says);
+            assert_eq!(rules.find(&id).is_none(), says.is_some(), "{says:?}");
+        }
+    }
 
     fn rule(toml_text: &str) -> Result<ClientRules, Vec<String>> {
         ClientRules::build(

@@ -88,7 +88,7 @@ impl Crl {
         let summary = without_entries(der).ok_or_else(|| not_valid(&"malformed DER"))?;
         let (_, parsed) =
             CertificateRevocationList::from_der(&summary).map_err(|e| not_valid(&e))?;
-        let issuer = parsed.issuer().to_string();
+        let issuer = crate::identity::dn_text(parsed.issuer());
         let number = parsed
             .extensions()
             .iter()

@@ -167,6 +167,50 @@ fn issue_leaf(
     Ok((params.signed_by(&key, issuer)?, key))
 }
 
+/// The shipped `config.toml`, the starting config `init --config` writes.
+const SHIPPED_CONFIG: &str = include_str!("../config.toml");
+
+/// `init`: the PKI in `dir` and, when no file is at `config` (an existing config is never
+/// replaced, `force` or not), the shipped commented config there with its development
+/// paths pointing at `dir`. Says whether it wrote the config.
+pub fn init_with_config(
+    dir: &Path,
+    config: &Path,
+    force: bool,
+) -> Result<(DevPki, bool), DevPkiError> {
+    let pki = init(dir, force)?;
+    if config.exists() {
+        return Ok((pki, false));
+    }
+    write(config, starting_config(dir, config).as_bytes(), false)?;
+    Ok((pki, true))
+}
+
+/// The shipped config with `certs/dev` replaced by `dir` as seen from `config`'s folder
+/// (relative when `dir` is under it, else absolute).
+fn starting_config(dir: &Path, config: &Path) -> String {
+    let absolute = |path: &Path| std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let dir = absolute(dir);
+    let folder = absolute(config)
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let seen = match dir.strip_prefix(&folder) {
+        Ok(inside) if inside.as_os_str().is_empty() => Path::new("."),
+        Ok(inside) => inside,
+        Err(_) => &dir,
+    };
+    let seen = seen
+        .to_string_lossy()
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"");
+    format!(
+        "# Written by `token-broker init`: a development starting point, beside the\n\
+         # development PKI it names. For production see README.md, \"Pointing it at your PKI\".\n\n{}",
+        SHIPPED_CONFIG.replace("\"certs/dev", &format!("\"{seen}"))
+    )
+}
+
 /// Writes a file, private keys readable by the owner only.
 fn write(path: &Path, contents: &[u8], secret: bool) -> Result<(), DevPkiError> {
     let error = |source| DevPkiError::Write {
@@ -204,13 +248,13 @@ pub fn prepare(config: &crate::config::Config) -> Result<(), DevPkiError> {
     let dir = config.path(dir);
     if !dir.exists() {
         let pki = init(&dir, false)?;
-        eprintln!(
+        crate::console::eprintln(&format!(
             "\n*** DEVELOPMENT ONLY: created a development PKI and signing key in {} ***\n\
              *** Its CA key sits next to its certificates. Never use it in production. ***\n\
              \nTry it:\n  {}\n",
             dir.display(),
             pki.curl_command(&config.issuer.endpoint("/token"))
-        );
+        ));
     }
     tracing::warn!(dir = %dir.display(), "development PKI in use ([dev] pki_dir is set): not for production");
     Ok(())

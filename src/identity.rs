@@ -170,7 +170,13 @@ impl Identity {
 }
 
 /// RFC 4514 text of a name: RDNs most specific first, `+` within an RDN, values escaped
-/// so that no value can impersonate a separator (rules match on this text).
+/// so that no value can impersonate a separator (rules match on this text). The one
+/// spelling of a distinguished name the broker prints or reads (`check-config`, warnings,
+/// refusals, `verify-cert`, `match.subject`/`match.issuer`).
+pub fn dn_text(name: &X509Name<'_>) -> String {
+    rfc4514(name).unwrap_or_else(|_| name.to_string())
+}
+
 fn rfc4514(name: &X509Name<'_>) -> Result<String, IdentityError> {
     let mut rdns = Vec::new();
     for rdn in name.iter() {

@@ -18,7 +18,7 @@
 //!   Credentials, the broker's own credentials), [`cache`] (minted tokens, single-flight).
 //! - The device side, on its own: [`device`] (`token` and the metadata agent).
 //! - Small bottom modules: [`config`], [`clock`], [`crypto`], [`pem`], [`logging`],
-//!   [`metrics`], [`redact`], [`devpki`], [`tickets`] (TLS session tickets under shared keys), and `der` (the few DER elements read by hand).
+//!   [`metrics`], [`redact`], [`console`] (stdout/stderr for people and scripts: a closed pipe is no failure), [`devpki`], [`tickets`] (TLS session tickets under shared keys), and `der` (the few DER elements read by hand).
 #![forbid(unsafe_code)]
 #![deny(unreachable_pub)]
 
@@ -30,6 +30,7 @@ pub mod cli;
 pub mod clients;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod crl;
 pub mod crl_fetch;
 pub mod crypto;

@@ -29,6 +29,9 @@ pub struct Live {
     reloading: Mutex<()>,
     /// Wakes the CRL downloader to fetch every source now (SIGHUP).
     fetch_crls: Arc<tokio::sync::Notify>,
+    /// The configuration warnings of the broker serving now: a reload (every CRL download
+    /// is one) logs only those that are new, not the same ones again.
+    warned: Mutex<Vec<String>>,
 }
 
 /// The settings the server reads once, at start (listeners, the connection limit, the
@@ -56,7 +59,7 @@ fn start_only(config: &Config) -> StartOnly {
 
 impl Live {
     pub fn new(broker: Arc<Broker>, config_path: Option<PathBuf>) -> Live {
-        log_warnings(&broker);
+        let warned = log_new_warnings(&broker, &[]);
         let started = start_only(broker.config());
         for (setting, _) in &started {
             broker
@@ -74,6 +77,7 @@ impl Live {
             audit: None,
             reloading: Mutex::new(()),
             fetch_crls: Arc::new(tokio::sync::Notify::new()),
+            warned: Mutex::new(warned),
         }
     }
 
@@ -159,7 +163,9 @@ impl Live {
             .inc();
         match result {
             Ok(broker) => {
-                log_warnings(&broker);
+                let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
+                *warned = log_new_warnings(&broker, &warned);
+                drop(warned);
                 self.note_pending_restart(&broker);
                 let audit_path = broker.config().audit_path();
                 self.broker.store(Arc::new(broker));
@@ -202,9 +208,12 @@ impl Live {
     }
 }
 
-/// What `check-config` would warn of, in the log of the broker that goes live.
-fn log_warnings(broker: &Broker) {
-    for warning in broker.warnings(crate::clock::unix_now()) {
+/// What `check-config` would warn of, in the log of the broker that goes live: each warning
+/// not in `before` (the previous broker's), so a reload repeats none. Returns them all.
+fn log_new_warnings(broker: &Broker, before: &[String]) -> Vec<String> {
+    let warnings = broker.warnings(crate::clock::unix_now());
+    for warning in warnings.iter().filter(|w| !before.contains(w)) {
         tracing::warn!(%warning, "configuration warning");
     }
+    warnings
 }

@@ -19,7 +19,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error}");
+            token_broker::console::eprintln(&format!("error: {error}"));
             ExitCode::FAILURE
         }
     }

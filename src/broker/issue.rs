@@ -65,11 +65,10 @@ impl Broker {
             .check_rate(&auth.identity.sha256)
             .map_err(IssueError::RateLimited)?;
 
-        let flow = self.flows.select(request).ok_or_else(|| {
-            IssueError::NoFlow(
-                "no enabled flow accepts this combination of parameters (scope, service_account, target_audience)".into(),
-            )
-        })?;
+        let flow = self
+            .flows
+            .select(request)
+            .ok_or_else(|| IssueError::NoFlow(self.flows.unhandled(request)))?;
         decided.flow = Some(flow.name());
         if !auth.rule.allows_flow(flow.name()) {
             return Err(IssueError::FlowNotAllowed(format!(

@@ -351,6 +351,20 @@ impl Broker {
                 ));
             }
         }
+        warnings.extend(google_resource_audiences(&self.config));
+        let cas: Vec<&str> = trust.cas.iter().map(|ca| ca.subject.as_str()).collect();
+        for (rule, patterns) in self.rules.issuers_matching_none(&cas) {
+            warnings.push(format!(
+                "clients {rule:?}: match.issuer {patterns:?} matches no CA of server.client_ca, so only devices sending an intermediate of their own can match it; distinguished names are RFC 4514 text, most specific first, as this report prints them: {}",
+                cas.join("; ")
+            ));
+        }
+        if let Some(due) = self.signer.key_expiry().filter(|due| *due <= now) {
+            warnings.push(format!(
+                "the active signing key reached signer.rotate_after at {} (the TokenBrokerSigningKeyRotationOverdue alert fires): add its successor to key_dir, dated ahead (signing-key rotation, examples/deploy/README.md)",
+                rfc3339(due)
+            ));
+        }
         for url in trust.unfetched_sources() {
             warnings.push(format!(
                 "CRL source {url} has no admitted kept copy yet: until a download of it is admitted, the certificates it would cover are refused (crl_missing) or, under best-effort, unchecked; `token-broker crl fetch` downloads it now and says why it fails"
@@ -509,17 +523,33 @@ impl Broker {
                     description: None,
                     identity: Some(Identity::clone(&auth.identity)),
                     rule: Some(auth.rule.name.clone()),
+                    rules: None,
                     claims,
                 }
             }
-            Err(refusal) => Decision {
-                accepted: false,
-                reason: Some(refusal.reason()),
-                description: Some(refusal.to_string()),
-                identity: chain.first().and_then(|c| Identity::from_der(c).ok()),
-                rule: None,
-                claims: None,
-            },
+            Err(refusal) => {
+                let identity = chain.first().and_then(|c| Identity::from_der(c).ok());
+                // No rule took a trusted certificate: per rule, the first condition it failed.
+                let rules = match (&refusal, &identity) {
+                    (Refusal::NoMatchingRule, Some(identity)) => Some(
+                        self.rules
+                            .misses(identity)
+                            .into_iter()
+                            .map(|(rule, failed)| RuleMiss { rule, failed })
+                            .collect(),
+                    ),
+                    _ => None,
+                };
+                Decision {
+                    accepted: false,
+                    reason: Some(refusal.reason()),
+                    description: Some(refusal.to_string()),
+                    identity,
+                    rule: None,
+                    rules,
+                    claims: None,
+                }
+            }
         }
     }
 }
@@ -533,7 +563,17 @@ pub struct Decision {
     pub description: Option<String>,
     pub identity: Option<Identity>,
     pub rule: Option<String>,
+    /// `no_matching_rule`: each rule, in order, with the first of its conditions that failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Vec<RuleMiss>>,
     pub claims: Option<Value>,
+}
+
+/// A rule that did not take the certificate, and why.
+#[derive(Debug, Serialize)]
+pub struct RuleMiss {
+    pub rule: String,
+    pub failed: String,
 }
 
 /// How long before a root expires `check-config` starts warning.
@@ -785,6 +825,34 @@ fn discovery_document(config: &Config, signer: &dyn Signer, flows: &Registry) ->
         "tls_client_certificate_bound_access_tokens": true,
     });
     Bytes::from(doc.to_string())
+}
+
+/// Audiences written as a workload identity provider's resource name
+/// (`//iam.googleapis.com/...`, what the broker sends STS as `audience`). Google accepts a
+/// token whose `aud` is the provider's default allowed audience, `https:` + that name, which
+/// `wif-setup` configures and `token --format executable` asks for: a rule allowing only the
+/// resource name refuses those devices (`invalid_target`), and a token carrying it is
+/// refused by STS.
+fn google_resource_audiences(config: &Config) -> Vec<String> {
+    let default = config
+        .issuer
+        .default_audience
+        .iter()
+        .map(|audience| ("issuer.default_audience".to_owned(), audience));
+    let rules = config.clients.iter().flat_map(|rule| {
+        rule.audiences
+            .iter()
+            .map(move |audience| (format!("clients {:?}: audiences", rule.name), audience))
+    });
+    default
+        .chain(rules)
+        .filter(|(_, audience)| audience.starts_with("//iam.googleapis.com/"))
+        .map(|(place, audience)| {
+            format!(
+                "{place}: {audience:?} is the provider's resource name, not an audience Google accepts in a token; write \"https:{audience}\", the provider's default allowed audience (what wif-setup configures and `token --format executable` asks for)"
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]

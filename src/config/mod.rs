@@ -31,12 +31,15 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("there is no config file {path}: name one with -c FILE or TOKEN_BROKER_CONFIG, or write a starting one beside a development PKI with `token-broker init --config {path}`")]
+    Missing { path: PathBuf },
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    #[serde(default)]
+    /// Left out of the effective config (`check-config`) when empty, as is `audit`.
+    #[serde(default, skip_serializing_if = "DevConfig::is_empty")]
     pub dev: DevConfig,
     pub server: ServerConfig,
     #[serde(default)]
@@ -47,7 +50,7 @@ pub struct Config {
     pub google: Option<GoogleConfig>,
     #[serde(default)]
     pub clients: Vec<ClientRuleConfig>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "AuditConfig::is_empty")]
     pub audit: AuditConfig,
     /// Folder of the config file; relative paths are resolved against it.
     #[serde(skip)]
@@ -63,6 +66,12 @@ pub struct Config {
 pub struct DevConfig {
     /// When set and the folder does not exist, `serve` creates a development PKI there.
     pub pki_dir: Option<PathBuf>,
+}
+
+impl DevConfig {
+    fn is_empty(&self) -> bool {
+        self.pki_dir.is_none()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -209,6 +218,12 @@ impl Default for AdminConfig {
 pub struct AuditConfig {
     /// A file of their own (appended, reopened on SIGHUP); without it they go to stderr.
     pub path: Option<PathBuf>,
+}
+
+impl AuditConfig {
+    fn is_empty(&self) -> bool {
+        self.path.is_none()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -376,9 +391,17 @@ impl ServerConfig {
 impl Config {
     /// Reads and parses the file; semantic checks happen when the broker is built.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
+        let text = std::fs::read_to_string(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                ConfigError::Missing {
+                    path: path.to_owned(),
+                }
+            } else {
+                ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
         })?;
         let mut config = Config::parse(&text).map_err(|message| ConfigError::Parse {
             path: path.to_owned(),

@@ -166,10 +166,10 @@ pub fn should_capture_output(uses_pkcs11: bool) -> bool {
 /// Prints the executable-source response: alone, or, in a child whose output is captured,
 /// after the marker its parent gave, so that nothing a module prints on stdout (buffered
 /// and flushed at exit, after it) can be taken for it.
-pub fn print_response(response: &Value) {
+pub fn print_response(response: &Value) -> std::io::Result<()> {
     match std::env::var(CAPTURED) {
-        Ok(marker) if !marker.is_empty() => println!("{marker}{response}"),
-        _ => println!("{response}"),
+        Ok(marker) if !marker.is_empty() => crate::console::println(&format!("{marker}{response}")),
+        _ => crate::console::println(&response.to_string()),
     }
 }
 
@@ -200,8 +200,8 @@ pub fn run_with_output_captured() -> u8 {
             let error = ClientError::Local(format!(
                 "cannot run token again to capture a PKCS#11 module's output: {e}"
             ));
-            println!("{}", error_response(&error));
-            eprintln!("error: {error}");
+            let _ = crate::console::println(&error_response(&error).to_string());
+            crate::console::eprintln(&format!("error: {error}"));
             return error.exit_code();
         }
     };
@@ -220,17 +220,21 @@ pub fn run_with_output_captured() -> u8 {
         // A token was fetched (and kept where asked): that is the run's outcome, whatever
         // a module did while the process ended.
         Some(response) if response["success"] == true => {
-            println!("{response}");
-            return 0;
+            return match crate::console::println(&response.to_string()) {
+                Ok(()) => 0,
+                Err(_) => 1,
+            };
         }
-        Some(response) => println!("{response}"),
+        Some(response) => {
+            let _ = crate::console::println(&response.to_string());
+        }
         None => {
             let error = ClientError::Local(format!(
                 "token ended without a response (exit {})",
                 output.status
             ));
-            println!("{}", error_response(&error));
-            eprintln!("error: {error}");
+            let _ = crate::console::println(&error_response(&error).to_string());
+            crate::console::eprintln(&format!("error: {error}"));
         }
     }
     let _ = std::io::stderr().lock().write_all(&output.stderr);

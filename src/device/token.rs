@@ -6,6 +6,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::console;
+
 use crate::device::client::{BrokerClient, ClientError, Token, TokenCacheFile, TokenParams};
 use crate::device::executable::{self, ExecutableEnv};
 
@@ -33,24 +35,31 @@ pub fn token_command(
     format: TokenFormat,
     env: &ExecutableEnv,
 ) -> u8 {
-    match obtain(client, binding, params.clone(), cache, format, env) {
+    let printed = match obtain(client, binding, params.clone(), cache, format, env) {
         Ok((token, response)) => match format {
-            TokenFormat::Json => println!("{}", token.to_json()),
-            TokenFormat::Raw => println!("{}", token.access_token),
+            TokenFormat::Json => console::println(&token.to_json().to_string()),
+            TokenFormat::Raw => console::println(&token.access_token),
             TokenFormat::Executable => executable::print_response(&response),
         },
         Err(error) => return fail(&error, format),
+    };
+    match printed {
+        Ok(()) => 0,
+        Err(error) => {
+            console::eprintln(&format!("error: cannot write the token: {error}"));
+            1
+        }
     }
-    0
 }
 
 /// Reports `error` as `token` does (stderr, and stdout for `--format executable`); returns
 /// the exit code.
 pub fn fail(error: &ClientError, format: TokenFormat) -> u8 {
     if format == TokenFormat::Executable {
-        executable::print_response(&executable::error_response(error));
+        // Its exit code says the rest when stdout is gone.
+        let _ = executable::print_response(&executable::error_response(error));
     }
-    eprintln!("error: {error}");
+    console::eprintln(&format!("error: {error}"));
     error.exit_code()
 }
 

@@ -71,6 +71,31 @@ impl Registry {
         types
     }
 
+    /// Why no flow handles `request`, naming the parameters to change: a parameter
+    /// another needs, or the flow this shape asks for when this broker does not have it.
+    pub fn unhandled(&self, request: &TokenRequest) -> String {
+        let given = |value: &Option<String>| value.is_some();
+        match (
+            given(&request.scope),
+            given(&request.service_account),
+            given(&request.target_audience),
+        ) {
+            (_, false, true) => "target_audience needs service_account: a Google-signed ID token is minted as that service account".into(),
+            (false, true, false) => "service_account needs scope (its access token) or target_audience (its Google-signed ID token)".into(),
+            (scope, account, audience) => {
+                let named: Vec<&str> = [("scope", scope), ("service_account", account), ("target_audience", audience)]
+                    .iter()
+                    .filter(|(_, given)| *given)
+                    .map(|(name, _)| *name)
+                    .collect();
+                format!(
+                    "the parameters {} ask for a Google token, and this broker has no Google flow (its config has no [google]); without scope, service_account and target_audience it issues its own ID token",
+                    named.join(" and ")
+                )
+            }
+        }
+    }
+
     /// The flow for this request, if any handles it.
     pub fn select(&self, request: &TokenRequest) -> Option<&dyn Flow> {
         self.flows

@@ -33,6 +33,28 @@ impl Steps {
     }
 }
 
+/// The config file as `-c` names it in the script: absolute, so the script's `jwks` step
+/// reads this config from any folder, never a `./config.toml` (say a development one).
+fn config_argument(source: &std::path::Path) -> String {
+    std::path::absolute(source)
+        .unwrap_or_else(|_| source.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// `word` as one shell word: as is when it is plain, else in single quotes.
+fn shell_word(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:=@,".contains(c));
+    if plain {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
 /// The whole setup as a commented shell script; `None` without `[google]`.
 pub fn script(config: &Config, project_id: &str) -> Option<WifSetup> {
     let google = config.google.as_ref()?;
@@ -96,11 +118,12 @@ gcloud iam workload-identity-pools providers create-oidc {provider} \
         out,
         "# {}. {upload_when}: upload the keys instead\n\
          #    (and again after every signing-key rotation).\n\
-         token-broker jwks > jwks.json\n\
+         token-broker -c {} jwks > jwks.json\n\
          gcloud iam workload-identity-pools providers update-oidc {provider} \\\n  \
          --project={project_id} --location=global --workload-identity-pool={pool} \\\n  \
          --jwk-json-path=jwks.json\n",
-        steps.next()
+        steps.next(),
+        shell_word(&config_argument(&config.source))
     );
     let _ = writeln!(
         out,
@@ -284,6 +307,19 @@ fn private_ipv6(ip: Ipv6Addr) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shell_words_quote_what_the_shell_would_split_or_expand() {
+        assert_eq!(
+            shell_word("/etc/token-broker/broker.toml"),
+            "/etc/token-broker/broker.toml"
+        );
+        assert_eq!(
+            shell_word("/srv/my config/$x.toml"),
+            "'/srv/my config/$x.toml'"
+        );
+        assert_eq!(shell_word("/srv/it's.toml"), r"'/srv/it'\''s.toml'");
+    }
 
     fn config(issuer: &str, signer: &str, accounts: &str) -> Config {
         Config::parse(&format!(

@@ -87,8 +87,8 @@ impl LocalSigner {
         keys.sort_by_key(|k| k.not_before);
         if !keys.iter().any(|k| k.not_before <= unix_now()) {
             return Err(SignerError::Key(format!(
-                "no signing key usable now in key_dir {} (*.pem, undated or dated in the past); `token-broker init` creates one",
-                key_dir.display()
+                "no signing key usable now in key_dir {dir} (*.pem, undated or dated in the past); make one with `openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out {dir}/signing.pem` (owner-only, as OpenSSL writes it), the same on every replica",
+                dir = key_dir.display()
             )));
         }
         algorithms.sort_unstable();

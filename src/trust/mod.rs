@@ -139,10 +139,10 @@ impl TrustStore {
                 message: format!("certificate #{}: {message}", index + 1),
             };
             let (_, cert) = X509Certificate::from_der(&der).map_err(|e| invalid(e.to_string()))?;
+            let subject = crate::identity::dn_text(cert.subject());
             if !cert.is_ca() {
                 return Err(invalid(format!(
-                    "{} is not a CA certificate (basicConstraints CA:TRUE required)",
-                    cert.subject()
+                    "{subject} is not a CA certificate (basicConstraints CA:TRUE required)"
                 )));
             }
             // webpki ignores keyUsage on CAs; RFC 5280 4.2.1.3 says a CA whose keyUsage
@@ -153,8 +153,7 @@ impl TrustStore {
                 .is_some_and(|ku| !ku.value.key_cert_sign())
             {
                 return Err(invalid(format!(
-                    "{} has a keyUsage without keyCertSign: it may not issue certificates",
-                    cert.subject()
+                    "{subject} has a keyUsage without keyCertSign: it may not issue certificates"
                 )));
             }
             let is_root = cert.subject().as_raw() == cert.issuer().as_raw();
@@ -166,22 +165,21 @@ impl TrustStore {
                 .map_err(|e| invalid(e.to_string()))?;
             if is_root && eku.is_some_and(|e| !e.value.client_auth && !e.value.any) {
                 return Err(invalid(format!(
-                    "root CA {} has an extendedKeyUsage without clientAuth: it cannot anchor client certificates",
-                    cert.subject()
+                    "root CA {subject} has an extendedKeyUsage without clientAuth: it cannot anchor client certificates"
                 )));
             }
             let pin = SpkiPin::of_spki(cert.public_key().raw);
             if is_root && !pins.is_empty() && !pins.contains(&pin) {
-                unpinned.push(format!("{} (its pin: \"{pin}\")", cert.subject()));
+                unpinned.push(format!("{subject} (its pin: \"{pin}\")"));
             }
             store.cas.push(CaInfo {
-                subject: cert.subject().to_string(),
+                subject: subject.clone(),
                 not_after: cert.validity().not_after.timestamp(),
                 is_root,
                 pin,
             });
             store.bundle_cas.push(BundleCa {
-                subject: cert.subject().to_string(),
+                subject: subject.clone(),
                 subject_raw: crate::crl::name_contents(cert.subject().as_raw()).to_vec(),
                 spki: spki_contents(cert.public_key().raw)
                     .ok_or_else(|| invalid("malformed subjectPublicKeyInfo".into()))?
@@ -201,7 +199,7 @@ impl TrustStore {
                 store.anchor_validity.push((
                     cert.validity().not_before.timestamp(),
                     cert.validity().not_after.timestamp(),
-                    cert.subject().to_string(),
+                    subject,
                 ));
             } else {
                 store.intermediates.push(der);

@@ -187,7 +187,7 @@ impl TrustStore {
         match path.intermediate_certificates().nth(index) {
             Some(issuer) => X509Certificate::from_der(&issuer.der())
                 .ok()
-                .map(|(_, parsed)| parsed.subject().to_string()),
+                .map(|(_, parsed)| crate::identity::dn_text(parsed.subject())),
             None => self
                 .anchor_validity_of(path.anchor())
                 .map(|(_, _, name)| name.clone()),
@@ -305,7 +305,12 @@ fn most_repeated_subject(certs: &[CertificateDer<'_>]) -> Option<(String, usize)
     let subjects: Vec<(Vec<u8>, String)> = certs
         .iter()
         .filter_map(|der| X509Certificate::from_der(der).ok())
-        .map(|(_, c)| (c.subject().as_raw().to_vec(), c.subject().to_string()))
+        .map(|(_, c)| {
+            (
+                c.subject().as_raw().to_vec(),
+                crate::identity::dn_text(c.subject()),
+            )
+        })
         .collect();
     subjects
         .iter()
@@ -359,7 +364,7 @@ fn path_policy(path: &VerifiedPath<'_>, facts: &[IntermediateFacts]) -> Result<(
         .and_then(|cert| {
             X509Certificate::from_der(&cert.der())
                 .ok()
-                .map(|(_, parsed)| parsed.subject().to_string())
+                .map(|(_, parsed)| crate::identity::dn_text(parsed.subject()))
         })
         .unwrap_or_default();
     Err(Refusal::InvalidChain(format!(

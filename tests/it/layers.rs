@@ -22,13 +22,19 @@ const LAYERS: &[&[&str]] = &[
     &["google", "trust"],
     &["crl", "identity", "proxy", "devpki", "tickets"],
     &[
-        "config", "clock", "crypto", "pem", "logging", "metrics", "redact",
+        "config", "clock", "crypto", "pem", "logging", "metrics", "redact", "console",
     ],
     &["der"],
 ];
 
 /// Imports within one layer that are part of the design.
-const SAME_LAYER: &[(&str, &str)] = &[("server", "admin"), ("claims", "clients"), ("crl", "pem")];
+const SAME_LAYER: &[(&str, &str)] = &[
+    ("server", "admin"),
+    ("claims", "clients"),
+    ("crl", "pem"),
+    // A CRL's issuer is spelt as every distinguished name is (`identity::dn_text`).
+    ("crl", "identity"),
+];
 
 /// What must never be imported, whatever the layers say (the "absent" invariants of
 /// ARCHITECTURE.md).

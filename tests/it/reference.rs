@@ -18,6 +18,10 @@ fn read(file: &str) -> String {
 /// A config with every optional table and list of tables present, so that serializing it
 /// shows every key (a `None` scalar serializes as `null`, still a key).
 const MAXIMAL: &str = r#"
+[dev]
+pki_dir = "dev"
+[audit]
+path = "audit.log"
 [server]
 listen = "127.0.0.1:1"
 cert = "c.pem"

@@ -556,3 +556,47 @@ async fn audit_lines_the_audit_file_refuses_go_to_the_main_log_and_are_counted()
         .count();
     assert_eq!(reports, 1, "one ERROR line for the run of failures:\n{log}");
 }
+
+/// The in-process brokers' "configuration warning" lines that contain `needle`.
+fn configuration_warnings(needle: &str) -> usize {
+    support::logs::captured()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| {
+            line["message"] == "configuration warning"
+                && line["warning"].as_str().is_some_and(|w| w.contains(needle))
+        })
+        .count()
+}
+
+/// A configuration warning is logged when it first holds, not again by every reload (SIGHUP,
+/// a file change, every CRL download); one a reload brings is logged once too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_logs_only_the_configuration_warnings_that_are_new() {
+    let resource =
+        "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/r";
+    let rule = |name: &str| {
+        format!("\n[[clients]]\nname = \"{name}\"\nmatch = {{ dns = [\"{name}.example\"] }}\naudiences = [\"{resource}\"]\n")
+    };
+    let mut setup = Setup::new();
+    setup.extra_server = "reload_interval = \"0s\"".into();
+    setup.rules = rule("warned-at-start");
+    let broker = setup.start().await;
+    assert_eq!(configuration_warnings("\"warned-at-start\""), 1);
+    for _ in 0..3 {
+        broker.live.reload().unwrap();
+    }
+    assert_eq!(
+        configuration_warnings("\"warned-at-start\""),
+        1,
+        "repeated by a reload"
+    );
+    let text = std::fs::read_to_string(&broker.config_path).unwrap() + &rule("warned-on-reload");
+    std::fs::write(&broker.config_path, text).unwrap();
+    for _ in 0..3 {
+        broker.live.reload().unwrap();
+    }
+    assert_eq!(configuration_warnings("\"warned-on-reload\""), 1);
+    assert_eq!(configuration_warnings("\"warned-at-start\""), 1);
+    broker.stop().await;
+}

@@ -214,6 +214,40 @@ flows = []
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_combination_no_flow_takes_is_refused_naming_the_parameter_to_change() {
+    let setup = Setup::new();
+    let leaf = setup.intermediate.leaf(&LeafSpec::device("dev-8"));
+    let broker = setup.start().await;
+    for (form, says) in [
+        (
+            "target_audience=https://run.example",
+            "target_audience needs service_account",
+        ),
+        (
+            "target_audience=https://run.example&scope=x",
+            "target_audience needs service_account",
+        ),
+        (
+            "service_account=a@p.iam.gserviceaccount.com",
+            "service_account needs scope (its access token) or target_audience",
+        ),
+        ("scope=x", "the parameters scope ask for a Google token"),
+        (
+            "scope=x&service_account=a@p.iam.gserviceaccount.com",
+            "the parameters scope and service_account ask for a Google token, and this broker has no Google flow (its config has no [google])",
+        ),
+    ] {
+        let (status, body) = broker
+            .token(Some(&leaf), &format!("grant_type=client_credentials&{form}"))
+            .await;
+        assert_eq!((status, body["error"].as_str()), (400, Some("invalid_request")), "{form}: {body}");
+        let description = body["error_description"].as_str().unwrap_or_default();
+        assert!(description.contains(says), "{form}: {description}");
+    }
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn discovery_jwks_and_http_surface() {
     let setup = Setup::new();
     let broker = setup.start().await;
