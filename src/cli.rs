@@ -262,24 +262,7 @@ pub fn run(cli: Cli, audit: Arc<AuditLog>) -> Result<ExitCode, CliError> {
                 return Ok(ExitCode::SUCCESS);
             }
             let results = fetch_crl_sources(Arc::new(broker), Mode::Check)?;
-            let mut refused = false;
-            for (url, result) in results {
-                match result {
-                    Ok(fetched) => out(&format!(
-                        "# CRL source {url}: {} (would be admitted)",
-                        fetched.label()
-                    ))?,
-                    Err(error) => {
-                        refused = true;
-                        out(&format!("# CRL source {url}: {}: {error}", error.label()))?;
-                    }
-                }
-            }
-            Ok(if refused {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
+            print_fetches(results, "# CRL source ", " (would be admitted)")
         }
         Command::VerifyCert { chain, at } => {
             let config = Config::load(&cli.config)?;
@@ -358,6 +341,30 @@ fn init(dir: &Path, config: &Path, force: bool) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// One line per CRL source, `{prefix}URL: result`, then `admitted` or why it was refused;
+/// exit 1 when one was refused.
+fn print_fetches(
+    results: Vec<SourceResult>,
+    prefix: &str,
+    admitted: &str,
+) -> Result<ExitCode, CliError> {
+    let mut refused = false;
+    for (url, result) in results {
+        match result {
+            Ok(fetched) => out(&format!("{prefix}{url}: {}{admitted}", fetched.label()))?,
+            Err(error) => {
+                refused = true;
+                out(&format!("{prefix}{url}: {}: {error}", error.label()))?;
+            }
+        }
+    }
+    Ok(if refused {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 fn fetch_crl_sources(broker: Arc<Broker>, mode: Mode) -> Result<Vec<SourceResult>, CliError> {
     Ok(runtime()?.block_on(crate::crl_fetch::fetch_all(&broker, mode)))
 }
@@ -376,21 +383,7 @@ fn crl_fetch(path: &Path) -> Result<ExitCode, CliError> {
         ));
     }
     let results = fetch_crl_sources(Arc::new(broker), Mode::Keep)?;
-    let mut failed = false;
-    for (url, result) in results {
-        match result {
-            Ok(fetched) => out(&format!("{url}: {}", fetched.label()))?,
-            Err(error) => {
-                failed = true;
-                out(&format!("{url}: {}: {error}", error.label()))?;
-            }
-        }
-    }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    print_fetches(results, "", "")
 }
 
 fn device_credentials(device: &DeviceArgs) -> Result<DeviceCredentials, ClientError> {
