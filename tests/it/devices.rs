@@ -54,7 +54,7 @@ pub(crate) fn write_device(setup: &Setup, leaf: &Leaf) -> Device {
     }
 }
 
-/// `python3` that can `import google.auth` (installed from PyPI when missing).
+/// `python3` that can `import google.auth` (`bash .ci/run` installs it; a test without it fails naming it).
 pub(crate) fn python() -> &'static str {
     support::require_python_modules("google.auth, requests", &["google-auth", "requests"])
 }

@@ -992,32 +992,16 @@ pub fn verify_cert(config: &Path, chain_pem: &str, dir: &Path) -> Value {
     report
 }
 
-/// `python3` that can `import {imports}`, installing `packages` from PyPI when missing
-/// (once: concurrent callers wait for the first); panics with the fix if it cannot.
+/// `python3` that can `import {imports}`; panics naming `packages` when it cannot. Tests
+/// install nothing: `bash .ci/run` does.
 pub fn require_python_modules(imports: &str, packages: &[&str]) -> &'static str {
-    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _once = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    let has = || {
-        Command::new("python3")
-            .args(["-c", &format!("import {imports}")])
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has() {
-        let _ = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(packages)
-            .status();
-    }
+    let has = Command::new("python3")
+        .args(["-c", &format!("import {imports}")])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
     assert!(
-        has(),
+        has,
         "this test needs the Python packages {packages:?}: pip install {} (bash .ci/run does)",
         packages.join(" ")
     );
@@ -1025,70 +1009,40 @@ pub fn require_python_modules(imports: &str, packages: &[&str]) -> &'static str 
 }
 
 /// The folder holding Google's Node.js client library (`tests/node`, pinned in its
-/// package-lock.json), installed with `npm ci` when missing; returns the folder to run
-/// `node` in so that `require("google-auth-library")` finds it.
+/// package-lock.json), to run `node` in so that `require("google-auth-library")` finds it;
+/// panics with the command that installs it when it is not there.
 pub fn require_node_modules() -> PathBuf {
-    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _once = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
-    let has = || {
-        dir.join("node_modules/google-auth-library/package.json")
-            .is_file()
-    };
-    if !has() {
-        let _ = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund", "--silent"])
-            .current_dir(&dir)
-            .status();
-    }
     assert!(
-        has(),
+        dir.join("node_modules/google-auth-library/package.json")
+            .is_file(),
         "this test needs Node.js 20 and npm: cd tests/node && npm ci (bash .ci/run does)"
     );
     dir
 }
 
-/// The path of an external tool the tests drive; installs its Debian package when it is
-/// missing and we may (root with apt-get, as in CI), else fails saying what to install.
+/// The path of an external tool the tests drive; panics naming its Debian package when it
+/// is missing. Tests install nothing: `bash .ci/run` does.
 pub fn require_tool(tool: &str, package: &str) -> PathBuf {
-    let find = || {
-        std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join(tool))
-                .find(|candidate| candidate.is_file())
-        })
-    };
-    require(find, &format!("`{tool}`"), package)
-}
-
-/// A file a Debian package installs (a PKCS#11 module), installed like [`require_tool`].
-pub fn require_file(path: &str, package: &str) -> PathBuf {
-    let find = || Some(PathBuf::from(path)).filter(|p| p.is_file());
-    require(find, path, package)
-}
-
-fn require(find: impl Fn() -> Option<PathBuf>, what: &str, package: &str) -> PathBuf {
-    if let Some(path) = find() {
-        return path;
-    }
-    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _once = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(path) = find() {
-        return path;
-    }
-    let apt = |args: &[&str]| {
-        Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !apt(&["install", "-y", "--no-install-recommends", package]) {
-        apt(&["update"]);
-        apt(&["install", "-y", "--no-install-recommends", package]);
-    }
-    find().unwrap_or_else(|| {
-        panic!("this test needs {what}: install the Debian package `{package}` (bash .ci/run does)")
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(tool))
+            .find(|candidate| candidate.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "this test needs `{tool}`: install the Debian package `{package}` (bash .ci/run does)"
+        )
     })
+}
+
+/// A file a Debian package installs (a PKCS#11 module), required like [`require_tool`].
+pub fn require_file(path: &str, package: &str) -> PathBuf {
+    let path = PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "this test needs {}: install the Debian package `{package}` (bash .ci/run does)",
+        path.display()
+    );
+    path
 }
