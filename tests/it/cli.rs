@@ -916,6 +916,41 @@ fn shell(line: &str, dir: &Path, path: &str) -> Output {
 }
 
 /// The line after the one starting with `label` in `text`, trimmed.
+/// `command` (a `serve` line of the docs) run by `sh` in `dir` with `path`, once it has said
+/// it is serving; fails with what it said otherwise.
+fn serving(command: &str, dir: &Path, path: &str) -> std::process::Child {
+    let mut server = Command::new("sh")
+        .args(["-c", &format!("exec {command}")])
+        .current_dir(dir)
+        .env("PATH", path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(server.stderr.take().unwrap());
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + support::PATIENCE;
+    let mut said = Vec::new();
+    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let serving = line.contains("token-broker serving");
+        said.push(line);
+        if serving {
+            break;
+        }
+    }
+    assert!(
+        said.iter().any(|l| l.contains("token-broker serving")),
+        "{}",
+        said.join("\n")
+    );
+    server
+}
+
 fn line_after<'a>(text: &'a str, label: &str) -> &'a str {
     let mut lines = text.lines();
     lines
@@ -1082,35 +1117,7 @@ fn the_docs_walkthrough_and_device_steps_run_as_written() {
             .replace("127.0.0.1:9090", &format!("127.0.0.1:{admin}")),
     )
     .unwrap();
-    let mut server = Command::new("sh")
-        .args(["-c", "exec token-broker serve"])
-        .current_dir(&work)
-        .env("PATH", &path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(server.stderr.take().unwrap());
-    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + support::PATIENCE;
-    let mut said = Vec::new();
-    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        let serving = line.contains("token-broker serving");
-        said.push(line);
-        if serving {
-            break;
-        }
-    }
-    assert!(
-        said.iter().any(|l| l.contains("token-broker serving")),
-        "{}",
-        said.join("\n")
-    );
+    let mut server = serving("token-broker serve", &work, &path);
 
     let substitute = |command: &str| {
         command
@@ -1209,35 +1216,7 @@ fn the_readme_newcomer_block_runs_as_written() {
             .replace("127.0.0.1:9090", "127.0.0.1:0"),
     )
     .unwrap();
-    let mut server = Command::new("sh")
-        .args(["-c", &format!("exec {}", commands[1])])
-        .current_dir(&work)
-        .env("PATH", &path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(server.stderr.take().unwrap());
-    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + support::PATIENCE;
-    let mut said = Vec::new();
-    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        let serving = line.contains("token-broker serving");
-        said.push(line);
-        if serving {
-            break;
-        }
-    }
-    assert!(
-        said.iter().any(|l| l.contains("token-broker serving")),
-        "{}",
-        said.join("\n")
-    );
+    let mut server = serving(&commands[1], &work, &path);
     let curl = commands[2].replace("localhost:8443", &format!("localhost:{port}"));
     let out = shell(&format!("{curl} -sS"), &work, &path);
     let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
