@@ -102,6 +102,13 @@ fn explained(config: &std::path::Path, url: &str) -> String {
     line.to_string()
 }
 
+/// A new process (`verify-cert`), reading the kept copies and files as a restart would,
+/// refuses `leaf` as revoked.
+fn revoked_after_a_restart(config: &std::path::Path, broker: &TestBroker, leaf: &Leaf) {
+    let report = support::verify_cert(config, &leaf.chain_pem, broker.setup.dir.path());
+    assert_eq!(report["reason"], "revoked", "after a restart: {report}");
+}
+
 fn kept_bytes(setup: &Setup, url: &str) -> Option<Vec<u8>> {
     let (path, _) = token_broker::crl::kept_paths(&setup.path("crl-cache"), url);
     std::fs::read(path).ok()
@@ -218,8 +225,7 @@ async fn a_source_cannot_suppress_another_cas_revocation() {
     assert!(line(&b_url).ends_with("; in force"), "{report}");
 
     // A new process reads the kept copies and the file: the same decision.
-    let report = support::verify_cert(&config, &revoked_b.chain_pem, broker.setup.dir.path());
-    assert_eq!(report["reason"], "revoked", "{report}");
+    revoked_after_a_restart(&config, &broker, &revoked_b);
     broker.stop().await;
 }
 
@@ -264,8 +270,7 @@ async fn a_source_keeps_its_scope_unless_its_copy_is_held_elsewhere() {
     server.serve("/a.crl", Serve::Crl(a_before, "\"old\"".into()));
     one_more(&broker, &a, "older").await;
     assert!(decision(&broker, &revoked_a).await.contains(REVOKED));
-    let report = support::verify_cert(&config, &revoked_a.chain_pem, broker.setup.dir.path());
-    assert_eq!(report["reason"], "revoked", "after a restart: {report}");
+    revoked_after_a_restart(&config, &broker, &revoked_a);
     broker.stop().await;
 }
 
@@ -380,8 +385,7 @@ async fn forged_crls_are_never_kept_and_set_no_floor() {
         ),
     );
     until(&broker, &good_a, REVOKED).await;
-    let report = support::verify_cert(&config, &good_a.chain_pem, broker.setup.dir.path());
-    assert_eq!(report["reason"], "revoked", "after a restart: {report}");
+    revoked_after_a_restart(&config, &broker, &good_a);
     broker.stop().await;
 }
 
