@@ -185,6 +185,10 @@ fn local(e: impl std::fmt::Display) -> ClientError {
     ClientError::Local(e.to_string())
 }
 
+fn read_file(path: &Path) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(path).map_err(|e| local(format!("cannot read {}: {e}", path.display())))
+}
+
 impl DeviceCredentials {
     pub fn new(
         cert: Source,
@@ -344,26 +348,30 @@ impl DeviceCredentials {
     /// A certificate that is a private object of its token is not read (that would log in
     /// a second time in the run, and try a wrong PIN twice): no stamp, so no cache.
     pub fn certificate_stamp(&self) -> Result<[u8; 32], ClientError> {
-        if let Source::Token(uri) = &self.cert {
-            self.token(uri)?.certificate(uri).map_err(local)?;
-        }
-        self.snapshot(None).map(|(stamp, _)| stamp)
+        let cert_bytes = match &self.cert {
+            Source::Token(uri) => self.token(uri)?.certificate(uri).map_err(local)?,
+            Source::File(path) => read_file(path)?,
+        };
+        self.stamp(cert_bytes).map(|(stamp, _)| stamp)
     }
 
     /// The stamp and the certificate bytes it covers (PEM file or DER from the token).
     fn snapshot(&self, cert_token: Option<&Token>) -> Result<([u8; 32], Vec<u8>), ClientError> {
-        let read = |path: &Path| {
-            std::fs::read(path).map_err(|e| local(format!("cannot read {}: {e}", path.display())))
-        };
         let cert_bytes = match (&self.cert, cert_token) {
             (Source::Token(uri), Some(token)) => self.certificate(token, uri)?,
             (Source::Token(uri), None) => self.certificate(&self.token(uri)?, uri)?,
-            (Source::File(path), _) => read(path)?,
+            (Source::File(path), _) => read_file(path)?,
         };
+        self.stamp(cert_bytes)
+    }
+
+    /// The fingerprint of `cert_bytes`, the chain file and the key file's identity, with the
+    /// certificate bytes.
+    fn stamp(&self, cert_bytes: Vec<u8>) -> Result<([u8; 32], Vec<u8>), ClientError> {
         let mut hash = sha2::Sha256::new();
         hash.update(&cert_bytes);
         if let Some(path) = &self.chain {
-            hash.update(read(path)?);
+            hash.update(read_file(path)?);
         }
         if let Source::File(path) = &self.key {
             // The key is not read here: its file's identity and age stand for it.
