@@ -637,12 +637,6 @@ impl CachingClient {
         });
         Ok(answer)
     }
-
-    /// Tokens cached now (pending evictions done first).
-    pub fn cached(&self) -> u64 {
-        self.tokens.run_pending_tasks();
-        self.tokens.entry_count()
-    }
 }
 
 #[cfg(all(test, unix))]
