@@ -262,3 +262,86 @@ async fn the_token_cache_is_bound_to_broker_ca_and_certificate() {
     );
     broker.stop().await;
 }
+
+/// A hostile or broken server at the broker's URL, with a certificate the device trusts:
+/// a redirect is not followed (the request, with the device's certificate, goes nowhere
+/// else; the place it names records no hit), and an answer over 1 MiB is not read whole.
+/// Both are the broker being unavailable (exit 3), never a token.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hostile_broker_cannot_redirect_or_flood_the_device() {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_fake, broker, device) = start().await;
+    let elsewhere = support::crl_server::CrlServer::start().await;
+    elsewhere.serve(
+        "/token",
+        support::crl_server::Serve::Crl("{}".into(), "\"x\"".into()),
+    );
+    let certs: Vec<rustls_pki_types::CertificateDer<'static>> =
+        rustls_pki_types::CertificateDer::pem_file_iter(broker.setup.path("server.pem"))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(broker.setup.path("server-key.pem"))
+        .unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let answer = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let answering = answer.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, answer) = (acceptor.clone(), answering.lock().unwrap().clone());
+            tokio::spawn(async move {
+                let Ok(mut stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(&answer).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    let command = token_command(&broker, &device, "").replace(
+        &format!("localhost:{}", broker.addr.port()),
+        &format!("localhost:{port}"),
+    );
+    let run = move || {
+        let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+        Command::new(support::binary()).args(args).output().unwrap()
+    };
+    let redirect = format!(
+        "HTTP/1.1 307 Temporary Redirect\r\nLocation: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        elsewhere.url("/token")
+    );
+    let mut flood = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{\"access_token\":\"".to_vec();
+    flood.resize(flood.len() + 2 * 1024 * 1024, b'a');
+    for (case, body, says) in [
+        ("a redirect", redirect.into_bytes(), "HTTP 307"),
+        ("2 MiB", flood, "larger than 1048576 bytes"),
+    ] {
+        *answer.lock().unwrap() = body;
+        let out = tokio::task::spawn_blocking(run.clone()).await.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{case}: {stderr}");
+        assert!(stderr.contains(says), "{case}: {stderr}");
+        assert!(out.stdout.is_empty(), "{case}");
+    }
+    assert_eq!(elsewhere.hits("/token"), 0, "the redirect was followed");
+    broker.stop().await;
+}
